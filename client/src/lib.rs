@@ -1,0 +1,157 @@
+//! Rust client for Trove. [`TroveClient`] implements the same traits as the
+//! server's stores (`trove_proto::{ObjectStore, ArtifactStore, ...}`), so code
+//! written against a trait runs in-process or remote unchanged.
+//!
+//! Statuses are converted back into [`trove_proto::Error`]; large values are
+//! sent and received in chunks and never assembled in memory by the client.
+//! An upload whose body stream yields an error is cancelled on the wire (the
+//! server sees a reset, not a clean end), so a failed body can never be stored
+//! truncated.
+//!
+//! # Layout
+//! - this file: connection setup and the shared upload machinery.
+//! - `objects`, `artifacts`: the trait implementations.
+
+mod artifacts;
+mod objects;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tonic::transport::{Channel, Endpoint};
+use trove_proto::pb::artifacts_client::ArtifactsClient;
+use trove_proto::pb::objects_client::ObjectsClient;
+use trove_proto::types::ByteStream;
+use trove_proto::Error;
+
+pub use trove_proto;
+
+/// Default size of the chunks uploads are split into.
+pub const DEFAULT_CHUNK_BYTES: usize = 1024 * 1024;
+/// Largest message the client accepts from the server.
+const MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A connection to a Trove server. Cheap to clone; clones share the channel.
+#[derive(Debug, Clone)]
+pub struct TroveClient {
+    objects: ObjectsClient<Channel>,
+    artifacts: ArtifactsClient<Channel>,
+    chunk_bytes: usize,
+}
+
+impl TroveClient {
+    /// Connects to `addr` (`host:port` or a full `http://` URI).
+    pub async fn connect(addr: &str) -> Result<Self, Error> {
+        let uri = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|e| Error::invalid("addr", format!("{uri:?} is not a valid address: {e}")))?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|e| Error::Unavailable {
+            message: format!("cannot connect to {uri}: {e}"),
+        })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Uses an existing channel (for custom TLS, timeouts or load balancing).
+    pub fn from_channel(channel: Channel) -> Self {
+        TroveClient {
+            objects: ObjectsClient::new(channel.clone())
+                .max_decoding_message_size(MAX_DECODE_BYTES),
+            artifacts: ArtifactsClient::new(channel).max_decoding_message_size(MAX_DECODE_BYTES),
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+        }
+    }
+
+    /// Sets the size uploads are split into (default 1 MiB).
+    #[must_use]
+    pub fn with_chunk_bytes(mut self, chunk_bytes: usize) -> Self {
+        self.chunk_bytes = chunk_bytes.max(1);
+        self
+    }
+}
+
+/// Splits `data` into pieces of at most `chunk` bytes without copying.
+fn split(data: Bytes, chunk: usize) -> Vec<Bytes> {
+    if data.len() <= chunk {
+        return vec![data];
+    }
+    let len = data.len();
+    (0..len.div_ceil(chunk))
+        .map(|i| data.slice(i * chunk..len.min((i + 1) * chunk)))
+        .collect()
+}
+
+/// Builds the message stream of an upload: `first`, then one message per
+/// piece of `body`, then a last message with `finish` set (the server stores
+/// nothing without it). If `body` fails, the error goes to `abort` and the
+/// stream stays open forever, so the caller cancels the call instead.
+fn upload_messages<M: Send + 'static>(
+    first: M,
+    body: ByteStream,
+    chunk: usize,
+    abort: tokio::sync::oneshot::Sender<Error>,
+    make: impl Fn(Bytes, bool) -> M + Clone + Send + 'static,
+) -> impl Stream<Item = M> + Send + 'static {
+    let mut abort = Some(abort);
+    let finish = make(Bytes::new(), true);
+    let rest = body.flat_map(move |item| match item {
+        Ok(data) => {
+            let make = make.clone();
+            futures::stream::iter(
+                split(data, chunk)
+                    .into_iter()
+                    .filter(|b| !b.is_empty())
+                    .map(move |b| make(b, false)),
+            )
+            .left_stream()
+        }
+        Err(err) => {
+            if let Some(tx) = abort.take() {
+                let _ = tx.send(err);
+            }
+            futures::stream::pending().right_stream()
+        }
+    });
+    futures::stream::once(async move { first })
+        .chain(rest)
+        .chain(futures::stream::once(async move { finish }))
+}
+
+/// Runs an upload call, cancelling it if the body failed.
+async fn run_upload<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    abort: tokio::sync::oneshot::Receiver<Error>,
+) -> Result<T, Error> {
+    tokio::pin!(call);
+    tokio::select! {
+        result = &mut call => result.map(tonic::Response::into_inner).map_err(Error::from),
+        Ok(err) = abort => Err(err),
+    }
+}
+
+/// Turns a download's message stream into a byte stream, after its first
+/// message (which carries the metadata) has been taken.
+fn download_bytes<M: Send + 'static>(
+    stream: tonic::Streaming<M>,
+    data: fn(M) -> Bytes,
+) -> ByteStream {
+    stream
+        .map(move |message| message.map(data).map_err(Error::from))
+        .filter(|item| futures::future::ready(!matches!(item, Ok(b) if b.is_empty())))
+        .boxed()
+}
+
+/// Reads the first message of a download, which must carry `info`.
+async fn first_download_message<M>(stream: &mut tonic::Streaming<M>) -> Result<M, Error> {
+    stream
+        .message()
+        .await
+        .map_err(Error::from)?
+        .ok_or_else(|| Error::internal("the server ended the download before sending metadata"))
+}

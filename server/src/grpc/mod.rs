@@ -1,0 +1,137 @@
+//! Thin gRPC adapters: each method converts the wire request into validated
+//! domain types, calls the trait, and maps the result back. No storage logic
+//! and no sled types live here; each adapter is generic over the trait it
+//! serves, so any implementation (the sled store, a remote client) can sit
+//! behind it.
+
+pub mod artifacts;
+pub mod objects;
+
+use std::pin::Pin;
+
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use tonic::{Status, Streaming};
+use trove_proto::Error;
+
+/// A boxed response stream, as tonic's server traits expect.
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Limits the adapters enforce on incoming messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Limits {
+    /// The domain error for a message over the limit.
+    pub fn exceeded(&self, what: &str) -> Error {
+        Error::exhausted(
+            format!("max_message_bytes ({})", self.max_message_bytes),
+            format!(
+                "{what} is larger than the server accepts; send large values in several messages"
+            ),
+        )
+    }
+
+    /// Maps a failure to read the next message of a client stream: an
+    /// oversize message becomes RESOURCE_EXHAUSTED naming the limit, anything
+    /// else means the client went away.
+    pub fn stream_error(&self, status: Status) -> Error {
+        match status.code() {
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => self.exceeded("a message"),
+            tonic::Code::Cancelled => Error::Cancelled {
+                message: "the client cancelled the upload; nothing was stored".into(),
+            },
+            _ => Error::Cancelled {
+                message: format!(
+                    "the upload stream failed ({}); nothing was stored",
+                    status.message()
+                ),
+            },
+        }
+    }
+}
+
+/// Reads the first message of a client stream, which must exist.
+pub async fn first_message<M>(stream: &mut Streaming<M>, limits: &Limits) -> Result<M, Error> {
+    match stream.message().await {
+        Ok(Some(message)) => Ok(message),
+        Ok(None) => Err(Error::invalid(
+            "header",
+            "the stream ended before its first message; the first message must carry the header",
+        )),
+        Err(status) => Err(limits.stream_error(status)),
+    }
+}
+
+/// One message of a client-streamed upload, split into what the adapters need.
+#[derive(Debug)]
+pub struct Part<T> {
+    /// The message (wrongly, unless it is the first) carries a header.
+    pub has_header: bool,
+    /// Its payload (bytes, chunks or entries).
+    pub payload: T,
+    /// The message says it is the last one.
+    pub finish: bool,
+}
+
+/// Turns a client stream into the payloads of an upload, given the first
+/// message's payload and `finish` flag. The stream yields an error (so the
+/// store discards the upload) when a later message repeats the header, when
+/// a message follows the one with `finish`, when the transport fails, and
+/// when the stream ends without `finish`: HTTP/2 servers may report a client's
+/// cancellation as a normal end of stream, so only `finish` proves the upload
+/// is complete.
+pub fn upload_parts<M: Send + 'static, T: Send + 'static>(
+    first: Part<T>,
+    rest: Streaming<M>,
+    limits: Limits,
+    split: fn(M) -> Part<T>,
+) -> BoxStream<'static, Result<T, Error>> {
+    let finished = first.finish;
+    let head = futures::stream::once(async move { Ok(first.payload) });
+    let tail = futures::stream::unfold(
+        (rest, finished, false),
+        move |(mut rest, finished, failed)| async move {
+            if failed {
+                return None;
+            }
+            let fail = |e: Error, rest| Some((Err(e), (rest, finished, true)));
+            match rest.next().await {
+                Some(Ok(message)) => {
+                    let part = split(message);
+                    if finished {
+                        return fail(
+                            Error::invalid("finish", "a message arrived after the one with finish=true; nothing was stored"),
+                            rest,
+                        );
+                    }
+                    if part.has_header {
+                        return fail(
+                            Error::invalid("header", "only the first message may carry a header; nothing was stored"),
+                            rest,
+                        );
+                    }
+                    Some((Ok(part.payload), (rest, part.finish, false)))
+                }
+                Some(Err(status)) => fail(limits.stream_error(status), rest),
+                None if finished => None,
+                None => fail(
+                    Error::invalid(
+                        "finish",
+                        "the stream ended without a message with finish=true (cancelled or cut short); nothing was stored",
+                    ),
+                    rest,
+                ),
+            }
+        },
+    );
+    head.chain(tail).boxed()
+}
+
+/// Maps a domain error to the status sent to the caller.
+pub fn status(err: Error) -> Status {
+    Status::from(err)
+}

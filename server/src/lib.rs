@@ -1,0 +1,18 @@
+//! The Trove server: the embedded sled store, the gRPC adapters that expose it,
+//! and the pieces the `trove-server` binary is made of.
+//!
+//! # Layout
+//! - [`store`]: [`store::SledStore`], implementing the `trove-proto` traits on
+//!   sled plus blob files. Knows nothing of tonic.
+//! - [`grpc`]: thin adapters, one per service, generic over the trait served.
+//! - [`config`]: flags and `TROVE_*` environment variables.
+//! - [`server`]: [`server::run`] wires everything and handles shutdown.
+//! - [`telemetry`]: log setup.
+
+pub mod config;
+pub mod grpc;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+
+pub use store::SledStore;

@@ -1,0 +1,193 @@
+//! [`ArtifactStore`] on sled: one record per `(namespace, key)` in the
+//! `artifacts` tree; values above the inline limit live in blob files.
+//!
+//! Never imports tonic; never awaits inside a sled transaction.
+
+use async_trait::async_trait;
+use trove_proto::artifacts::{
+    ArtifactInfo, ListedArtifact, PutOptions, MAX_LISTED_PAGE_BYTES, MAX_LISTED_VALUE_BYTES,
+};
+use trove_proto::types::{
+    encode_page_token, hex_digest, now_micros, ByteStream, ListPage, Name, Namespace, Page,
+};
+use trove_proto::{ArtifactStore, Error};
+
+use super::blob::BlobDir;
+use super::record::{self, Body, ValueRecord};
+use super::{blocking, io_error, keys, scan_after, sled_error, SledStore};
+
+fn artifact_key(ns: &Namespace, key: &Name) -> Vec<u8> {
+    keys::key(&[ns.as_str().as_bytes(), key.as_bytes()])
+}
+
+fn artifact_info(key: &str, record: &ValueRecord) -> ArtifactInfo {
+    ArtifactInfo {
+        key: key.to_owned(),
+        size: record.size,
+        sha256: hex_digest(&record.sha256),
+        created_at: record.created_at,
+        updated_at: record.updated_at,
+        content_type: record.content_type.clone(),
+    }
+}
+
+/// Reads a small value whole, for listings. `None` when its blob vanished
+/// (a concurrent overwrite), so the caller can re-read the record.
+fn read_small_value(blobs: &BlobDir, record: &ValueRecord) -> Result<Option<Vec<u8>>, Error> {
+    match &record.body {
+        Body::Inline(data) => Ok(Some(data.clone())),
+        Body::Blob(id) => match std::fs::read(blobs.blob_path(*id)) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("read value", &e)),
+        },
+    }
+}
+
+#[async_trait]
+impl ArtifactStore for SledStore {
+    async fn put_artifact(
+        &self,
+        ns: &Namespace,
+        key: &Name,
+        options: PutOptions,
+        data: ByteStream,
+    ) -> Result<ArtifactInfo, Error> {
+        let staged = self.stage(data, options.expected_size).await?;
+        let (size, sha256) = (staged.len, staged.sha256);
+        let now = now_micros();
+        let content_type = options.content_type;
+        let record = self
+            .publish_and_commit(
+                &self.inner.artifacts,
+                &artifact_key(ns, key),
+                staged,
+                |old, body| {
+                    Some(ValueRecord {
+                        created_at: old.map_or(now, |o| o.created_at),
+                        updated_at: now,
+                        size,
+                        body_len: size,
+                        sha256,
+                        content_type: content_type.clone(),
+                        verified: false,
+                        chunk_count: 0,
+                        seq: 0,
+                        body: body.clone(),
+                    })
+                },
+            )
+            .await?;
+        Ok(artifact_info(key.as_str(), &record))
+    }
+
+    async fn get_artifact(
+        &self,
+        ns: &Namespace,
+        key: &Name,
+    ) -> Result<(ArtifactInfo, ByteStream), Error> {
+        let (record, reader) = self
+            .open_value(
+                &self.inner.artifacts,
+                &artifact_key(ns, key),
+                "artifact",
+                key.as_str(),
+            )
+            .await?;
+        Ok((
+            artifact_info(key.as_str(), &record),
+            self.byte_stream(reader),
+        ))
+    }
+
+    async fn delete_artifact(&self, ns: &Namespace, key: &Name) -> Result<bool, Error> {
+        let removed = self.remove_all(&self.inner.artifacts, &[artifact_key(ns, key)])?;
+        if removed.is_empty() {
+            return Ok(false);
+        }
+        self.durable().await?;
+        self.retire_blobs(removed.iter().filter_map(ValueRecord::blob_id).collect());
+        Ok(true)
+    }
+
+    async fn stat_artifact(&self, ns: &Namespace, key: &Name) -> Result<ArtifactInfo, Error> {
+        match self
+            .inner
+            .artifacts
+            .get(artifact_key(ns, key))
+            .map_err(sled_error)?
+        {
+            Some(bytes) => Ok(artifact_info(key.as_str(), &record::decode(&bytes)?)),
+            None => Err(Error::not_found("artifact", key.as_str())),
+        }
+    }
+
+    async fn list_artifacts(
+        &self,
+        ns: &Namespace,
+        page: &ListPage,
+        with_values: bool,
+    ) -> Result<Page<ListedArtifact>, Error> {
+        let tree = self.inner.artifacts.clone();
+        let blobs = self.inner.blobs.clone();
+        let ns_key = keys::key(&[ns.as_str().as_bytes()]);
+        let page = page.clone();
+        blocking(move || {
+            let limit = page.page_size as usize;
+            let mut items: Vec<ListedArtifact> = Vec::new();
+            let mut value_bytes = 0u64;
+            let mut more = false;
+            for entry in scan_after(&tree, &ns_key, &page.prefix, page.after.as_deref()) {
+                let (raw_key, value) = entry.map_err(sled_error)?;
+                let Some((key, _)) = keys::take_part(&raw_key[ns_key.len()..]) else {
+                    continue;
+                };
+                let Ok(key) = String::from_utf8(key) else {
+                    continue;
+                };
+                if items.len() == limit {
+                    more = true;
+                    break;
+                }
+                let mut record = record::decode(&value)?;
+                let mut inline_value = None;
+                if with_values && record.size <= MAX_LISTED_VALUE_BYTES {
+                    if !items.is_empty() && value_bytes + record.size > MAX_LISTED_PAGE_BYTES {
+                        more = true;
+                        break;
+                    }
+                    // A blob can be retired by a concurrent overwrite between
+                    // reading the record and the file: re-read the record.
+                    for _ in 0..5 {
+                        if let Some(data) = read_small_value(&blobs, &record)? {
+                            inline_value = Some(data);
+                            break;
+                        }
+                        match tree.get(&raw_key).map_err(sled_error)? {
+                            Some(bytes) => record = record::decode(&bytes)?,
+                            None => break,
+                        }
+                    }
+                    value_bytes += record.size;
+                }
+                items.push(ListedArtifact {
+                    info: Some(artifact_info(&key, &record)),
+                    value: inline_value.map(Into::into),
+                });
+            }
+            let next_page_token = if more {
+                items
+                    .last()
+                    .and_then(|last| last.info.as_ref())
+                    .map(|info| encode_page_token(&info.key))
+            } else {
+                None
+            };
+            Ok(Page {
+                items,
+                next_page_token,
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,300 @@
+//! Large values live outside sled, one file per value, so that sled never
+//! holds (or rewrites) megabytes of payload and no value is ever held whole in
+//! memory.
+//!
+//! Life of a blob: bytes are written to `staging/<id>.tmp` (small values stay
+//! in memory and are stored inline in sled instead); on a clean end the file
+//! is fsynced and renamed to `blobs/<shard>/<id>` and the directory fsynced;
+//! only then is the metadata that references it committed in sled. A blob that
+//! is no longer referenced is unlinked after the metadata change is durable.
+//! Every step is guarded: dropping a writer or an uncommitted published blob
+//! removes its file, and [`BlobDir::reclaim`] sweeps what a crash left behind.
+//!
+//! This module never opens sled trees; the store passes it the set of
+//! referenced ids.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+/// The folders holding blob files and staged uploads.
+#[derive(Debug, Clone)]
+pub struct BlobDir {
+    blobs: PathBuf,
+    staging: PathBuf,
+}
+
+impl BlobDir {
+    /// Creates (if needed) `blobs/` and `staging/` under `root`.
+    pub fn open(root: &Path) -> io::Result<Self> {
+        let dir = BlobDir {
+            blobs: root.join("blobs"),
+            staging: root.join("staging"),
+        };
+        std::fs::create_dir_all(&dir.blobs)?;
+        std::fs::create_dir_all(&dir.staging)?;
+        Ok(dir)
+    }
+
+    /// Path of the published blob `id`.
+    pub fn blob_path(&self, id: u64) -> PathBuf {
+        self.blobs
+            .join(format!("{:02x}", id & 0xFF))
+            .join(format!("{id:016x}"))
+    }
+
+    fn staging_path(&self, id: u64) -> PathBuf {
+        self.staging.join(format!("{id:016x}.tmp"))
+    }
+
+    /// The staging folder (tests check that aborted uploads leave it empty).
+    pub fn staging_dir(&self) -> &Path {
+        &self.staging
+    }
+
+    /// Deletes every staged file and every blob whose id `is_referenced`
+    /// rejects. Runs once at start, before any request is served. Returns the
+    /// number of files removed and their total size.
+    pub fn reclaim(&self, is_referenced: impl Fn(u64) -> bool) -> io::Result<(u64, u64)> {
+        let mut removed = (0u64, 0u64);
+        let mut remove = |path: &Path| -> io::Result<()> {
+            let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            std::fs::remove_file(path)?;
+            removed.0 += 1;
+            removed.1 += len;
+            Ok(())
+        };
+        for entry in std::fs::read_dir(&self.staging)? {
+            remove(&entry?.path())?;
+        }
+        for shard in std::fs::read_dir(&self.blobs)? {
+            let shard = shard?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for entry in std::fs::read_dir(&shard)? {
+                let path = entry?.path();
+                let id = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| u64::from_str_radix(n, 16).ok());
+                match id {
+                    Some(id) if is_referenced(id) => {}
+                    _ => remove(&path)?,
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Ids of every published blob file (for consistency checks).
+    pub fn published_ids(&self) -> io::Result<HashSet<u64>> {
+        let mut ids = HashSet::new();
+        for shard in std::fs::read_dir(&self.blobs)? {
+            let shard = shard?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for entry in std::fs::read_dir(&shard)? {
+                if let Some(id) = entry?
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| u64::from_str_radix(n, 16).ok())
+                {
+                    ids.insert(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Unlinks blob `id`; a missing file is not an error.
+    pub fn remove(&self, id: u64) {
+        let path = self.blob_path(id);
+        if let Err(err) = std::fs::remove_file(&path) {
+            if err.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(blob = id, error = %err, "could not remove retired blob; it will be reclaimed at next start");
+            }
+        }
+    }
+}
+
+/// Removes a file when dropped, unless disarmed.
+#[derive(Debug)]
+struct FileGuard {
+    path: Option<PathBuf>,
+}
+
+impl FileGuard {
+    fn disarm(&mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for FileGuard {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Accumulates an upload's bytes: in memory up to the inline limit, then in a
+/// staging file. Computes the SHA-256 and length as it goes. Dropping it
+/// before [`BodyWriter::finish`] discards everything.
+pub struct BodyWriter {
+    dir: BlobDir,
+    id: u64,
+    inline_limit: usize,
+    buffer: Vec<u8>,
+    file: Option<(tokio::io::BufWriter<tokio::fs::File>, FileGuard)>,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl BodyWriter {
+    /// A writer that will stage to `staging/<id>.tmp` if the value outgrows `inline_limit`.
+    pub fn new(dir: &BlobDir, id: u64, inline_limit: usize) -> Self {
+        BodyWriter {
+            dir: dir.clone(),
+            id,
+            inline_limit,
+            buffer: Vec::new(),
+            file: None,
+            hasher: Sha256::new(),
+            len: 0,
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Appends bytes.
+    pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.hasher.update(data);
+        self.len += data.len() as u64;
+        if let Some((file, _)) = self.file.as_mut() {
+            return file.write_all(data).await;
+        }
+        if self.buffer.len() + data.len() <= self.inline_limit {
+            self.buffer.extend_from_slice(data);
+            return Ok(());
+        }
+        let path = self.dir.staging_path(self.id);
+        let guard = FileGuard {
+            path: Some(path.clone()),
+        };
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await?;
+        let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
+        file.write_all(&self.buffer).await?;
+        file.write_all(data).await?;
+        self.buffer = Vec::new();
+        self.file = Some((file, guard));
+        Ok(())
+    }
+
+    /// Ends the upload: a spilled value is flushed and fsynced (not yet published).
+    pub async fn finish(self) -> io::Result<StagedBody> {
+        let sha256: [u8; 32] = self.hasher.finalize().into();
+        let content = match self.file {
+            None => StagedContent::Inline(self.buffer),
+            Some((mut file, guard)) => {
+                file.flush().await?;
+                let file = file.into_inner();
+                file.sync_all().await?;
+                drop(file);
+                StagedContent::File {
+                    dir: self.dir,
+                    id: self.id,
+                    guard,
+                }
+            }
+        };
+        Ok(StagedBody {
+            sha256,
+            len: self.len,
+            content,
+        })
+    }
+}
+
+enum StagedContent {
+    Inline(Vec<u8>),
+    File {
+        dir: BlobDir,
+        id: u64,
+        guard: FileGuard,
+    },
+}
+
+/// A complete, durable upload not yet visible to anyone.
+pub struct StagedBody {
+    /// SHA-256 of the bytes.
+    pub sha256: [u8; 32],
+    /// Number of bytes.
+    pub len: u64,
+    content: StagedContent,
+}
+
+/// Where a committed value's bytes live.
+#[derive(Debug)]
+pub enum Published {
+    /// Small value, to be stored inside the metadata record.
+    Inline(Vec<u8>),
+    /// Blob file `id`, removed on drop unless [`PublishedBlob::keep`] is called.
+    Blob(PublishedBlob),
+}
+
+/// A blob file already in place but not yet referenced by committed metadata.
+#[derive(Debug)]
+pub struct PublishedBlob {
+    /// The blob id.
+    pub id: u64,
+    guard: FileGuard,
+}
+
+impl PublishedBlob {
+    /// Call once the metadata referencing the blob has committed.
+    pub fn keep(mut self) {
+        self.guard.disarm();
+    }
+}
+
+impl StagedBody {
+    /// Moves a staged file into `blobs/` (rename, then fsync the directory) so
+    /// that it can be referenced by a metadata commit.
+    pub async fn publish(self) -> io::Result<Published> {
+        match self.content {
+            StagedContent::Inline(bytes) => Ok(Published::Inline(bytes)),
+            StagedContent::File { dir, id, mut guard } => {
+                let from = dir.staging_path(id);
+                let to = dir.blob_path(id);
+                let published = tokio::task::spawn_blocking(move || -> io::Result<PathBuf> {
+                    let parent = to.parent().map(Path::to_path_buf).unwrap_or_default();
+                    std::fs::create_dir_all(&parent)?;
+                    std::fs::rename(&from, &to)?;
+                    std::fs::File::open(&parent)?.sync_all()?;
+                    Ok(to)
+                })
+                .await
+                .map_err(io::Error::other)??;
+                guard.disarm();
+                Ok(Published::Blob(PublishedBlob {
+                    id,
+                    guard: FileGuard {
+                        path: Some(published),
+                    },
+                }))
+            }
+        }
+    }
+}

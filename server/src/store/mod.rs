@@ -1,0 +1,510 @@
+//! The embedded store: sled for metadata and small values, blob files for
+//! large ones. [`SledStore`] implements every trait of `trove-proto`.
+//!
+//! This module never imports tonic: it speaks domain types and
+//! [`trove_proto::Error`] only. The gRPC adapters live in `crate::grpc`.
+//!
+//! # Caveats
+//! - Durability: in [`Durability::Strict`] mode (the default) a write returns
+//!   only after a sled flush that covers it (shared between concurrent writers)
+//!   and, for blob files, after the file and its directory are fsynced. In
+//!   [`Durability::Relaxed`] mode writes return before the flush; sled flushes
+//!   in the background every 500 ms, so a crash can lose the writes of that
+//!   window (never torn ones).
+//! - Sled transactions may rerun their closure on conflict; closures here only
+//!   read and write sled and never await.
+//!
+//! # Layout
+//! - `keys`: byte layout of every sled key.
+//! - `record`: the metadata record stored for each value.
+//! - `blob`: staging, publishing and reclaiming blob files.
+//! - `flusher`: group commit.
+//! - `objects`, `artifacts`: the trait implementations.
+
+mod artifacts;
+pub mod blob;
+mod flusher;
+pub mod keys;
+mod objects;
+pub mod record;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use trove_proto::types::ByteStream;
+use trove_proto::Error;
+
+use blob::{BlobDir, BodyWriter, Published};
+use flusher::Flusher;
+use record::{Body, ValueRecord};
+
+/// When a write is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// After it is on disk (group-committed fsync).
+    #[default]
+    Strict,
+    /// Before it is on disk; sled flushes in the background within about 500 ms.
+    Relaxed,
+}
+
+/// Tuning of a [`SledStore`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Values up to this size are stored inside sled; larger ones in blob files.
+    pub inline_limit: usize,
+    /// Size of the chunks values are read back in.
+    pub read_chunk_bytes: usize,
+    /// When writes are acknowledged.
+    pub durability: Durability,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            inline_limit: 64 * 1024,
+            read_chunk_bytes: 1024 * 1024,
+            durability: Durability::Strict,
+        }
+    }
+}
+
+/// Figures about what a store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Staged (uncommitted) upload files present right now.
+    pub staged_files: u64,
+    /// Published blob files.
+    pub blob_files: u64,
+    /// Blob files referenced by metadata.
+    pub referenced_blobs: u64,
+}
+
+struct Inner {
+    db: sled::Db,
+    objects: sled::Tree,
+    artifacts: sled::Tree,
+    blob_refs: sled::Tree,
+    blobs: BlobDir,
+    flusher: Flusher,
+    options: StoreOptions,
+    root: PathBuf,
+}
+
+/// The embedded store. A cheap `Clone` handle; clones share one database.
+#[derive(Clone)]
+pub struct SledStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore")
+            .field("root", &self.inner.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store in `root`, then reclaims staged
+    /// uploads and unreferenced blobs left by a crash. Blocking: call from
+    /// `spawn_blocking` when on an async runtime.
+    pub fn open(root: &Path, options: StoreOptions) -> Result<Self, Error> {
+        std::fs::create_dir_all(root).map_err(|e| io_error("create data directory", &e))?;
+        let db = sled::Config::new()
+            .path(root.join("db"))
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(sled_error)?;
+        let tree = |name: &str| db.open_tree(name).map_err(sled_error);
+        let objects = tree("objects")?;
+        let artifacts = tree("artifacts")?;
+        let blob_refs = tree("blob_refs")?;
+        let blobs = BlobDir::open(root).map_err(|e| io_error("open blob folders", &e))?;
+        let (files, bytes) = blobs
+            .reclaim(|id| blob_refs.contains_key(id.to_be_bytes()).unwrap_or(true))
+            .map_err(|e| io_error("reclaim staged files", &e))?;
+        if files > 0 {
+            tracing::info!(files, bytes, "reclaimed staged and orphaned blob files");
+        }
+        let flush_db = db.clone();
+        let flusher = Flusher::start(Box::new(move || {
+            flush_db.flush().map(|_| ()).map_err(|e| e.to_string())
+        }))
+        .map_err(|e| io_error("start flush thread", &e))?;
+        Ok(SledStore {
+            inner: Arc::new(Inner {
+                db,
+                objects,
+                artifacts,
+                blob_refs,
+                blobs,
+                flusher,
+                options,
+                root: root.to_path_buf(),
+            }),
+        })
+    }
+
+    /// Flushes everything to disk (used at shutdown).
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.inner
+            .db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(sled_error)
+    }
+
+    /// Counts staged files and blobs, for tests and operators.
+    pub fn stats(&self) -> Result<StoreStats, Error> {
+        let staged = std::fs::read_dir(self.inner.blobs.staging_dir())
+            .map_err(|e| io_error("read staging folder", &e))?
+            .count();
+        let published = self
+            .inner
+            .blobs
+            .published_ids()
+            .map_err(|e| io_error("read blob folders", &e))?;
+        Ok(StoreStats {
+            staged_files: staged as u64,
+            blob_files: published.len() as u64,
+            referenced_blobs: self.inner.blob_refs.len() as u64,
+        })
+    }
+
+    /// Data directory of this store.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Waits until every earlier write is durable (no-op in relaxed mode).
+    async fn durable(&self) -> Result<(), Error> {
+        match self.inner.options.durability {
+            Durability::Strict => self.inner.flusher.wait().await,
+            Durability::Relaxed => Ok(()),
+        }
+    }
+
+    /// Unlinks blobs whose references were removed, once that removal is
+    /// durable (always waiting for the flush, even in relaxed mode, so that a
+    /// crash can never leave metadata pointing at a deleted file).
+    fn retire_blobs(&self, ids: Vec<u64>) {
+        if ids.is_empty() {
+            return;
+        }
+        let store = self.clone();
+        let retire = async move {
+            if store.inner.flusher.wait().await.is_ok() {
+                for id in ids {
+                    store.inner.blobs.remove(id);
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(retire);
+            }
+            Err(_) => {
+                tracing::warn!("no runtime to retire blobs; they will be reclaimed at next start")
+            }
+        }
+    }
+
+    fn next_id(&self) -> Result<u64, Error> {
+        self.inner.db.generate_id().map_err(sled_error)
+    }
+
+    /// Drains `data` into a new body, enforcing `expected_size` when given.
+    async fn stage(
+        &self,
+        mut data: ByteStream,
+        expected_size: Option<u64>,
+    ) -> Result<blob::StagedBody, Error> {
+        let mut writer = BodyWriter::new(
+            &self.inner.blobs,
+            self.next_id()?,
+            self.inner.options.inline_limit,
+        );
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk?;
+            writer
+                .write(&chunk)
+                .await
+                .map_err(|e| io_error("stage upload", &e))?;
+            if let Some(expected) = expected_size {
+                if writer.len() > expected {
+                    return Err(Error::invalid(
+                        "size",
+                        format!("the header announced {expected} bytes but more were sent"),
+                    ));
+                }
+            }
+        }
+        if let Some(expected) = expected_size {
+            if writer.len() != expected {
+                return Err(Error::invalid(
+                    "size",
+                    format!(
+                        "the header announced {expected} bytes but the stream ended after {}",
+                        writer.len()
+                    ),
+                ));
+            }
+        }
+        writer
+            .finish()
+            .await
+            .map_err(|e| io_error("stage upload", &e))
+    }
+
+    /// Writes `make(old)` under `key` together with its blob reference, in one
+    /// transaction. `make` returning `None` leaves the key untouched. Returns
+    /// the previous record and the one written, if any. Blocking but short.
+    fn commit(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        make: impl Fn(Option<&ValueRecord>) -> Option<ValueRecord>,
+    ) -> Result<(Option<ValueRecord>, Option<ValueRecord>), Error> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let result = (tree, &self.inner.blob_refs).transaction(|(t, refs)| {
+            let old = match t.get(key)? {
+                Some(bytes) => {
+                    Some(record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?)
+                }
+                None => None,
+            };
+            let Some(new) = make(old.as_ref()) else {
+                return Ok((old, None));
+            };
+            let encoded = record::encode(&new).map_err(ConflictableTransactionError::Abort)?;
+            t.insert(key, encoded)?;
+            let old_blob = old.as_ref().and_then(ValueRecord::blob_id);
+            if let Some(id) = old_blob {
+                if Some(id) != new.blob_id() {
+                    refs.remove(&id.to_be_bytes())?;
+                }
+            }
+            if let Some(id) = new.blob_id() {
+                refs.insert(&id.to_be_bytes(), key)?;
+            }
+            Ok((old, Some(new)))
+        });
+        result.map_err(|e| match e {
+            TransactionError::Abort(err) => err,
+            TransactionError::Storage(err) => sled_error(err),
+        })
+    }
+
+    /// Removes `keys` from `tree` and their blob references in one
+    /// transaction; returns the records that existed.
+    fn remove_all(&self, tree: &sled::Tree, keys: &[Vec<u8>]) -> Result<Vec<ValueRecord>, Error> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let result = (tree, &self.inner.blob_refs).transaction(|(t, refs)| {
+            let mut removed = Vec::new();
+            for key in keys {
+                if let Some(bytes) = t.remove(key.as_slice())? {
+                    let old =
+                        record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+                    if let Some(id) = old.blob_id() {
+                        refs.remove(&id.to_be_bytes())?;
+                    }
+                    removed.push(old);
+                }
+            }
+            Ok(removed)
+        });
+        result.map_err(|e| match e {
+            TransactionError::Abort(err) => err,
+            TransactionError::Storage(err) => sled_error(err),
+        })
+    }
+
+    /// Publishes a staged body and commits `make(old, body)` under `key`;
+    /// waits for durability and retires the replaced blob. Returns the
+    /// committed (or kept) record.
+    async fn publish_and_commit(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        staged: blob::StagedBody,
+        make: impl Fn(Option<&ValueRecord>, &Body) -> Option<ValueRecord>,
+    ) -> Result<ValueRecord, Error> {
+        let published = staged
+            .publish()
+            .await
+            .map_err(|e| io_error("publish upload", &e))?;
+        let (body, blob) = match published {
+            Published::Inline(bytes) => (Body::Inline(bytes), None),
+            Published::Blob(blob) => (Body::Blob(blob.id), Some(blob)),
+        };
+        let (old, written) = self.commit(tree, key, |old| make(old, &body))?;
+        let record = match (written, old) {
+            (Some(new), old) => {
+                if let Some(blob) = blob {
+                    blob.keep();
+                }
+                if let Some(id) = old.as_ref().and_then(ValueRecord::blob_id) {
+                    self.retire_blobs(vec![id]);
+                }
+                new
+            }
+            // Nothing written: the unused blob is removed by its guard.
+            (None, Some(old)) => old,
+            (None, None) => return Err(Error::internal("commit wrote nothing and found nothing")),
+        };
+        self.durable().await?;
+        Ok(record)
+    }
+
+    /// Reads the record under `key` and opens its body. A blob replaced
+    /// between reading the record and opening the file is retried with the
+    /// new record, so readers never fail because of a concurrent overwrite.
+    async fn open_value(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        kind: &str,
+        display_key: &str,
+    ) -> Result<(ValueRecord, BodyReader), Error> {
+        const ATTEMPTS: usize = 5;
+        for _ in 0..ATTEMPTS {
+            let Some(bytes) = tree.get(key).map_err(sled_error)? else {
+                return Err(Error::not_found(kind, display_key));
+            };
+            let record = record::decode(&bytes)?;
+            match &record.body {
+                Body::Inline(data) => {
+                    let reader = BodyReader::Memory(std::io::Cursor::new(data.clone()));
+                    return Ok((record, reader));
+                }
+                Body::Blob(id) => {
+                    match tokio::fs::File::open(self.inner.blobs.blob_path(*id)).await {
+                        Ok(file) => {
+                            let len = file
+                                .metadata()
+                                .await
+                                .map_err(|e| io_error("read blob metadata", &e))?
+                                .len();
+                            if len != record.body_len {
+                                return Err(Error::DataLoss {
+                                    message: format!(
+                                        "{kind} {}: blob {id} holds {len} bytes, expected {}",
+                                        trove_proto::error::shorten(display_key),
+                                        record.body_len
+                                    ),
+                                });
+                            }
+                            return Ok((record, BodyReader::File(file)));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(io_error("open blob", &e)),
+                    }
+                }
+            }
+        }
+        Err(Error::DataLoss {
+            message: format!(
+                "{kind} {}: its blob file is missing",
+                trove_proto::error::shorten(display_key)
+            ),
+        })
+    }
+
+    /// Turns an opened body into a chunked byte stream.
+    fn byte_stream(&self, reader: BodyReader) -> ByteStream {
+        let chunk = self.inner.options.read_chunk_bytes.max(1);
+        tokio_util::io::ReaderStream::with_capacity(reader, chunk)
+            .map(|r| r.map_err(|e| io_error("read value", &e)))
+            .boxed()
+    }
+}
+
+/// An opened value body: inline bytes or a blob file.
+pub enum BodyReader {
+    /// Inline bytes.
+    Memory(std::io::Cursor<Vec<u8>>),
+    /// A blob file.
+    File(tokio::fs::File),
+}
+
+impl tokio::io::AsyncRead for BodyReader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BodyReader::Memory(c) => std::pin::Pin::new(c).poll_read(cx, buf),
+            BodyReader::File(f) => std::pin::Pin::new(f).poll_read(cx, buf),
+        }
+    }
+}
+
+/// Maps a sled failure to the domain error.
+pub fn sled_error(err: sled::Error) -> Error {
+    match err {
+        sled::Error::Io(e) => io_error("storage", &e),
+        sled::Error::Corruption { .. } => Error::DataLoss {
+            message: format!("the database is damaged: {err}"),
+        },
+        other => Error::internal(format!("storage engine: {other}")),
+    }
+}
+
+/// Maps an I/O failure during `what` to the domain error: a full disk is
+/// `ResourceExhausted`, anything else `Unavailable` (retrying may succeed).
+pub fn io_error(what: &str, err: &std::io::Error) -> Error {
+    if err.kind() == std::io::ErrorKind::StorageFull {
+        return Error::exhausted("disk space", format!("{what}: {err}"));
+    }
+    Error::Unavailable {
+        message: format!("{what} failed: {err}"),
+    }
+}
+
+/// Splits `data` into a stream of chunks of at most `chunk` bytes (zero-copy).
+pub fn chunked(data: Bytes, chunk: usize) -> impl Iterator<Item = Bytes> {
+    let chunk = chunk.max(1);
+    let len = data.len();
+    (0..len.div_ceil(chunk)).map(move |i| data.slice(i * chunk..len.min((i + 1) * chunk)))
+}
+
+/// Iterates the keys of `tree` under `namespace_key` whose next part starts
+/// with `prefix`, strictly after the part `after` (with any suffix) when given.
+pub fn scan_after(
+    tree: &sled::Tree,
+    namespace_key: &[u8],
+    prefix: &str,
+    after: Option<&str>,
+) -> sled::Iter {
+    let mut scan = namespace_key.to_vec();
+    keys::push_escaped(&mut scan, prefix.as_bytes());
+    let mut start = scan.clone();
+    if let Some(after) = after {
+        let mut resume = namespace_key.to_vec();
+        keys::push_part(&mut resume, after.as_bytes());
+        // 0xFF sorts after every suffix a key can carry behind its part
+        // (suffixes start with a kind byte, a number or another part).
+        resume.push(0xFF);
+        if resume > start {
+            start = resume;
+        }
+    }
+    match keys::prefix_end(&scan) {
+        Some(end) => tree.range(start..end),
+        None => tree.range(start..),
+    }
+}
+
+/// Runs blocking store work (scans, bulk deletes) off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::internal(format!("store task failed: {e}")))?
+}

@@ -1,0 +1,326 @@
+//! [`ObjectStore`] on sled: objects and streams share the `objects` tree,
+//! keyed `(namespace, hash, kind)` so one scan lists both and one transaction
+//! deletes both. Streams are stored as a body of length-prefixed chunk records.
+//!
+//! Never imports tonic; never awaits inside a sled transaction.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, BufReader};
+use trove_proto::objects::{
+    ChunkStream, ListedObject, ObjectInfo, StreamChunk, StreamInfo, MAX_FIND_MISSING,
+};
+use trove_proto::types::{
+    encode_page_token, hex_digest, now_micros, ByteStream, ListPage, Name, Namespace, Page,
+};
+use trove_proto::{Error, ObjectStore};
+
+use super::record::{self, ValueRecord};
+use super::{blocking, keys, scan_after, sled_error, BodyReader, SledStore};
+
+const KIND_OBJECT: u8 = b'o';
+const KIND_STREAM: u8 = b's';
+
+fn object_key(ns: &Namespace, hash: &Name, kind: u8) -> Vec<u8> {
+    let mut key = keys::key(&[ns.as_str().as_bytes(), hash.as_bytes()]);
+    key.push(kind);
+    key
+}
+
+fn object_info(hash: &Name, record: &ValueRecord) -> ObjectInfo {
+    ObjectInfo {
+        hash: hash.as_str().to_owned(),
+        size: record.size,
+        sha256: hex_digest(&record.sha256),
+        created_at: record.created_at,
+        verified: record.verified,
+    }
+}
+
+fn stream_info(hash: &Name, record: &ValueRecord) -> StreamInfo {
+    StreamInfo {
+        hash: hash.as_str().to_owned(),
+        chunk_count: record.chunk_count,
+        total_bytes: record.size,
+        created_at: record.updated_at,
+    }
+}
+
+const HAS_TIMESTAMP: u8 = 1;
+
+/// Encodes one chunk as `[flags][timestamp i64 BE if flagged][len u32 BE][data]`.
+fn encode_chunk(chunk: &StreamChunk) -> Result<bytes::Bytes, Error> {
+    let len = u32::try_from(chunk.data.len())
+        .map_err(|_| Error::invalid("chunks.data", "a chunk is larger than 4 GiB"))?;
+    let mut out = Vec::with_capacity(chunk.data.len() + 13);
+    match chunk.timestamp {
+        Some(ts) => {
+            out.push(HAS_TIMESTAMP);
+            out.extend_from_slice(&ts.to_be_bytes());
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&chunk.data);
+    Ok(out.into())
+}
+
+/// Decodes the chunk records of a stream body, lazily.
+fn decode_chunks(reader: BodyReader, expected: u64) -> ChunkStream {
+    let damaged = |e: std::io::Error| Error::DataLoss {
+        message: format!("stream body is damaged: {e}"),
+    };
+    futures::stream::try_unfold(
+        (BufReader::new(reader), 0u64),
+        move |(mut r, seen)| async move {
+            let mut flags = [0u8; 1];
+            if r.read(&mut flags).await.map_err(damaged)? == 0 {
+                if seen != expected {
+                    return Err(Error::DataLoss {
+                        message: format!("stream body holds {seen} chunks, expected {expected}"),
+                    });
+                }
+                return Ok(None);
+            }
+            let timestamp = if flags[0] & HAS_TIMESTAMP != 0 {
+                Some(r.read_i64().await.map_err(damaged)?)
+            } else {
+                None
+            };
+            let len = r.read_u32().await.map_err(damaged)?;
+            let mut data = vec![0u8; len as usize];
+            r.read_exact(&mut data).await.map_err(damaged)?;
+            Ok(Some((
+                StreamChunk {
+                    data: data.into(),
+                    timestamp,
+                },
+                (r, seen + 1),
+            )))
+        },
+    )
+    .boxed()
+}
+
+#[async_trait]
+impl ObjectStore for SledStore {
+    async fn put_object(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+        expected_size: Option<u64>,
+        data: ByteStream,
+    ) -> Result<ObjectInfo, Error> {
+        let staged = self.stage(data, expected_size).await?;
+        let digest = hash.sha256_digest();
+        if let Some(expected) = digest {
+            if expected != staged.sha256 {
+                return Err(Error::invalid(
+                    "hash",
+                    format!(
+                        "the content's SHA-256 is {}, not {}; nothing was stored",
+                        hex_digest(&staged.sha256),
+                        hash
+                    ),
+                ));
+            }
+        }
+        let verified = digest.is_some();
+        let (size, sha256) = (staged.len, staged.sha256);
+        let now = now_micros();
+        let key = object_key(ns, hash, KIND_OBJECT);
+        let record = self
+            .publish_and_commit(&self.inner.objects, &key, staged, |old, body| {
+                // A verified hash names its content: an existing copy is identical.
+                if verified && old.is_some() {
+                    return None;
+                }
+                Some(ValueRecord {
+                    created_at: old.map_or(now, |o| o.created_at),
+                    updated_at: now,
+                    size,
+                    body_len: size,
+                    sha256,
+                    content_type: String::new(),
+                    verified,
+                    chunk_count: 0,
+                    seq: 0,
+                    body: body.clone(),
+                })
+            })
+            .await?;
+        Ok(object_info(hash, &record))
+    }
+
+    async fn get_object(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+    ) -> Result<(ObjectInfo, ByteStream), Error> {
+        let key = object_key(ns, hash, KIND_OBJECT);
+        let (record, reader) = self
+            .open_value(&self.inner.objects, &key, "object", hash.as_str())
+            .await?;
+        Ok((object_info(hash, &record), self.byte_stream(reader)))
+    }
+
+    async fn delete_object(&self, ns: &Namespace, hash: &Name) -> Result<bool, Error> {
+        let keys = [
+            object_key(ns, hash, KIND_OBJECT),
+            object_key(ns, hash, KIND_STREAM),
+        ];
+        let removed = self.remove_all(&self.inner.objects, &keys)?;
+        if removed.is_empty() {
+            return Ok(false);
+        }
+        self.durable().await?;
+        self.retire_blobs(removed.iter().filter_map(ValueRecord::blob_id).collect());
+        Ok(true)
+    }
+
+    async fn stat_object(&self, ns: &Namespace, hash: &Name) -> Result<ObjectInfo, Error> {
+        let key = object_key(ns, hash, KIND_OBJECT);
+        match self.inner.objects.get(key).map_err(sled_error)? {
+            Some(bytes) => Ok(object_info(hash, &record::decode(&bytes)?)),
+            None => Err(Error::not_found("object", hash.as_str())),
+        }
+    }
+
+    async fn list_objects(
+        &self,
+        ns: &Namespace,
+        page: &ListPage,
+    ) -> Result<Page<ListedObject>, Error> {
+        let tree = self.inner.objects.clone();
+        let ns_key = keys::key(&[ns.as_str().as_bytes()]);
+        let page = page.clone();
+        blocking(move || {
+            let limit = page.page_size as usize;
+            let mut items: Vec<ListedObject> = Vec::new();
+            let mut more = false;
+            for entry in scan_after(&tree, &ns_key, &page.prefix, page.after.as_deref()) {
+                let (key, value) = entry.map_err(sled_error)?;
+                let Some((hash, rest)) = keys::take_part(&key[ns_key.len()..]) else {
+                    continue;
+                };
+                let Ok(hash) = String::from_utf8(hash) else {
+                    continue;
+                };
+                let kind = rest.first().copied();
+                let same = items.last().is_some_and(|last| last.hash == hash);
+                if !same {
+                    if items.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    items.push(ListedObject {
+                        hash,
+                        ..Default::default()
+                    });
+                }
+                let Some(item) = items.last_mut() else {
+                    continue;
+                };
+                match kind {
+                    Some(KIND_OBJECT) => {
+                        item.has_object = true;
+                        item.size = record::decode(&value)?.size;
+                    }
+                    Some(KIND_STREAM) => item.has_stream = true,
+                    _ => {}
+                }
+            }
+            let next_page_token = if more {
+                items.last().map(|last| encode_page_token(&last.hash))
+            } else {
+                None
+            };
+            Ok(Page {
+                items,
+                next_page_token,
+            })
+        })
+        .await
+    }
+
+    async fn find_missing(&self, ns: &Namespace, hashes: &[Name]) -> Result<Vec<Name>, Error> {
+        if hashes.len() > MAX_FIND_MISSING {
+            return Err(Error::invalid(
+                "hashes",
+                format!(
+                    "{} hashes given; at most {MAX_FIND_MISSING} per call",
+                    hashes.len()
+                ),
+            ));
+        }
+        let mut missing = Vec::new();
+        for hash in hashes {
+            let present = self
+                .inner
+                .objects
+                .contains_key(object_key(ns, hash, KIND_OBJECT))
+                .map_err(sled_error)?;
+            if !present {
+                missing.push(hash.clone());
+            }
+        }
+        Ok(missing)
+    }
+
+    async fn put_stream(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+        chunks: ChunkStream,
+    ) -> Result<StreamInfo, Error> {
+        let count = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(AtomicU64::new(0));
+        let (c, t) = (Arc::clone(&count), Arc::clone(&total));
+        let body = chunks
+            .map(move |chunk| {
+                let chunk = chunk?;
+                c.fetch_add(1, Ordering::Relaxed);
+                t.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                encode_chunk(&chunk)
+            })
+            .boxed();
+        let staged = self.stage(body, None).await?;
+        let (chunk_count, size) = (count.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+        let (body_len, sha256) = (staged.len, staged.sha256);
+        let now = now_micros();
+        let key = object_key(ns, hash, KIND_STREAM);
+        let record = self
+            .publish_and_commit(&self.inner.objects, &key, staged, |old, body| {
+                Some(ValueRecord {
+                    created_at: old.map_or(now, |o| o.created_at),
+                    updated_at: now,
+                    size,
+                    body_len,
+                    sha256,
+                    content_type: String::new(),
+                    verified: false,
+                    chunk_count,
+                    seq: 0,
+                    body: body.clone(),
+                })
+            })
+            .await?;
+        Ok(stream_info(hash, &record))
+    }
+
+    async fn get_stream(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+    ) -> Result<(StreamInfo, ChunkStream), Error> {
+        let key = object_key(ns, hash, KIND_STREAM);
+        let (record, reader) = self
+            .open_value(&self.inner.objects, &key, "stream", hash.as_str())
+            .await?;
+        let chunks = decode_chunks(reader, record.chunk_count);
+        Ok((stream_info(hash, &record), chunks))
+    }
+}

@@ -1,0 +1,790 @@
+//! The conformance suite: one `async fn` per documented behaviour of the
+//! storage traits, written once and run against every implementation through
+//! [`conformance_suite!`](crate::conformance_suite). Each function works in a
+//! fresh random namespace, so functions can share a store.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use trove_proto::artifacts::PutOptions;
+use trove_proto::objects::StreamChunk;
+use trove_proto::types::{ListPage, Name, Namespace};
+use trove_proto::{ArtifactStore, Error, ObjectStore};
+
+use crate::target::Target;
+use crate::{
+    bytes_stream, collect_bytes, digest_stream, generated_sha256, generated_stream, sha256_hex,
+};
+
+/// Every implementation the suite runs against provides these traits.
+pub trait Store: ObjectStore + ArtifactStore {}
+impl<T: ObjectStore + ArtifactStore> Store for T {}
+
+/// Generates one test per conformance function for the target built by `$make`.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        $crate::conformance_suite!(@each $make;
+            object_round_trip_verifies_sha256,
+            object_hash_mismatch_stores_nothing,
+            object_opaque_ids_and_rewrites,
+            object_size_mismatch_stores_nothing,
+            object_missing_is_not_found,
+            object_delete_is_idempotent_and_removes_stream,
+            object_five_million_bytes,
+            object_list_pages_and_prefixes,
+            object_find_missing,
+            stream_round_trip_exact,
+            stream_thousand_chunks,
+            stream_empty_and_overwrite,
+            artifact_put_get_overwrite_stat,
+            artifact_missing_and_idempotent_delete,
+            artifact_keys_never_collide_or_leak,
+            artifact_list_pages_with_values,
+            artifact_list_skips_large_values,
+            namespaces_are_isolated,
+            aborted_put_keeps_previous_value,
+            large_value_round_trip,
+        );
+    };
+    (@each $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            /// Conformance: see the function of the same name in `trove_tests::conformance`.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let target = $make.await;
+                $crate::conformance::$name(&target).await;
+                target.assert_no_panic();
+            }
+        )*
+    };
+}
+
+/// A namespace no other test uses.
+pub fn fresh_ns() -> Namespace {
+    let n: u64 = rand::random();
+    Namespace::new(&format!("conformance-{n:016x}")).expect("valid namespace")
+}
+
+fn name(s: &str) -> Name {
+    Name::new("test", s).expect("valid name")
+}
+
+fn one(data: &'static [u8]) -> trove_proto::types::ByteStream {
+    bytes_stream(vec![Bytes::from_static(data)])
+}
+
+#[track_caller]
+fn assert_invalid<T: std::fmt::Debug>(result: Result<T, Error>, field: &str) {
+    match result {
+        Err(Error::InvalidArgument { field: f, reason }) => {
+            assert!(
+                f.contains(field),
+                "wrong field {f:?} (reason: {reason}), expected {field:?}"
+            )
+        }
+        other => panic!("expected InvalidArgument on {field}, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_not_found<T: std::fmt::Debug>(result: Result<T, Error>) {
+    match result {
+        Err(Error::NotFound { .. }) => {}
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+}
+
+async fn read_object<S: Store>(store: &S, ns: &Namespace, hash: &Name) -> Vec<u8> {
+    let (_, stream) = store.get_object(ns, hash).await.expect("get object");
+    collect_bytes(stream).await.expect("read object")
+}
+
+async fn read_artifact<S: Store>(store: &S, ns: &Namespace, key: &Name) -> Vec<u8> {
+    let (_, stream) = store.get_artifact(ns, key).await.expect("get artifact");
+    collect_bytes(stream).await.expect("read artifact")
+}
+
+/// A 64-hex hash is the content's SHA-256: the object is stored, verified and read back.
+pub async fn object_round_trip_verifies_sha256<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let data = b"hello trove";
+    let hash = name(&sha256_hex(data));
+    let info = t
+        .store
+        .put_object(&ns, &hash, None, one(data))
+        .await
+        .expect("put");
+    assert!(info.verified);
+    assert_eq!(info.size, data.len() as u64);
+    assert_eq!(info.sha256, hash.as_str());
+    assert_eq!(read_object(&t.store, &ns, &hash).await, data);
+    let stat = t.store.stat_object(&ns, &hash).await.expect("stat");
+    assert_eq!((stat.size, stat.created_at), (info.size, info.created_at));
+    // Storing the same content again succeeds and changes nothing.
+    let again = t
+        .store
+        .put_object(&ns, &hash, None, one(data))
+        .await
+        .expect("put again");
+    assert_eq!(again.created_at, info.created_at);
+}
+
+/// Content that does not match its SHA-256 hash is rejected and nothing is stored.
+pub async fn object_hash_mismatch_stores_nothing<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let hash = name(&sha256_hex(b"the real content"));
+    let result = t
+        .store
+        .put_object(&ns, &hash, None, one(b"other content"))
+        .await;
+    assert_invalid(result, "hash");
+    assert_not_found(t.store.stat_object(&ns, &hash).await);
+    let listed = t
+        .store
+        .list_objects(&ns, &ListPage::first(""))
+        .await
+        .expect("list");
+    assert!(listed.items.is_empty(), "{listed:?}");
+    // Large mismatching content goes through staging: nothing may remain.
+    let big = t
+        .store
+        .put_object(&ns, &hash, None, generated_stream(1, 300_000, 65_536))
+        .await;
+    assert_invalid(big, "hash");
+    t.assert_disk_settles(0).await;
+}
+
+/// Identifiers that are not SHA-256 hex are opaque names; writing one again replaces it.
+pub async fn object_opaque_ids_and_rewrites<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    for id in [
+        "abc",
+        "ABCDEF",
+        "sha1:1234",
+        &"A".repeat(64),
+        "../../etc/passwd",
+    ] {
+        let id = name(id);
+        let info = t
+            .store
+            .put_object(&ns, &id, None, one(b"v1"))
+            .await
+            .expect("put");
+        assert!(!info.verified, "{id} must not count as verified");
+        t.store
+            .put_object(&ns, &id, None, one(b"v2"))
+            .await
+            .expect("rewrite");
+        assert_eq!(read_object(&t.store, &ns, &id).await, b"v2");
+    }
+}
+
+/// A declared size that the body does not match rejects the upload.
+pub async fn object_size_mismatch_stores_nothing<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let id = name("sized");
+    assert_invalid(
+        t.store.put_object(&ns, &id, Some(10), one(b"short")).await,
+        "size",
+    );
+    assert_invalid(
+        t.store
+            .put_object(&ns, &id, Some(2), one(b"too long"))
+            .await,
+        "size",
+    );
+    assert_not_found(t.store.stat_object(&ns, &id).await);
+    let ok = t
+        .store
+        .put_object(&ns, &id, Some(5), one(b"exact"))
+        .await
+        .expect("exact size");
+    assert_eq!(ok.size, 5);
+}
+
+/// Get and Stat of a missing object are NotFound; so is a missing stream.
+pub async fn object_missing_is_not_found<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let id = name("nothing-here");
+    assert_not_found(t.store.get_object(&ns, &id).await.map(|(info, _)| info));
+    assert_not_found(t.store.stat_object(&ns, &id).await);
+    assert_not_found(t.store.get_stream(&ns, &id).await.map(|(info, _)| info));
+}
+
+/// Delete removes the object and the stream under the hash, and is idempotent.
+pub async fn object_delete_is_idempotent_and_removes_stream<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let id = name("both");
+    t.store
+        .put_object(&ns, &id, None, one(b"blob"))
+        .await
+        .expect("put");
+    let chunks = futures::stream::iter(vec![Ok(StreamChunk {
+        data: Bytes::from_static(b"c"),
+        timestamp: Some(1),
+    })])
+    .boxed();
+    t.store
+        .put_stream(&ns, &id, chunks)
+        .await
+        .expect("put stream");
+    assert!(t.store.delete_object(&ns, &id).await.expect("delete"));
+    assert_not_found(t.store.stat_object(&ns, &id).await);
+    assert_not_found(t.store.get_stream(&ns, &id).await.map(|(i, _)| i));
+    assert!(!t.store.delete_object(&ns, &id).await.expect("delete again"));
+    assert!(!t
+        .store
+        .delete_object(&ns, &name("never-existed"))
+        .await
+        .expect("delete missing"));
+}
+
+/// A 5,000,000-byte object round-trips byte for byte through a blob file.
+pub async fn object_five_million_bytes<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let total = 5_000_000u64;
+    let sha = generated_sha256(5, total, 100_000).await;
+    let hash = name(&sha);
+    let info = t
+        .store
+        .put_object(&ns, &hash, Some(total), generated_stream(5, total, 100_000))
+        .await
+        .expect("put 5 MB");
+    assert_eq!((info.size, info.verified), (total, true));
+    let (info, stream) = t.store.get_object(&ns, &hash).await.expect("get");
+    assert_eq!(info.size, total);
+    assert_eq!(digest_stream(stream).await.expect("read"), (total, sha));
+    t.assert_disk_settles(1).await;
+}
+
+/// Listing returns every hash once, in byte order, across pages, within the prefix.
+pub async fn object_list_pages_and_prefixes<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let mut expected = Vec::new();
+    for i in 0..23 {
+        let id = format!("obj/{i:02}");
+        t.store
+            .put_object(&ns, &name(&id), None, one(b"x"))
+            .await
+            .expect("put");
+        expected.push(id);
+    }
+    t.store
+        .put_object(&ns, &name("other/1"), None, one(b"x"))
+        .await
+        .expect("put");
+    // A stream-only hash is listed too.
+    let empty = futures::stream::iter(Vec::new()).boxed();
+    t.store
+        .put_stream(&ns, &name("obj/stream-only"), empty)
+        .await
+        .expect("put stream");
+    expected.push("obj/stream-only".into());
+    expected.sort();
+
+    let mut seen = Vec::new();
+    let mut page = ListPage::new("obj/", 5, "").expect("page");
+    loop {
+        let result = t.store.list_objects(&ns, &page).await.expect("list");
+        assert!(result.items.len() <= 5);
+        for item in &result.items {
+            assert_eq!(item.has_object, item.hash != "obj/stream-only", "{item:?}");
+            assert_eq!(item.has_stream, item.hash == "obj/stream-only", "{item:?}");
+            seen.push(item.hash.clone());
+        }
+        match result.next_page_token {
+            Some(token) => page = ListPage::new("obj/", 5, &token).expect("token"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+    let all = t
+        .store
+        .list_objects(&ns, &ListPage::first(""))
+        .await
+        .expect("list all");
+    assert_eq!(all.items.len(), expected.len() + 1);
+    assert!(all.next_page_token.is_none());
+}
+
+/// FindMissing returns exactly the hashes without an object, in request order.
+pub async fn object_find_missing<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    for id in ["b", "d"] {
+        t.store
+            .put_object(&ns, &name(id), None, one(b"x"))
+            .await
+            .expect("put");
+    }
+    let ask: Vec<Name> = ["e", "b", "a", "d", "c"].iter().map(|s| name(s)).collect();
+    let missing = t.store.find_missing(&ns, &ask).await.expect("find missing");
+    let missing: Vec<&str> = missing.iter().map(Name::as_str).collect();
+    assert_eq!(missing, ["e", "a", "c"]);
+    assert!(t
+        .store
+        .find_missing(&ns, &[])
+        .await
+        .expect("empty")
+        .is_empty());
+}
+
+async fn read_stream<S: Store>(store: &S, ns: &Namespace, id: &Name) -> Vec<StreamChunk> {
+    let (info, chunks) = store.get_stream(ns, id).await.expect("get stream");
+    let chunks: Vec<StreamChunk> = chunks.map(|c| c.expect("chunk")).collect().await;
+    assert_eq!(info.chunk_count, chunks.len() as u64);
+    chunks
+}
+
+/// Chunk order, empty chunks and absent timestamps round-trip exactly.
+pub async fn stream_round_trip_exact<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let id = name("sse");
+    let chunks = vec![
+        StreamChunk {
+            data: Bytes::from_static(b"first"),
+            timestamp: Some(100),
+        },
+        StreamChunk {
+            data: Bytes::new(),
+            timestamp: Some(-7),
+        },
+        StreamChunk {
+            data: Bytes::from_static(b"no time"),
+            timestamp: None,
+        },
+        StreamChunk {
+            data: Bytes::from_static(b"\0\xff"),
+            timestamp: Some(i64::MAX),
+        },
+        StreamChunk {
+            data: Bytes::from_static(b"zero"),
+            timestamp: Some(0),
+        },
+    ];
+    let body = futures::stream::iter(chunks.clone().into_iter().map(Ok)).boxed();
+    let info = t
+        .store
+        .put_stream(&ns, &id, body)
+        .await
+        .expect("put stream");
+    assert_eq!(info.chunk_count, 5);
+    assert_eq!(info.total_bytes, 5 + 7 + 2 + 4);
+    assert_eq!(read_stream(&t.store, &ns, &id).await, chunks);
+}
+
+/// A 1000-chunk stream (with a large chunk among them) round-trips in order.
+pub async fn stream_thousand_chunks<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let id = name("long-stream");
+    let chunks: Vec<StreamChunk> = (0..1000i64)
+        .map(|i| StreamChunk {
+            data: if i == 500 {
+                Bytes::from(vec![7u8; 200_000])
+            } else {
+                Bytes::from(format!("event {i}"))
+            },
+            timestamp: (i % 3 != 0).then_some(i * 1000),
+        })
+        .collect();
+    let body = futures::stream::iter(chunks.clone().into_iter().map(Ok)).boxed();
+    let info = t
+        .store
+        .put_stream(&ns, &id, body)
+        .await
+        .expect("put stream");
+    assert_eq!(info.chunk_count, 1000);
+    assert_eq!(read_stream(&t.store, &ns, &id).await, chunks);
+}
+
+/// An empty chunk list is stored and read back empty; a second put replaces the first.
+pub async fn stream_empty_and_overwrite<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let id = name("s");
+    let info = t
+        .store
+        .put_stream(&ns, &id, futures::stream::iter(Vec::new()).boxed())
+        .await
+        .expect("empty stream");
+    assert_eq!((info.chunk_count, info.total_bytes), (0, 0));
+    assert!(read_stream(&t.store, &ns, &id).await.is_empty());
+    let replacement = vec![StreamChunk {
+        data: Bytes::from_static(b"new"),
+        timestamp: None,
+    }];
+    let body = futures::stream::iter(replacement.clone().into_iter().map(Ok)).boxed();
+    t.store.put_stream(&ns, &id, body).await.expect("overwrite");
+    assert_eq!(read_stream(&t.store, &ns, &id).await, replacement);
+    // A stream does not create an object.
+    assert_not_found(t.store.stat_object(&ns, &id).await);
+}
+
+/// Put overwrites; Stat reports size, SHA-256, content type and both timestamps.
+pub async fn artifact_put_get_overwrite_stat<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let key = name("patch-abc123");
+    let opts = PutOptions::new("text/x-diff", None).expect("options");
+    let first = t
+        .store
+        .put_artifact(&ns, &key, opts.clone(), one(b"v1"))
+        .await
+        .expect("put");
+    assert_eq!(read_artifact(&t.store, &ns, &key).await, b"v1");
+    let second = t
+        .store
+        .put_artifact(&ns, &key, PutOptions::default(), one(b"version two"))
+        .await
+        .expect("overwrite");
+    assert_eq!(read_artifact(&t.store, &ns, &key).await, b"version two");
+    let stat = t.store.stat_artifact(&ns, &key).await.expect("stat");
+    assert_eq!(stat.size, 11);
+    assert_eq!(stat.sha256, sha256_hex(b"version two"));
+    assert_eq!(stat.content_type, "");
+    assert_eq!(
+        stat.created_at, first.created_at,
+        "created_at survives overwrites"
+    );
+    assert!(stat.updated_at >= first.updated_at);
+    assert_eq!(stat, second);
+    assert_eq!(first.content_type, "text/x-diff");
+}
+
+/// A missing key is NotFound for Get and Stat; Delete is idempotent.
+pub async fn artifact_missing_and_idempotent_delete<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let key = name("k");
+    assert_not_found(t.store.get_artifact(&ns, &key).await.map(|(i, _)| i));
+    assert_not_found(t.store.stat_artifact(&ns, &key).await);
+    assert!(!t
+        .store
+        .delete_artifact(&ns, &key)
+        .await
+        .expect("delete missing"));
+    t.store
+        .put_artifact(&ns, &key, PutOptions::default(), one(b"x"))
+        .await
+        .expect("put");
+    assert!(t.store.delete_artifact(&ns, &key).await.expect("delete"));
+    assert!(!t
+        .store
+        .delete_artifact(&ns, &key)
+        .await
+        .expect("delete again"));
+    assert_not_found(t.store.get_artifact(&ns, &key).await.map(|(i, _)| i));
+}
+
+/// Keys with `/`, `..`, unicode and the encoding's separator byte never collide or leak across prefixes.
+pub async fn artifact_keys_never_collide_or_leak<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let keys = [
+        "a",
+        "a/",
+        "a/b",
+        "a/b/c",
+        "a/b/../c",
+        "..",
+        "../a",
+        "a\u{1}",
+        "a\u{1}b",
+        "a\u{1}\u{1}",
+        "ab",
+        "a b",
+        "ä",
+        "a/ü/🦀",
+        "\u{ff}",
+        "a\u{7f}",
+        "a\\b",
+        "a//b",
+    ];
+    for (i, key) in keys.iter().enumerate() {
+        let value = format!("value-{i}");
+        t.store
+            .put_artifact(
+                &ns,
+                &name(key),
+                PutOptions::default(),
+                bytes_stream(vec![value.into()]),
+            )
+            .await
+            .expect("put");
+    }
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(
+            read_artifact(&t.store, &ns, &name(key)).await,
+            format!("value-{i}").as_bytes(),
+            "{key:?}"
+        );
+    }
+    let mut sorted: Vec<&str> = keys.to_vec();
+    sorted.sort_unstable();
+    for prefix in ["", "a", "a/", "a/b", "a\u{1}", "..", "ä", "zzz"] {
+        let page = ListPage::new(prefix, 0, "").expect("page");
+        let listed = t
+            .store
+            .list_artifacts(&ns, &page, false)
+            .await
+            .expect("list");
+        let got: Vec<String> = listed
+            .items
+            .iter()
+            .filter_map(|a| a.info.as_ref())
+            .map(|i| i.key.clone())
+            .collect();
+        let want: Vec<String> = sorted
+            .iter()
+            .filter(|k| k.starts_with(prefix))
+            .map(|k| (*k).to_owned())
+            .collect();
+        assert_eq!(got, want, "prefix {prefix:?}");
+    }
+}
+
+/// Listing with values walks every key exactly once, in order, with the right values.
+pub async fn artifact_list_pages_with_values<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let mut expected = Vec::new();
+    for i in 0..25 {
+        let key = format!("variants/{i:03}");
+        let value = format!("{{\"options\":\"w={i}\"}}");
+        t.store
+            .put_artifact(
+                &ns,
+                &name(&key),
+                PutOptions::default(),
+                bytes_stream(vec![value.clone().into()]),
+            )
+            .await
+            .expect("put");
+        expected.push((key, value));
+    }
+    // A value big enough to live in a blob file is listed with its value too.
+    t.store
+        .put_artifact(
+            &ns,
+            &name("variants/zbig"),
+            PutOptions::default(),
+            generated_stream(9, 200_000, 50_000),
+        )
+        .await
+        .expect("put big");
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = ListPage::new("variants/", 7, &token).expect("page");
+        let result = t
+            .store
+            .list_artifacts(&ns, &page, true)
+            .await
+            .expect("list");
+        for item in result.items {
+            let info = item.info.expect("info");
+            let value = item.value.expect("value included");
+            assert_eq!(value.len() as u64, info.size);
+            seen.push((info.key, value));
+        }
+        match result.next_page_token {
+            Some(next) => token = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 26);
+    for ((key, value), (want_key, want_value)) in seen.iter().zip(expected.iter()) {
+        assert_eq!((key, &value[..]), (want_key, want_value.as_bytes()));
+    }
+    assert_eq!(seen[25].0, "variants/zbig");
+    // Without values, none are sent.
+    let bare = t
+        .store
+        .list_artifacts(&ns, &ListPage::first("variants/"), false)
+        .await
+        .expect("list");
+    assert!(bare.items.iter().all(|a| a.value.is_none()));
+}
+
+/// Values over the listing limit are left out of listings but still listed.
+pub async fn artifact_list_skips_large_values<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let big = trove_proto::artifacts::MAX_LISTED_VALUE_BYTES + 1;
+    t.store
+        .put_artifact(
+            &ns,
+            &name("big"),
+            PutOptions::default(),
+            generated_stream(3, big, 65_536),
+        )
+        .await
+        .expect("put big");
+    t.store
+        .put_artifact(&ns, &name("small"), PutOptions::default(), one(b"s"))
+        .await
+        .expect("put");
+    let listed = t
+        .store
+        .list_artifacts(&ns, &ListPage::first(""), true)
+        .await
+        .expect("list");
+    assert_eq!(listed.items.len(), 2);
+    assert!(listed.items[0].value.is_none());
+    assert_eq!(listed.items[0].info.as_ref().map(|i| i.size), Some(big));
+    assert_eq!(listed.items[1].value.as_deref(), Some(&b"s"[..]));
+}
+
+/// Namespaces never see, list or delete each other's items.
+pub async fn namespaces_are_isolated<S: Store>(t: &Target<S>) {
+    let (a, b) = (fresh_ns(), fresh_ns());
+    let key = name("shared-name");
+    t.store
+        .put_artifact(&a, &key, PutOptions::default(), one(b"in a"))
+        .await
+        .expect("put a");
+    t.store
+        .put_object(&a, &key, None, one(b"obj a"))
+        .await
+        .expect("put obj a");
+    assert_not_found(t.store.stat_artifact(&b, &key).await);
+    assert_not_found(t.store.stat_object(&b, &key).await);
+    assert!(t
+        .store
+        .list_artifacts(&b, &ListPage::first(""), false)
+        .await
+        .expect("list")
+        .items
+        .is_empty());
+    assert!(t
+        .store
+        .list_objects(&b, &ListPage::first(""),)
+        .await
+        .expect("list")
+        .items
+        .is_empty());
+    t.store
+        .put_artifact(&b, &key, PutOptions::default(), one(b"in b"))
+        .await
+        .expect("put b");
+    assert!(t.store.delete_artifact(&b, &key).await.expect("delete b"));
+    assert!(!t.store.delete_object(&b, &key).await.expect("delete obj b"));
+    assert_eq!(read_artifact(&t.store, &a, &key).await, b"in a");
+    assert_eq!(read_object(&t.store, &a, &key).await, b"obj a");
+    // The default namespace is a namespace like any other.
+    let default = Namespace::new("").expect("default");
+    assert_not_found(
+        t.store
+            .stat_artifact(&default, &name(&format!("{}-missing", a)))
+            .await,
+    );
+}
+
+/// An upload whose body fails midway leaves the previous value intact and nothing staged.
+pub async fn aborted_put_keeps_previous_value<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let key = name("precious");
+    let original = b"original value".to_vec();
+    t.store
+        .put_artifact(
+            &ns,
+            &key,
+            PutOptions::default(),
+            bytes_stream(vec![original.clone().into()]),
+        )
+        .await
+        .expect("put");
+    let blobs_before = t.blob_files();
+    for size in [1_000usize, 3_000_000] {
+        let failing = generated_stream(11, size as u64, 65_536)
+            .chain(futures::stream::once(async {
+                Err(Error::Cancelled {
+                    message: "client gave up".into(),
+                })
+            }))
+            .boxed();
+        let result = t
+            .store
+            .put_artifact(&ns, &key, PutOptions::default(), failing)
+            .await;
+        assert!(
+            result.is_err(),
+            "an aborted upload must fail, got {result:?}"
+        );
+        let obj = name(&format!("obj-{size}"));
+        let failing = generated_stream(12, size as u64, 65_536)
+            .chain(futures::stream::once(async {
+                Err(Error::Cancelled {
+                    message: "gone".into(),
+                })
+            }))
+            .boxed();
+        assert!(t.store.put_object(&ns, &obj, None, failing).await.is_err());
+        assert_not_found(t.store.stat_object(&ns, &obj).await);
+    }
+    assert_eq!(read_artifact(&t.store, &ns, &key).await, original);
+    t.assert_disk_settles(blobs_before).await;
+}
+
+/// A 256 MiB value streams in and out intact (set TROVE_TEST_LARGE_MIB to change the size).
+pub async fn large_value_round_trip<S: Store>(t: &Target<S>) {
+    let mib: u64 = std::env::var("TROVE_TEST_LARGE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let total = mib * 1024 * 1024;
+    let ns = fresh_ns();
+    let sha = generated_sha256(256, total, 1 << 20).await;
+    let hash = name(&sha);
+    let info = t
+        .store
+        .put_object(&ns, &hash, None, generated_stream(256, total, 1 << 20))
+        .await
+        .expect("put large object");
+    assert_eq!(info.size, total);
+    let (_, stream) = t.store.get_object(&ns, &hash).await.expect("get");
+    assert_eq!(
+        digest_stream(stream).await.expect("read"),
+        (total, sha.clone())
+    );
+    let key = name("large/artifact");
+    t.store
+        .put_artifact(
+            &ns,
+            &key,
+            PutOptions::default(),
+            generated_stream(256, total, 1 << 20),
+        )
+        .await
+        .expect("put large artifact");
+    let (info, stream) = t.store.get_artifact(&ns, &key).await.expect("get artifact");
+    assert_eq!(info.sha256, sha);
+    assert_eq!(digest_stream(stream).await.expect("read"), (total, sha));
+    // Disk use stays close to the data: two copies, no amplification.
+    t.assert_disk_settles(2).await;
+    let on_disk = dir_size(&t.data_dir);
+    assert!(
+        on_disk < 2 * total + 64 * 1024 * 1024,
+        "{on_disk} bytes on disk for {} bytes of data",
+        2 * total
+    );
+    if let Some(server) = &t.server {
+        if let Some(peak) = server.peak_rss_bytes() {
+            assert!(
+                peak < total / 2,
+                "server peak RSS {peak} bytes for a {total}-byte value: not streamed"
+            );
+        }
+    }
+}
+
+/// Total size of the files under `dir`.
+pub fn dir_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                dir_size(&path)
+            } else {
+                e.metadata().map(|m| m.len()).unwrap_or(0)
+            }
+        })
+        .sum()
+}

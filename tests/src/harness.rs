@@ -1,0 +1,245 @@
+//! Starts the real `trove-server` binary on 127.0.0.1 with an ephemeral port,
+//! waits for it by polling the gRPC health check (never by sleeping a fixed
+//! time), and can stop it gently (SIGTERM) or brutally (SIGKILL).
+//!
+//! The binary is looked up in `TROVE_SERVER_BIN`, else next to the test
+//! executable's folder (`target/<profile>/trove-server`), which
+//! `cargo test --workspace` / `cargo nextest run --workspace` keep fresh
+//! because the server package has integration tests of its own.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use trove_client::TroveClient;
+
+/// Longest wait for the server to start answering.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Path of the server binary under test.
+pub fn server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TROVE_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target/<profile>/trove-server
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("trove-server"))
+        .unwrap_or_default();
+    assert!(
+        candidate.exists(),
+        "trove-server binary not found at {}; run the whole workspace's tests \
+         (cargo nextest run --workspace) or set TROVE_SERVER_BIN",
+        candidate.display()
+    );
+    candidate
+}
+
+/// A running `trove-server` process. Killed (SIGKILL) when dropped.
+pub struct ServerProcess {
+    child: Option<Child>,
+    /// Address the server listens on.
+    pub addr: SocketAddr,
+    /// Data directory of the server.
+    pub data_dir: PathBuf,
+    /// File receiving the server's standard error (its logs).
+    pub log_path: PathBuf,
+    extra_args: Vec<String>,
+    _temp: Option<TempDir>,
+}
+
+impl ServerProcess {
+    /// Starts a server on a fresh temporary data directory.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server on a fresh temporary data directory with extra flags.
+    pub async fn start_with(extra_args: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("create temp dir");
+        let data_dir = temp.path().join("data");
+        let mut server = Self::start_in(&data_dir, extra_args).await;
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts a server on `data_dir` (which outlives the process).
+    pub async fn start_in(data_dir: &Path, extra_args: &[&str]) -> Self {
+        let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        let log_path = data_dir.with_extension("log");
+        let (child, addr) = spawn(data_dir, &extra_args, &log_path).await;
+        ServerProcess {
+            child: Some(child),
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            log_path,
+            extra_args,
+            _temp: None,
+        }
+    }
+
+    /// A client connected to this server.
+    pub async fn client(&self) -> TroveClient {
+        TroveClient::connect(&self.addr.to_string())
+            .await
+            .expect("connect to trove-server")
+    }
+
+    /// A raw tonic channel to this server.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// Process id of the server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILLs the server and waits for it to die.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn send_sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit (at most `timeout`) and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("server running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same data directory (after a kill).
+    pub async fn restart(&mut self) {
+        self.kill9();
+        let (child, addr) = spawn(&self.data_dir, &self.extra_args, &self.log_path).await;
+        self.child = Some(child);
+        self.addr = addr;
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Peak resident memory of the server process, in bytes (Linux).
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn spawn(data_dir: &Path, extra_args: &[String], log_path: &Path) -> (Child, SocketAddr) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("open server log");
+    let mut child = Command::new(server_binary())
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn trove-server");
+    let stdout = child.stdout.take().expect("stdout");
+    let log_copy = log_path.to_path_buf();
+    let addr = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Some(Ok(line)) = lines.next() {
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                return addr.trim().parse::<SocketAddr>().ok();
+            }
+        }
+        None
+    });
+    let addr = match tokio::time::timeout(START_TIMEOUT, addr).await {
+        Ok(Ok(Some(addr))) => addr,
+        _ => {
+            let _ = child.kill();
+            panic!(
+                "trove-server did not report its address; log:\n{}",
+                std::fs::read_to_string(&log_copy).unwrap_or_default()
+            );
+        }
+    };
+    wait_serving(addr).await;
+    (child, addr)
+}
+
+/// Polls the gRPC health check until the server reports SERVING.
+pub async fn wait_serving(addr: SocketAddr) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if health_status(addr, "").await == Some(ServingStatus::Serving) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "trove-server at {addr} never became SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The health status of `service` ("" for the whole server), or `None` when
+/// the server cannot be reached.
+pub async fn health_status(addr: SocketAddr, service: &str) -> Option<ServingStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .ok()?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(reply.into_inner().status).ok()
+}
