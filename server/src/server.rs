@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codegen::http;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use trove_proto::pb::artifacts_server::ArtifactsServer;
@@ -64,6 +65,9 @@ pub async fn run(
 
     let mut router = Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
+        .layer(tower::util::MapResponseLayer::new(
+            oversize_is_resource_exhausted,
+        ))
         .add_service(health_service)
         .add_service(objects)
         .add_service(artifacts);
@@ -119,4 +123,29 @@ async fn set_all(health: &tonic_health::server::HealthReporter, status: ServingS
     for service in SERVICES {
         health.set_service_status(service, status).await;
     }
+}
+
+/// tonic rejects an oversize unary message itself, with OUT_OF_RANGE, before
+/// any adapter runs. Trove promises RESOURCE_EXHAUSTED naming the limit, and
+/// nothing in Trove emits OUT_OF_RANGE, so the status is rewritten here.
+fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    const OUT_OF_RANGE: &str = "11";
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").and_then(|v| v.to_str().ok()) == Some(OUT_OF_RANGE) {
+        let code = (tonic::Code::ResourceExhausted as i32).to_string();
+        if let Ok(code) = http::HeaderValue::from_str(&code) {
+            headers.insert("grpc-status", code);
+        }
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static(
+                "max_message_bytes exceeded: a message is larger than the server accepts                  (see --max-message-bytes); send large values in several messages",
+            ),
+        );
+        headers.insert(
+            "trove-limit",
+            http::HeaderValue::from_static("max_message_bytes"),
+        );
+    }
+    response
 }

@@ -235,7 +235,7 @@ impl SledStore {
                 .await
                 .map_err(|e| io_error("stage upload", &e))?;
             if let Some(expected) = expected_size {
-                if writer.len() > expected {
+                if writer.written() > expected {
                     return Err(Error::invalid(
                         "size",
                         format!("the header announced {expected} bytes but more were sent"),
@@ -244,12 +244,12 @@ impl SledStore {
             }
         }
         if let Some(expected) = expected_size {
-            if writer.len() != expected {
+            if writer.written() != expected {
                 return Err(Error::invalid(
                     "size",
                     format!(
                         "the header announced {expected} bytes but the stream ended after {}",
-                        writer.len()
+                        writer.written()
                     ),
                 ));
             }
