@@ -37,7 +37,7 @@ async fn main() -> Result<(), trove_proto::Error> {
     println!("verified: {}", info.verified);
     println!(
         "missing: {:?}",
-        trove.find_missing(&ns, &[hash.clone()]).await?
+        trove.find_missing(&ns, std::slice::from_ref(&hash)).await?
     );
 
     // Streams: timestamped chunk lists under a hash.

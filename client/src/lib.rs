@@ -10,10 +10,15 @@
 //!
 //! # Layout
 //! - this file: connection setup and the shared upload machinery.
-//! - `objects`, `artifacts`: the trait implementations.
+//! - `objects`, `artifacts`, `entries`: the trait implementations.
+//! - [`writer`]: the buffered cassette writer for recorders.
 
 mod artifacts;
+mod entries;
 mod objects;
+pub mod writer;
+
+pub use writer::{CassetteWriter, WriterConfig};
 
 use std::time::Duration;
 
@@ -21,6 +26,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
 use trove_proto::pb::artifacts_client::ArtifactsClient;
+use trove_proto::pb::entries_client::EntriesClient;
 use trove_proto::pb::objects_client::ObjectsClient;
 use trove_proto::types::ByteStream;
 use trove_proto::Error;
@@ -37,6 +43,7 @@ const MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
 pub struct TroveClient {
     objects: ObjectsClient<Channel>,
     artifacts: ArtifactsClient<Channel>,
+    entries: EntriesClient<Channel>,
     chunk_bytes: usize,
 }
 
@@ -63,7 +70,9 @@ impl TroveClient {
         TroveClient {
             objects: ObjectsClient::new(channel.clone())
                 .max_decoding_message_size(MAX_DECODE_BYTES),
-            artifacts: ArtifactsClient::new(channel).max_decoding_message_size(MAX_DECODE_BYTES),
+            artifacts: ArtifactsClient::new(channel.clone())
+                .max_decoding_message_size(MAX_DECODE_BYTES),
+            entries: EntriesClient::new(channel).max_decoding_message_size(MAX_DECODE_BYTES),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
         }
     }

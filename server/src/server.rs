@@ -17,16 +17,18 @@ use tonic::codegen::http;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use trove_proto::pb::artifacts_server::ArtifactsServer;
+use trove_proto::pb::entries_server::EntriesServer;
 use trove_proto::pb::objects_server::ObjectsServer;
 
 use crate::config::Config;
 use crate::grpc::artifacts::ArtifactsService;
+use crate::grpc::entries::EntriesService;
 use crate::grpc::objects::ObjectsService;
 use crate::grpc::Limits;
 use crate::store::SledStore;
 
 /// Names of the services reported by the health check.
-const SERVICES: [&str; 2] = ["trove.v1.Objects", "trove.v1.Artifacts"];
+const SERVICES: [&str; 3] = ["trove.v1.Objects", "trove.v1.Artifacts", "trove.v1.Entries"];
 
 /// Opens the store in `config.data_dir` and serves on `listener` until
 /// `shutdown` resolves; then drains, flushes and returns.
@@ -52,14 +54,18 @@ pub async fn run(
     let limits = Limits {
         max_message_bytes: config.max_message(),
     };
-    // tonic's own check rejects with OUT_OF_RANGE before our adapters run, so
-    // it gets headroom and the adapters report RESOURCE_EXHAUSTED themselves
-    // for streamed messages; unary requests stay capped by tonic.
-    let decode_limit = limits.max_message_bytes.saturating_add(64 * 1024);
+    // tonic enforces the limit while decoding; its OUT_OF_RANGE becomes
+    // RESOURCE_EXHAUSTED naming the limit (in the adapters for streamed
+    // messages, in `oversize_is_resource_exhausted` for unary ones).
+    let decode_limit = limits.max_message_bytes;
     let objects = ObjectsServer::new(ObjectsService::new(Arc::clone(&store), limits))
         .max_decoding_message_size(decode_limit)
         .max_encoding_message_size(usize::MAX);
     let artifacts = ArtifactsServer::new(ArtifactsService::new(Arc::clone(&store), limits))
+        .max_decoding_message_size(decode_limit)
+        .max_encoding_message_size(usize::MAX);
+
+    let entries = EntriesServer::new(EntriesService::new(Arc::clone(&store), limits))
         .max_decoding_message_size(decode_limit)
         .max_encoding_message_size(usize::MAX);
 
@@ -70,7 +76,8 @@ pub async fn run(
         ))
         .add_service(health_service)
         .add_service(objects)
-        .add_service(artifacts);
+        .add_service(artifacts)
+        .add_service(entries);
     if config.reflection {
         let v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(trove_proto::pb::FILE_DESCRIPTOR_SET)

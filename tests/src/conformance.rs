@@ -6,9 +6,10 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use trove_proto::artifacts::PutOptions;
+use trove_proto::entries::{NewEntry, ReadOptions, StoredEntry};
 use trove_proto::objects::StreamChunk;
 use trove_proto::types::{ListPage, Name, Namespace};
-use trove_proto::{ArtifactStore, Error, ObjectStore};
+use trove_proto::{ArtifactStore, EntryStore, Error, ObjectStore};
 
 use crate::target::Target;
 use crate::{
@@ -16,8 +17,8 @@ use crate::{
 };
 
 /// Every implementation the suite runs against provides these traits.
-pub trait Store: ObjectStore + ArtifactStore {}
-impl<T: ObjectStore + ArtifactStore> Store for T {}
+pub trait Store: ObjectStore + ArtifactStore + EntryStore {}
+impl<T: ObjectStore + ArtifactStore + EntryStore> Store for T {}
 
 /// Generates one test per conformance function for the target built by `$make`.
 #[macro_export]
@@ -44,6 +45,16 @@ macro_rules! conformance_suite {
             namespaces_are_isolated,
             aborted_put_keeps_previous_value,
             large_value_round_trip,
+            cassette_missing_reads_empty,
+            cassette_exists_lifecycle,
+            cassette_reads_in_recorded_order_across_batches,
+            cassette_untimed_entries_keep_arrival_order,
+            cassette_concurrent_writers_lose_nothing,
+            cassette_large_entry_and_many_entries,
+            cassette_paging_walks_once,
+            cassette_replace_is_atomic_for_readers,
+            cassette_aborted_replace_keeps_old_content,
+            cassette_list_and_names,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
@@ -787,4 +798,367 @@ pub fn dir_size(dir: &std::path::Path) -> u64 {
             }
         })
         .sum()
+}
+
+fn json_entry(tag: &str, recorded_at: Option<i64>) -> NewEntry {
+    let json = match recorded_at {
+        Some(ts) => serde_json::json!({ "tag": tag, "recorded_at": ts }),
+        None => serde_json::json!({ "tag": tag }),
+    };
+    NewEntry::parse("entry", Bytes::from(json.to_string()), None).expect("valid entry")
+}
+
+async fn read_all<S: Store>(store: &S, ns: &Namespace, cassette: &Name) -> Vec<StoredEntry> {
+    let stream = store
+        .read_entries(ns, cassette, ReadOptions::default())
+        .await
+        .expect("read");
+    stream.map(|e| e.expect("entry")).collect().await
+}
+
+fn tags(entries: &[StoredEntry]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|e| {
+            let v: serde_json::Value = serde_json::from_slice(&e.json).expect("json");
+            v["tag"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
+/// A cassette never written reads as empty and does not exist.
+pub async fn cassette_missing_reads_empty<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let c = name("never/written.json");
+    assert!(read_all(&t.store, &ns, &c).await.is_empty());
+    assert!(!t.store.cassette_exists(&ns, &c).await.expect("exists"));
+    t.store.ensure_cassette(&ns, &c).await.expect("ensure");
+    assert!(!t
+        .store
+        .cassette_exists(&ns, &c)
+        .await
+        .expect("ensure stores nothing"));
+}
+
+/// Exists is true after the first append, stays true when replaced by nothing, and is false after delete.
+pub async fn cassette_exists_lifecycle<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let c = name("lifecycle");
+    t.store
+        .append_entries(&ns, &c, vec![json_entry("a", Some(1))])
+        .await
+        .expect("append");
+    assert!(t.store.cassette_exists(&ns, &c).await.expect("exists"));
+    let count = t
+        .store
+        .replace_entries(&ns, &c, futures::stream::iter(vec![]).boxed())
+        .await
+        .expect("replace");
+    assert_eq!(count, 0);
+    assert!(t
+        .store
+        .cassette_exists(&ns, &c)
+        .await
+        .expect("exists after empty replace"));
+    assert!(read_all(&t.store, &ns, &c).await.is_empty());
+    assert!(t.store.delete_cassette(&ns, &c).await.expect("delete"));
+    assert!(!t
+        .store
+        .cassette_exists(&ns, &c)
+        .await
+        .expect("exists after delete"));
+    assert!(!t
+        .store
+        .delete_cassette(&ns, &c)
+        .await
+        .expect("delete again"));
+    assert_invalid(t.store.append_entries(&ns, &c, vec![]).await, "entries");
+}
+
+/// Six entries appended out of order in separate batches read back in recorded_at order.
+pub async fn cassette_reads_in_recorded_order_across_batches<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let c = name("ordered");
+    for batch in [[50, 10], [60, 20], [40, 30]] {
+        let entries = batch
+            .iter()
+            .map(|ts| json_entry(&format!("t{ts}"), Some(*ts)))
+            .collect();
+        t.store
+            .append_entries(&ns, &c, entries)
+            .await
+            .expect("append");
+    }
+    let read = read_all(&t.store, &ns, &c).await;
+    assert_eq!(tags(&read), ["t10", "t20", "t30", "t40", "t50", "t60"]);
+    let times: Vec<i64> = read.iter().map(|e| e.recorded_at).collect();
+    assert_eq!(times, [10, 20, 30, 40, 50, 60]);
+}
+
+/// Entries without recorded_at (and ties) keep their arrival order.
+pub async fn cassette_untimed_entries_keep_arrival_order<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let c = name("untimed");
+    t.store
+        .append_entries(&ns, &c, vec![json_entry("a", None), json_entry("b", None)])
+        .await
+        .expect("append");
+    t.store
+        .append_entries(&ns, &c, vec![json_entry("c", None)])
+        .await
+        .expect("append");
+    t.store
+        .append_entries(
+            &ns,
+            &c,
+            vec![json_entry("d", Some(0)), json_entry("e", None)],
+        )
+        .await
+        .expect("append");
+    assert_eq!(
+        tags(&read_all(&t.store, &ns, &c).await),
+        ["a", "b", "c", "d", "e"]
+    );
+}
+
+/// 50 concurrent writers x 200 entries: everything is read back once, in order.
+pub async fn cassette_concurrent_writers_lose_nothing<S: Store + Clone>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let c = name("crowded");
+    let writers: Vec<_> = (0..50i64)
+        .map(|w| {
+            let (store, ns, c) = (t.store.clone(), ns.clone(), c.clone());
+            tokio::spawn(async move {
+                for batch in 0..20i64 {
+                    let entries = (0..10i64)
+                        .map(|i| {
+                            let n = batch * 10 + i;
+                            json_entry(&format!("{w}-{n}"), Some(n * 50 + w))
+                        })
+                        .collect();
+                    store
+                        .append_entries(&ns, &c, entries)
+                        .await
+                        .expect("append");
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let read = read_all(&t.store, &ns, &c).await;
+    assert_eq!(read.len(), 10_000);
+    let times: Vec<i64> = read.iter().map(|e| e.recorded_at).collect();
+    assert_eq!(
+        times,
+        (0..10_000).collect::<Vec<i64>>(),
+        "complete, unique and ordered"
+    );
+}
+
+/// A 10 MB entry and a 20,000-entry cassette round-trip.
+pub async fn cassette_large_entry_and_many_entries<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let big = name("big-entry");
+    let body = "x".repeat(10_000_000);
+    let json = Bytes::from(format!("{{\"body\":\"{body}\",\"recorded_at\":5}}"));
+    let entry = NewEntry::parse("entry", json.clone(), None).expect("entry");
+    t.store
+        .append_entries(&ns, &big, vec![entry])
+        .await
+        .expect("append 10 MB");
+    let read = read_all(&t.store, &ns, &big).await;
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].json, json);
+    let many = name("many");
+    for chunk in 0..20 {
+        let entries = (0..1000)
+            .map(|i| json_entry("m", Some(chunk * 1000 + i)))
+            .collect();
+        t.store
+            .append_entries(&ns, &many, entries)
+            .await
+            .expect("append");
+    }
+    let read = read_all(&t.store, &ns, &many).await;
+    assert_eq!(read.len(), 20_000);
+    assert!(read.windows(2).all(|w| w[0].recorded_at < w[1].recorded_at));
+}
+
+/// Paging with after/limit walks a cassette exactly once, in order.
+pub async fn cassette_paging_walks_once<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let c = name("paged");
+    let entries = (0..95)
+        .map(|i| json_entry(&format!("p{i}"), Some(i % 7)))
+        .collect();
+    t.store
+        .append_entries(&ns, &c, entries)
+        .await
+        .expect("append");
+    let everything = read_all(&t.store, &ns, &c).await;
+    let mut walked = Vec::new();
+    let mut after = None;
+    loop {
+        let page: Vec<StoredEntry> = t
+            .store
+            .read_entries(
+                &ns,
+                &c,
+                ReadOptions {
+                    after,
+                    limit: Some(10),
+                },
+            )
+            .await
+            .expect("read page")
+            .map(|e| e.expect("entry"))
+            .collect()
+            .await;
+        assert!(page.len() <= 10);
+        let Some(last) = page.last() else { break };
+        after =
+            Some(trove_proto::entries::EntryCursor::decode("after", &last.cursor).expect("cursor"));
+        walked.extend(page);
+    }
+    assert_eq!(walked, everything);
+    assert_eq!(walked.len(), 95);
+}
+
+/// Readers during a Replace of a 10,000-entry cassette see all old or all new content.
+pub async fn cassette_replace_is_atomic_for_readers<S: Store + Clone>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let c = name("swapped");
+    let old: Vec<NewEntry> = (0..10_000).map(|i| json_entry("old", Some(i))).collect();
+    t.store
+        .replace_entries(
+            &ns,
+            &c,
+            futures::stream::iter(old.into_iter().map(Ok)).boxed(),
+        )
+        .await
+        .expect("seed");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (store, ns, c, done) = (t.store.clone(), ns.clone(), c.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut reads = 0;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) || reads == 0 {
+                    let read = read_all(&store, &ns, &c).await;
+                    let tags = tags(&read);
+                    assert_eq!(tags.len(), 10_000, "a reader saw a partial cassette");
+                    assert!(
+                        tags.iter().all(|t| t == &tags[0]),
+                        "a reader saw a mix of old and new"
+                    );
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    let new: Vec<NewEntry> = (0..10_000).map(|i| json_entry("new", Some(i))).collect();
+    t.store
+        .replace_entries(
+            &ns,
+            &c,
+            futures::stream::iter(new.into_iter().map(Ok)).boxed(),
+        )
+        .await
+        .expect("replace");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    for reader in readers {
+        assert!(reader.await.expect("reader") > 0);
+    }
+    assert!(tags(&read_all(&t.store, &ns, &c).await)
+        .iter()
+        .all(|t| t == "new"));
+}
+
+/// A Replace whose body fails midway leaves the old content intact.
+pub async fn cassette_aborted_replace_keeps_old_content<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let c = name("kept");
+    t.store
+        .append_entries(
+            &ns,
+            &c,
+            vec![json_entry("old", Some(1)), json_entry("old", Some(2))],
+        )
+        .await
+        .expect("append");
+    let failing = futures::stream::iter((0..500).map(|i| Ok(json_entry("new", Some(i)))))
+        .chain(futures::stream::once(async {
+            Err(Error::Cancelled {
+                message: "recorder crashed".into(),
+            })
+        }))
+        .boxed();
+    assert!(t.store.replace_entries(&ns, &c, failing).await.is_err());
+    assert_eq!(tags(&read_all(&t.store, &ns, &c).await), ["old", "old"]);
+    let missing = name("never-replaced");
+    let failing = futures::stream::once(async {
+        Err(Error::Cancelled {
+            message: "gone".into(),
+        })
+    })
+    .boxed();
+    assert!(t
+        .store
+        .replace_entries(&ns, &missing, failing)
+        .await
+        .is_err());
+    assert!(!t
+        .store
+        .cassette_exists(&ns, &missing)
+        .await
+        .expect("exists"));
+}
+
+/// Cassette names list in byte order by prefix, paged, with `/` and unicode kept apart.
+pub async fn cassette_list_and_names<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let names = [
+        "test/a.json",
+        "test/a.json/b",
+        "test/b",
+        "test\u{1}x",
+        "tests/c",
+        "ü",
+    ];
+    for n in names {
+        t.store
+            .append_entries(&ns, &name(n), vec![json_entry(n, None)])
+            .await
+            .expect("append");
+    }
+    for n in names {
+        assert_eq!(tags(&read_all(&t.store, &ns, &name(n)).await), [n]);
+    }
+    let mut got = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = t
+            .store
+            .list_cassettes(&ns, &ListPage::new("test/", 1, &token).expect("page"))
+            .await
+            .expect("list");
+        got.extend(page.items);
+        match page.next_page_token {
+            Some(next) => token = next,
+            None => break,
+        }
+    }
+    assert_eq!(got, ["test/a.json", "test/a.json/b", "test/b"]);
+    assert_eq!(
+        t.store
+            .list_cassettes(&fresh_ns(), &ListPage::first(""))
+            .await
+            .expect("list")
+            .items
+            .len(),
+        0
+    );
 }

@@ -75,7 +75,7 @@ impl ServerProcess {
     pub async fn start_in(data_dir: &Path, extra_args: &[&str]) -> Self {
         let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
         let log_path = data_dir.with_extension("log");
-        let (child, addr) = spawn(data_dir, &extra_args, &log_path).await;
+        let (child, addr) = spawn(data_dir, "127.0.0.1:0", &extra_args, &log_path).await;
         ServerProcess {
             child: Some(child),
             addr,
@@ -144,7 +144,23 @@ impl ServerProcess {
     /// Starts the server again on the same data directory (after a kill).
     pub async fn restart(&mut self) {
         self.kill9();
-        let (child, addr) = spawn(&self.data_dir, &self.extra_args, &self.log_path).await;
+        let (child, addr) = spawn(
+            &self.data_dir,
+            "127.0.0.1:0",
+            &self.extra_args,
+            &self.log_path,
+        )
+        .await;
+        self.child = Some(child);
+        self.addr = addr;
+    }
+
+    /// Starts the server again on the same data directory and the same
+    /// address, so existing clients reconnect to it.
+    pub async fn restart_same_address(&mut self) {
+        self.kill9();
+        let listen = self.addr.to_string();
+        let (child, addr) = spawn(&self.data_dir, &listen, &self.extra_args, &self.log_path).await;
         self.child = Some(child);
         self.addr = addr;
     }
@@ -169,7 +185,12 @@ impl Drop for ServerProcess {
     }
 }
 
-async fn spawn(data_dir: &Path, extra_args: &[String], log_path: &Path) -> (Child, SocketAddr) {
+async fn spawn(
+    data_dir: &Path,
+    listen: &str,
+    extra_args: &[String],
+    log_path: &Path,
+) -> (Child, SocketAddr) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -177,7 +198,7 @@ async fn spawn(data_dir: &Path, extra_args: &[String], log_path: &Path) -> (Chil
         .expect("open server log");
     let mut child = Command::new(server_binary())
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--data-dir")
         .arg(data_dir)
         .args(extra_args)

@@ -5,6 +5,7 @@
 //! behind it.
 
 pub mod artifacts;
+pub mod entries;
 pub mod objects;
 
 use std::pin::Pin;

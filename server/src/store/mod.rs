@@ -19,10 +19,11 @@
 //! - `record`: the metadata record stored for each value.
 //! - `blob`: staging, publishing and reclaiming blob files.
 //! - `flusher`: group commit.
-//! - `objects`, `artifacts`: the trait implementations.
+//! - `objects`, `artifacts`, `entries`: the trait implementations.
 
 mod artifacts;
 pub mod blob;
+mod entries;
 mod flusher;
 pub mod keys;
 mod objects;
@@ -87,6 +88,7 @@ struct Inner {
     objects: sled::Tree,
     artifacts: sled::Tree,
     blob_refs: sled::Tree,
+    entry_trees: Arc<entries::EntryTrees>,
     blobs: BlobDir,
     flusher: Flusher,
     options: StoreOptions,
@@ -122,6 +124,7 @@ impl SledStore {
         let objects = tree("objects")?;
         let artifacts = tree("artifacts")?;
         let blob_refs = tree("blob_refs")?;
+        let entry_trees = entries::EntryTrees::open(&db)?;
         let blobs = BlobDir::open(root).map_err(|e| io_error("open blob folders", &e))?;
         let (files, bytes) = blobs
             .reclaim(|id| blob_refs.contains_key(id.to_be_bytes()).unwrap_or(true))
@@ -140,6 +143,7 @@ impl SledStore {
                 objects,
                 artifacts,
                 blob_refs,
+                entry_trees,
                 blobs,
                 flusher,
                 options,

@@ -1,0 +1,514 @@
+//! [`EntryStore`] on sled: cassettes as generations of ordered entries.
+//!
+//! Layout:
+//! - `cassettes`: `(namespace, cassette)` -> header `[generation u64][created_at i64]`.
+//! - `entries`: `[generation u64][recorded_at i64, order-preserving][seq u64]` -> JSON.
+//!   Generations are unique ids, so one generation's entries are one contiguous
+//!   range, read in `(recorded_at, arrival)` order by a plain range scan.
+//! - `entry_gc`: `[generation u64]` -> cassette key: generations that may be
+//!   garbage (a Replace being staged, or content replaced or deleted).
+//!
+//! Replace writes the new content under a fresh generation (invisible), then
+//! switches the header in one transaction: readers see the old generation or
+//! the new one, never a mix. A reader holds a lease on its generation, and a
+//! replaced generation's entries are removed only once no lease remains, so a
+//! read that started before a Replace still returns the complete old content.
+//! Crash leftovers are found through `entry_gc` at open, without a full scan.
+//!
+//! Never imports tonic; never awaits inside a sled transaction.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Bound;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use trove_proto::entries::{
+    EntryCursor, EntryStream, NewEntry, NewEntryStream, ReadOptions, StoredEntry,
+};
+use trove_proto::types::{encode_page_token, now_micros, ListPage, Name, Namespace, Page};
+use trove_proto::{EntryStore, Error};
+
+use super::{blocking, keys, scan_after, sled_error, SledStore};
+
+/// Entries fetched from sled per step of a read.
+const READ_BATCH: usize = 256;
+/// Keys removed per sled batch when collecting a generation.
+const DELETE_BATCH: usize = 1000;
+
+/// The sled trees and in-memory leases of the entries group.
+pub struct EntryTrees {
+    pub(super) cassettes: sled::Tree,
+    pub(super) entries: sled::Tree,
+    pub(super) gc: sled::Tree,
+    leases: Mutex<HashMap<u64, usize>>,
+}
+
+impl EntryTrees {
+    /// Opens the trees and removes every collectable generation a crash left.
+    pub fn open(db: &sled::Db) -> Result<Arc<Self>, Error> {
+        let trees = Arc::new(EntryTrees {
+            cassettes: db.open_tree("cassettes").map_err(sled_error)?,
+            entries: db.open_tree("entries").map_err(sled_error)?,
+            gc: db.open_tree("entry_gc").map_err(sled_error)?,
+            leases: Mutex::new(HashMap::new()),
+        });
+        let mut collected = 0u64;
+        for marker in trees.gc.iter() {
+            let (gen, _) = marker.map_err(sled_error)?;
+            if let Some((gen, _)) = keys::take_u64(&gen) {
+                collected += trees.collect(gen)?;
+            }
+        }
+        if collected > 0 {
+            tracing::info!(
+                entries = collected,
+                "removed entries of replaced, deleted or unfinished cassette versions"
+            );
+        }
+        Ok(trees)
+    }
+
+    /// Deletes generation `gen` if it is garbage: no header points to it and
+    /// no reader holds it. Returns the number of entries removed. Blocking.
+    fn collect(&self, gen: u64) -> Result<u64, Error> {
+        let Some(cassette_key) = self.gc.get(gen.to_be_bytes()).map_err(sled_error)? else {
+            return Ok(0);
+        };
+        if self.leased(gen) {
+            return Ok(0);
+        }
+        if let Some(header) = self.cassettes.get(&cassette_key).map_err(sled_error)? {
+            if decode_header(&header).map(|h| h.0) == Some(gen) {
+                // Committed after all (the marker's removal was lost in a crash).
+                self.gc.remove(gen.to_be_bytes()).map_err(sled_error)?;
+                return Ok(0);
+            }
+        }
+        let mut removed = 0u64;
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for item in self
+                .entries
+                .scan_prefix(gen.to_be_bytes())
+                .keys()
+                .take(DELETE_BATCH)
+            {
+                batch.remove(item.map_err(sled_error)?);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            self.entries.apply_batch(batch).map_err(sled_error)?;
+            removed += n;
+        }
+        self.gc.remove(gen.to_be_bytes()).map_err(sled_error)?;
+        Ok(removed)
+    }
+
+    fn leased(&self, gen: u64) -> bool {
+        self.leases
+            .lock()
+            .map(|l| l.get(&gen).copied().unwrap_or(0) > 0)
+            .unwrap_or(true)
+    }
+}
+
+fn cassette_key(ns: &Namespace, cassette: &Name) -> Vec<u8> {
+    keys::key(&[ns.as_str().as_bytes(), cassette.as_bytes()])
+}
+
+fn encode_header(gen: u64, created_at: i64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&gen.to_be_bytes());
+    out[8..].copy_from_slice(&created_at.to_be_bytes());
+    out
+}
+
+fn decode_header(bytes: &[u8]) -> Option<(u64, i64)> {
+    let (gen, rest) = keys::take_u64(bytes)?;
+    let (created, _) = keys::take_u64(rest)?;
+    Some((gen, i64::from_be_bytes(created.to_be_bytes())))
+}
+
+fn header_of(bytes: &[u8]) -> Result<(u64, i64), Error> {
+    decode_header(bytes).ok_or_else(|| Error::DataLoss {
+        message: "unreadable cassette header".into(),
+    })
+}
+
+fn entry_key(gen: u64, recorded_at: i64, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(24);
+    keys::push_u64(&mut key, gen);
+    keys::push_i64(&mut key, recorded_at);
+    keys::push_u64(&mut key, seq);
+    key
+}
+
+fn parse_entry_key(key: &[u8]) -> Option<EntryCursor> {
+    let (_, rest) = keys::take_u64(key)?;
+    let (ts, rest) = keys::take_u64(rest)?;
+    let (seq, _) = keys::take_u64(rest)?;
+    Some(EntryCursor {
+        recorded_at: keys::unflip_sign(ts),
+        seq,
+    })
+}
+
+/// A reader's hold on a generation; releasing the last one lets it be collected.
+struct Lease {
+    store: SledStore,
+    gen: u64,
+}
+
+impl Lease {
+    fn take(store: &SledStore, gen: u64) -> Self {
+        if let Ok(mut leases) = store.inner.entry_trees.leases.lock() {
+            *leases.entry(gen).or_insert(0) += 1;
+        }
+        Lease {
+            store: store.clone(),
+            gen,
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let last = match self.store.inner.entry_trees.leases.lock() {
+            Ok(mut leases) => match leases.get_mut(&self.gen) {
+                Some(count) if *count > 1 => {
+                    *count -= 1;
+                    false
+                }
+                _ => {
+                    leases.remove(&self.gen);
+                    true
+                }
+            },
+            Err(_) => false,
+        };
+        if last {
+            self.store.collect_later(self.gen);
+        }
+    }
+}
+
+/// Removes a staged Replace generation unless it was committed.
+struct StagingGuard {
+    store: SledStore,
+    gen: u64,
+    committed: bool,
+}
+
+impl Drop for StagingGuard {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.store.collect_later(self.gen);
+        }
+    }
+}
+
+impl SledStore {
+    /// Collects generation `gen` in the background (or inline without a runtime).
+    fn collect_later(&self, gen: u64) {
+        let trees = Arc::clone(&self.inner.entry_trees);
+        let work = move || {
+            if let Err(err) = trees.collect(gen) {
+                tracing::warn!(generation = gen, error = %err, "could not remove an old cassette version; it will be retried at next start");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(work);
+            }
+            Err(_) => work(),
+        }
+    }
+
+    /// The current generation of a cassette, leased so it stays readable.
+    fn lease_current(&self, key: &[u8]) -> Result<Option<Lease>, Error> {
+        let trees = &self.inner.entry_trees;
+        loop {
+            let Some(header) = trees.cassettes.get(key).map_err(sled_error)? else {
+                return Ok(None);
+            };
+            let (gen, _) = header_of(&header)?;
+            let lease = Lease::take(self, gen);
+            // Confirm after taking the lease: collection of `gen` can only
+            // start once the header has moved on, and then sees the lease.
+            match trees.cassettes.get(key).map_err(sled_error)? {
+                Some(again) if header_of(&again)?.0 == gen => return Ok(Some(lease)),
+                _ => drop(lease),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EntryStore for SledStore {
+    async fn append_entries(
+        &self,
+        ns: &Namespace,
+        cassette: &Name,
+        entries: Vec<NewEntry>,
+    ) -> Result<u64, Error> {
+        use sled::transaction::{TransactionError, Transactional};
+        if entries.is_empty() {
+            return Err(Error::invalid("entries", "at least one entry is required"));
+        }
+        let trees = &self.inner.entry_trees;
+        let key = cassette_key(ns, cassette);
+        let mut seqs = Vec::with_capacity(entries.len());
+        for _ in 0..entries.len() {
+            seqs.push(self.next_id()?);
+        }
+        let new_gen = self.next_id()?;
+        let now = now_micros();
+        let result = (&trees.cassettes, &trees.entries).transaction(|(cassettes, stored)| {
+            let gen = match cassettes.get(&key)? {
+                Some(header) => decode_header(&header).map_or(new_gen, |h| h.0),
+                None => {
+                    cassettes.insert(key.as_slice(), &encode_header(new_gen, now)[..])?;
+                    new_gen
+                }
+            };
+            for (entry, seq) in entries.iter().zip(&seqs) {
+                stored.insert(entry_key(gen, entry.recorded_at, *seq), entry.json.as_ref())?;
+            }
+            Ok(())
+        });
+        result.map_err(|e: TransactionError<Error>| match e {
+            TransactionError::Abort(err) => err,
+            TransactionError::Storage(err) => sled_error(err),
+        })?;
+        self.durable().await?;
+        Ok(entries.len() as u64)
+    }
+
+    async fn read_entries(
+        &self,
+        ns: &Namespace,
+        cassette: &Name,
+        options: ReadOptions,
+    ) -> Result<EntryStream, Error> {
+        let Some(lease) = self.lease_current(&cassette_key(ns, cassette))? else {
+            return Ok(futures::stream::empty().boxed());
+        };
+        let gen = lease.gen;
+        let start = match options.after {
+            Some(c) => Bound::Excluded(entry_key(gen, c.recorded_at, c.seq)),
+            None => Bound::Included(gen.to_be_bytes().to_vec()),
+        };
+        let end = match gen.checked_add(1) {
+            Some(next) => Bound::Excluded(next.to_be_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let remaining = options.limit.map_or(u64::MAX, u64::from);
+        let tree = self.inner.entry_trees.entries.clone();
+        struct State {
+            tree: sled::Tree,
+            start: Bound<Vec<u8>>,
+            end: Bound<Vec<u8>>,
+            remaining: u64,
+            buffer: VecDeque<StoredEntry>,
+            done: bool,
+            _lease: Lease,
+        }
+        let state = State {
+            tree,
+            start,
+            end,
+            remaining,
+            buffer: VecDeque::new(),
+            done: false,
+            _lease: lease,
+        };
+        let stream = futures::stream::try_unfold(state, |mut state| async move {
+            if state.buffer.is_empty() && !state.done && state.remaining > 0 {
+                let (tree, start, end) =
+                    (state.tree.clone(), state.start.clone(), state.end.clone());
+                let want =
+                    usize::try_from(state.remaining.min(READ_BATCH as u64)).unwrap_or(READ_BATCH);
+                let batch = blocking(move || {
+                    let mut out = Vec::new();
+                    let mut bytes = 0usize;
+                    for item in tree.range((start, end)) {
+                        let (key, value) = item.map_err(sled_error)?;
+                        bytes += value.len();
+                        out.push((key.to_vec(), value));
+                        if out.len() >= want || bytes >= 4 * 1024 * 1024 {
+                            break;
+                        }
+                    }
+                    Ok(out)
+                })
+                .await?;
+                if batch.len() < want {
+                    state.done = true;
+                }
+                if let Some((last, _)) = batch.last() {
+                    state.start = Bound::Excluded(last.clone());
+                }
+                for (key, value) in batch {
+                    let cursor = parse_entry_key(&key).ok_or_else(|| Error::DataLoss {
+                        message: "unreadable entry key".into(),
+                    })?;
+                    state.buffer.push_back(StoredEntry {
+                        json: bytes::Bytes::from(value.to_vec()),
+                        recorded_at: cursor.recorded_at,
+                        cursor: cursor.encode(),
+                    });
+                }
+            }
+            if state.remaining == 0 {
+                return Ok(None);
+            }
+            match state.buffer.pop_front() {
+                Some(entry) => {
+                    state.remaining -= 1;
+                    Ok(Some((entry, state)))
+                }
+                None => Ok(None),
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    async fn replace_entries(
+        &self,
+        ns: &Namespace,
+        cassette: &Name,
+        entries: NewEntryStream,
+    ) -> Result<u64, Error> {
+        use sled::transaction::{TransactionError, Transactional};
+        let trees = Arc::clone(&self.inner.entry_trees);
+        let key = cassette_key(ns, cassette);
+        let gen = self.next_id()?;
+        trees
+            .gc
+            .insert(gen.to_be_bytes(), key.as_slice())
+            .map_err(sled_error)?;
+        let mut guard = StagingGuard {
+            store: self.clone(),
+            gen,
+            committed: false,
+        };
+        let mut count = 0u64;
+        let mut batches = entries.ready_chunks(256);
+        while let Some(batch) = batches.next().await {
+            let mut sled_batch = sled::Batch::default();
+            for entry in batch {
+                let entry = entry?;
+                sled_batch.insert(
+                    entry_key(gen, entry.recorded_at, self.next_id()?),
+                    entry.json.as_ref(),
+                );
+                count += 1;
+            }
+            let tree = trees.entries.clone();
+            blocking(move || tree.apply_batch(sled_batch).map_err(sled_error)).await?;
+        }
+        let now = now_micros();
+        let result = (&trees.cassettes, &trees.gc).transaction(|(cassettes, gc)| {
+            let old = cassettes.get(&key)?.and_then(|h| decode_header(&h));
+            let created_at = old.map_or(now, |(_, created)| created);
+            cassettes.insert(key.as_slice(), &encode_header(gen, created_at)[..])?;
+            gc.remove(&gen.to_be_bytes())?;
+            if let Some((old_gen, _)) = old {
+                gc.insert(&old_gen.to_be_bytes(), key.as_slice())?;
+            }
+            Ok(old.map(|(g, _)| g))
+        });
+        let old_gen = result.map_err(|e: TransactionError<Error>| match e {
+            TransactionError::Abort(err) => err,
+            TransactionError::Storage(err) => sled_error(err),
+        })?;
+        guard.committed = true;
+        drop(guard);
+        self.durable().await?;
+        if let Some(old_gen) = old_gen {
+            self.collect_later(old_gen);
+        }
+        Ok(count)
+    }
+
+    async fn delete_cassette(&self, ns: &Namespace, cassette: &Name) -> Result<bool, Error> {
+        use sled::transaction::{TransactionError, Transactional};
+        let trees = &self.inner.entry_trees;
+        let key = cassette_key(ns, cassette);
+        let result = (&trees.cassettes, &trees.gc).transaction(|(cassettes, gc)| {
+            let Some(header) = cassettes.remove(key.as_slice())? else {
+                return Ok(None);
+            };
+            let gen = decode_header(&header).map(|h| h.0);
+            if let Some(gen) = gen {
+                gc.insert(&gen.to_be_bytes(), key.as_slice())?;
+            }
+            Ok(Some(gen))
+        });
+        let removed = result.map_err(|e: TransactionError<Error>| match e {
+            TransactionError::Abort(err) => err,
+            TransactionError::Storage(err) => sled_error(err),
+        })?;
+        let Some(gen) = removed else {
+            return Ok(false);
+        };
+        self.durable().await?;
+        if let Some(gen) = gen {
+            self.collect_later(gen);
+        }
+        Ok(true)
+    }
+
+    async fn cassette_exists(&self, ns: &Namespace, cassette: &Name) -> Result<bool, Error> {
+        self.inner
+            .entry_trees
+            .cassettes
+            .contains_key(cassette_key(ns, cassette))
+            .map_err(sled_error)
+    }
+
+    async fn ensure_cassette(&self, _ns: &Namespace, _cassette: &Name) -> Result<(), Error> {
+        // Names are validated when the request is decoded; there is no
+        // directory structure to create.
+        Ok(())
+    }
+
+    async fn list_cassettes(&self, ns: &Namespace, page: &ListPage) -> Result<Page<String>, Error> {
+        let tree = self.inner.entry_trees.cassettes.clone();
+        let ns_key = keys::key(&[ns.as_str().as_bytes()]);
+        let page = page.clone();
+        blocking(move || {
+            let limit = page.page_size as usize;
+            let mut items = Vec::new();
+            let mut more = false;
+            for entry in scan_after(&tree, &ns_key, &page.prefix, page.after.as_deref()) {
+                let (key, _) = entry.map_err(sled_error)?;
+                let Some((name, _)) = keys::take_part(&key[ns_key.len()..]) else {
+                    continue;
+                };
+                let Ok(name) = String::from_utf8(name) else {
+                    continue;
+                };
+                if items.len() == limit {
+                    more = true;
+                    break;
+                }
+                items.push(name);
+            }
+            let next_page_token = if more {
+                items.last().map(|l| encode_page_token(l))
+            } else {
+                None
+            };
+            Ok(Page {
+                items,
+                next_page_token,
+            })
+        })
+        .await
+    }
+}
