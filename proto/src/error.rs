@@ -167,6 +167,11 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// Removes the prefix our own `Display` put in front of a message.
+fn strip(message: &str, prefix: &str) -> String {
+    message.strip_prefix(prefix).unwrap_or(message).to_owned()
+}
+
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
         let meta = |name: &str| {
@@ -217,15 +222,26 @@ impl From<tonic::Status> for Error {
                     message,
                 },
             },
-            tonic::Code::Unavailable => Error::Unavailable { message },
-            tonic::Code::Cancelled => Error::Cancelled { message },
-            tonic::Code::DeadlineExceeded => Error::DeadlineExceeded { message },
+            tonic::Code::Unavailable => Error::Unavailable {
+                message: strip(&message, "unavailable: "),
+            },
+            tonic::Code::Cancelled => Error::Cancelled {
+                message: strip(&message, "cancelled: "),
+            },
+            tonic::Code::DeadlineExceeded => Error::DeadlineExceeded {
+                message: strip(&message, "deadline exceeded: "),
+            },
             tonic::Code::DataLoss => Error::DataLoss {
                 message: after_colon(&message),
             },
-            tonic::Code::Unimplemented => Error::Unimplemented { operation: message },
-            _ => Error::Internal {
-                message: format!("{:?}: {message}", status.code()),
+            tonic::Code::Unimplemented => Error::Unimplemented {
+                operation: strip(&message, "not implemented: "),
+            },
+            tonic::Code::Internal => Error::Internal {
+                message: strip(&message, "internal error: "),
+            },
+            other => Error::Internal {
+                message: format!("{other:?}: {message}"),
             },
         }
     }
@@ -248,6 +264,19 @@ mod tests {
             Error::DataLoss {
                 message: "blob 7 is missing".into(),
             },
+            Error::Unavailable {
+                message: "disk: busy".into(),
+            },
+            Error::Cancelled {
+                message: "gone".into(),
+            },
+            Error::DeadlineExceeded {
+                message: "slow".into(),
+            },
+            Error::Unimplemented {
+                operation: "x".into(),
+            },
+            Error::internal("bug: here"),
         ];
         for err in cases {
             let status = tonic::Status::from(err.clone());

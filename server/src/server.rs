@@ -69,11 +69,17 @@ pub async fn run(
         .max_decoding_message_size(decode_limit)
         .max_encoding_message_size(usize::MAX);
 
+    let limit_bytes = limits.max_message_bytes;
     let mut router = Server::builder()
+        // Without keepalives a client that vanishes (host down, partition)
+        // would hold its upload, staging file and buffers forever.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
         .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
-        .layer(tower::util::MapResponseLayer::new(
-            oversize_is_resource_exhausted,
-        ))
+        .layer(tower::util::MapResponseLayer::new(move |response| {
+            oversize_is_resource_exhausted(response, limit_bytes)
+        }))
         .add_service(health_service)
         .add_service(objects)
         .add_service(artifacts)
@@ -135,7 +141,10 @@ async fn set_all(health: &tonic_health::server::HealthReporter, status: ServingS
 /// tonic rejects an oversize unary message itself, with OUT_OF_RANGE, before
 /// any adapter runs. Trove promises RESOURCE_EXHAUSTED naming the limit, and
 /// nothing in Trove emits OUT_OF_RANGE, so the status is rewritten here.
-fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+fn oversize_is_resource_exhausted<B>(
+    mut response: http::Response<B>,
+    limit: usize,
+) -> http::Response<B> {
     const OUT_OF_RANGE: &str = "11";
     let headers = response.headers_mut();
     if headers.get("grpc-status").and_then(|v| v.to_str().ok()) == Some(OUT_OF_RANGE) {
@@ -143,16 +152,15 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
         if let Ok(code) = http::HeaderValue::from_str(&code) {
             headers.insert("grpc-status", code);
         }
-        headers.insert(
-            "grpc-message",
-            http::HeaderValue::from_static(
-                "max_message_bytes exceeded: a message is larger than the server accepts                  (see --max-message-bytes); send large values in several messages",
-            ),
+        let message = format!(
+            "max_message_bytes ({limit}) exceeded: a message is larger than the server accepts; send large values in several messages"
         );
-        headers.insert(
-            "trove-limit",
-            http::HeaderValue::from_static("max_message_bytes"),
-        );
+        if let Ok(message) = http::HeaderValue::from_str(&message) {
+            headers.insert("grpc-message", message);
+        }
+        if let Ok(limit) = http::HeaderValue::from_str(&format!("max_message_bytes ({limit})")) {
+            headers.insert("trove-limit", limit);
+        }
     }
     response
 }

@@ -44,6 +44,7 @@ macro_rules! conformance_suite {
             artifact_list_skips_large_values,
             namespaces_are_isolated,
             aborted_put_keeps_previous_value,
+            dropped_put_keeps_previous_value,
             large_value_round_trip,
             cassette_missing_reads_empty,
             cassette_exists_lifecycle,
@@ -527,6 +528,29 @@ pub async fn artifact_keys_never_collide_or_leak<S: Store>(t: &Target<S>) {
     }
     let mut sorted: Vec<&str> = keys.to_vec();
     sorted.sort_unstable();
+    // Walking one key per page crosses every awkward boundary exactly once.
+    let mut walked = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = ListPage::new("", 1, &token).expect("page");
+        let listed = t
+            .store
+            .list_artifacts(&ns, &page, false)
+            .await
+            .expect("list");
+        walked.extend(
+            listed
+                .items
+                .iter()
+                .filter_map(|a| a.info.as_ref())
+                .map(|i| i.key.clone()),
+        );
+        match listed.next_page_token {
+            Some(next) => token = next,
+            None => break,
+        }
+    }
+    assert_eq!(walked, sorted);
     for prefix in ["", "a", "a/", "a/b", "a\u{1}", "..", "ä", "zzz"] {
         let page = ListPage::new(prefix, 0, "").expect("page");
         let listed = t
@@ -727,6 +751,39 @@ pub async fn aborted_put_keeps_previous_value<S: Store>(t: &Target<S>) {
         assert_not_found(t.store.stat_object(&ns, &obj).await);
     }
     assert_eq!(read_artifact(&t.store, &ns, &key).await, original);
+    t.assert_disk_settles(blobs_before).await;
+}
+
+/// Dropping an upload's future midway (a cancelled caller) keeps the previous value and stages nothing.
+pub async fn dropped_put_keeps_previous_value<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let key = name("dropped");
+    let v1 = t
+        .store
+        .put_artifact(
+            &ns,
+            &key,
+            PutOptions::default(),
+            generated_stream(1, 300_000, 65_536),
+        )
+        .await
+        .expect("put v1");
+    let blobs_before = t.blob_files();
+    let (sent_all, all_sent) = tokio::sync::oneshot::channel::<()>();
+    let body = generated_stream(2, 500_000, 65_536)
+        .chain(futures::stream::once(async move {
+            let _ = sent_all.send(());
+            futures::future::pending::<Result<Bytes, Error>>().await
+        }))
+        .boxed();
+    let put = t.store.put_artifact(&ns, &key, PutOptions::default(), body);
+    tokio::select! {
+        result = put => panic!("an upload whose body never ends must not complete: {result:?}"),
+        _ = all_sent => {}
+    }
+    let (info, stream) = t.store.get_artifact(&ns, &key).await.expect("get");
+    assert_eq!(info.sha256, v1.sha256);
+    assert_eq!(digest_stream(stream).await.expect("read").1, v1.sha256);
     t.assert_disk_settles(blobs_before).await;
 }
 

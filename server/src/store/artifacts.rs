@@ -8,7 +8,8 @@ use trove_proto::artifacts::{
     ArtifactInfo, ListedArtifact, PutOptions, MAX_LISTED_PAGE_BYTES, MAX_LISTED_VALUE_BYTES,
 };
 use trove_proto::types::{
-    encode_page_token, hex_digest, now_micros, ByteStream, ListPage, Name, Namespace, Page,
+    clamp_page_size, encode_page_token, hex_digest, now_micros, ByteStream, ListPage, Name,
+    Namespace, Page,
 };
 use trove_proto::{ArtifactStore, Error};
 
@@ -62,7 +63,7 @@ impl ArtifactStore for SledStore {
                 &self.inner.artifacts,
                 &artifact_key(ns, key),
                 staged,
-                |old, body| {
+                move |old, body| {
                     Some(ValueRecord {
                         created_at: old.map_or(now, |o| o.created_at),
                         updated_at: now,
@@ -102,10 +103,12 @@ impl ArtifactStore for SledStore {
 
     async fn delete_artifact(&self, ns: &Namespace, key: &Name) -> Result<bool, Error> {
         let removed = self.remove_all(&self.inner.artifacts, &[artifact_key(ns, key)])?;
+        // Even a no-op waits: a concurrent delete of the same key may not be
+        // durable yet, and this caller is about to be told the key is gone.
+        self.durable().await?;
         if removed.is_empty() {
             return Ok(false);
         }
-        self.durable().await?;
         self.retire_blobs(removed.iter().filter_map(ValueRecord::blob_id).collect());
         Ok(true)
     }
@@ -133,7 +136,7 @@ impl ArtifactStore for SledStore {
         let ns_key = keys::key(&[ns.as_str().as_bytes()]);
         let page = page.clone();
         blocking(move || {
-            let limit = page.page_size as usize;
+            let limit = clamp_page_size(page.page_size) as usize;
             let mut items: Vec<ListedArtifact> = Vec::new();
             let mut value_bytes = 0u64;
             let mut more = false;
@@ -159,6 +162,9 @@ impl ArtifactStore for SledStore {
                     // A blob can be retired by a concurrent overwrite between
                     // reading the record and the file: re-read the record.
                     for _ in 0..5 {
+                        if record.size > MAX_LISTED_VALUE_BYTES {
+                            break;
+                        }
                         if let Some(data) = read_small_value(&blobs, &record)? {
                             inline_value = Some(data);
                             break;
@@ -168,7 +174,7 @@ impl ArtifactStore for SledStore {
                             None => break,
                         }
                     }
-                    value_bytes += record.size;
+                    value_bytes += inline_value.as_ref().map_or(0, |v| v.len() as u64);
                 }
                 items.push(ListedArtifact {
                     info: Some(artifact_info(&key, &record)),

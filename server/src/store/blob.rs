@@ -36,6 +36,20 @@ impl BlobDir {
         };
         std::fs::create_dir_all(&dir.blobs)?;
         std::fs::create_dir_all(&dir.staging)?;
+        // Every shard exists (and is durable) before the first publish, so a
+        // rename never depends on a directory entry that was not synced.
+        for shard in 0..=0xFFu64 {
+            std::fs::create_dir_all(dir.blobs.join(format!("{shard:02x}")))?;
+        }
+        for path in [&dir.blobs, &dir.staging, root] {
+            std::fs::File::open(path)?.sync_all()?;
+        }
+        if let Some(parent) = root.parent() {
+            // Best effort: the data folder itself may be new.
+            if let Ok(parent) = std::fs::File::open(parent) {
+                let _ = parent.sync_all();
+            }
+        }
         Ok(dir)
     }
 
@@ -280,7 +294,6 @@ impl StagedBody {
                 let to = dir.blob_path(id);
                 let published = tokio::task::spawn_blocking(move || -> io::Result<PathBuf> {
                     let parent = to.parent().map(Path::to_path_buf).unwrap_or_default();
-                    std::fs::create_dir_all(&parent)?;
                     std::fs::rename(&from, &to)?;
                     std::fs::File::open(&parent)?.sync_all()?;
                     Ok(to)

@@ -482,7 +482,7 @@ impl EntryStore for SledStore {
         let ns_key = keys::key(&[ns.as_str().as_bytes()]);
         let page = page.clone();
         blocking(move || {
-            let limit = page.page_size as usize;
+            let limit = trove_proto::types::clamp_page_size(page.page_size) as usize;
             let mut items = Vec::new();
             let mut more = false;
             for entry in scan_after(&tree, &ns_key, &page.prefix, page.after.as_deref()) {

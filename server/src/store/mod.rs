@@ -330,36 +330,48 @@ impl SledStore {
     /// Publishes a staged body and commits `make(old, body)` under `key`;
     /// waits for durability and retires the replaced blob. Returns the
     /// committed (or kept) record.
+    ///
+    /// Publishing and committing run as one detached task: if the caller is
+    /// cancelled (a client reset), the step still ends in a clean state,
+    /// either committed or with the published blob removed by its guard.
     async fn publish_and_commit(
         &self,
         tree: &sled::Tree,
         key: &[u8],
         staged: blob::StagedBody,
-        make: impl Fn(Option<&ValueRecord>, &Body) -> Option<ValueRecord>,
+        make: impl Fn(Option<&ValueRecord>, &Body) -> Option<ValueRecord> + Send + 'static,
     ) -> Result<ValueRecord, Error> {
-        let published = staged
-            .publish()
-            .await
-            .map_err(|e| io_error("publish upload", &e))?;
-        let (body, blob) = match published {
-            Published::Inline(bytes) => (Body::Inline(bytes), None),
-            Published::Blob(blob) => (Body::Blob(blob.id), Some(blob)),
-        };
-        let (old, written) = self.commit(tree, key, |old| make(old, &body))?;
-        let record = match (written, old) {
-            (Some(new), old) => {
-                if let Some(blob) = blob {
-                    blob.keep();
+        let store = self.clone();
+        let tree = tree.clone();
+        let key = key.to_vec();
+        let task = tokio::spawn(async move {
+            let published = staged
+                .publish()
+                .await
+                .map_err(|e| io_error("publish upload", &e))?;
+            let (body, blob) = match published {
+                Published::Inline(bytes) => (Body::Inline(bytes), None),
+                Published::Blob(blob) => (Body::Blob(blob.id), Some(blob)),
+            };
+            let (old, written) = store.commit(&tree, &key, |old| make(old, &body))?;
+            match (written, old) {
+                (Some(new), old) => {
+                    if let Some(blob) = blob {
+                        blob.keep();
+                    }
+                    if let Some(id) = old.as_ref().and_then(ValueRecord::blob_id) {
+                        store.retire_blobs(vec![id]);
+                    }
+                    Ok(new)
                 }
-                if let Some(id) = old.as_ref().and_then(ValueRecord::blob_id) {
-                    self.retire_blobs(vec![id]);
-                }
-                new
+                // Nothing written: the unused blob is removed by its guard.
+                (None, Some(old)) => Ok(old),
+                (None, None) => Err(Error::internal("commit wrote nothing and found nothing")),
             }
-            // Nothing written: the unused blob is removed by its guard.
-            (None, Some(old)) => old,
-            (None, None) => return Err(Error::internal("commit wrote nothing and found nothing")),
-        };
+        });
+        let record = task
+            .await
+            .map_err(|e| Error::internal(format!("commit task failed: {e}")))??;
         self.durable().await?;
         Ok(record)
     }
@@ -410,9 +422,11 @@ impl SledStore {
                 }
             }
         }
-        Err(Error::DataLoss {
+        // Either the file is really gone or the value keeps being replaced
+        // under the reader; neither is proven damage, so ask for a retry.
+        Err(Error::Unavailable {
             message: format!(
-                "{kind} {}: its blob file is missing",
+                "{kind} {}: its content changed repeatedly while opening it (or its blob file is missing); retry",
                 trove_proto::error::shorten(display_key)
             ),
         })

@@ -14,7 +14,8 @@ use trove_proto::objects::{
     ChunkStream, ListedObject, ObjectInfo, StreamChunk, StreamInfo, MAX_FIND_MISSING,
 };
 use trove_proto::types::{
-    encode_page_token, hex_digest, now_micros, ByteStream, ListPage, Name, Namespace, Page,
+    clamp_page_size, encode_page_token, hex_digest, now_micros, ByteStream, ListPage, Name,
+    Namespace, Page,
 };
 use trove_proto::{Error, ObjectStore};
 
@@ -69,13 +70,13 @@ fn encode_chunk(chunk: &StreamChunk) -> Result<bytes::Bytes, Error> {
 }
 
 /// Decodes the chunk records of a stream body, lazily.
-fn decode_chunks(reader: BodyReader, expected: u64) -> ChunkStream {
+fn decode_chunks(reader: BodyReader, expected: u64, body_len: u64) -> ChunkStream {
     let damaged = |e: std::io::Error| Error::DataLoss {
         message: format!("stream body is damaged: {e}"),
     };
     futures::stream::try_unfold(
-        (BufReader::new(reader), 0u64),
-        move |(mut r, seen)| async move {
+        (BufReader::new(reader), 0u64, body_len),
+        move |(mut r, seen, left)| async move {
             let mut flags = [0u8; 1];
             if r.read(&mut flags).await.map_err(damaged)? == 0 {
                 if seen != expected {
@@ -91,6 +92,15 @@ fn decode_chunks(reader: BodyReader, expected: u64) -> ChunkStream {
                 None
             };
             let len = r.read_u32().await.map_err(damaged)?;
+            let header = if timestamp.is_some() { 13 } else { 5 };
+            // Trust no stored length past the end of the body.
+            let Some(left) = left.checked_sub(header + u64::from(len)) else {
+                return Err(Error::DataLoss {
+                    message: format!(
+                        "stream body is damaged: a chunk claims {len} bytes past its end"
+                    ),
+                });
+            };
             let mut data = vec![0u8; len as usize];
             r.read_exact(&mut data).await.map_err(damaged)?;
             Ok(Some((
@@ -98,7 +108,7 @@ fn decode_chunks(reader: BodyReader, expected: u64) -> ChunkStream {
                     data: data.into(),
                     timestamp,
                 },
-                (r, seen + 1),
+                (r, seen + 1, left),
             )))
         },
     )
@@ -133,7 +143,7 @@ impl ObjectStore for SledStore {
         let now = now_micros();
         let key = object_key(ns, hash, KIND_OBJECT);
         let record = self
-            .publish_and_commit(&self.inner.objects, &key, staged, |old, body| {
+            .publish_and_commit(&self.inner.objects, &key, staged, move |old, body| {
                 // A verified hash names its content: an existing copy is identical.
                 if verified && old.is_some() {
                     return None;
@@ -173,10 +183,12 @@ impl ObjectStore for SledStore {
             object_key(ns, hash, KIND_STREAM),
         ];
         let removed = self.remove_all(&self.inner.objects, &keys)?;
+        // Even a no-op waits: a concurrent delete of the same key may not be
+        // durable yet, and this caller is about to be told the key is gone.
+        self.durable().await?;
         if removed.is_empty() {
             return Ok(false);
         }
-        self.durable().await?;
         self.retire_blobs(removed.iter().filter_map(ValueRecord::blob_id).collect());
         Ok(true)
     }
@@ -198,7 +210,7 @@ impl ObjectStore for SledStore {
         let ns_key = keys::key(&[ns.as_str().as_bytes()]);
         let page = page.clone();
         blocking(move || {
-            let limit = page.page_size as usize;
+            let limit = clamp_page_size(page.page_size) as usize;
             let mut items: Vec<ListedObject> = Vec::new();
             let mut more = false;
             for entry in scan_after(&tree, &ns_key, &page.prefix, page.after.as_deref()) {
@@ -256,18 +268,22 @@ impl ObjectStore for SledStore {
                 ),
             ));
         }
-        let mut missing = Vec::new();
-        for hash in hashes {
-            let present = self
-                .inner
-                .objects
-                .contains_key(object_key(ns, hash, KIND_OBJECT))
-                .map_err(sled_error)?;
-            if !present {
-                missing.push(hash.clone());
+        let tree = self.inner.objects.clone();
+        let ns = ns.clone();
+        let hashes = hashes.to_vec();
+        blocking(move || {
+            let mut missing = Vec::new();
+            for hash in hashes {
+                let present = tree
+                    .contains_key(object_key(&ns, &hash, KIND_OBJECT))
+                    .map_err(sled_error)?;
+                if !present {
+                    missing.push(hash);
+                }
             }
-        }
-        Ok(missing)
+            Ok(missing)
+        })
+        .await
     }
 
     async fn put_stream(
@@ -293,7 +309,7 @@ impl ObjectStore for SledStore {
         let now = now_micros();
         let key = object_key(ns, hash, KIND_STREAM);
         let record = self
-            .publish_and_commit(&self.inner.objects, &key, staged, |old, body| {
+            .publish_and_commit(&self.inner.objects, &key, staged, move |old, body| {
                 Some(ValueRecord {
                     created_at: old.map_or(now, |o| o.created_at),
                     updated_at: now,
@@ -320,7 +336,7 @@ impl ObjectStore for SledStore {
         let (record, reader) = self
             .open_value(&self.inner.objects, &key, "stream", hash.as_str())
             .await?;
-        let chunks = decode_chunks(reader, record.chunk_count);
+        let chunks = decode_chunks(reader, record.chunk_count, record.body_len);
         Ok((stream_info(hash, &record), chunks))
     }
 }
