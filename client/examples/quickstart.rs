@@ -1,14 +1,19 @@
-//! A tour of the objects, streams and artifacts operations through the Rust
-//! client. Start a server first (`cargo run --release -p trove-server`), then
+//! A tour of every operation group (objects, streams, artifacts, cassettes
+//! and the test cache) through the Rust client. Start a server first (`cargo run --release -p trove-server`), then
 //! `cargo run -p trove-client --example quickstart [ADDR]`.
 
 use bytes::Bytes;
 use futures::StreamExt;
+use std::sync::Arc;
 use trove_client::TroveClient;
+
+use trove_client::{CassetteWriter, WriterConfig};
 use trove_proto::artifacts::PutOptions;
+use trove_proto::cache::{CacheScope, PruneOptions, UploadOptions};
+use trove_proto::entries::{NewEntry, ReadOptions};
 use trove_proto::objects::StreamChunk;
 use trove_proto::types::{ByteStream, ListPage, Name, Namespace};
-use trove_proto::{ArtifactStore, ObjectStore};
+use trove_proto::{ArtifactStore, CacheStore, EntryStore, ObjectStore};
 
 fn body(data: &'static [u8]) -> ByteStream {
     futures::stream::iter([Ok(Bytes::from_static(data))]).boxed()
@@ -61,5 +66,65 @@ async fn main() -> Result<(), trove_proto::Error> {
         println!("{:?} = {:?}", item.info.map(|i| i.key), item.value);
     }
     trove.delete_artifact(&ns, &key).await?;
+
+    // Cassettes: append out of order, read back in recorded order.
+    let cassette = Name::new("cassette", "tests/login.json")?;
+    let entry =
+        |ts: i64| NewEntry::parse("entry", format!(r#"{{"recorded_at":{ts}}}"#).into(), None);
+    trove
+        .append_entries(&ns, &cassette, vec![entry(20)?, entry(10)?])
+        .await?;
+    let mut entries = trove
+        .read_entries(&ns, &cassette, ReadOptions::default())
+        .await?;
+    while let Some(stored) = entries.next().await {
+        println!("entry at {}", stored?.recorded_at);
+    }
+    // Recorders write through a non-blocking, batching writer.
+    let writer = CassetteWriter::new(
+        Arc::new(trove.clone()),
+        WriterConfig {
+            namespace: ns.clone(),
+            ..Default::default()
+        },
+    );
+    writer.write(&cassette, entry(30)?)?;
+    writer.shutdown().await?;
+
+    // Test cache: a PR build reads its own tier, then main.
+    let scope = |branch: &str| -> Result<CacheScope, trove_proto::Error> {
+        Ok(CacheScope {
+            namespace: ns.clone(),
+            prefix: "ci".into(),
+            branch: Name::new("branch", branch)?,
+            default_branch: Name::new("default_branch", "main")?,
+            test_suite_id: String::new(),
+        })
+    };
+    let commit = Name::new("ref", "4f2a9c1")?;
+    trove
+        .upload(
+            &scope("main")?,
+            &commit,
+            UploadOptions::default(),
+            body(b"archive"),
+        )
+        .await?;
+    if let Some((served, _archive)) = trove
+        .download(&scope("feature/login")?, "4f2a9c1", None)
+        .await?
+    {
+        println!("cache hit from tier {} ref {}", served.tier, served.r#ref);
+    }
+    let removed = trove
+        .prune(
+            &scope("main")?,
+            PruneOptions {
+                count: 100,
+                ..Default::default()
+            },
+        )
+        .await?;
+    println!("pruned {removed} refs");
     Ok(())
 }

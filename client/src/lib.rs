@@ -10,10 +10,11 @@
 //!
 //! # Layout
 //! - this file: connection setup and the shared upload machinery.
-//! - `objects`, `artifacts`, `entries`: the trait implementations.
+//! - `objects`, `artifacts`, `entries`, `cache`: the trait implementations.
 //! - [`writer`]: the buffered cassette writer for recorders.
 
 mod artifacts;
+mod cache;
 mod entries;
 mod objects;
 pub mod writer;
@@ -26,6 +27,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
 use trove_proto::pb::artifacts_client::ArtifactsClient;
+use trove_proto::pb::cache_client::CacheClient;
 use trove_proto::pb::entries_client::EntriesClient;
 use trove_proto::pb::objects_client::ObjectsClient;
 use trove_proto::types::ByteStream;
@@ -44,6 +46,7 @@ pub struct TroveClient {
     objects: ObjectsClient<Channel>,
     artifacts: ArtifactsClient<Channel>,
     entries: EntriesClient<Channel>,
+    cache: CacheClient<Channel>,
     chunk_bytes: usize,
 }
 
@@ -72,7 +75,9 @@ impl TroveClient {
                 .max_decoding_message_size(MAX_DECODE_BYTES),
             artifacts: ArtifactsClient::new(channel.clone())
                 .max_decoding_message_size(MAX_DECODE_BYTES),
-            entries: EntriesClient::new(channel).max_decoding_message_size(MAX_DECODE_BYTES),
+            entries: EntriesClient::new(channel.clone())
+                .max_decoding_message_size(MAX_DECODE_BYTES),
+            cache: CacheClient::new(channel).max_decoding_message_size(MAX_DECODE_BYTES),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
         }
     }

@@ -17,18 +17,25 @@ use tonic::codegen::http;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use trove_proto::pb::artifacts_server::ArtifactsServer;
+use trove_proto::pb::cache_server::CacheServer;
 use trove_proto::pb::entries_server::EntriesServer;
 use trove_proto::pb::objects_server::ObjectsServer;
 
 use crate::config::Config;
 use crate::grpc::artifacts::ArtifactsService;
+use crate::grpc::cache::CacheService;
 use crate::grpc::entries::EntriesService;
 use crate::grpc::objects::ObjectsService;
 use crate::grpc::Limits;
 use crate::store::SledStore;
 
 /// Names of the services reported by the health check.
-const SERVICES: [&str; 3] = ["trove.v1.Objects", "trove.v1.Artifacts", "trove.v1.Entries"];
+const SERVICES: [&str; 4] = [
+    "trove.v1.Objects",
+    "trove.v1.Artifacts",
+    "trove.v1.Entries",
+    "trove.v1.Cache",
+];
 
 /// Opens the store in `config.data_dir` and serves on `listener` until
 /// `shutdown` resolves; then drains, flushes and returns.
@@ -70,6 +77,10 @@ pub async fn run(
         .max_encoding_message_size(usize::MAX);
 
     let limit_bytes = limits.max_message_bytes;
+    let cache = CacheServer::new(CacheService::new(Arc::clone(&store), limits))
+        .max_decoding_message_size(decode_limit)
+        .max_encoding_message_size(usize::MAX);
+
     let mut router = Server::builder()
         // Without keepalives a client that vanishes (host down, partition)
         // would hold its upload, staging file and buffers forever.
@@ -83,7 +94,8 @@ pub async fn run(
         .add_service(health_service)
         .add_service(objects)
         .add_service(artifacts)
-        .add_service(entries);
+        .add_service(entries)
+        .add_service(cache);
     if config.reflection {
         let v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(trove_proto::pb::FILE_DESCRIPTOR_SET)

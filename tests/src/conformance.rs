@@ -6,10 +6,11 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use trove_proto::artifacts::PutOptions;
+use trove_proto::cache::{CacheScope, PruneOptions, Tier, UploadOptions};
 use trove_proto::entries::{NewEntry, ReadOptions, StoredEntry};
 use trove_proto::objects::StreamChunk;
 use trove_proto::types::{ListPage, Name, Namespace};
-use trove_proto::{ArtifactStore, EntryStore, Error, ObjectStore};
+use trove_proto::{ArtifactStore, CacheStore, EntryStore, Error, ObjectStore};
 
 use crate::target::Target;
 use crate::{
@@ -17,8 +18,8 @@ use crate::{
 };
 
 /// Every implementation the suite runs against provides these traits.
-pub trait Store: ObjectStore + ArtifactStore + EntryStore {}
-impl<T: ObjectStore + ArtifactStore + EntryStore> Store for T {}
+pub trait Store: ObjectStore + ArtifactStore + EntryStore + CacheStore {}
+impl<T: ObjectStore + ArtifactStore + EntryStore + CacheStore> Store for T {}
 
 /// Generates one test per conformance function for the target built by `$make`.
 #[macro_export]
@@ -56,6 +57,17 @@ macro_rules! conformance_suite {
             cassette_replace_is_atomic_for_readers,
             cassette_aborted_replace_keeps_old_content,
             cassette_list_and_names,
+            cache_backend_contract,
+            cache_round_trips_and_fallback,
+            cache_suites_are_kept_apart,
+            cache_tree_pointer_resolves,
+            cache_branch_names_are_opaque,
+            cache_prune_by_count,
+            cache_prune_by_age,
+            cache_prune_dead_branch,
+            cache_prune_all_branches,
+            cache_concurrent_uploads_leave_one_archive,
+            cache_prune_does_not_block_traffic,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
@@ -1218,4 +1230,618 @@ pub async fn cassette_list_and_names<S: Store>(t: &Target<S>) {
             .len(),
         0
     );
+}
+
+fn cache_scope(ns: &Namespace, branch: &str, default: &str, suite: &str) -> CacheScope {
+    CacheScope {
+        namespace: ns.clone(),
+        prefix: "rspec-tracer".into(),
+        branch: name(branch),
+        default_branch: name(default),
+        test_suite_id: suite.into(),
+    }
+}
+
+async fn upload_at<S: Store>(
+    store: &S,
+    scope: &CacheScope,
+    reference: &str,
+    data: Vec<u8>,
+    at: Option<i64>,
+) -> trove_proto::cache::CachedRef {
+    let options = UploadOptions {
+        uploaded_at: at,
+        ..Default::default()
+    };
+    store
+        .upload(
+            scope,
+            &name(reference),
+            options,
+            bytes_stream(vec![data.into()]),
+        )
+        .await
+        .expect("upload")
+}
+
+async fn download_bytes<S: Store>(
+    store: &S,
+    scope: &CacheScope,
+    reference: &str,
+) -> Option<(trove_proto::cache::CachedRef, Vec<u8>)> {
+    let found = store
+        .download(scope, reference, None)
+        .await
+        .expect("download")?;
+    let data = collect_bytes(found.1).await.expect("read archive");
+    Some((found.0, data))
+}
+
+async fn ref_names<S: Store>(store: &S, scope: &CacheScope) -> Vec<String> {
+    let page = store.list_refs(scope, 0, "").await.expect("list refs");
+    page.items.into_iter().map(|r| r.r#ref).collect()
+}
+
+const DAY_MICROS: i64 = 86_400 * 1_000_000;
+
+/// The cache backend contract: misses and no-ops are values, never errors.
+pub async fn cache_backend_contract<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let pr = cache_scope(&ns, "feature/x", "main", "");
+    assert!(t
+        .store
+        .download(&pr, "", None)
+        .await
+        .expect("download empty ref")
+        .is_none());
+    assert!(t
+        .store
+        .download(&pr, "deadbeef", None)
+        .await
+        .expect("download missing")
+        .is_none());
+    for branch in ["", "  ", "never-written"] {
+        assert!(t
+            .store
+            .branch_refs(&ns, "p", branch)
+            .await
+            .expect("branch refs")
+            .is_empty());
+    }
+    let refs: std::collections::BTreeMap<String, i64> = [("abc".to_string(), 1)].into();
+    assert!(!t
+        .store
+        .write_branch_refs(&ns, "p", "", "main", refs.clone())
+        .await
+        .expect("blank"));
+    assert!(!t
+        .store
+        .write_branch_refs(&ns, "p", "main", "main", refs.clone())
+        .await
+        .expect("default"));
+    assert!(!t
+        .store
+        .write_branch_refs(&ns, "p", "feature", "main", Default::default())
+        .await
+        .expect("empty"));
+    assert!(t
+        .store
+        .branch_refs(&ns, "p", "main")
+        .await
+        .expect("read")
+        .is_empty());
+    assert!(t
+        .store
+        .write_branch_refs(&ns, "p", "feature", "main", refs.clone())
+        .await
+        .expect("write"));
+    assert_eq!(
+        t.store
+            .branch_refs(&ns, "p", "feature")
+            .await
+            .expect("read"),
+        refs
+    );
+    upload_at(&t.store, &pr, "sha1", b"archive".to_vec(), None).await;
+    for options in [
+        PruneOptions::default(),
+        PruneOptions {
+            count: 0,
+            duration_seconds: 0,
+            pr_branch_ttl_seconds: 0,
+        },
+        PruneOptions {
+            count: -1,
+            duration_seconds: -5,
+            pr_branch_ttl_seconds: -9,
+        },
+    ] {
+        assert_eq!(t.store.prune(&pr, options).await.expect("prune"), 0);
+    }
+    assert_eq!(
+        t.store
+            .prune_all(&ns, "rspec-tracer", 0)
+            .await
+            .expect("prune all"),
+        0
+    );
+    assert_eq!(
+        t.store
+            .prune_all(&ns, "rspec-tracer", -1)
+            .await
+            .expect("prune all"),
+        0
+    );
+    assert_eq!(ref_names(&t.store, &pr).await, ["sha1"]);
+    assert_invalid(
+        t.store
+            .upload(
+                &pr,
+                &name("x"),
+                UploadOptions {
+                    expected_size: Some(3),
+                    ..Default::default()
+                },
+                one(b"four"),
+            )
+            .await,
+        "size",
+    );
+}
+
+/// Main round trip, PR round trip, and PR falling back to main; main never sees PR archives.
+pub async fn cache_round_trips_and_fallback<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let main = cache_scope(&ns, "main", "main", "");
+    let pr = cache_scope(&ns, "feature/login", "main", "");
+    let archive: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let stored = upload_at(&t.store, &main, "c1", archive.clone(), None).await;
+    assert_eq!(stored.tier, Tier::Main as i32);
+    let (served, data) = download_bytes(&t.store, &main, "c1")
+        .await
+        .expect("hit on main");
+    assert_eq!(data, archive, "byte-identical");
+    assert_eq!(
+        (served.tier, served.r#ref.as_str()),
+        (Tier::Main as i32, "c1")
+    );
+    let (served, data) = download_bytes(&t.store, &pr, "c1")
+        .await
+        .expect("PR falls back to main");
+    assert_eq!((served.tier, data), (Tier::Main as i32, archive.clone()));
+    upload_at(&t.store, &pr, "c2", b"pr archive".to_vec(), None).await;
+    let (served, data) = download_bytes(&t.store, &pr, "c2").await.expect("PR hit");
+    assert_eq!(
+        (served.tier, served.branch.as_str(), data.as_slice()),
+        (Tier::Pr as i32, "feature/login", &b"pr archive"[..])
+    );
+    assert!(
+        download_bytes(&t.store, &main, "c2").await.is_none(),
+        "main must not read PR tiers"
+    );
+    upload_at(&t.store, &pr, "c1", b"pr override".to_vec(), None).await;
+    let (served, data) = download_bytes(&t.store, &pr, "c1")
+        .await
+        .expect("own tier first");
+    assert_eq!(
+        (served.tier, data.as_slice()),
+        (Tier::Pr as i32, &b"pr override"[..])
+    );
+}
+
+/// Two suites under one sha keep their own archives, and pruning the ref removes both.
+pub async fn cache_suites_are_kept_apart<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let unit = cache_scope(&ns, "main", "main", "unit");
+    let system = cache_scope(&ns, "main", "main", "system");
+    upload_at(
+        &t.store,
+        &unit,
+        "sha",
+        b"unit archive".to_vec(),
+        Some(DAY_MICROS),
+    )
+    .await;
+    upload_at(
+        &t.store,
+        &system,
+        "sha",
+        b"system archive".to_vec(),
+        Some(DAY_MICROS),
+    )
+    .await;
+    assert_eq!(
+        download_bytes(&t.store, &unit, "sha")
+            .await
+            .expect("unit")
+            .1,
+        b"unit archive"
+    );
+    assert_eq!(
+        download_bytes(&t.store, &system, "sha")
+            .await
+            .expect("system")
+            .1,
+        b"system archive"
+    );
+    let listed = t.store.list_refs(&unit, 0, "").await.expect("list");
+    assert_eq!(listed.items.len(), 2, "one ref, two suites: {listed:?}");
+    upload_at(
+        &t.store,
+        &unit,
+        "newer",
+        b"n".to_vec(),
+        Some(2 * DAY_MICROS),
+    )
+    .await;
+    let removed = t
+        .store
+        .prune(
+            &unit,
+            PruneOptions {
+                count: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("prune");
+    assert_eq!(removed, 1, "a ref counts once, whatever its suites");
+    assert!(download_bytes(&t.store, &unit, "sha").await.is_none());
+    assert!(download_bytes(&t.store, &system, "sha").await.is_none());
+}
+
+/// A tree sha recorded at upload resolves to its commit's archive.
+pub async fn cache_tree_pointer_resolves<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let main = cache_scope(&ns, "main", "main", "");
+    let options = UploadOptions {
+        tree_sha: Some(name("tree-abc")),
+        ..Default::default()
+    };
+    t.store
+        .upload(&main, &name("commit-1"), options, one(b"tree archive"))
+        .await
+        .expect("upload");
+    let found = t
+        .store
+        .download(&main, "commit-2", Some(&name("tree-abc")))
+        .await
+        .expect("download")
+        .expect("hit via tree");
+    assert_eq!(found.0.r#ref, "commit-1");
+    assert_eq!(collect_bytes(found.1).await.expect("read"), b"tree archive");
+    let pr = cache_scope(&ns, "topic", "main", "");
+    let via_main = t
+        .store
+        .download(&pr, "", Some(&name("tree-abc")))
+        .await
+        .expect("download")
+        .expect("PR resolves main's tree");
+    assert_eq!(via_main.0.tier, Tier::Main as i32);
+    assert!(t
+        .store
+        .download(&main, "commit-2", Some(&name("tree-unknown")))
+        .await
+        .expect("download")
+        .is_none());
+}
+
+/// Branch names like `feature/x`, `a/b/c` and a PR branch literally named `main` never collide.
+pub async fn cache_branch_names_are_opaque<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let main_tier = cache_scope(&ns, "trunk", "trunk", "");
+    upload_at(&t.store, &main_tier, "r", b"trunk".to_vec(), None).await;
+    for branch in ["main", "feature/x", "a/b/c", "a/b", "a", "feature"] {
+        let scope = cache_scope(&ns, branch, "trunk", "");
+        upload_at(&t.store, &scope, "r", branch.as_bytes().to_vec(), None).await;
+    }
+    for branch in ["main", "feature/x", "a/b/c", "a/b", "a", "feature"] {
+        let scope = cache_scope(&ns, branch, "trunk", "");
+        let (served, data) = download_bytes(&t.store, &scope, "r").await.expect("hit");
+        assert_eq!(
+            (served.branch.as_str(), data.as_slice()),
+            (branch, branch.as_bytes())
+        );
+        assert_eq!(ref_names(&t.store, &scope).await, ["r"]);
+    }
+    assert_eq!(
+        download_bytes(&t.store, &main_tier, "r")
+            .await
+            .expect("main")
+            .1,
+        b"trunk"
+    );
+}
+
+/// Five uploads pruned with count 2: three removed, the newest two kept.
+pub async fn cache_prune_by_count<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let pr = cache_scope(&ns, "feature/count", "main", "");
+    let now = trove_proto::types::now_micros();
+    for i in 0..5i64 {
+        // Two uploads share a microsecond: the arrival sequence breaks the tie.
+        let at = now - DAY_MICROS + (i / 2);
+        upload_at(
+            &t.store,
+            &pr,
+            &format!("r{i}"),
+            vec![u8::try_from(i).unwrap_or(0)],
+            Some(at),
+        )
+        .await;
+    }
+    let removed = t
+        .store
+        .prune(
+            &pr,
+            PruneOptions {
+                count: 2,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("prune");
+    assert_eq!(removed, 3);
+    assert_eq!(ref_names(&t.store, &pr).await, ["r4", "r3"]);
+    assert_eq!(
+        t.store
+            .prune(
+                &pr,
+                PruneOptions {
+                    count: 2,
+                    ..Default::default()
+                }
+            )
+            .await
+            .expect("again"),
+        0
+    );
+}
+
+/// An archive uploaded 30 days ago goes with a 7-day duration; a fresh one stays.
+pub async fn cache_prune_by_age<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let main = cache_scope(&ns, "main", "main", "");
+    let now = trove_proto::types::now_micros();
+    upload_at(
+        &t.store,
+        &main,
+        "old",
+        b"old".to_vec(),
+        Some(now - 30 * DAY_MICROS),
+    )
+    .await;
+    upload_at(&t.store, &main, "fresh", b"fresh".to_vec(), None).await;
+    let removed = t
+        .store
+        .prune(
+            &main,
+            PruneOptions {
+                duration_seconds: 7 * 86_400,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("prune");
+    assert_eq!(removed, 1);
+    assert_eq!(ref_names(&t.store, &main).await, ["fresh"]);
+}
+
+/// A PR branch whose newest ref is older than the TTL disappears with its branch refs; a live branch stays.
+pub async fn cache_prune_dead_branch<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let now = trove_proto::types::now_micros();
+    let dead = cache_scope(&ns, "feature/dead", "main", "");
+    let live = cache_scope(&ns, "feature/live", "main", "");
+    upload_at(
+        &t.store,
+        &dead,
+        "d1",
+        b"d".to_vec(),
+        Some(now - 20 * DAY_MICROS),
+    )
+    .await;
+    upload_at(
+        &t.store,
+        &dead,
+        "d2",
+        b"d".to_vec(),
+        Some(now - 10 * DAY_MICROS),
+    )
+    .await;
+    upload_at(
+        &t.store,
+        &live,
+        "l1",
+        b"l".to_vec(),
+        Some(now - 20 * DAY_MICROS),
+    )
+    .await;
+    upload_at(&t.store, &live, "l2", b"l".to_vec(), None).await;
+    let refs: std::collections::BTreeMap<String, i64> = [("d2".to_string(), 5)].into();
+    for branch in ["feature/dead", "feature/live"] {
+        t.store
+            .write_branch_refs(&ns, "rspec-tracer", branch, "main", refs.clone())
+            .await
+            .expect("write refs");
+    }
+    let ttl = PruneOptions {
+        pr_branch_ttl_seconds: 7 * 86_400,
+        ..Default::default()
+    };
+    assert_eq!(t.store.prune(&dead, ttl).await.expect("prune dead"), 2);
+    assert!(ref_names(&t.store, &dead).await.is_empty());
+    assert!(t
+        .store
+        .branch_refs(&ns, "rspec-tracer", "feature/dead")
+        .await
+        .expect("refs")
+        .is_empty());
+    assert_eq!(t.store.prune(&live, ttl).await.expect("prune live"), 0);
+    assert_eq!(ref_names(&t.store, &live).await, ["l2", "l1"]);
+    assert_eq!(
+        t.store
+            .branch_refs(&ns, "rspec-tracer", "feature/live")
+            .await
+            .expect("refs"),
+        refs
+    );
+}
+
+/// PruneAll removes every dead PR branch (names with `/`, and one literally named `main`), returns the total, and never touches main.
+pub async fn cache_prune_all_branches<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let now = trove_proto::types::now_micros();
+    let old = Some(now - 40 * DAY_MICROS);
+    let main = cache_scope(&ns, "trunk", "trunk", "");
+    upload_at(&t.store, &main, "ancient", b"m".to_vec(), old).await;
+    let dead = ["a", "a/b", "a/b/c", "feature/x", "main-ish", "main"];
+    for (i, branch) in dead.iter().enumerate() {
+        let scope = cache_scope(&ns, branch, "trunk", "");
+        for r in 0..=i {
+            upload_at(&t.store, &scope, &format!("r{r}"), b"x".to_vec(), old).await;
+        }
+    }
+    let live = cache_scope(&ns, "a/live", "trunk", "");
+    upload_at(&t.store, &live, "stale", b"x".to_vec(), old).await;
+    upload_at(&t.store, &live, "fresh", b"x".to_vec(), None).await;
+    let removed = t
+        .store
+        .prune_all(&ns, "rspec-tracer", 30 * 86_400)
+        .await
+        .expect("prune all");
+    assert_eq!(removed, 21, "1 + 2 + ... + 6 refs across the dead branches");
+    for branch in dead {
+        let scope = cache_scope(&ns, branch, "trunk", "");
+        assert!(
+            ref_names(&t.store, &scope).await.is_empty(),
+            "{branch} should be gone"
+        );
+    }
+    assert_eq!(ref_names(&t.store, &live).await, ["fresh", "stale"]);
+    assert_eq!(
+        ref_names(&t.store, &main).await,
+        ["ancient"],
+        "main tier untouched"
+    );
+    assert_eq!(
+        t.store
+            .prune_all(&fresh_ns(), "rspec-tracer", 1)
+            .await
+            .expect("empty"),
+        0
+    );
+}
+
+/// 20 concurrent uploads of one ref leave exactly one complete archive.
+pub async fn cache_concurrent_uploads_leave_one_archive<S: Store + Clone>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let scope = cache_scope(&ns, "main", "main", "");
+    let uploads: Vec<_> = (0..20u64)
+        .map(|i| {
+            let (store, scope) = (t.store.clone(), scope.clone());
+            tokio::spawn(async move {
+                let size = 100_000 + i * 10_000;
+                let options = UploadOptions::default();
+                store
+                    .upload(
+                        &scope,
+                        &name("same"),
+                        options,
+                        generated_stream(i, size, 32_768),
+                    )
+                    .await
+                    .expect("upload");
+                (crate::generated_sha256(i, size, 32_768).await, size)
+            })
+        })
+        .collect();
+    let mut candidates = Vec::new();
+    for upload in uploads {
+        candidates.push(upload.await.expect("join"));
+    }
+    let (served, stream) = t
+        .store
+        .download(&scope, "same", None)
+        .await
+        .expect("download")
+        .expect("hit");
+    let (len, sha) = digest_stream(stream).await.expect("read");
+    assert!(
+        candidates.contains(&(sha.clone(), len)),
+        "the archive must be one complete upload"
+    );
+    assert_eq!(served.sha256, sha);
+    assert_eq!(
+        t.store
+            .list_refs(&scope, 0, "")
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+    t.assert_disk_settles(1).await;
+}
+
+/// Uploads and downloads keep completing while a prune of 10,000 refs runs.
+pub async fn cache_prune_does_not_block_traffic<S: Store + Clone>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let scope = cache_scope(&ns, "main", "main", "");
+    let base = trove_proto::types::now_micros() - DAY_MICROS;
+    let seeders: Vec<_> = (0..8i64)
+        .map(|w| {
+            let (store, scope) = (t.store.clone(), scope.clone());
+            tokio::spawn(async move {
+                for i in (w..10_000).step_by(8) {
+                    upload_at(
+                        &store,
+                        &scope,
+                        &format!("seed-{i:05}"),
+                        vec![1],
+                        Some(base + i),
+                    )
+                    .await;
+                }
+            })
+        })
+        .collect();
+    for seeder in seeders {
+        seeder.await.expect("seed");
+    }
+    let other = cache_scope(&ns, "feature/busy", "main", "");
+    let prune = {
+        let (store, scope) = (t.store.clone(), scope.clone());
+        tokio::spawn(async move {
+            store
+                .prune(
+                    &scope,
+                    PruneOptions {
+                        count: 1,
+                        ..Default::default()
+                    },
+                )
+                .await
+        })
+    };
+    let mut during = 0u32;
+    let mut i = 0u32;
+    while !prune.is_finished() {
+        upload_at(&t.store, &other, &format!("busy-{i}"), b"b".to_vec(), None).await;
+        assert!(download_bytes(&t.store, &other, &format!("busy-{i}"))
+            .await
+            .is_some());
+        assert!(download_bytes(&t.store, &scope, "seed-09999")
+            .await
+            .is_some());
+        during += 1;
+        i += 1;
+    }
+    let removed = prune.await.expect("join").expect("prune");
+    assert_eq!(removed, 9_999);
+    assert!(
+        during > 0,
+        "no upload or download completed while the prune ran"
+    );
+    assert_eq!(ref_names(&t.store, &scope).await, ["seed-09999"]);
 }

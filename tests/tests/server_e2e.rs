@@ -74,7 +74,13 @@ async fn assert_namespace_empty(server: &ServerProcess, ns: &str) {
 #[tokio::test]
 async fn health_and_reflection() {
     let server = ServerProcess::start().await;
-    for service in ["", "trove.v1.Objects", "trove.v1.Artifacts"] {
+    for service in [
+        "",
+        "trove.v1.Objects",
+        "trove.v1.Artifacts",
+        "trove.v1.Entries",
+        "trove.v1.Cache",
+    ] {
         assert_eq!(
             health_status(server.addr, service).await,
             Some(ServingStatus::Serving),
@@ -444,4 +450,9 @@ async fn readme_quickstart_runs() {
     );
     assert!(stdout.contains("verified: true"), "{stdout}");
     assert!(stdout.contains("variants/thumbnail"), "{stdout}");
+    assert!(stdout.contains("entry at 10\nentry at 20"), "{stdout}");
+    assert!(
+        stdout.contains("cache hit from tier 1 ref 4f2a9c1"),
+        "{stdout}"
+    );
 }

@@ -5,6 +5,7 @@
 //! behind it.
 
 pub mod artifacts;
+pub mod cache;
 pub mod entries;
 pub mod objects;
 

@@ -19,10 +19,11 @@
 //! - `record`: the metadata record stored for each value.
 //! - `blob`: staging, publishing and reclaiming blob files.
 //! - `flusher`: group commit.
-//! - `objects`, `artifacts`, `entries`: the trait implementations.
+//! - `objects`, `artifacts`, `entries`, `cache`: the trait implementations.
 
 mod artifacts;
 pub mod blob;
+mod cache;
 mod entries;
 mod flusher;
 pub mod keys;
@@ -89,6 +90,7 @@ struct Inner {
     artifacts: sled::Tree,
     blob_refs: sled::Tree,
     entry_trees: Arc<entries::EntryTrees>,
+    cache: Arc<cache::CacheTrees>,
     blobs: BlobDir,
     flusher: Flusher,
     options: StoreOptions,
@@ -125,6 +127,7 @@ impl SledStore {
         let artifacts = tree("artifacts")?;
         let blob_refs = tree("blob_refs")?;
         let entry_trees = entries::EntryTrees::open(&db)?;
+        let cache = cache::CacheTrees::open(&db)?;
         let blobs = BlobDir::open(root).map_err(|e| io_error("open blob folders", &e))?;
         let (files, bytes) = blobs
             .reclaim(|id| blob_refs.contains_key(id.to_be_bytes()).unwrap_or(true))
@@ -144,6 +147,7 @@ impl SledStore {
                 artifacts,
                 blob_refs,
                 entry_trees,
+                cache,
                 blobs,
                 flusher,
                 options,
@@ -344,6 +348,42 @@ impl SledStore {
         let store = self.clone();
         let tree = tree.clone();
         let key = key.to_vec();
+        self.publish_with(staged, move |body| {
+            let (old, written) = store.commit(&tree, &key, |old| make(old, body))?;
+            let retired: Vec<u64> = old
+                .as_ref()
+                .and_then(ValueRecord::blob_id)
+                .into_iter()
+                .collect();
+            match (written, old) {
+                (Some(new), _) => Ok(Committed {
+                    value: new,
+                    keep_blob: true,
+                    retired,
+                }),
+                // Nothing written: the unused blob is removed by its guard.
+                (None, Some(old)) => Ok(Committed {
+                    value: old,
+                    keep_blob: false,
+                    retired: vec![],
+                }),
+                (None, None) => Err(Error::internal("commit wrote nothing and found nothing")),
+            }
+        })
+        .await
+    }
+
+    /// Publishes a staged body, then runs `commit` with it (a sled
+    /// transaction that references the body); keeps the blob only if the
+    /// commit says so, retires the blobs it replaced, and waits for
+    /// durability. Publish and commit run as one detached task: a cancelled
+    /// caller cannot stop it between the two steps.
+    async fn publish_with<T: Send + 'static>(
+        &self,
+        staged: blob::StagedBody,
+        commit: impl FnOnce(&Body) -> Result<Committed<T>, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let store = self.clone();
         let task = tokio::spawn(async move {
             let published = staged
                 .publish()
@@ -353,27 +393,20 @@ impl SledStore {
                 Published::Inline(bytes) => (Body::Inline(bytes), None),
                 Published::Blob(blob) => (Body::Blob(blob.id), Some(blob)),
             };
-            let (old, written) = store.commit(&tree, &key, |old| make(old, &body))?;
-            match (written, old) {
-                (Some(new), old) => {
-                    if let Some(blob) = blob {
-                        blob.keep();
-                    }
-                    if let Some(id) = old.as_ref().and_then(ValueRecord::blob_id) {
-                        store.retire_blobs(vec![id]);
-                    }
-                    Ok(new)
+            let committed = commit(&body)?;
+            if committed.keep_blob {
+                if let Some(blob) = blob {
+                    blob.keep();
                 }
-                // Nothing written: the unused blob is removed by its guard.
-                (None, Some(old)) => Ok(old),
-                (None, None) => Err(Error::internal("commit wrote nothing and found nothing")),
             }
+            store.retire_blobs(committed.retired);
+            Ok::<T, Error>(committed.value)
         });
-        let record = task
+        let value = task
             .await
             .map_err(|e| Error::internal(format!("commit task failed: {e}")))??;
         self.durable().await?;
-        Ok(record)
+        Ok(value)
     }
 
     /// Reads the record under `key` and opens its body. A blob replaced
@@ -439,6 +472,16 @@ impl SledStore {
             .map(|r| r.map_err(|e| io_error("read value", &e)))
             .boxed()
     }
+}
+
+/// What a commit inside [`SledStore::publish_with`] did.
+pub(crate) struct Committed<T> {
+    /// The result handed back to the caller.
+    pub value: T,
+    /// The new body is referenced now: keep its blob file.
+    pub keep_blob: bool,
+    /// Blob files no longer referenced, to unlink once durable.
+    pub retired: Vec<u64>,
 }
 
 /// An opened value body: inline bytes or a blob file.

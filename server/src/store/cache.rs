@@ -1,0 +1,661 @@
+//! [`CacheStore`] on sled: the branch-tiered remote test cache.
+//!
+//! A tier is `(namespace, prefix, main)` or `(namespace, prefix, pr, branch)`;
+//! every key below starts with the tier's encoding, so tiers (and branches
+//! named `main`, `a/b` or anything else) never overlap.
+//! - `cache_refs`: `tier, ref, suite` -> value record (archive inline or in a blob file).
+//! - `cache_ref_time`: `tier, ref` -> `[uploaded_at i64][seq u64]` of the ref's last upload.
+//! - `cache_recency`: `tier, uploaded_at, seq, ref` -> empty: refs by recency, for
+//!   retention and listing without scanning archives.
+//! - `cache_trees`: `tier, tree_sha` -> ref.
+//! - `cache_branch_refs`: `namespace, prefix, branch` -> JSON map sha -> epoch seconds.
+//!
+//! Uploads commit all of this in one transaction. Retention removes one ref
+//! per transaction (never one lock over thousands), and skips a ref that was
+//! re-uploaded after it was chosen, so a prune never deletes a fresh archive.
+//!
+//! Never imports tonic; never awaits inside a sled transaction.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use trove_proto::cache::{
+    check_optional, CacheScope, CachedRef, PruneOptions, Tier, UploadOptions,
+};
+use trove_proto::types::{hex_digest, now_micros, ByteStream, Name, Namespace, Page};
+use trove_proto::{CacheStore, Error};
+
+use super::record::{self, ValueRecord};
+use super::{blocking, keys, sled_error, Committed, SledStore};
+
+const TIER_MAIN: u8 = b'm';
+const TIER_PR: u8 = b'p';
+/// Most entries accepted in one branch ref map.
+pub const MAX_BRANCH_REFS: usize = 100_000;
+
+/// The sled trees of the cache group.
+pub struct CacheTrees {
+    refs: sled::Tree,
+    ref_time: sled::Tree,
+    recency: sled::Tree,
+    trees: sled::Tree,
+    branch_refs: sled::Tree,
+}
+
+impl CacheTrees {
+    /// Opens the trees.
+    pub fn open(db: &sled::Db) -> Result<Arc<Self>, Error> {
+        let tree = |name: &str| db.open_tree(name).map_err(sled_error);
+        Ok(Arc::new(CacheTrees {
+            refs: tree("cache_refs")?,
+            ref_time: tree("cache_ref_time")?,
+            recency: tree("cache_recency")?,
+            trees: tree("cache_trees")?,
+            branch_refs: tree("cache_branch_refs")?,
+        }))
+    }
+}
+
+/// One tier, as the key prefix of everything in it.
+#[derive(Debug, Clone)]
+struct TierKey {
+    key: Vec<u8>,
+    tier: Tier,
+    branch: String,
+}
+
+fn scope_prefix(ns: &Namespace, prefix: &str) -> Vec<u8> {
+    keys::key(&[ns.as_str().as_bytes(), prefix.as_bytes()])
+}
+
+fn tier_key(ns: &Namespace, prefix: &str, pr_branch: Option<&str>) -> TierKey {
+    let mut key = scope_prefix(ns, prefix);
+    match pr_branch {
+        None => {
+            key.push(TIER_MAIN);
+            TierKey {
+                key,
+                tier: Tier::Main,
+                branch: String::new(),
+            }
+        }
+        Some(branch) => {
+            key.push(TIER_PR);
+            keys::push_part(&mut key, branch.as_bytes());
+            TierKey {
+                key,
+                tier: Tier::Pr,
+                branch: branch.to_owned(),
+            }
+        }
+    }
+}
+
+fn own_tier(scope: &CacheScope) -> TierKey {
+    let branch = scope.is_pr().then(|| scope.branch.as_str());
+    tier_key(&scope.namespace, &scope.prefix, branch)
+}
+
+fn with_parts(base: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = base.to_vec();
+    for part in parts {
+        keys::push_part(&mut key, part);
+    }
+    key
+}
+
+fn recency_key(tier: &[u8], uploaded_at: i64, seq: u64, reference: &[u8]) -> Vec<u8> {
+    let mut key = tier.to_vec();
+    keys::push_i64(&mut key, uploaded_at);
+    keys::push_u64(&mut key, seq);
+    keys::push_part(&mut key, reference);
+    key
+}
+
+fn encode_time(uploaded_at: i64, seq: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&uploaded_at.to_be_bytes());
+    out[8..].copy_from_slice(&seq.to_be_bytes());
+    out
+}
+
+fn decode_time(bytes: &[u8]) -> Option<(i64, u64)> {
+    let (ts, rest) = keys::take_u64(bytes)?;
+    let (seq, _) = keys::take_u64(rest)?;
+    Some((i64::from_be_bytes(ts.to_be_bytes()), seq))
+}
+
+/// Parses the part of a recency key after its tier: `(uploaded_at, seq, ref)`.
+fn parse_recency(suffix: &[u8]) -> Option<(i64, u64, String)> {
+    let (ts, rest) = keys::take_u64(suffix)?;
+    let (seq, rest) = keys::take_u64(rest)?;
+    let (reference, _) = keys::take_part(rest)?;
+    Some((
+        keys::unflip_sign(ts),
+        seq,
+        String::from_utf8(reference).ok()?,
+    ))
+}
+
+fn cached_ref(tier: &TierKey, reference: &str, suite: &str, record: &ValueRecord) -> CachedRef {
+    CachedRef {
+        r#ref: reference.to_owned(),
+        test_suite_id: suite.to_owned(),
+        uploaded_at: record.updated_at,
+        size: record.size,
+        sha256: hex_digest(&record.sha256),
+        tier: tier.tier as i32,
+        branch: tier.branch.clone(),
+    }
+}
+
+fn seconds_to_micros(seconds: i64) -> i64 {
+    seconds.saturating_mul(1_000_000)
+}
+
+fn tx_error(e: sled::transaction::TransactionError<Error>) -> Error {
+    match e {
+        sled::transaction::TransactionError::Abort(err) => err,
+        sled::transaction::TransactionError::Storage(err) => sled_error(err),
+    }
+}
+
+impl SledStore {
+    /// Removes one ref (all its suites) from `tier` if its last upload is
+    /// still `expected`; returns the blob ids it referenced, or `None` when it
+    /// changed meanwhile (or was already gone). Blocking.
+    fn remove_ref(
+        &self,
+        tier: &[u8],
+        reference: &str,
+        expected: (i64, u64),
+    ) -> Result<Option<Vec<u64>>, Error> {
+        use sled::transaction::{ConflictableTransactionError, Transactional};
+        let cache = &self.inner.cache;
+        let ref_key = with_parts(tier, &[reference.as_bytes()]);
+        let suites: Vec<sled::IVec> = cache
+            .refs
+            .scan_prefix(&ref_key)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(sled_error)?;
+        let result = (
+            &cache.refs,
+            &self.inner.blob_refs,
+            &cache.ref_time,
+            &cache.recency,
+        )
+            .transaction(|(refs, blob_refs, ref_time, recency)| {
+                let current = ref_time.get(&ref_key)?.and_then(|t| decode_time(&t));
+                if current != Some(expected) {
+                    return Ok(None);
+                }
+                ref_time.remove(ref_key.as_slice())?;
+                recency.remove(recency_key(
+                    tier,
+                    expected.0,
+                    expected.1,
+                    reference.as_bytes(),
+                ))?;
+                let mut blobs = Vec::new();
+                for suite_key in &suites {
+                    if let Some(bytes) = refs.remove(suite_key)? {
+                        let old =
+                            record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+                        if let Some(id) = old.blob_id() {
+                            blob_refs.remove(&id.to_be_bytes())?;
+                            blobs.push(id);
+                        }
+                    }
+                }
+                Ok(Some(blobs))
+            });
+        result.map_err(tx_error)
+    }
+
+    /// Refs of `tier`, oldest first: `(uploaded_at, seq, ref)`. Blocking.
+    fn refs_by_age(&self, tier: &[u8]) -> Result<Vec<(i64, u64, String)>, Error> {
+        let mut out = Vec::new();
+        for item in self.inner.cache.recency.scan_prefix(tier).keys() {
+            let key = item.map_err(sled_error)?;
+            if let Some(parsed) = parse_recency(&key[tier.len()..]) {
+                out.push(parsed);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the given refs of `tier` and the tree pointers to them;
+    /// returns how many refs were removed and the blobs to retire. Blocking.
+    fn remove_refs(
+        &self,
+        tier: &[u8],
+        doomed: &[(i64, u64, String)],
+    ) -> Result<(u64, Vec<u64>), Error> {
+        let mut removed = 0u64;
+        let mut blobs = Vec::new();
+        let mut gone = HashSet::new();
+        for (ts, seq, reference) in doomed {
+            if let Some(ids) = self.remove_ref(tier, reference, (*ts, *seq))? {
+                removed += 1;
+                blobs.extend(ids);
+                gone.insert(reference.clone());
+            }
+        }
+        if !gone.is_empty() {
+            let cache = &self.inner.cache;
+            for item in cache.trees.scan_prefix(tier) {
+                let (key, target) = item.map_err(sled_error)?;
+                let target = String::from_utf8_lossy(&target).into_owned();
+                if gone.contains(&target)
+                    && !cache
+                        .ref_time
+                        .contains_key(with_parts(tier, &[target.as_bytes()]))
+                        .map_err(sled_error)?
+                {
+                    cache.trees.remove(key).map_err(sled_error)?;
+                }
+            }
+        }
+        Ok((removed, blobs))
+    }
+
+    /// Removes a whole PR branch: its refs, tree pointers and ref map. Blocking.
+    fn remove_branch(
+        &self,
+        ns: &Namespace,
+        prefix: &str,
+        tier: &TierKey,
+    ) -> Result<(u64, Vec<u64>), Error> {
+        let refs = self.refs_by_age(&tier.key)?;
+        let (removed, blobs) = self.remove_refs(&tier.key, &refs)?;
+        let cache = &self.inner.cache;
+        if cache.recency.scan_prefix(&tier.key).next().is_none() {
+            for item in cache.trees.scan_prefix(&tier.key).keys() {
+                cache
+                    .trees
+                    .remove(item.map_err(sled_error)?)
+                    .map_err(sled_error)?;
+            }
+            let map_key = with_parts(&scope_prefix(ns, prefix), &[tier.branch.as_bytes()]);
+            cache.branch_refs.remove(map_key).map_err(sled_error)?;
+        }
+        Ok((removed, blobs))
+    }
+}
+
+#[async_trait]
+impl CacheStore for SledStore {
+    async fn upload(
+        &self,
+        scope: &CacheScope,
+        reference: &Name,
+        options: UploadOptions,
+        data: ByteStream,
+    ) -> Result<CachedRef, Error> {
+        let staged = self.stage(data, options.expected_size).await?;
+        let seq = self.next_id()?;
+        let uploaded_at = options.uploaded_at.unwrap_or_else(now_micros);
+        let tier = own_tier(scope);
+        let ref_key = with_parts(&tier.key, &[reference.as_bytes()]);
+        let archive_key = with_parts(&ref_key, &[scope.test_suite_id.as_bytes()]);
+        let tree_key = options
+            .tree_sha
+            .as_ref()
+            .map(|tree| with_parts(&tier.key, &[tree.as_bytes()]));
+        let (size, sha256) = (staged.len, staged.sha256);
+        let reference = reference.as_str().to_owned();
+        let suite = scope.test_suite_id.clone();
+        let store = self.clone();
+        self.publish_with(staged, move |body| {
+            use sled::transaction::{ConflictableTransactionError, Transactional};
+            let cache = &store.inner.cache;
+            let trees = (
+                &cache.refs,
+                &store.inner.blob_refs,
+                &cache.ref_time,
+                &cache.recency,
+                &cache.trees,
+            );
+            let result = trees.transaction(|(refs, blob_refs, ref_time, recency, pointers)| {
+                let old = match refs.get(&archive_key)? {
+                    Some(bytes) => {
+                        Some(record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?)
+                    }
+                    None => None,
+                };
+                let new = ValueRecord {
+                    created_at: old.as_ref().map_or(uploaded_at, |o| o.created_at),
+                    updated_at: uploaded_at,
+                    size,
+                    body_len: size,
+                    sha256,
+                    content_type: String::new(),
+                    verified: false,
+                    chunk_count: 0,
+                    seq,
+                    body: body.clone(),
+                };
+                refs.insert(
+                    archive_key.as_slice(),
+                    record::encode(&new).map_err(ConflictableTransactionError::Abort)?,
+                )?;
+                let old_blob = old.as_ref().and_then(ValueRecord::blob_id);
+                if let Some(id) = old_blob {
+                    blob_refs.remove(&id.to_be_bytes())?;
+                }
+                if let Some(id) = new.blob_id() {
+                    blob_refs.insert(&id.to_be_bytes(), archive_key.as_slice())?;
+                }
+                if let Some((ts, old_seq)) = ref_time.get(&ref_key)?.and_then(|t| decode_time(&t)) {
+                    recency.remove(recency_key(&tier.key, ts, old_seq, reference.as_bytes()))?;
+                }
+                ref_time.insert(ref_key.as_slice(), &encode_time(uploaded_at, seq)[..])?;
+                recency.insert(
+                    recency_key(&tier.key, uploaded_at, seq, reference.as_bytes()),
+                    &[][..],
+                )?;
+                if let Some(tree_key) = &tree_key {
+                    pointers.insert(tree_key.as_slice(), reference.as_bytes())?;
+                }
+                Ok((old_blob, new))
+            });
+            let (old_blob, new) = result.map_err(tx_error)?;
+            Ok(Committed {
+                value: cached_ref(&tier, &reference, &suite, &new),
+                keep_blob: true,
+                retired: old_blob.into_iter().collect(),
+            })
+        })
+        .await
+    }
+
+    async fn download(
+        &self,
+        scope: &CacheScope,
+        reference: &str,
+        tree_sha: Option<&Name>,
+    ) -> Result<Option<(CachedRef, ByteStream)>, Error> {
+        if !reference.is_empty() {
+            Name::new("ref", reference)?;
+        }
+        let mut tiers = vec![own_tier(scope)];
+        if scope.is_pr() {
+            tiers.push(tier_key(&scope.namespace, &scope.prefix, None));
+        }
+        let cache = &self.inner.cache;
+        let mut candidates: Vec<(&TierKey, String)> = Vec::new();
+        if let Some(tree) = tree_sha {
+            for tier in &tiers {
+                let pointer = cache
+                    .trees
+                    .get(with_parts(&tier.key, &[tree.as_bytes()]))
+                    .map_err(sled_error)?;
+                if let Some(target) = pointer {
+                    candidates.push((tier, String::from_utf8_lossy(&target).into_owned()));
+                }
+            }
+        }
+        if !reference.is_empty() {
+            for tier in &tiers {
+                candidates.push((tier, reference.to_owned()));
+            }
+        }
+        for (tier, target) in candidates {
+            let key = with_parts(
+                &tier.key,
+                &[target.as_bytes(), scope.test_suite_id.as_bytes()],
+            );
+            match self
+                .open_value(&cache.refs, &key, "cache archive", &target)
+                .await
+            {
+                Ok((record, reader)) => {
+                    let found = cached_ref(tier, &target, &scope.test_suite_id, &record);
+                    return Ok(Some((found, self.byte_stream(reader))));
+                }
+                Err(Error::NotFound { .. }) => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn branch_refs(
+        &self,
+        ns: &Namespace,
+        prefix: &str,
+        branch: &str,
+    ) -> Result<BTreeMap<String, i64>, Error> {
+        check_optional("prefix", prefix)?;
+        check_optional("branch", branch)?;
+        if branch.trim().is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let key = with_parts(&scope_prefix(ns, prefix), &[branch.as_bytes()]);
+        match self.inner.cache.branch_refs.get(key).map_err(sled_error)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::DataLoss {
+                message: format!("unreadable branch ref map: {e}"),
+            }),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    async fn write_branch_refs(
+        &self,
+        ns: &Namespace,
+        prefix: &str,
+        branch: &str,
+        default_branch: &str,
+        refs: BTreeMap<String, i64>,
+    ) -> Result<bool, Error> {
+        check_optional("prefix", prefix)?;
+        check_optional("branch", branch)?;
+        check_optional("default_branch", default_branch)?;
+        if branch.trim().is_empty() || branch == default_branch || refs.is_empty() {
+            return Ok(false);
+        }
+        if refs.len() > MAX_BRANCH_REFS {
+            return Err(Error::invalid(
+                "refs",
+                format!(
+                    "{} entries; at most {MAX_BRANCH_REFS} per branch",
+                    refs.len()
+                ),
+            ));
+        }
+        for sha in refs.keys() {
+            Name::new("refs key", sha.clone())?;
+        }
+        let json = serde_json::to_vec(&refs).map_err(Error::internal)?;
+        let key = with_parts(&scope_prefix(ns, prefix), &[branch.as_bytes()]);
+        self.inner
+            .cache
+            .branch_refs
+            .insert(key, json)
+            .map_err(sled_error)?;
+        self.durable().await?;
+        Ok(true)
+    }
+
+    async fn prune(&self, scope: &CacheScope, options: PruneOptions) -> Result<u64, Error> {
+        let tier = own_tier(scope);
+        let ttl = if tier.tier == Tier::Pr {
+            options.pr_branch_ttl_seconds
+        } else {
+            0
+        };
+        if options.count <= 0 && options.duration_seconds <= 0 && ttl <= 0 {
+            return Ok(0);
+        }
+        let store = self.clone();
+        let ns = scope.namespace.clone();
+        let prefix = scope.prefix.clone();
+        let (removed, blobs) = blocking(move || {
+            let now = now_micros();
+            let refs = store.refs_by_age(&tier.key)?;
+            if ttl > 0 {
+                if let Some((newest, _, _)) = refs.last() {
+                    if *newest < now.saturating_sub(seconds_to_micros(ttl)) {
+                        return store.remove_branch(&ns, &prefix, &tier);
+                    }
+                }
+            }
+            let mut doomed = Vec::new();
+            let keep_from = match usize::try_from(options.count) {
+                Ok(count) if count > 0 => refs.len().saturating_sub(count),
+                _ => 0,
+            };
+            let cutoff = (options.duration_seconds > 0)
+                .then(|| now.saturating_sub(seconds_to_micros(options.duration_seconds)));
+            for (i, entry) in refs.iter().enumerate() {
+                if i < keep_from || cutoff.is_some_and(|c| entry.0 < c) {
+                    doomed.push(entry.clone());
+                }
+            }
+            store.remove_refs(&tier.key, &doomed)
+        })
+        .await?;
+        self.durable().await?;
+        self.retire_blobs(blobs);
+        Ok(removed)
+    }
+
+    async fn prune_all(
+        &self,
+        ns: &Namespace,
+        prefix: &str,
+        pr_branch_ttl_seconds: i64,
+    ) -> Result<u64, Error> {
+        check_optional("prefix", prefix)?;
+        if pr_branch_ttl_seconds <= 0 {
+            return Ok(0);
+        }
+        let store = self.clone();
+        let ns = ns.clone();
+        let prefix = prefix.to_owned();
+        let (removed, blobs) = blocking(move || {
+            let cutoff = now_micros().saturating_sub(seconds_to_micros(pr_branch_ttl_seconds));
+            let mut base = scope_prefix(&ns, &prefix);
+            base.push(TIER_PR);
+            let end = keys::prefix_end(&base);
+            let recency = &store.inner.cache.recency;
+            let mut cursor = base.clone();
+            let (mut removed, mut blobs) = (0u64, Vec::new());
+            loop {
+                let next = match &end {
+                    Some(end) => recency.range(cursor.clone()..end.clone()).keys().next(),
+                    None => recency.range(cursor.clone()..).keys().next(),
+                };
+                let Some(key) = next.transpose().map_err(sled_error)? else {
+                    break;
+                };
+                let Some((branch, _)) = keys::take_part(&key[base.len()..]) else {
+                    break;
+                };
+                let branch = String::from_utf8_lossy(&branch).into_owned();
+                let tier = tier_key(&ns, &prefix, Some(&branch));
+                let newest = recency
+                    .scan_prefix(&tier.key)
+                    .keys()
+                    .next_back()
+                    .transpose()
+                    .map_err(sled_error)?
+                    .and_then(|k| parse_recency(&k[tier.key.len()..]));
+                if newest.is_some_and(|(ts, _, _)| ts < cutoff) {
+                    let (n, ids) = store.remove_branch(&ns, &prefix, &tier)?;
+                    removed += n;
+                    blobs.extend(ids);
+                }
+                match keys::prefix_end(&tier.key) {
+                    Some(after) => cursor = after,
+                    None => break,
+                }
+            }
+            Ok((removed, blobs))
+        })
+        .await?;
+        self.durable().await?;
+        self.retire_blobs(blobs);
+        Ok(removed)
+    }
+
+    async fn list_refs(
+        &self,
+        scope: &CacheScope,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<Page<CachedRef>, Error> {
+        let tier = own_tier(scope);
+        let limit = trove_proto::types::clamp_page_size(page_size) as usize;
+        let bad_token = || {
+            Error::invalid(
+                "page_token",
+                format!(
+                    "{} is not a token returned by ListRefs",
+                    trove_proto::error::shorten(page_token)
+                ),
+            )
+        };
+        let before = if page_token.is_empty() {
+            None
+        } else {
+            let body = page_token.strip_prefix("r1.").ok_or_else(bad_token)?;
+            let suffix = hex::decode(body).map_err(|_| bad_token())?;
+            parse_recency(&suffix).ok_or_else(bad_token)?;
+            let mut key = tier.key.clone();
+            key.extend_from_slice(&suffix);
+            Some(key)
+        };
+        let store = self.clone();
+        blocking(move || {
+            let cache = &store.inner.cache;
+            let range = match before {
+                Some(before) => cache.recency.range(tier.key.clone()..before),
+                None => cache.recency.scan_prefix(&tier.key),
+            };
+            let mut items = Vec::new();
+            let mut refs_listed = 0usize;
+            let mut last_suffix: Option<Vec<u8>> = None;
+            let mut more = false;
+            for key in range.keys().rev() {
+                let key = key.map_err(sled_error)?;
+                let suffix = &key[tier.key.len()..];
+                let Some((_, _, reference)) = parse_recency(suffix) else {
+                    continue;
+                };
+                if refs_listed == limit {
+                    more = true;
+                    break;
+                }
+                let ref_key = with_parts(&tier.key, &[reference.as_bytes()]);
+                for item in cache.refs.scan_prefix(&ref_key) {
+                    let (archive_key, value) = item.map_err(sled_error)?;
+                    let Some((suite, _)) = keys::take_part(&archive_key[ref_key.len()..]) else {
+                        continue;
+                    };
+                    let suite = String::from_utf8_lossy(&suite).into_owned();
+                    items.push(cached_ref(
+                        &tier,
+                        &reference,
+                        &suite,
+                        &record::decode(&value)?,
+                    ));
+                }
+                refs_listed += 1;
+                last_suffix = Some(suffix.to_vec());
+            }
+            let next_page_token = if more {
+                last_suffix.map(|s| format!("r1.{}", hex::encode(s)))
+            } else {
+                None
+            };
+            Ok(Page {
+                items,
+                next_page_token,
+            })
+        })
+        .await
+    }
+}
