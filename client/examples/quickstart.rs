@@ -72,7 +72,12 @@ async fn main() -> Result<(), trove_proto::Error> {
     let entry =
         |ts: i64| NewEntry::parse("entry", format!(r#"{{"recorded_at":{ts}}}"#).into(), None);
     trove
-        .append_entries(&ns, &cassette, vec![entry(20)?, entry(10)?])
+        .append_entries(
+            &ns,
+            &cassette,
+            vec![entry(20)?, entry(10)?],
+            Default::default(),
+        )
         .await?;
     let mut entries = trove
         .read_entries(&ns, &cassette, ReadOptions::default())

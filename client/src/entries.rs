@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use trove_proto::entries::{EntryStream, NewEntry, NewEntryStream, ReadOptions};
+use trove_proto::entries::{AppendOptions, EntryStream, NewEntry, NewEntryStream, ReadOptions};
 use trove_proto::pb;
 use trove_proto::types::{ListPage, Name, Namespace, Page};
 use trove_proto::{EntryStore, Error};
@@ -35,9 +35,9 @@ fn replace_messages(
         for item in batch {
             match item {
                 Ok(entry) => {
-                    bytes += entry.json.len();
-                    current.push(to_wire(entry));
-                    if bytes >= REPLACE_MESSAGE_BUDGET {
+                    // Close the message before an entry that would overflow
+                    // it, so a message holds at most one large entry.
+                    if !current.is_empty() && bytes + entry.json.len() > REPLACE_MESSAGE_BUDGET {
                         messages.push(pb::ReplaceRequest {
                             header: None,
                             entries: std::mem::take(&mut current),
@@ -45,6 +45,8 @@ fn replace_messages(
                         });
                         bytes = 0;
                     }
+                    bytes += entry.json.len();
+                    current.push(to_wire(entry));
                 }
                 Err(err) => {
                     if let Some(tx) = abort.take() {
@@ -82,6 +84,7 @@ impl EntryStore for TroveClient {
         ns: &Namespace,
         cassette: &Name,
         entries: Vec<NewEntry>,
+        options: AppendOptions,
     ) -> Result<u64, Error> {
         let mut client = self.entries.clone();
         let reply = client
@@ -89,6 +92,10 @@ impl EntryStore for TroveClient {
                 namespace: ns.as_str().to_owned(),
                 cassette: cassette.as_str().to_owned(),
                 entries: entries.into_iter().map(to_wire).collect(),
+                idempotency_key: options
+                    .idempotency_key
+                    .map(|k| k.as_str().to_owned())
+                    .unwrap_or_default(),
             })
             .await?;
         Ok(reply.into_inner().appended)

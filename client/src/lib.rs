@@ -37,8 +37,8 @@ pub use trove_proto;
 
 /// Default size of the chunks uploads are split into.
 pub const DEFAULT_CHUNK_BYTES: usize = 1024 * 1024;
-/// Largest message the client accepts from the server.
-const MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest message the client accepts: the most a server can be configured to send.
+const MAX_DECODE_BYTES: usize = 1024 * 1024 * 1024 + 1024 * 1024;
 
 /// A connection to a Trove server. Cheap to clone; clones share the channel.
 #[derive(Debug, Clone)]

@@ -1,24 +1,34 @@
 //! A buffered cassette writer for HTTP recorders that must never block on I/O.
 //!
 //! [`CassetteWriter::write`] only queues the entry. A background task sends a
-//! cassette's pending entries (sorted by `recorded_at`) as one append when
-//! `batch_size` entries are pending or when `batch_timeout` passes without a
-//! new write to that cassette (each write restarts the timer). A failed send
-//! keeps the entries pending; the next flush retries them and reports the
-//! error if they still cannot be stored. Dropping the writer flushes what is
-//! pending in the background; [`CassetteWriter::shutdown`] does the same and
-//! waits for the outcome.
+//! cassette's pending entries (sorted by `recorded_at`) when `batch_size`
+//! entries are pending or when `batch_timeout` passes without a new write to
+//! that cassette (each write restarts the timer).
+//!
+//! Sending seals the pending entries into batches of at most
+//! [`MAX_BATCH_BYTES`], each with its own idempotency key. A batch that fails
+//! for a reason that may pass (the server is down, a reply was lost) stays
+//! queued unchanged, so its retry, at the next write trigger or flush, is
+//! recognised by the server and never duplicated; the flush that finds it
+//! still failing reports the error. A batch the server rejects for good (an
+//! entry over the message limit) is dropped and its error is returned by the
+//! flush that met it, never swallowed.
+//!
+//! A cassette put in record-all mode ([`CassetteWriter::record_all`]) is never
+//! sent piecemeal: its flush replaces the stored cassette with everything
+//! queued, atomically. Dropping the writer flushes what is pending in the
+//! background; [`CassetteWriter::shutdown`] does the same and waits.
 //!
 //! The writer works over any [`EntryStore`]: the remote client or, in tests
 //! and embedded use, a store in the same process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use trove_proto::entries::NewEntry;
+use trove_proto::entries::{AppendOptions, NewEntry};
 use trove_proto::types::{Name, Namespace};
 use trove_proto::{EntryStore, Error};
 
@@ -44,10 +54,15 @@ impl Default for WriterConfig {
     }
 }
 
+/// Largest batch of entry bytes sent in one append (a single larger entry
+/// travels alone).
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
 type Reply = oneshot::Sender<Result<(), Error>>;
 
 enum Command {
     Write(Name, NewEntry),
+    RecordAll(Name),
     Flush(Option<Name>, Reply),
     ReplaceForAllMode(Name, Reply),
     Pending(Name, oneshot::Sender<usize>),
@@ -95,6 +110,15 @@ impl CassetteWriter {
         self.ask(|reply| Command::Flush(None, reply)).await
     }
 
+    /// Puts `cassette` in record-all mode: nothing is sent for it until a
+    /// flush (or [`CassetteWriter::replace_for_all_mode`]) replaces the stored
+    /// cassette with everything queued.
+    pub fn record_all(&self, cassette: &Name) -> Result<(), Error> {
+        self.commands
+            .send(Command::RecordAll(cassette.clone()))
+            .map_err(|_| stopped())
+    }
+
     /// For "record all" mode: does nothing when nothing is pending for
     /// `cassette`; otherwise replaces the stored cassette atomically with the
     /// pending entries.
@@ -130,10 +154,65 @@ impl CassetteWriter {
     }
 }
 
+/// Entries sealed into one append, with the key that makes its retry safe.
+struct Batch {
+    key: Name,
+    entries: Vec<NewEntry>,
+}
+
 #[derive(Default)]
 struct Pending {
-    entries: Vec<NewEntry>,
+    /// Written, not yet sealed.
+    open: Vec<NewEntry>,
+    /// Sealed, sent (maybe) but not acknowledged; retried unchanged.
+    sealed: VecDeque<Batch>,
     deadline: Option<Instant>,
+    record_all: bool,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.open.len() + self.sealed.iter().map(|b| b.entries.len()).sum::<usize>()
+    }
+}
+
+/// Makes idempotency keys unique to this writer.
+struct KeyMaker {
+    prefix: String,
+    next: u64,
+}
+
+impl KeyMaker {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded randomly per process; mixing in the time and
+        // pid keeps writers in different processes apart.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        hasher.write_u32(std::process::id());
+        KeyMaker {
+            prefix: format!("writer-{:016x}", hasher.finish()),
+            next: 0,
+        }
+    }
+
+    fn make(&mut self) -> Result<Name, Error> {
+        self.next += 1;
+        Name::new("idempotency_key", format!("{}-{}", self.prefix, self.next))
+    }
+}
+
+/// Errors a retry cannot fix: the batch is dropped and the error reported.
+fn is_permanent(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::InvalidArgument { .. } | Error::ResourceExhausted { .. }
+    )
 }
 
 async fn run<S: EntryStore + ?Sized>(
@@ -142,6 +221,7 @@ async fn run<S: EntryStore + ?Sized>(
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
     let mut pending: BTreeMap<Name, Pending> = BTreeMap::new();
+    let mut keys = KeyMaker::new();
     let batch_size = config.batch_size.max(1);
     loop {
         let next_deadline = pending.values().filter_map(|p| p.deadline).min();
@@ -155,7 +235,7 @@ async fn run<S: EntryStore + ?Sized>(
                     .map(|(name, _)| name.clone())
                     .collect();
                 for cassette in due {
-                    if let Err(err) = send(&*store, &config, &mut pending, &cassette).await {
+                    if let Err(err) = send(&*store, &config, &mut keys, &mut pending, &cassette).await {
                         tracing::warn!(cassette = %cassette, error = %err, "batched append failed; entries stay pending for the next flush");
                     }
                 }
@@ -163,10 +243,13 @@ async fn run<S: EntryStore + ?Sized>(
             command = commands.recv() => match command {
                 Some(Command::Write(cassette, entry)) => {
                     let slot = pending.entry(cassette.clone()).or_default();
-                    slot.entries.push(entry);
+                    slot.open.push(entry);
+                    if slot.record_all {
+                        continue;
+                    }
                     slot.deadline = Some(Instant::now() + config.batch_timeout);
-                    if slot.entries.len() >= batch_size {
-                        if let Err(err) = send(&*store, &config, &mut pending, &cassette).await {
+                    if slot.open.len() >= batch_size {
+                        if let Err(err) = send(&*store, &config, &mut keys, &mut pending, &cassette).await {
                             tracing::warn!(cassette = %cassette, error = %err, "batched append failed; entries stay pending for the next flush");
                         }
                     }
@@ -178,23 +261,28 @@ async fn run<S: EntryStore + ?Sized>(
                     };
                     let mut result = Ok(());
                     for cassette in targets {
-                        if let Err(err) = send(&*store, &config, &mut pending, &cassette).await {
+                        if let Err(err) = send(&*store, &config, &mut keys, &mut pending, &cassette).await {
                             result = Err(err);
                         }
                     }
                     let _ = reply.send(result);
                 }
+                Some(Command::RecordAll(cassette)) => {
+                    let slot = pending.entry(cassette).or_default();
+                    slot.record_all = true;
+                    slot.deadline = None;
+                }
                 Some(Command::ReplaceForAllMode(cassette, reply)) => {
                     let _ = reply.send(replace(&*store, &config, &mut pending, &cassette).await);
                 }
                 Some(Command::Pending(cassette, reply)) => {
-                    let _ = reply.send(pending.get(&cassette).map_or(0, |p| p.entries.len()));
+                    let _ = reply.send(pending.get(&cassette).map_or(0, Pending::len));
                 }
                 None => {
                     // The writer was dropped: flush what is pending, then stop.
                     let names: Vec<Name> = pending.keys().cloned().collect();
                     for cassette in names {
-                        if let Err(err) = send(&*store, &config, &mut pending, &cassette).await {
+                        if let Err(err) = send(&*store, &config, &mut keys, &mut pending, &cassette).await {
                             tracing::error!(cassette = %cassette, error = %err, "entries lost: the writer was dropped and the final flush failed");
                         }
                     }
@@ -212,43 +300,80 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Takes the pending entries of `cassette` in `recorded_at` order.
-fn sorted_pending(pending: &BTreeMap<Name, Pending>, cassette: &Name) -> Vec<NewEntry> {
-    let mut entries = pending
-        .get(cassette)
-        .map(|p| p.entries.clone())
-        .unwrap_or_default();
-    entries.sort_by_key(|e| e.recorded_at);
-    entries
-}
-
+/// Sends what is queued for `cassette`: a record-all cassette is replaced,
+/// any other has its entries sealed into batches and appended in order.
 async fn send<S: EntryStore + ?Sized>(
     store: &S,
     config: &WriterConfig,
+    keys: &mut KeyMaker,
     pending: &mut BTreeMap<Name, Pending>,
     cassette: &Name,
 ) -> Result<(), Error> {
-    let entries = sorted_pending(pending, cassette);
-    if entries.is_empty() {
-        pending.remove(cassette);
+    let Some(slot) = pending.get_mut(cassette) else {
         return Ok(());
+    };
+    if slot.record_all {
+        return replace(store, config, pending, cassette).await;
     }
-    match store
-        .append_entries(&config.namespace, cassette, entries)
-        .await
-    {
-        Ok(_) => {
-            pending.remove(cassette);
-            Ok(())
+    slot.deadline = None;
+    let mut open = std::mem::take(&mut slot.open);
+    open.sort_by_key(|e| e.recorded_at);
+    let mut current = Vec::new();
+    let mut bytes = 0usize;
+    for entry in open {
+        if !current.is_empty() && bytes + entry.json.len() > MAX_BATCH_BYTES {
+            slot.sealed.push_back(Batch {
+                key: keys.make()?,
+                entries: std::mem::take(&mut current),
+            });
+            bytes = 0;
         }
-        Err(err) => {
-            // Keep the entries; stop the timer so a dead server is not hammered.
-            if let Some(slot) = pending.get_mut(cassette) {
-                slot.deadline = None;
+        bytes += entry.json.len();
+        current.push(entry);
+    }
+    if !current.is_empty() {
+        slot.sealed.push_back(Batch {
+            key: keys.make()?,
+            entries: current,
+        });
+    }
+    let mut rejected = None;
+    while let Some(batch) = slot.sealed.front() {
+        let options = AppendOptions {
+            idempotency_key: Some(batch.key.clone()),
+        };
+        match store
+            .append_entries(&config.namespace, cassette, batch.entries.clone(), options)
+            .await
+        {
+            Ok(_) => {
+                slot.sealed.pop_front();
             }
-            Err(err)
+            Err(err) if is_permanent(&err) => {
+                let Some(refused) = slot.sealed.pop_front() else {
+                    break;
+                };
+                if refused.entries.len() > 1 {
+                    // Appends are all or nothing, so nothing of it was stored:
+                    // retry entry by entry so only the offending one is lost.
+                    for entry in refused.entries.into_iter().rev() {
+                        slot.sealed.push_front(Batch {
+                            key: keys.make()?,
+                            entries: vec![entry],
+                        });
+                    }
+                    continue;
+                }
+                tracing::error!(cassette = %cassette, error = %err, "the server refused an entry; it is dropped");
+                rejected = Some(err);
+            }
+            Err(err) => return Err(err),
         }
     }
+    if slot.len() == 0 {
+        pending.remove(cassette);
+    }
+    rejected.map_or(Ok(()), Err)
 }
 
 async fn replace<S: EntryStore + ?Sized>(
@@ -257,10 +382,19 @@ async fn replace<S: EntryStore + ?Sized>(
     pending: &mut BTreeMap<Name, Pending>,
     cassette: &Name,
 ) -> Result<(), Error> {
-    let entries = sorted_pending(pending, cassette);
+    let Some(slot) = pending.get(cassette) else {
+        return Ok(());
+    };
+    let mut entries: Vec<NewEntry> = slot
+        .sealed
+        .iter()
+        .flat_map(|b| b.entries.iter().cloned())
+        .collect();
+    entries.extend(slot.open.iter().cloned());
     if entries.is_empty() {
         return Ok(());
     }
+    entries.sort_by_key(|e| e.recorded_at);
     let body = futures::StreamExt::boxed(futures::stream::iter(entries.into_iter().map(Ok)));
     store
         .replace_entries(&config.namespace, cassette, body)
@@ -282,7 +416,9 @@ mod tests {
     struct FakeStore {
         appends: Mutex<Vec<(String, Vec<i64>)>>,
         replaces: Mutex<Vec<(String, Vec<i64>)>>,
+        keys: Mutex<std::collections::HashSet<String>>,
         down: AtomicBool,
+        lose_reply_once: AtomicBool,
     }
 
     fn unavailable() -> Error {
@@ -298,9 +434,20 @@ mod tests {
             _: &Namespace,
             c: &Name,
             entries: Vec<NewEntry>,
+            options: AppendOptions,
         ) -> Result<u64, Error> {
             if self.down.load(Ordering::SeqCst) {
                 return Err(unavailable());
+            }
+            if entries.iter().any(|e| e.json.len() > 1000) {
+                return Err(Error::exhausted("max_message_bytes (1000)", "too big"));
+            }
+            let key = options
+                .idempotency_key
+                .map(|k| k.to_string())
+                .unwrap_or_default();
+            if !self.keys.lock().map_err(Error::internal)?.insert(key) {
+                return Ok(entries.len() as u64);
             }
             let n = entries.len() as u64;
             let times = entries.iter().map(|e| e.recorded_at).collect();
@@ -308,6 +455,9 @@ mod tests {
                 .lock()
                 .map_err(Error::internal)?
                 .push((c.to_string(), times));
+            if self.lose_reply_once.swap(false, Ordering::SeqCst) {
+                return Err(unavailable());
+            }
             Ok(n)
         }
         async fn read_entries(
@@ -450,6 +600,73 @@ mod tests {
         );
         assert!(appends(&store).is_empty());
         assert_eq!(writer.pending(&c).await.expect("pending"), 0);
+    }
+
+    /// A batch whose reply was lost is retried with the same key and stored once.
+    #[tokio::test(start_paused = true)]
+    async fn lost_reply_is_not_duplicated() {
+        let store = Arc::new(FakeStore::default());
+        let writer = CassetteWriter::new(Arc::clone(&store), WriterConfig::default());
+        let c = name("c");
+        store.lose_reply_once.store(true, Ordering::SeqCst);
+        writer.write(&c, entry(1)).expect("write");
+        assert!(
+            writer.flush(&c).await.is_err(),
+            "the lost reply is reported"
+        );
+        writer.write(&c, entry(2)).expect("write");
+        writer.flush(&c).await.expect("retry");
+        let sent: Vec<i64> = appends(&store).into_iter().flat_map(|(_, t)| t).collect();
+        assert_eq!(
+            sent,
+            vec![1, 2],
+            "entry 1 stored once (its retry was deduplicated), entry 2 in its own batch"
+        );
+    }
+
+    /// An entry the server refuses for good is dropped and reported; its batch mates are stored.
+    #[tokio::test(start_paused = true)]
+    async fn refused_entry_is_reported_and_batch_mates_survive() {
+        let store = Arc::new(FakeStore::default());
+        let writer = CassetteWriter::new(Arc::clone(&store), WriterConfig::default());
+        let c = name("c");
+        writer.write(&c, entry(1)).expect("write");
+        let huge = format!("{{\"recorded_at\":2,\"pad\":\"{}\"}}", "x".repeat(2000));
+        writer
+            .write(
+                &c,
+                NewEntry::parse("entry", huge.into(), None).expect("entry"),
+            )
+            .expect("write");
+        writer.write(&c, entry(3)).expect("write");
+        let err = writer.flush(&c).await.expect_err("the refusal is reported");
+        assert!(matches!(err, Error::ResourceExhausted { .. }), "{err:?}");
+        let sent: Vec<i64> = appends(&store).into_iter().flat_map(|(_, t)| t).collect();
+        assert_eq!(sent, vec![1, 3]);
+        assert_eq!(writer.pending(&c).await.expect("pending"), 0);
+    }
+
+    /// In record-all mode nothing is appended; the flush replaces the cassette with everything written.
+    #[tokio::test(start_paused = true)]
+    async fn record_all_mode_replaces_with_everything() {
+        let store = Arc::new(FakeStore::default());
+        let writer = CassetteWriter::new(Arc::clone(&store), WriterConfig::default());
+        let c = name("c");
+        writer.record_all(&c).expect("record all");
+        for ts in (0..25).rev() {
+            writer.write(&c, entry(ts)).expect("write");
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(writer.pending(&c).await.expect("pending"), 25);
+        assert!(
+            appends(&store).is_empty(),
+            "nothing is sent piecemeal in record-all mode"
+        );
+        writer.replace_for_all_mode(&c).await.expect("replace");
+        assert_eq!(
+            *store.replaces.lock().expect("lock"),
+            vec![("c".to_string(), (0..25).collect::<Vec<_>>())]
+        );
     }
 
     /// Shutting down (or dropping) the writer flushes what is pending.

@@ -87,6 +87,13 @@ impl EntryCursor {
     }
 }
 
+/// Options of an append.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AppendOptions {
+    /// Makes a retry of the same batch safe (see `EntryStore::append_entries`).
+    pub idempotency_key: Option<Name>,
+}
+
 /// Which part of a cassette to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ReadOptions {
@@ -108,17 +115,23 @@ pub struct ReadOptions {
 ///   sees all of the old content or all of the new; an aborted body (an `Err`
 ///   item or a dropped future) changes nothing. Replacing with nothing leaves
 ///   an existing, empty cassette.
+/// - An append that carries an idempotency key already applied to the
+///   cassette's current content writes nothing again, so a batch retried after
+///   an ambiguous failure (a lost reply, a failed flush) is never duplicated.
 /// - A cassette exists from its first append or replace until deleted.
 ///   `delete_cassette` is idempotent. `ensure_cassette` only validates.
 /// - A successful write is durable: it survives a crash of the process.
 #[async_trait]
 pub trait EntryStore: Send + Sync + 'static {
-    /// Appends entries (at least one); returns how many were written.
+    /// Appends entries (at least one); returns how many were written. With
+    /// an idempotency key that was already applied to the cassette's current
+    /// content, nothing is written and the first call's count is returned.
     async fn append_entries(
         &self,
         ns: &Namespace,
         cassette: &Name,
         entries: Vec<NewEntry>,
+        options: AppendOptions,
     ) -> Result<u64>;
 
     /// Streams entries in order. A missing cassette is an empty stream.

@@ -914,7 +914,7 @@ pub async fn cassette_exists_lifecycle<S: Store>(t: &Target<S>) {
     let ns = fresh_ns();
     let c = name("lifecycle");
     t.store
-        .append_entries(&ns, &c, vec![json_entry("a", Some(1))])
+        .append_entries(&ns, &c, vec![json_entry("a", Some(1))], Default::default())
         .await
         .expect("append");
     assert!(t.store.cassette_exists(&ns, &c).await.expect("exists"));
@@ -941,7 +941,12 @@ pub async fn cassette_exists_lifecycle<S: Store>(t: &Target<S>) {
         .delete_cassette(&ns, &c)
         .await
         .expect("delete again"));
-    assert_invalid(t.store.append_entries(&ns, &c, vec![]).await, "entries");
+    assert_invalid(
+        t.store
+            .append_entries(&ns, &c, vec![], Default::default())
+            .await,
+        "entries",
+    );
 }
 
 /// Six entries appended out of order in separate batches read back in recorded_at order.
@@ -954,7 +959,7 @@ pub async fn cassette_reads_in_recorded_order_across_batches<S: Store>(t: &Targe
             .map(|ts| json_entry(&format!("t{ts}"), Some(*ts)))
             .collect();
         t.store
-            .append_entries(&ns, &c, entries)
+            .append_entries(&ns, &c, entries, Default::default())
             .await
             .expect("append");
     }
@@ -969,11 +974,16 @@ pub async fn cassette_untimed_entries_keep_arrival_order<S: Store>(t: &Target<S>
     let ns = fresh_ns();
     let c = name("untimed");
     t.store
-        .append_entries(&ns, &c, vec![json_entry("a", None), json_entry("b", None)])
+        .append_entries(
+            &ns,
+            &c,
+            vec![json_entry("a", None), json_entry("b", None)],
+            Default::default(),
+        )
         .await
         .expect("append");
     t.store
-        .append_entries(&ns, &c, vec![json_entry("c", None)])
+        .append_entries(&ns, &c, vec![json_entry("c", None)], Default::default())
         .await
         .expect("append");
     t.store
@@ -981,6 +991,7 @@ pub async fn cassette_untimed_entries_keep_arrival_order<S: Store>(t: &Target<S>
             &ns,
             &c,
             vec![json_entry("d", Some(0)), json_entry("e", None)],
+            Default::default(),
         )
         .await
         .expect("append");
@@ -1006,7 +1017,7 @@ pub async fn cassette_concurrent_writers_lose_nothing<S: Store + Clone>(t: &Targ
                         })
                         .collect();
                     store
-                        .append_entries(&ns, &c, entries)
+                        .append_entries(&ns, &c, entries, Default::default())
                         .await
                         .expect("append");
                 }
@@ -1034,19 +1045,36 @@ pub async fn cassette_large_entry_and_many_entries<S: Store>(t: &Target<S>) {
     let json = Bytes::from(format!("{{\"body\":\"{body}\",\"recorded_at\":5}}"));
     let entry = NewEntry::parse("entry", json.clone(), None).expect("entry");
     t.store
-        .append_entries(&ns, &big, vec![entry])
+        .append_entries(&ns, &big, vec![entry], Default::default())
         .await
         .expect("append 10 MB");
     let read = read_all(&t.store, &ns, &big).await;
     assert_eq!(read.len(), 1);
     assert_eq!(read[0].json, json);
+    // A big entry in the middle of a cassette, and many mid-sized entries:
+    // reads must not stop at size-bounded internal batches.
+    let mixed = name("mixed");
+    let big_entry = NewEntry::parse("entry", json.clone(), None).expect("entry");
+    let mut entries = vec![json_entry("before", Some(1)), big_entry];
+    entries.extend((0..300).map(|i| {
+        let pad = "p".repeat(20_000);
+        let value = serde_json::json!({ "tag": "mid", "pad": pad, "recorded_at": 10 + i });
+        NewEntry::parse("entry", Bytes::from(value.to_string()), None).expect("entry")
+    }));
+    t.store
+        .append_entries(&ns, &mixed, entries, Default::default())
+        .await
+        .expect("append mixed");
+    let read = read_all(&t.store, &ns, &mixed).await;
+    assert_eq!(read.len(), 302, "every entry after the large one is read");
+    assert_eq!(read[1].json, json);
     let many = name("many");
     for chunk in 0..20 {
         let entries = (0..1000)
             .map(|i| json_entry("m", Some(chunk * 1000 + i)))
             .collect();
         t.store
-            .append_entries(&ns, &many, entries)
+            .append_entries(&ns, &many, entries, Default::default())
             .await
             .expect("append");
     }
@@ -1063,7 +1091,7 @@ pub async fn cassette_paging_walks_once<S: Store>(t: &Target<S>) {
         .map(|i| json_entry(&format!("p{i}"), Some(i % 7)))
         .collect();
     t.store
-        .append_entries(&ns, &c, entries)
+        .append_entries(&ns, &c, entries, Default::default())
         .await
         .expect("append");
     let everything = read_all(&t.store, &ns, &c).await;
@@ -1155,6 +1183,7 @@ pub async fn cassette_aborted_replace_keeps_old_content<S: Store>(t: &Target<S>)
             &ns,
             &c,
             vec![json_entry("old", Some(1)), json_entry("old", Some(2))],
+            Default::default(),
         )
         .await
         .expect("append");
@@ -1199,7 +1228,7 @@ pub async fn cassette_list_and_names<S: Store>(t: &Target<S>) {
     ];
     for n in names {
         t.store
-            .append_entries(&ns, &name(n), vec![json_entry(n, None)])
+            .append_entries(&ns, &name(n), vec![json_entry(n, None)], Default::default())
             .await
             .expect("append");
     }

@@ -71,6 +71,7 @@ async fn bad_entries_are_rejected_and_nothing_is_written() {
         namespace: "bad".into(),
         cassette: cassette.into(),
         entries,
+        idempotency_key: String::new(),
     };
     let cases = [
         (vec![entry(r#"{"ok":1}"#), entry("[1,2]")], "entries[1]"),
@@ -150,6 +151,7 @@ async fn cut_short_or_invalid_replace_changes_nothing() {
             namespace: "bad".into(),
             cassette: "c".into(),
             entries: vec![entry(r#"{"v":"old"}"#)],
+            idempotency_key: String::new(),
         })
         .await
         .expect("append");
@@ -251,5 +253,38 @@ async fn writer_survives_a_server_outage() {
         times,
         (0..19).collect::<Vec<_>>(),
         "nothing lost, nothing duplicated"
+    );
+}
+
+/// An Append retried with the same idempotency key is stored once; a new key appends again.
+#[tokio::test]
+async fn idempotent_append_retries_store_once() {
+    let server = ServerProcess::start().await;
+    let mut client = EntriesClient::new(server.channel().await);
+    let request = |key: &str| pb::AppendRequest {
+        namespace: "bad".into(),
+        cassette: "once".into(),
+        entries: vec![entry(r#"{"n":1}"#), entry(r#"{"n":2}"#)],
+        idempotency_key: key.into(),
+    };
+    for _ in 0..3 {
+        let reply = client
+            .append(request("batch-1"))
+            .await
+            .expect("append")
+            .into_inner();
+        assert_eq!(reply.appended, 2);
+    }
+    assert_eq!(stored(&mut client, "once").await.len(), 2);
+    client.append(request("batch-2")).await.expect("append");
+    assert_eq!(stored(&mut client, "once").await.len(), 4);
+    let bad = pb::AppendRequest {
+        idempotency_key: "a\0".into(),
+        ..request("x")
+    };
+    assert_status(
+        client.append(bad).await,
+        Code::InvalidArgument,
+        "idempotency_key",
     );
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
-use trove_proto::entries::{EntryCursor, NewEntry, NewEntryStream, ReadOptions};
+use trove_proto::entries::{AppendOptions, EntryCursor, NewEntry, NewEntryStream, ReadOptions};
 use trove_proto::pb::{self, entries_server::Entries};
 use trove_proto::types::{ListPage, Name, Namespace};
 use trove_proto::{EntryStore, Error};
@@ -58,9 +58,15 @@ impl<S: EntryStore> Entries for EntriesService<S> {
         let ns = namespace(&request.namespace)?;
         let name = cassette("cassette", request.cassette)?;
         let entries = parse_entries(request.entries, 0).map_err(status)?;
+        let options = AppendOptions {
+            idempotency_key: (!request.idempotency_key.is_empty())
+                .then(|| Name::new("idempotency_key", request.idempotency_key))
+                .transpose()
+                .map_err(status)?,
+        };
         let appended = self
             .store
-            .append_entries(&ns, &name, entries)
+            .append_entries(&ns, &name, entries, options)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::AppendResponse { appended }))

@@ -244,21 +244,39 @@ impl SledStore {
             }
         }
         if !gone.is_empty() {
-            let cache = &self.inner.cache;
-            for item in cache.trees.scan_prefix(tier) {
-                let (key, target) = item.map_err(sled_error)?;
-                let target = String::from_utf8_lossy(&target).into_owned();
-                if gone.contains(&target)
-                    && !cache
-                        .ref_time
-                        .contains_key(with_parts(tier, &[target.as_bytes()]))
-                        .map_err(sled_error)?
-                {
-                    cache.trees.remove(key).map_err(sled_error)?;
-                }
-            }
+            self.remove_dangling_pointers(tier, |target| gone.contains(target))?;
         }
         Ok((removed, blobs))
+    }
+
+    /// Removes the tree pointers of `tier` whose target `is_candidate` and no
+    /// longer exists, each in a transaction that re-checks both, so a pointer
+    /// rewritten by a concurrent upload is never removed. Blocking.
+    fn remove_dangling_pointers(
+        &self,
+        tier: &[u8],
+        is_candidate: impl Fn(&str) -> bool,
+    ) -> Result<(), Error> {
+        use sled::transaction::Transactional;
+        let cache = &self.inner.cache;
+        for item in cache.trees.scan_prefix(tier) {
+            let (key, target) = item.map_err(sled_error)?;
+            let target_name = String::from_utf8_lossy(&target).into_owned();
+            if !is_candidate(&target_name) {
+                continue;
+            }
+            let ref_key = with_parts(tier, &[target.as_ref()]);
+            let result = (&cache.trees, &cache.ref_time).transaction(|(pointers, ref_time)| {
+                if pointers.get(&key)?.as_deref() == Some(target.as_ref())
+                    && ref_time.get(&ref_key)?.is_none()
+                {
+                    pointers.remove(&key)?;
+                }
+                Ok(())
+            });
+            result.map_err(tx_error)?;
+        }
+        Ok(())
     }
 
     /// Removes a whole PR branch: its refs, tree pointers and ref map. Blocking.

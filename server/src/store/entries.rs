@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures::StreamExt;
 use trove_proto::entries::{
-    EntryCursor, EntryStream, NewEntry, NewEntryStream, ReadOptions, StoredEntry,
+    AppendOptions, EntryCursor, EntryStream, NewEntry, NewEntryStream, ReadOptions, StoredEntry,
 };
 use trove_proto::types::{encode_page_token, now_micros, ListPage, Name, Namespace, Page};
 use trove_proto::{EntryStore, Error};
@@ -41,6 +41,8 @@ pub struct EntryTrees {
     pub(super) cassettes: sled::Tree,
     pub(super) entries: sled::Tree,
     pub(super) gc: sled::Tree,
+    /// `[generation u64][idempotency key part]` -> count of the append.
+    append_keys: sled::Tree,
     leases: Mutex<HashMap<u64, usize>>,
 }
 
@@ -51,6 +53,7 @@ impl EntryTrees {
             cassettes: db.open_tree("cassettes").map_err(sled_error)?,
             entries: db.open_tree("entries").map_err(sled_error)?,
             gc: db.open_tree("entry_gc").map_err(sled_error)?,
+            append_keys: db.open_tree("entry_append_keys").map_err(sled_error)?,
             leases: Mutex::new(HashMap::new()),
         });
         let mut collected = 0u64;
@@ -196,17 +199,30 @@ impl Drop for Lease {
     }
 }
 
-/// Removes a staged Replace generation unless it was committed.
+/// Removes a staged Replace generation unless it was committed. A batch
+/// write still running when the Replace is dropped is awaited first, so it
+/// cannot land after the cleanup.
 struct StagingGuard {
     store: SledStore,
     gen: u64,
     committed: bool,
+    in_flight: Option<tokio::task::JoinHandle<Result<(), Error>>>,
 }
 
 impl Drop for StagingGuard {
     fn drop(&mut self) {
-        if !self.committed {
-            self.store.collect_later(self.gen);
+        if self.committed {
+            return;
+        }
+        match (self.in_flight.take(), tokio::runtime::Handle::try_current()) {
+            (Some(batch), Ok(runtime)) => {
+                let (store, gen) = (self.store.clone(), self.gen);
+                runtime.spawn(async move {
+                    let _ = batch.await;
+                    store.collect_later(gen);
+                });
+            }
+            _ => self.store.collect_later(self.gen),
         }
     }
 }
@@ -225,6 +241,27 @@ impl SledStore {
                 handle.spawn_blocking(work);
             }
             Err(_) => work(),
+        }
+    }
+
+    /// Collects `gen` once the header change that orphaned it is durable
+    /// (a crash before that would bring the header back), independently of
+    /// whether the caller is still waiting.
+    fn collect_when_durable(&self, gen: u64) {
+        let store = self.clone();
+        let work = async move {
+            if store.inner.flusher.wait().await.is_ok() {
+                store.collect_later(gen);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(work);
+            }
+            Err(_) => tracing::warn!(
+                generation = gen,
+                "no runtime; the old cassette version is removed at next start"
+            ),
         }
     }
 
@@ -254,6 +291,7 @@ impl EntryStore for SledStore {
         ns: &Namespace,
         cassette: &Name,
         entries: Vec<NewEntry>,
+        options: AppendOptions,
     ) -> Result<u64, Error> {
         use sled::transaction::{TransactionError, Transactional};
         if entries.is_empty() {
@@ -267,25 +305,41 @@ impl EntryStore for SledStore {
         }
         let new_gen = self.next_id()?;
         let now = now_micros();
-        let result = (&trees.cassettes, &trees.entries).transaction(|(cassettes, stored)| {
-            let gen = match cassettes.get(&key)? {
-                Some(header) => decode_header(&header).map_or(new_gen, |h| h.0),
-                None => {
-                    cassettes.insert(key.as_slice(), &encode_header(new_gen, now)[..])?;
-                    new_gen
+        let count = entries.len() as u64;
+        let idempotency = options
+            .idempotency_key
+            .as_ref()
+            .map(|k| k.as_bytes().to_vec());
+        let result = (&trees.cassettes, &trees.entries, &trees.append_keys).transaction(
+            |(cassettes, stored, applied)| {
+                let gen = match cassettes.get(&key)? {
+                    Some(header) => decode_header(&header).map_or(new_gen, |h| h.0),
+                    None => {
+                        cassettes.insert(key.as_slice(), &encode_header(new_gen, now)[..])?;
+                        new_gen
+                    }
+                };
+                if let Some(idempotency) = &idempotency {
+                    let mut applied_key = gen.to_be_bytes().to_vec();
+                    keys::push_part(&mut applied_key, idempotency);
+                    if let Some(previous) = applied.get(&applied_key)? {
+                        let previous = keys::take_u64(&previous).map_or(count, |(n, _)| n);
+                        return Ok(previous);
+                    }
+                    applied.insert(applied_key, &count.to_be_bytes()[..])?;
                 }
-            };
-            for (entry, seq) in entries.iter().zip(&seqs) {
-                stored.insert(entry_key(gen, entry.recorded_at, *seq), entry.json.as_ref())?;
-            }
-            Ok(())
-        });
-        result.map_err(|e: TransactionError<Error>| match e {
+                for (entry, seq) in entries.iter().zip(&seqs) {
+                    stored.insert(entry_key(gen, entry.recorded_at, *seq), entry.json.as_ref())?;
+                }
+                Ok(count)
+            },
+        );
+        let appended = result.map_err(|e: TransactionError<Error>| match e {
             TransactionError::Abort(err) => err,
             TransactionError::Storage(err) => sled_error(err),
         })?;
         self.durable().await?;
-        Ok(entries.len() as u64)
+        Ok(appended)
     }
 
     async fn read_entries(
@@ -306,7 +360,7 @@ impl EntryStore for SledStore {
             Some(next) => Bound::Excluded(next.to_be_bytes().to_vec()),
             None => Bound::Unbounded,
         };
-        let remaining = options.limit.map_or(u64::MAX, u64::from);
+        let remaining = options.limit.filter(|l| *l > 0).map_or(u64::MAX, u64::from);
         let tree = self.inner.entry_trees.entries.clone();
         struct State {
             tree: sled::Tree,
@@ -332,21 +386,23 @@ impl EntryStore for SledStore {
                     (state.tree.clone(), state.start.clone(), state.end.clone());
                 let want =
                     usize::try_from(state.remaining.min(READ_BATCH as u64)).unwrap_or(READ_BATCH);
-                let batch = blocking(move || {
+                let (batch, exhausted) = blocking(move || {
                     let mut out = Vec::new();
                     let mut bytes = 0usize;
-                    for item in tree.range((start, end)) {
+                    let mut range = tree.range((start, end));
+                    for item in range.by_ref() {
                         let (key, value) = item.map_err(sled_error)?;
                         bytes += value.len();
                         out.push((key.to_vec(), value));
                         if out.len() >= want || bytes >= 4 * 1024 * 1024 {
-                            break;
+                            // Stopped for size, not because the range ended.
+                            return Ok((out, false));
                         }
                     }
-                    Ok(out)
+                    Ok((out, true))
                 })
                 .await?;
-                if batch.len() < want {
+                if exhausted {
                     state.done = true;
                 }
                 if let Some((last, _)) = batch.last() {
@@ -395,6 +451,7 @@ impl EntryStore for SledStore {
             store: self.clone(),
             gen,
             committed: false,
+            in_flight: None,
         };
         let mut count = 0u64;
         let mut batches = entries.ready_chunks(256);
@@ -409,7 +466,12 @@ impl EntryStore for SledStore {
                 count += 1;
             }
             let tree = trees.entries.clone();
-            blocking(move || tree.apply_batch(sled_batch).map_err(sled_error)).await?;
+            let write = guard.in_flight.insert(tokio::task::spawn_blocking(move || {
+                tree.apply_batch(sled_batch).map_err(sled_error)
+            }));
+            let written = write.await;
+            guard.in_flight = None;
+            written.map_err(|e| Error::internal(format!("store task failed: {e}")))??;
         }
         let now = now_micros();
         let result = (&trees.cassettes, &trees.gc).transaction(|(cassettes, gc)| {
@@ -428,10 +490,10 @@ impl EntryStore for SledStore {
         })?;
         guard.committed = true;
         drop(guard);
-        self.durable().await?;
         if let Some(old_gen) = old_gen {
-            self.collect_later(old_gen);
+            self.collect_when_durable(old_gen);
         }
+        self.durable().await?;
         Ok(count)
     }
 
@@ -454,12 +516,14 @@ impl EntryStore for SledStore {
             TransactionError::Storage(err) => sled_error(err),
         })?;
         let Some(gen) = removed else {
+            // Nothing to delete, but a concurrent delete may not be durable yet.
+            self.durable().await?;
             return Ok(false);
         };
-        self.durable().await?;
         if let Some(gen) = gen {
-            self.collect_later(gen);
+            self.collect_when_durable(gen);
         }
+        self.durable().await?;
         Ok(true)
     }
 
