@@ -841,8 +841,13 @@ pub async fn large_value_round_trip<S: Store>(t: &Target<S>) {
         "{on_disk} bytes on disk for {} bytes of data",
         2 * total
     );
+    eprintln!(
+        "large_value_round_trip: {} bytes of values, {on_disk} bytes on disk",
+        2 * total
+    );
     if let Some(server) = &t.server {
         if let Some(peak) = server.peak_rss_bytes() {
+            eprintln!("large_value_round_trip: server peak RSS {peak} bytes");
             assert!(
                 peak < total / 2,
                 "server peak RSS {peak} bytes for a {total}-byte value: not streamed"
