@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+pub use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint};
 use trove_proto::pb::artifacts_client::ArtifactsClient;
 use trove_proto::pb::cache_client::CacheClient;
@@ -48,6 +49,7 @@ pub struct TroveClient {
     entries: EntriesClient<Channel>,
     cache: CacheClient<Channel>,
     chunk_bytes: usize,
+    channel: Channel,
 }
 
 impl TroveClient {
@@ -70,15 +72,37 @@ impl TroveClient {
 
     /// Uses an existing channel (for custom TLS, timeouts or load balancing).
     pub fn from_channel(channel: Channel) -> Self {
+        Self::build(channel, None)
+    }
+
+    /// Compresses requests with `encoding` (gzip or zstd) and asks the server
+    /// to compress responses the same way. Off by default: on loopback or a
+    /// fast network, compressing (mostly already compressed) payloads costs
+    /// more time than it saves.
+    #[must_use]
+    pub fn with_compression(self, encoding: CompressionEncoding) -> Self {
+        let channel = self.channel.clone();
+        Self::build(channel, Some(encoding)).with_chunk_bytes(self.chunk_bytes)
+    }
+
+    fn build(channel: Channel, compression: Option<CompressionEncoding>) -> Self {
+        macro_rules! client {
+            ($client:ident) => {{
+                let client =
+                    $client::new(channel.clone()).max_decoding_message_size(MAX_DECODE_BYTES);
+                match compression {
+                    Some(encoding) => client.send_compressed(encoding).accept_compressed(encoding),
+                    None => client,
+                }
+            }};
+        }
         TroveClient {
-            objects: ObjectsClient::new(channel.clone())
-                .max_decoding_message_size(MAX_DECODE_BYTES),
-            artifacts: ArtifactsClient::new(channel.clone())
-                .max_decoding_message_size(MAX_DECODE_BYTES),
-            entries: EntriesClient::new(channel.clone())
-                .max_decoding_message_size(MAX_DECODE_BYTES),
-            cache: CacheClient::new(channel).max_decoding_message_size(MAX_DECODE_BYTES),
+            objects: client!(ObjectsClient),
+            artifacts: client!(ArtifactsClient),
+            entries: client!(EntriesClient),
+            cache: client!(CacheClient),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            channel,
         }
     }
 

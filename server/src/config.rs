@@ -1,15 +1,21 @@
-//! Server settings: every one is a flag and a `TROVE_*` environment variable
-//! (flags win), validated before anything starts.
+//! Server settings. Each one is a flag, a `TROVE_*` environment variable and a
+//! key of an optional TOML file (`--config`); flags win over the environment,
+//! the environment over the file, the file over defaults. Everything is
+//! validated before anything starts, and errors name the setting.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use serde::Serialize;
 
 use crate::store::{Durability, StoreOptions};
 
 /// When writes are acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DurabilityMode {
     /// After the write is on disk (fsync shared between concurrent writers).
     Strict,
@@ -18,7 +24,8 @@ pub enum DurabilityMode {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     Human,
@@ -26,10 +33,46 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the Prometheus endpoint listens: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(MetricsListen(None));
+        }
+        s.parse()
+            .map(|addr| MetricsListen(Some(addr)))
+            .map_err(|e| format!("{e}; expected HOST:PORT or \"off\""))
+    }
+}
+
+impl Serialize for MetricsListen {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(addr) => serializer.serialize_str(&addr.to_string()),
+            None => serializer.serialize_str("off"),
+        }
+    }
+}
+
 /// The Trove storage server.
-#[derive(Debug, Clone, Parser)]
+#[derive(Debug, Clone, Parser, Serialize)]
 #[command(name = "trove-server", version, about, long_about = None)]
 pub struct Config {
+    /// TOML file with settings (keys are the long flag names, with `_` or `-`).
+    /// Flags and environment variables override it.
+    #[arg(long, env = "TROVE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective settings as TOML and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+
     /// Address to serve gRPC on. Port 0 picks a free port; the bound address
     /// is printed on standard output as `listening on ADDR`.
     #[arg(long, env = "TROVE_LISTEN", default_value = "127.0.0.1:50051")]
@@ -39,11 +82,32 @@ pub struct Config {
     #[arg(long, env = "TROVE_DATA_DIR", default_value = "./trove-data")]
     pub data_dir: PathBuf,
 
-    /// Largest gRPC message accepted, in bytes. Larger values must be streamed
-    /// in several messages.
+    /// Address of the Prometheus endpoint (`/metrics`), or `off`. The bound
+    /// address is printed on standard output as `metrics on ADDR`.
+    #[arg(long, env = "TROVE_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
+    pub metrics_listen: MetricsListen,
+
+    /// Largest gRPC message accepted, in bytes; above it the call fails with
+    /// RESOURCE_EXHAUSTED. Larger values must be streamed in several messages.
     #[arg(long, env = "TROVE_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024 * 1024))]
     pub max_message_bytes: u64,
+
+    /// Most concurrent HTTP/2 streams (calls) per client connection.
+    #[arg(long, env = "TROVE_MAX_CONCURRENT_STREAMS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+
+    /// Most calls served at once; more are refused at once with
+    /// RESOURCE_EXHAUSTED instead of queueing (health checks are exempt).
+    #[arg(long, env = "TROVE_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// Longest time a call may take before DEADLINE_EXCEEDED, in seconds
+    /// (0: no limit). A shorter deadline sent by the caller wins.
+    #[arg(long, env = "TROVE_REQUEST_TIMEOUT_SECS", default_value_t = 300)]
+    pub request_timeout_secs: u64,
 
     /// Size of the chunks that downloads are sent in, in bytes.
     #[arg(long, env = "TROVE_CHUNK_BYTES", default_value_t = 1024 * 1024,
@@ -68,16 +132,73 @@ pub struct Config {
     #[arg(long, env = "TROVE_LOG", default_value = "info")]
     pub log: String,
 
-    /// Serve gRPC reflection (on by default; `--reflection false` turns it off).
+    /// Serve gRPC reflection (`--reflection false` turns it off).
     #[arg(long, env = "TROVE_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
+
+    /// On SIGTERM/SIGINT, keep serving this many seconds while health reports
+    /// NOT_SERVING, so load balancers and probes move traffic away first.
+    #[arg(long, env = "TROVE_DRAIN_GRACE_SECS", default_value_t = 0)]
+    pub drain_grace_secs: u64,
 
     /// Longest wait for in-flight calls at shutdown, in seconds.
     #[arg(long, env = "TROVE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
 }
 
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A flag, variable or file value is invalid (the message names it).
+    #[error(transparent)]
+    Invalid(#[from] clap::Error),
+    /// The config file is unreadable or malformed.
+    #[error("config file {path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
 impl Config {
+    /// Loads settings from the process's arguments, environment and config file.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// Loads settings from `args` (the first is the program name), the
+    /// environment and the config file the arguments or environment name.
+    pub fn load_from<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let matches = Config::command().try_get_matches_from(&args)?;
+        let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
+            return Ok(Config::from_arg_matches(&matches)?);
+        };
+        let from_file = file_arguments(&path, &matches)?;
+        // File values are passed as flags only for settings that nothing
+        // else set, so the environment and real flags keep precedence.
+        let mut merged = args;
+        merged.extend(from_file);
+        let matches = Config::command()
+            .try_get_matches_from(&merged)
+            .map_err(|e| ConfigError::File {
+                path: path.clone(),
+                message: e.to_string().trim().to_owned(),
+            })?;
+        Ok(Config::from_arg_matches(&matches)?)
+    }
+
+    /// The effective settings as TOML (what `--print-config` shows).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
+    }
+
     /// The store settings these flags describe.
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
@@ -100,8 +221,59 @@ impl Config {
         let mut config = Config::parse_from(["trove-server"]);
         config.data_dir = data_dir;
         config.listen = listen;
+        config.metrics_listen = MetricsListen(None);
         config
     }
+}
+
+/// Turns the keys of a TOML file into `--flag value` arguments for the
+/// settings that were left at their defaults.
+fn file_arguments(path: &Path, matches: &clap::ArgMatches) -> Result<Vec<OsString>, ConfigError> {
+    let fail = |message: String| ConfigError::File {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| fail(e.to_string().trim().to_owned()))?;
+    let command = Config::command();
+    let mut args = Vec::new();
+    for (key, value) in table {
+        let id = key.replace('-', "_");
+        let known = command.get_arguments().find(|a| {
+            a.get_id().as_str() == id
+                && a.get_long().is_some()
+                && !matches!(id.as_str(), "config" | "print_config")
+        });
+        let Some(arg) = known else {
+            return Err(fail(format!(
+                "unknown setting {key:?}; see trove-server --help for the settings"
+            )));
+        };
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            other => {
+                return Err(fail(format!(
+                    "setting {key:?} must be a string, number or boolean, not {}",
+                    other.type_str()
+                )))
+            }
+        };
+        let explicit = matches!(
+            matches.value_source(&id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        if !explicit {
+            // `--flag=value` keeps values such as "-1" from reading as flags.
+            let long = arg.get_long().unwrap_or(&id);
+            args.push(OsString::from(format!("--{long}={value}")));
+        }
+    }
+    Ok(args)
 }
 
 #[cfg(test)]
@@ -117,7 +289,43 @@ mod tests {
         let err = Config::try_parse_from(["trove-server", "--durability", "maybe"])
             .expect_err("unknown mode");
         assert!(err.to_string().contains("--durability"), "{err}");
-        let ok = Config::try_parse_from(["trove-server", "--listen", "127.0.0.1:0"]);
-        assert!(ok.is_ok());
+        let err = Config::try_parse_from(["trove-server", "--metrics-listen", "nowhere"])
+            .expect_err("bad address");
+        assert!(err.to_string().contains("--metrics-listen"), "{err}");
+        let ok = Config::try_parse_from([
+            "trove-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ]);
+        assert_eq!(ok.map(|c| c.metrics_listen).ok(), Some(MetricsListen(None)));
+    }
+
+    /// A config file fills in what flags leave out; flags win; bad keys are named.
+    #[test]
+    fn config_file_layers_under_flags() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("trove.toml");
+        std::fs::write(
+            &file,
+            "chunk_bytes = 4096\nlog = \"debug\"\nreflection = false\n",
+        )
+        .expect("write");
+        let path = file.to_string_lossy().to_string();
+        let config =
+            Config::load_from(["trove-server", "--config", &path, "--log", "warn"]).expect("load");
+        assert_eq!(
+            (config.chunk_bytes, config.log.as_str(), config.reflection),
+            (4096, "warn", false)
+        );
+        std::fs::write(&file, "chunk_bytes = 1\n").expect("write");
+        let err = Config::load_from(["trove-server", "--config", &path]).expect_err("out of range");
+        assert!(err.to_string().contains("--chunk-bytes"), "{err}");
+        std::fs::write(&file, "no_such_setting = 1\n").expect("write");
+        let err = Config::load_from(["trove-server", "--config", &path]).expect_err("unknown");
+        assert!(err.to_string().contains("no_such_setting"), "{err}");
+        std::fs::write(&file, "chunk_bytes = [1]\n").expect("write");
+        assert!(Config::load_from(["trove-server", "--config", &path]).is_err());
     }
 }

@@ -6,11 +6,16 @@
 //!   sled plus blob files. Knows nothing of tonic.
 //! - [`grpc`]: thin adapters, one per service, generic over the trait served.
 //! - [`config`]: flags and `TROVE_*` environment variables.
-//! - [`server`]: [`server::run`] wires everything and handles shutdown.
+//! - [`observe`]: the tower layer for load shedding, deadlines, metrics and
+//!   request logs.
+//! - [`metrics`]: the Prometheus endpoint and store gauges.
+//! - [`server`]: [`server::run`] wires everything and handles startup and shutdown.
 //! - [`telemetry`]: log setup.
 
 pub mod config;
 pub mod grpc;
+pub mod metrics;
+pub mod observe;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -1,25 +1,54 @@
-//! `trove-server`: parses settings, starts logging, binds, and runs the server
+//! `trove-server`: loads settings, starts logging, binds, and runs the server
 //! until SIGTERM or SIGINT.
 
 use std::io::Write;
 
 use anyhow::Context;
-use clap::Parser;
-use trove_server::config::Config;
+use trove_server::config::{Config, ConfigError};
+use trove_server::server::Listeners;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(ConfigError::Invalid(err)) => err.exit(),
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(2);
+        }
+    };
+    if config.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
     trove_server::telemetry::init(&config)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let grpc = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr().context("listener address")?;
-    // Scripts and tests read the bound address (useful with port 0) from here.
+        .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+    let metrics = match config.metrics_listen.0 {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} (--metrics-listen; \"off\" disables it)")
+        })?),
+        None => None,
+    };
+    // Scripts and tests read the bound addresses (useful with port 0) here.
     let mut stdout = std::io::stdout();
-    writeln!(stdout, "listening on {addr}").context("write to stdout")?;
+    if let Some(metrics) = &metrics {
+        writeln!(
+            stdout,
+            "metrics on {}",
+            metrics.local_addr().context("metrics address")?
+        )
+        .context("write to stdout")?;
+    }
+    writeln!(
+        stdout,
+        "listening on {}",
+        grpc.local_addr().context("listener address")?
+    )
+    .context("write to stdout")?;
     stdout.flush().context("flush stdout")?;
-    trove_server::server::run(config, listener, shutdown_signal()).await
+    trove_server::server::run(config, Listeners { grpc, metrics }, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

@@ -1,20 +1,29 @@
-//! Wires the store, the gRPC adapters, health and reflection into one tonic
-//! server, and runs it until a shutdown future resolves.
+//! Wires the store, the gRPC adapters, health, reflection and metrics into one
+//! tonic server, and runs it until a shutdown future resolves.
 //!
-//! [`run`] takes a bound listener and any shutdown future, so the binary and
-//! tests drive it the same way. Shutdown order: health flips to NOT_SERVING,
-//! tonic stops accepting and drains in-flight calls (bounded by the drain
-//! timeout), then the store is flushed.
+//! [`run`] takes bound listeners and any shutdown future, so the binary and
+//! tests drive it the same way.
+//!
+//! Life of the process:
+//! 1. Starting: only health (NOT_SERVING) and reflection answer while the
+//!    store opens and reclaims what a crash left.
+//! 2. Serving: every service, behind the [`ObserveLayer`] (load shedding,
+//!    deadlines, metrics, request logs); health reports SERVING.
+//! 3. Draining, on the shutdown signal: health reports NOT_SERVING at once and
+//!    the server keeps serving for `drain_grace_secs`, then stops accepting
+//!    and lets in-flight calls finish (up to `drain_timeout_secs`).
+//! 4. The store is flushed; `run` returns.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::codegen::http;
+use futures::Stream;
+use tokio::net::{TcpListener, TcpStream};
+use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use trove_proto::pb::artifacts_server::ArtifactsServer;
 use trove_proto::pb::cache_server::CacheServer;
@@ -27,6 +36,7 @@ use crate::grpc::cache::CacheService;
 use crate::grpc::entries::EntriesService;
 use crate::grpc::objects::ObjectsService;
 use crate::grpc::Limits;
+use crate::observe::ObserveLayer;
 use crate::store::SledStore;
 
 /// Names of the services reported by the health check.
@@ -37,92 +47,195 @@ const SERVICES: [&str; 4] = [
     "trove.v1.Cache",
 ];
 
-/// Opens the store in `config.data_dir` and serves on `listener` until
+/// How often the store gauges are refreshed.
+const STORE_GAUGE_PERIOD: Duration = Duration::from_secs(15);
+
+/// The sockets the server answers on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC.
+    pub grpc: TcpListener,
+    /// Prometheus `/metrics`, when enabled.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Accepts connections from a shared listener, so the startup server and
+/// the full server can take turns on one socket.
+fn incoming(listener: Arc<TcpListener>) -> impl Stream<Item = std::io::Result<TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((accepted, listener))
+    })
+}
+
+#[allow(clippy::type_complexity)]
+fn reflection(
+    config: &Config,
+) -> anyhow::Result<
+    Option<(
+        tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<
+            impl tonic_reflection::pb::v1::server_reflection_server::ServerReflection,
+        >,
+        tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer<
+            impl tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflection,
+        >,
+    )>,
+> {
+    if !config.reflection {
+        return Ok(None);
+    }
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(trove_proto::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("build reflection v1")?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(trove_proto::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("build reflection v1alpha")?;
+    Ok(Some((v1, v1alpha)))
+}
+
+/// Opens the store in `config.data_dir` and serves on `listeners` until
 /// `shutdown` resolves; then drains, flushes and returns.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    // Not serving until the store is open and reclaimed.
     set_all(&health, ServingStatus::NotServing).await;
+    let grpc = Arc::new(listeners.grpc);
+    let addr = grpc.local_addr().context("listener address")?;
+
+    let metrics_task = match listeners.metrics {
+        Some(listener) => {
+            let handle = crate::metrics::handle()?;
+            let addr = listener.local_addr().context("metrics listener address")?;
+            tracing::info!(%addr, "metrics at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                handle,
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
+
+    // Phase 1: health (NOT_SERVING) and reflection only, while the store opens.
+    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut starting = Server::builder().add_service(health_service.clone());
+    if let Some((v1, v1alpha)) = reflection(&config)? {
+        starting = starting.add_service(v1).add_service(v1alpha);
+    }
+    let starting = tokio::spawn(starting.serve_with_incoming_shutdown(
+        incoming(Arc::clone(&grpc)),
+        async {
+            let _ = opened_rx.await;
+        },
+    ));
 
     let dir = config.data_dir.clone();
     let options = config.store_options();
     let started = std::time::Instant::now();
-    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir, options))
+    let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir, options))
         .await
         .context("store task panicked")?
-        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()));
+    let _ = opened_tx.send(());
+    // Health watchers could hold the startup server open; it only needs to
+    // stop accepting, which happens at once.
+    if tokio::time::timeout(Duration::from_secs(2), starting)
+        .await
+        .is_err()
+    {
+        tracing::debug!("startup server still draining; moving on");
+    }
+    let store = Arc::new(opened?);
     tracing::info!(dir = %config.data_dir.display(), elapsed_ms = started.elapsed().as_millis(), "store open");
-    let store = Arc::new(store);
+    let gauges = metrics_task
+        .as_ref()
+        .map(|_| crate::metrics::spawn_store_gauges((*store).clone(), STORE_GAUGE_PERIOD));
 
     let limits = Limits {
         max_message_bytes: config.max_message(),
     };
     // tonic enforces the limit while decoding; its OUT_OF_RANGE becomes
     // RESOURCE_EXHAUSTED naming the limit (in the adapters for streamed
-    // messages, in `oversize_is_resource_exhausted` for unary ones).
+    // messages, in the observe layer for unary ones).
     let decode_limit = limits.max_message_bytes;
-    let objects = ObjectsServer::new(ObjectsService::new(Arc::clone(&store), limits))
-        .max_decoding_message_size(decode_limit)
-        .max_encoding_message_size(usize::MAX);
-    let artifacts = ArtifactsServer::new(ArtifactsService::new(Arc::clone(&store), limits))
-        .max_decoding_message_size(decode_limit)
-        .max_encoding_message_size(usize::MAX);
+    macro_rules! grpc_service {
+        ($server:ident, $service:expr) => {
+            $server::new($service)
+                .max_decoding_message_size(decode_limit)
+                .max_encoding_message_size(usize::MAX)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
+                .send_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Zstd)
+        };
+    }
+    let objects = grpc_service!(
+        ObjectsServer,
+        ObjectsService::new(Arc::clone(&store), limits)
+    );
+    let artifacts = grpc_service!(
+        ArtifactsServer,
+        ArtifactsService::new(Arc::clone(&store), limits)
+    );
+    let entries = grpc_service!(
+        EntriesServer,
+        EntriesService::new(Arc::clone(&store), limits)
+    );
+    let cache = grpc_service!(CacheServer, CacheService::new(Arc::clone(&store), limits));
 
-    let entries = EntriesServer::new(EntriesService::new(Arc::clone(&store), limits))
-        .max_decoding_message_size(decode_limit)
-        .max_encoding_message_size(usize::MAX);
-
-    let limit_bytes = limits.max_message_bytes;
-    let cache = CacheServer::new(CacheService::new(Arc::clone(&store), limits))
-        .max_decoding_message_size(decode_limit)
-        .max_encoding_message_size(usize::MAX);
-
+    let timeout =
+        (config.request_timeout_secs > 0).then(|| Duration::from_secs(config.request_timeout_secs));
+    let observe = ObserveLayer::new(
+        usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX),
+        timeout,
+        limits.max_message_bytes,
+    );
     let mut router = Server::builder()
         // Without keepalives a client that vanishes (host down, partition)
         // would hold its upload, staging file and buffers forever.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .tcp_keepalive(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(config.max_concurrent_streams)
         .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
-        .layer(tower::util::MapResponseLayer::new(move |response| {
-            oversize_is_resource_exhausted(response, limit_bytes)
-        }))
+        .layer(observe)
         .add_service(health_service)
         .add_service(objects)
         .add_service(artifacts)
         .add_service(entries)
         .add_service(cache);
-    if config.reflection {
-        let v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(trove_proto::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("build reflection v1")?;
-        let v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(trove_proto::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .context("build reflection v1alpha")?;
+    if let Some((v1, v1alpha)) = reflection(&config)? {
         router = router.add_service(v1).add_service(v1alpha);
     }
 
     set_all(&health, ServingStatus::Serving).await;
-    let addr = listener.local_addr().context("listener address")?;
     tracing::info!(%addr, "serving");
 
     let (drain_started_tx, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
     let draining_health = health.clone();
+    let grace = Duration::from_secs(config.drain_grace_secs);
     let signal = async move {
         shutdown.await;
-        tracing::info!("shutdown requested; draining in-flight calls");
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutdown requested; reporting NOT_SERVING"
+        );
         set_all(&draining_health, ServingStatus::NotServing).await;
+        tokio::time::sleep(grace).await;
+        tracing::info!("draining in-flight calls");
         let _ = drain_started_tx.send(());
     };
-    let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let serve = router.serve_with_incoming_shutdown(incoming(grpc), signal);
     tokio::pin!(serve);
     let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
     tokio::select! {
@@ -138,41 +251,20 @@ pub async fn run(
         }
     }
 
+    if let Some(gauges) = gauges {
+        gauges.abort();
+    }
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     store.flush().await.context("final flush")?;
     tracing::info!("store flushed; bye");
     Ok(())
 }
 
-async fn set_all(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+async fn set_all(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     for service in SERVICES {
         health.set_service_status(service, status).await;
     }
-}
-
-/// tonic rejects an oversize unary message itself, with OUT_OF_RANGE, before
-/// any adapter runs. Trove promises RESOURCE_EXHAUSTED naming the limit, and
-/// nothing in Trove emits OUT_OF_RANGE, so the status is rewritten here.
-fn oversize_is_resource_exhausted<B>(
-    mut response: http::Response<B>,
-    limit: usize,
-) -> http::Response<B> {
-    const OUT_OF_RANGE: &str = "11";
-    let headers = response.headers_mut();
-    if headers.get("grpc-status").and_then(|v| v.to_str().ok()) == Some(OUT_OF_RANGE) {
-        let code = (tonic::Code::ResourceExhausted as i32).to_string();
-        if let Ok(code) = http::HeaderValue::from_str(&code) {
-            headers.insert("grpc-status", code);
-        }
-        let message = format!(
-            "max_message_bytes ({limit}) exceeded: a message is larger than the server accepts; send large values in several messages"
-        );
-        if let Ok(message) = http::HeaderValue::from_str(&message) {
-            headers.insert("grpc-message", message);
-        }
-        if let Ok(limit) = http::HeaderValue::from_str(&format!("max_message_bytes ({limit})")) {
-            headers.insert("trove-limit", limit);
-        }
-    }
-    response
 }

@@ -48,6 +48,8 @@ pub struct ServerProcess {
     child: Option<Child>,
     /// Address the server listens on.
     pub addr: SocketAddr,
+    /// Address of the Prometheus endpoint.
+    pub metrics_addr: Option<SocketAddr>,
     /// Data directory of the server.
     pub data_dir: PathBuf,
     /// File receiving the server's standard error (its logs).
@@ -75,10 +77,12 @@ impl ServerProcess {
     pub async fn start_in(data_dir: &Path, extra_args: &[&str]) -> Self {
         let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
         let log_path = data_dir.with_extension("log");
-        let (child, addr) = spawn(data_dir, "127.0.0.1:0", &extra_args, &log_path).await;
+        let (child, addr, metrics_addr) =
+            spawn(data_dir, "127.0.0.1:0", &extra_args, &log_path).await;
         ServerProcess {
             child: Some(child),
             addr,
+            metrics_addr,
             data_dir: data_dir.to_path_buf(),
             log_path,
             extra_args,
@@ -144,7 +148,7 @@ impl ServerProcess {
     /// Starts the server again on the same data directory (after a kill).
     pub async fn restart(&mut self) {
         self.kill9();
-        let (child, addr) = spawn(
+        let (child, addr, metrics_addr) = spawn(
             &self.data_dir,
             "127.0.0.1:0",
             &self.extra_args,
@@ -153,6 +157,7 @@ impl ServerProcess {
         .await;
         self.child = Some(child);
         self.addr = addr;
+        self.metrics_addr = metrics_addr;
     }
 
     /// Starts the server again on the same data directory and the same
@@ -160,9 +165,11 @@ impl ServerProcess {
     pub async fn restart_same_address(&mut self) {
         self.kill9();
         let listen = self.addr.to_string();
-        let (child, addr) = spawn(&self.data_dir, &listen, &self.extra_args, &self.log_path).await;
+        let (child, addr, metrics_addr) =
+            spawn(&self.data_dir, &listen, &self.extra_args, &self.log_path).await;
         self.child = Some(child);
         self.addr = addr;
+        self.metrics_addr = metrics_addr;
     }
 
     /// The server's log so far.
@@ -190,7 +197,7 @@ async fn spawn(
     listen: &str,
     extra_args: &[String],
     log_path: &Path,
-) -> (Child, SocketAddr) {
+) -> (Child, SocketAddr, Option<SocketAddr>) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -201,6 +208,12 @@ async fn spawn(
         .arg(listen)
         .arg("--data-dir")
         .arg(data_dir)
+        // An ephemeral metrics port, unless the test chose one.
+        .args(if extra_args.iter().any(|a| a == "--metrics-listen") {
+            vec![]
+        } else {
+            vec!["--metrics-listen", "127.0.0.1:0"]
+        })
         .args(extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -211,15 +224,19 @@ async fn spawn(
     let log_copy = log_path.to_path_buf();
     let addr = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stdout).lines();
+        let mut metrics = None;
         while let Some(Ok(line)) = lines.next() {
+            if let Some(addr) = line.strip_prefix("metrics on ") {
+                metrics = addr.trim().parse::<SocketAddr>().ok();
+            }
             if let Some(addr) = line.strip_prefix("listening on ") {
-                return addr.trim().parse::<SocketAddr>().ok();
+                return addr.trim().parse::<SocketAddr>().ok().map(|a| (a, metrics));
             }
         }
         None
     });
-    let addr = match tokio::time::timeout(START_TIMEOUT, addr).await {
-        Ok(Ok(Some(addr))) => addr,
+    let (addr, metrics_addr) = match tokio::time::timeout(START_TIMEOUT, addr).await {
+        Ok(Ok(Some(addrs))) => addrs,
         _ => {
             let _ = child.kill();
             panic!(
@@ -229,7 +246,32 @@ async fn spawn(
         }
     };
     wait_serving(addr).await;
-    (child, addr)
+    (child, addr, metrics_addr)
+}
+
+/// Fetches `/metrics` from `addr` with a plain HTTP/1.1 request.
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: trove\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain"),
+        "{head}"
+    );
+    body.to_owned()
 }
 
 /// Polls the gRPC health check until the server reports SERVING.

@@ -111,6 +111,16 @@ impl EntryTrees {
         Ok(removed)
     }
 
+    /// Cassettes, entries and entry bytes. Blocking.
+    pub(super) fn usage(&self) -> Result<(u64, u64, u64), Error> {
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        for value in self.entries.iter().values() {
+            bytes += value.map_err(sled_error)?.len() as u64;
+            entries += 1;
+        }
+        Ok((self.cassettes.len() as u64, entries, bytes))
+    }
+
     fn leased(&self, gen: u64) -> bool {
         self.leases
             .lock()

@@ -73,6 +73,28 @@ impl Default for StoreOptions {
     }
 }
 
+/// What a store holds, for metrics. Computed by scanning: seconds on very
+/// large stores, so callers refresh it periodically, off the request path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreUsage {
+    /// Content-addressed objects.
+    pub objects: u64,
+    /// Chunk streams.
+    pub streams: u64,
+    /// Artifacts.
+    pub artifacts: u64,
+    /// Cassettes.
+    pub cassettes: u64,
+    /// Stored entries (including versions awaiting removal).
+    pub entries: u64,
+    /// Cache archives (one per ref and suite).
+    pub cache_archives: u64,
+    /// Payload bytes as callers see them.
+    pub logical_bytes: u64,
+    /// Bytes on disk: the database plus blob files.
+    pub disk_bytes: u64,
+}
+
 /// Figures about what a store holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StoreStats {
@@ -181,6 +203,43 @@ impl SledStore {
             blob_files: published.len() as u64,
             referenced_blobs: self.inner.blob_refs.len() as u64,
         })
+    }
+
+    /// Scans the store for [`StoreUsage`]. Blocking.
+    pub fn usage(&self) -> Result<StoreUsage, Error> {
+        let mut usage = StoreUsage::default();
+        for item in self.inner.objects.iter() {
+            let (key, value) = item.map_err(sled_error)?;
+            let record = record::decode(&value)?;
+            usage.logical_bytes += record.size;
+            if key.last() == Some(&b's') {
+                usage.streams += 1;
+            } else {
+                usage.objects += 1;
+            }
+        }
+        for item in self.inner.artifacts.iter().values() {
+            usage.logical_bytes += record::decode(&item.map_err(sled_error)?)?.size;
+            usage.artifacts += 1;
+        }
+        let (cassettes, entries, entry_bytes) = self.inner.entry_trees.usage()?;
+        usage.cassettes = cassettes;
+        usage.entries = entries;
+        usage.logical_bytes += entry_bytes;
+        let (archives, archive_bytes) = self.inner.cache.usage()?;
+        usage.cache_archives = archives;
+        usage.logical_bytes += archive_bytes;
+        let blob_bytes: u64 = self
+            .inner
+            .blobs
+            .published_ids()
+            .map_err(|e| io_error("read blob folders", &e))?
+            .into_iter()
+            .filter_map(|id| std::fs::metadata(self.inner.blobs.blob_path(id)).ok())
+            .map(|m| m.len())
+            .sum();
+        usage.disk_bytes = self.inner.db.size_on_disk().map_err(sled_error)? + blob_bytes;
+        Ok(usage)
     }
 
     /// Data directory of this store.

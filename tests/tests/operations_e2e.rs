@@ -1,0 +1,446 @@
+//! Running Trove for real: configuration precedence, start-up validation,
+//! metrics, load shedding, deadlines, compression and draining.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tonic::codec::CompressionEncoding;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use trove_proto::pb;
+use trove_proto::pb::artifacts_client::ArtifactsClient;
+use trove_tests::harness::{health_status, scrape, server_binary, ServerProcess};
+
+fn header(key: &str, data: Bytes, finish: bool) -> pb::PutArtifactRequest {
+    pb::PutArtifactRequest {
+        header: Some(pb::PutArtifactHeader {
+            namespace: "ops".into(),
+            key: key.into(),
+            content_type: String::new(),
+            size: None,
+        }),
+        data,
+        finish,
+    }
+}
+
+/// An upload whose body stays open until the returned sender is dropped or fed.
+fn open_upload(
+    key: &str,
+) -> (
+    tokio::sync::mpsc::Sender<pb::PutArtifactRequest>,
+    impl futures::Stream<Item = pb::PutArtifactRequest>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let first = header(key, Bytes::from_static(b"begin"), false);
+    let rest = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    (
+        tx,
+        futures::StreamExt::chain(futures::stream::once(async move { first }), rest),
+    )
+}
+
+/// Settings come from the file, then the environment, then flags; the effective set is printable.
+#[test]
+fn config_precedence_file_env_flag() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("trove.toml");
+    std::fs::write(
+        &file,
+        "max_message_bytes = 2000000\nchunk_bytes = 4096\nlog = \"debug\"\ndurability = \"relaxed\"\n",
+    )
+    .expect("write");
+    let out = Command::new(server_binary())
+        .args([
+            "--config",
+            &file.to_string_lossy(),
+            "--log",
+            "warn",
+            "--print-config",
+        ])
+        .env("TROVE_CHUNK_BYTES", "8192")
+        .env("TROVE_DURABILITY", "strict")
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "max_message_bytes = 2000000",  // file
+        "chunk_bytes = 8192",           // env beats file
+        "durability = \"strict\"",      // env beats file
+        "log = \"warn\"",               // flag beats file
+        "listen = \"127.0.0.1:50051\"", // default
+    ] {
+        assert!(printed.contains(want), "{want:?} missing from:\n{printed}");
+    }
+}
+
+/// An invalid setting, wherever it comes from, stops the server with a message naming it.
+#[test]
+fn invalid_settings_fail_at_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("trove.toml");
+    for (content, needle) in [
+        ("max_message_bytes = \"lots\"\n", "max-message-bytes"),
+        ("request_timeout_secs = -1\n", "request-timeout-secs"),
+        ("not_a_setting = 1\n", "not_a_setting"),
+        ("listen = [\n", "trove.toml"),
+    ] {
+        std::fs::write(&file, content).expect("write");
+        let out = Command::new(server_binary())
+            .args(["--config", &file.to_string_lossy(), "--print-config"])
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{content:?} should be refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{content:?}: {stderr}");
+    }
+    let out = Command::new(server_binary())
+        .args(["--metrics-listen", "not-an-address", "--print-config"])
+        .output()
+        .expect("run");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics-listen"));
+}
+
+fn sample_value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+fn parse(text: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid Prometheus text")
+}
+
+/// /metrics parses as Prometheus text, and its counters move with traffic.
+#[tokio::test]
+async fn metrics_follow_traffic() {
+    let server = ServerProcess::start().await;
+    let metrics = server.metrics_addr.expect("metrics enabled");
+    let before = parse(&scrape(metrics).await);
+    let mut artifacts = ArtifactsClient::new(server.channel().await);
+    for i in 0..3 {
+        artifacts
+            .put(futures::stream::iter(vec![header(
+                &format!("k{i}"),
+                Bytes::from(vec![7u8; 10_000]),
+                true,
+            )]))
+            .await
+            .expect("put");
+    }
+    let missing = artifacts
+        .stat(pb::StatArtifactRequest {
+            namespace: "ops".into(),
+            key: "missing".into(),
+        })
+        .await;
+    assert_eq!(
+        missing.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::NotFound)
+    );
+    let text = scrape(metrics).await;
+    let after = parse(&text);
+    let put = [
+        ("service", "trove.v1.Artifacts"),
+        ("method", "Put"),
+        ("code", "OK"),
+    ];
+    let puts = sample_value(&after, "trove_requests_total", &put)
+        - sample_value(&before, "trove_requests_total", &put);
+    assert!(
+        (puts - 3.0).abs() < f64::EPSILON,
+        "3 puts counted, got {puts}\n{text}"
+    );
+    let not_found = [
+        ("service", "trove.v1.Artifacts"),
+        ("method", "Stat"),
+        ("code", "NOT_FOUND"),
+    ];
+    assert!(
+        sample_value(&after, "trove_requests_total", &not_found) >= 1.0,
+        "{text}"
+    );
+    let bytes_in = sample_value(&after, "trove_request_bytes_total", &[("method", "Put")]);
+    assert!(bytes_in >= 30_000.0, "request bytes counted: {bytes_in}");
+    assert!(
+        text.contains("trove_request_duration_seconds_bucket"),
+        "latency histogram:\n{text}"
+    );
+    assert!(text.contains("trove_requests_in_flight"), "{text}");
+    assert!(
+        text.contains("trove_store_disk_bytes"),
+        "store figures:\n{text}"
+    );
+}
+
+/// Beyond --max-concurrent-requests, calls are refused at once with RESOURCE_EXHAUSTED; health still answers.
+#[tokio::test]
+async fn overload_is_shed_not_queued() {
+    let server = ServerProcess::start_with(&["--max-concurrent-requests", "2"]).await;
+    let channel = server.channel().await;
+    let mut holders = Vec::new();
+    let mut calls = Vec::new();
+    for i in 0..2 {
+        let (tx, body) = open_upload(&format!("held-{i}"));
+        let mut client = ArtifactsClient::new(channel.clone());
+        calls.push(tokio::spawn(async move { client.put(body).await }));
+        holders.push(tx);
+    }
+    // Wait until both uploads hold their slot (the in-flight gauge says so).
+    let metrics = server.metrics_addr.expect("metrics");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sample_value(
+        &parse(&scrape(metrics).await),
+        "trove_requests_in_flight",
+        &[],
+    ) < 2.0
+    {
+        assert!(
+            calls.iter().all(|c| !c.is_finished()),
+            "a held upload ended early"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the held uploads never reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut client = ArtifactsClient::new(channel.clone());
+    let started = Instant::now();
+    let status = client
+        .stat(pb::StatArtifactRequest {
+            namespace: "ops".into(),
+            key: "x".into(),
+        })
+        .await
+        .expect_err("shed");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("max_concurrent_requests (2)"),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the refusal must not wait in a queue"
+    );
+    assert_eq!(
+        health_status(server.addr, "").await,
+        Some(ServingStatus::Serving)
+    );
+    for tx in holders {
+        tx.send(pb::PutArtifactRequest {
+            header: None,
+            data: Bytes::from_static(b" end"),
+            finish: true,
+        })
+        .await
+        .expect("send");
+    }
+    for call in calls {
+        call.await.expect("join").expect("held upload completes");
+    }
+    client
+        .stat(pb::StatArtifactRequest {
+            namespace: "ops".into(),
+            key: "held-0".into(),
+        })
+        .await
+        .expect("capacity is back");
+}
+
+/// Starts an artifact upload over raw HTTP/2 with a `grpc-timeout` header and
+/// never finishes it; returns the grpc-status the server answers with. (The
+/// tonic client would enforce the deadline itself; this checks the server.)
+async fn raw_upload_with_deadline(addr: std::net::SocketAddr, timeout: &str) -> Option<String> {
+    use prost::Message;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/trove.v1.Artifacts/Put"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .expect("request");
+    let (response, mut send) = client.send_request(request, false).expect("send request");
+    let message = header("raw-slow", Bytes::from_static(b"x"), false).encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    frame.extend_from_slice(&message);
+    send.send_data(Bytes::from(frame), false)
+        .expect("send data");
+    let response = response.await.expect("response");
+    if let Some(code) = response.headers().get("grpc-status") {
+        return code.to_str().ok().map(str::to_owned);
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let _ = chunk.expect("data");
+    }
+    let trailers = body.trailers().await.expect("trailers")?;
+    drop(send);
+    trailers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// A caller's deadline shorter than the work ends the call with DEADLINE_EXCEEDED; so does the server's own limit.
+#[tokio::test]
+async fn deadlines_are_enforced() {
+    let server = ServerProcess::start_with(&["--request-timeout-secs", "2"]).await;
+    let started = Instant::now();
+    let code = raw_upload_with_deadline(server.addr, "300m").await;
+    assert_eq!(
+        code.as_deref(),
+        Some("4"),
+        "DEADLINE_EXCEEDED from the server"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the caller's shorter deadline wins over the server's 2 s"
+    );
+    let mut client = ArtifactsClient::new(server.channel().await);
+    let (tx, body) = open_upload("slower");
+    let status = client.put(body).await.expect_err("server limit");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    drop(tx);
+    for key in ["raw-slow", "slower"] {
+        let stat = client
+            .stat(pb::StatArtifactRequest {
+                namespace: "ops".into(),
+                key: key.into(),
+            })
+            .await;
+        assert_eq!(
+            stat.map(|_| ()).map_err(|s| s.code()),
+            Err(Code::NotFound),
+            "a timed-out upload stores nothing"
+        );
+    }
+    let text = scrape(server.metrics_addr.expect("metrics")).await;
+    let timed_out = sample_value(
+        &parse(&text),
+        "trove_requests_total",
+        &[("method", "Put"), ("code", "DEADLINE_EXCEEDED")],
+    );
+    assert!(timed_out >= 2.0, "{text}");
+}
+
+/// gzip- and zstd-compressed calls work both ways.
+#[tokio::test]
+async fn compressed_calls_work() {
+    let server = ServerProcess::start().await;
+    let value = Bytes::from("compressible ".repeat(100_000));
+    for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Zstd] {
+        let mut client = ArtifactsClient::new(server.channel().await)
+            .send_compressed(encoding)
+            .accept_compressed(encoding);
+        let key = format!("{encoding:?}");
+        client
+            .put(futures::stream::iter(vec![header(
+                &key,
+                value.clone(),
+                true,
+            )]))
+            .await
+            .expect("compressed put");
+        let mut stream = client
+            .get(pb::GetArtifactRequest {
+                namespace: "ops".into(),
+                key,
+            })
+            .await
+            .expect("compressed get")
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(message) = stream.message().await.expect("message") {
+            got.extend_from_slice(&message.data);
+        }
+        assert_eq!(got, value);
+    }
+    let text = scrape(server.metrics_addr.expect("metrics")).await;
+    let bytes_in = sample_value(
+        &parse(&text),
+        "trove_request_bytes_total",
+        &[("method", "Put")],
+    );
+    assert!(
+        bytes_in < value.len() as f64,
+        "compressed on the wire: {bytes_in} bytes for two {}-byte values",
+        value.len()
+    );
+}
+
+/// On SIGTERM health turns NOT_SERVING during the grace period, the in-flight call completes, and the exit code is 0.
+#[tokio::test]
+async fn drain_reports_not_serving_and_finishes_calls() {
+    let mut server = ServerProcess::start_with(&["--drain-grace-secs", "2"]).await;
+    let mut client = ArtifactsClient::new(server.channel().await);
+    let (tx, body) = open_upload("in-flight");
+    let call = tokio::spawn(async move { client.put(body).await });
+    tx.send(pb::PutArtifactRequest {
+        header: None,
+        data: Bytes::from(vec![1u8; 100_000]),
+        finish: false,
+    })
+    .await
+    .expect("send");
+    let staging = server.data_dir.join("staging");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "upload never reached the server");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.send_sigterm();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if health_status(server.addr, "").await == Some(ServingStatus::NotServing) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health never reported NOT_SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tx.send(pb::PutArtifactRequest {
+        header: None,
+        data: Bytes::from_static(b"tail"),
+        finish: true,
+    })
+    .await
+    .expect("send");
+    drop(tx);
+    let reply = call
+        .await
+        .expect("join")
+        .expect("in-flight call completes")
+        .into_inner();
+    assert_eq!(reply.info.map(|i| i.size), Some(5 + 100_000 + 4));
+    let (status, server) = tokio::task::spawn_blocking(move || {
+        let status = server.wait_exit(Duration::from_secs(30));
+        (status, server)
+    })
+    .await
+    .expect("join");
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+}
