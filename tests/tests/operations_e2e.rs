@@ -444,3 +444,41 @@ async fn drain_reports_not_serving_and_finishes_calls() {
     .expect("join");
     assert_eq!(status.code(), Some(0), "{}", server.log());
 }
+
+/// With --log-format json every call logs one JSON line with method, status, duration and sizes, never the payload.
+#[tokio::test]
+async fn json_request_logs_without_payloads() {
+    let server = ServerProcess::start_with(&["--log-format", "json"]).await;
+    let mut artifacts = ArtifactsClient::new(server.channel().await);
+    artifacts
+        .put(futures::stream::iter(vec![header(
+            "logged",
+            Bytes::from_static(b"SECRET-PAYLOAD-DO-NOT-LOG"),
+            true,
+        )]))
+        .await
+        .expect("put");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        let log = server.log();
+        let found = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["fields"]["method"] == "Put" && v["fields"]["message"] == "request");
+        if let Some(line) = found {
+            assert!(
+                !log.contains("SECRET-PAYLOAD"),
+                "payload leaked into the log"
+            );
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no JSON request line in:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let fields = &line["fields"];
+    assert_eq!(fields["service"], "trove.v1.Artifacts");
+    assert_eq!(fields["status"], "OK");
+    assert!(fields["duration_ms"].is_u64(), "{line}");
+    assert!(fields["bytes_in"].as_u64().unwrap_or(0) > 25, "{line}");
+    assert_eq!(line["level"], "INFO");
+}
