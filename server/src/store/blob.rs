@@ -203,11 +203,14 @@ impl BodyWriter {
         let guard = FileGuard {
             path: Some(path.clone()),
         };
-        let file = tokio::fs::OpenOptions::new()
+        // Created synchronously (one quick syscall): an async open that is
+        // still running when a cancelled upload drops this writer would
+        // create the file after the guard already removed it.
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&path)
-            .await?;
+            .open(&path)?;
+        let file = tokio::fs::File::from_std(file);
         let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
         file.write_all(&self.buffer).await?;
         file.write_all(data).await?;
