@@ -196,4 +196,61 @@ mod tests {
         assert_eq!(prefix_end(&[b'a', 0xFF]), Some(b"b".to_vec()));
         assert_eq!(prefix_end(&[0xFF]), None);
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn part() -> impl Strategy<Value = Vec<u8>> {
+            // Bias towards the bytes the encoding treats specially.
+            prop::collection::vec(
+                prop_oneof![Just(0u8), Just(1u8), Just(0xFFu8), Just(b'/'), any::<u8>()],
+                0..12,
+            )
+        }
+
+        proptest! {
+            /// Any sequence of parts decodes back to itself: the encoding is injective.
+            #[test]
+            fn parts_round_trip(parts in prop::collection::vec(part(), 1..4)) {
+                let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+                let encoded = key(&refs);
+                let mut rest = encoded.as_slice();
+                for expected in &parts {
+                    let (decoded, tail) = take_part(rest).expect("well-formed");
+                    prop_assert_eq!(&decoded, expected);
+                    rest = tail;
+                }
+                prop_assert!(rest.is_empty());
+            }
+
+            /// Byte order of encoded keys is the order of their part tuples.
+            #[test]
+            fn order_is_preserved(a in prop::collection::vec(part(), 2), b in prop::collection::vec(part(), 2)) {
+                let ka = key(&[&a[0], &a[1]]);
+                let kb = key(&[&b[0], &b[1]]);
+                prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            }
+
+            /// A prefix scan of (namespace, prefix) matches exactly the keys of that
+            /// namespace whose next part starts with the prefix: nothing leaks.
+            #[test]
+            fn prefix_scans_are_isolated(ns1 in part(), ns2 in part(), prefix in part(), k in part(), suffix in part()) {
+                let mut scan = key(&[&ns1]);
+                push_escaped(&mut scan, &prefix);
+                let full = key(&[&ns2, &k, &suffix]);
+                prop_assert_eq!(full.starts_with(&scan), ns1 == ns2 && k.starts_with(&prefix));
+            }
+
+            /// Signed numbers sort as numbers once encoded.
+            #[test]
+            fn signed_order(a in any::<i64>(), b in any::<i64>()) {
+                let (mut ea, mut eb) = (Vec::new(), Vec::new());
+                push_i64(&mut ea, a);
+                push_i64(&mut eb, b);
+                prop_assert_eq!(ea.cmp(&eb), a.cmp(&b));
+                prop_assert_eq!(unflip_sign(u64::from_be_bytes(ea.try_into().expect("8 bytes"))), a);
+            }
+        }
+    }
 }
