@@ -208,6 +208,7 @@ impl Config {
                 DurabilityMode::Strict => Durability::Strict,
                 DurabilityMode::Relaxed => Durability::Relaxed,
             },
+            faults: None,
         }
     }
 

@@ -61,6 +61,8 @@ pub struct StoreOptions {
     pub read_chunk_bytes: usize,
     /// When writes are acknowledged.
     pub durability: Durability,
+    /// Failures to inject at the storage boundary (tests only; `None` in production).
+    pub faults: Option<Arc<Faults>>,
 }
 
 impl Default for StoreOptions {
@@ -69,7 +71,36 @@ impl Default for StoreOptions {
             inline_limit: 64 * 1024,
             read_chunk_bytes: 1024 * 1024,
             durability: Durability::Strict,
+            faults: None,
         }
+    }
+}
+
+/// Switches that make the storage boundary fail on purpose, so tests can
+/// check that a failing disk gives a clear status, leaves nothing partial
+/// behind, and that the store serves again once the fault clears.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Every flush (the durability point) fails.
+    pub fail_flush: std::sync::atomic::AtomicBool,
+    /// Every write to a blob file fails with an I/O error.
+    pub fail_blob_write: std::sync::atomic::AtomicBool,
+    /// Every write to a blob file fails as if the disk were full.
+    pub disk_full: std::sync::atomic::AtomicBool,
+}
+
+impl Faults {
+    fn on(flag: &std::sync::atomic::AtomicBool) -> bool {
+        flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The error an injected blob-write fault produces, if one is set.
+    pub fn blob_write_error(&self) -> Option<std::io::Error> {
+        if Self::on(&self.disk_full) {
+            return Some(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        }
+        Self::on(&self.fail_blob_write)
+            .then(|| std::io::Error::other("injected blob write failure"))
     }
 }
 
@@ -158,7 +189,14 @@ impl SledStore {
             tracing::info!(files, bytes, "reclaimed staged and orphaned blob files");
         }
         let flush_db = db.clone();
+        let flush_faults = options.faults.clone();
         let flusher = Flusher::start(Box::new(move || {
+            if flush_faults
+                .as_ref()
+                .is_some_and(|f| Faults::on(&f.fail_flush))
+            {
+                return Err("injected flush failure".to_owned());
+            }
             flush_db.flush().map(|_| ()).map_err(|e| e.to_string())
         }))
         .map_err(|e| io_error("start flush thread", &e))?;
@@ -297,6 +335,19 @@ impl SledStore {
         );
         while let Some(chunk) = data.next().await {
             let chunk = chunk?;
+            let to_file =
+                writer.written() + chunk.len() as u64 > self.inner.options.inline_limit as u64;
+            if let Some(err) = self
+                .inner
+                .options
+                .faults
+                .as_ref()
+                .and_then(|f| f.blob_write_error())
+            {
+                if to_file {
+                    return Err(io_error("stage upload", &err));
+                }
+            }
             writer
                 .write(&chunk)
                 .await
