@@ -22,6 +22,9 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     trove_server::telemetry::init(&config)?;
+    // Registered before anything slow happens, so a SIGTERM during start-up
+    // is held and honoured (gracefully) instead of killing the process.
+    let shutdown = shutdown_signal()?;
     let grpc = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
@@ -48,29 +51,19 @@ async fn main() -> anyhow::Result<()> {
     )
     .context("write to stdout")?;
     stdout.flush().context("flush stdout")?;
-    trove_server::server::run(config, Listeners { grpc, metrics }, shutdown_signal()).await
+    trove_server::server::run(config, Listeners { grpc, metrics }, shutdown).await
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
+/// A future resolving on the first SIGTERM or SIGINT; the handlers are
+/// installed when this is called, not when the future is first polled.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {},
+            _ = interrupt.recv() => {},
         }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
+    })
 }

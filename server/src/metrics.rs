@@ -95,6 +95,8 @@ pub async fn serve(
 pub fn spawn_store_gauges(store: SledStore, every: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(every);
+        // A slow scan must not be followed by a burst of catch-up scans.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
             let store = store.clone();

@@ -13,6 +13,7 @@
 //!
 //! This module knows HTTP and gRPC framing, never the store.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -76,7 +77,10 @@ struct CallRecord {
     status: Option<String>,
     /// The response body reached its end (or an error) rather than being dropped.
     ended: bool,
-    _permit: Option<OwnedSemaphorePermit>,
+    /// The concurrency slot; shared with the deadline timer, which gives it
+    /// back when a call outlives its deadline (a stalled reader cannot be
+    /// cut while HTTP/2 flow control keeps its response from being polled).
+    _permit: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>,
 }
 
 impl Drop for CallRecord {
@@ -148,6 +152,69 @@ fn code_name(code: &str) -> &'static str {
     }
 }
 
+/// Methods of the services this server answers; anything else is labelled
+/// `unknown` so that arbitrary paths cannot create unbounded metric series.
+const KNOWN: &[(&str, &[&str])] = &[
+    (
+        "trove.v1.Objects",
+        &[
+            "Put",
+            "Get",
+            "Delete",
+            "Stat",
+            "List",
+            "FindMissing",
+            "PutStream",
+            "GetStream",
+        ],
+    ),
+    (
+        "trove.v1.Artifacts",
+        &["Put", "Get", "Delete", "Stat", "List"],
+    ),
+    (
+        "trove.v1.Entries",
+        &[
+            "Append", "Read", "Replace", "Delete", "Exists", "Ensure", "List",
+        ],
+    ),
+    (
+        "trove.v1.Cache",
+        &[
+            "Upload",
+            "Download",
+            "BranchRefs",
+            "WriteBranchRefs",
+            "Prune",
+            "PruneAll",
+            "ListRefs",
+        ],
+    ),
+    ("grpc.health.v1.Health", &["Check", "Watch"]),
+    (
+        "grpc.reflection.v1.ServerReflection",
+        &["ServerReflectionInfo"],
+    ),
+    (
+        "grpc.reflection.v1alpha.ServerReflection",
+        &["ServerReflectionInfo"],
+    ),
+];
+
+/// The `(service, method)` labels for a request path.
+fn labels(path: &str) -> (String, String) {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let (service, method) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    match KNOWN.iter().find(|(s, _)| *s == service) {
+        Some((s, methods)) if methods.contains(&method) => ((*s).to_owned(), method.to_owned()),
+        Some((s, _)) => ((*s).to_owned(), "unknown".to_owned()),
+        None => ("unknown".to_owned(), "unknown".to_owned()),
+    }
+}
+
 /// Parses a `grpc-timeout` header value (`<up to 8 digits><H|M|S|m|u|n>`).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
@@ -205,10 +272,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let path = request.uri().path().to_owned();
-        let mut parts = path.trim_start_matches('/').splitn(2, '/');
-        let service = parts.next().unwrap_or_default().to_owned();
-        let method = parts.next().unwrap_or_default().to_owned();
+        let (service, method) = labels(request.uri().path());
         let exempt = service.starts_with("grpc.health.") || service.starts_with("grpc.reflection.");
         let permit = if exempt {
             None
@@ -218,7 +282,19 @@ where
                 Err(_) => {
                     metrics::counter!("trove_requests_shed_total", "service" => service.clone(), "method" => method.clone())
                         .increment(1);
-                    tracing::warn!(%service, %method, "request shed: too many concurrent requests");
+                    metrics::gauge!("trove_requests_in_flight").increment(1.0);
+                    // Recorded like any call (RESOURCE_EXHAUSTED), so error
+                    // rates and request logs show the overload.
+                    drop(CallRecord {
+                        service,
+                        method,
+                        started: Instant::now(),
+                        bytes_in: Arc::new(AtomicU64::new(0)),
+                        bytes_out: 0,
+                        status: Some((tonic::Code::ResourceExhausted as i32).to_string()),
+                        ended: true,
+                        _permit: Arc::new(std::sync::Mutex::new(None)),
+                    });
                     let status = tonic::Status::resource_exhausted(format!(
                         "max_concurrent_requests ({}) exceeded: the server is at capacity; retry with backoff",
                         self.settings.max_concurrent
@@ -252,12 +328,24 @@ where
             bytes_out: 0,
             status: None,
             ended: false,
-            _permit: permit,
+            _permit: Arc::new(std::sync::Mutex::new(permit)),
         };
         let limit = self.settings.max_message_bytes;
         // The clone is the one that was polled ready.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let expires = deadline.map(|d| tokio::time::Instant::now() + d);
+        if let Some(at) = expires {
+            let slot = Arc::downgrade(&record._permit);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                if let Some(slot) = slot.upgrade() {
+                    if let Ok(mut permit) = slot.lock() {
+                        permit.take();
+                    }
+                }
+            });
+        }
         Box::pin(async move {
             let call = inner.call(request);
             let response = match deadline {
@@ -281,6 +369,8 @@ where
             let body = ObservedBody {
                 inner: body,
                 record: Some(record),
+                deadline: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
+                expired: false,
             };
             Ok(http::Response::from_parts(parts, Body::new(body)))
         })
@@ -324,6 +414,10 @@ impl HttpBody for CountingBody {
 struct ObservedBody {
     inner: Body,
     record: Option<CallRecord>,
+    /// The call's deadline also bounds a streamed response: a download whose
+    /// reader stalls cannot hold its slot forever.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    expired: bool,
 }
 
 impl HttpBody for ObservedBody {
@@ -334,6 +428,25 @@ impl HttpBody for ObservedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.expired {
+            return Poll::Ready(None);
+        }
+        if let Some(deadline) = self.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                self.expired = true;
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("4"));
+                trailers.insert(
+                    "grpc-message",
+                    http::HeaderValue::from_static("the call did not complete within its deadline"),
+                );
+                if let Some(mut record) = self.record.take() {
+                    record.status = Some("4".to_owned());
+                    record.ended = true;
+                }
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -364,7 +477,7 @@ impl HttpBody for ObservedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.expired || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -375,6 +488,21 @@ impl HttpBody for ObservedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Metric labels are bounded: unknown services and methods collapse to "unknown".
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(
+            labels("/trove.v1.Objects/Put"),
+            ("trove.v1.Objects".into(), "Put".into())
+        );
+        assert_eq!(
+            labels("/trove.v1.Objects/Nope"),
+            ("trove.v1.Objects".into(), "unknown".into())
+        );
+        assert_eq!(labels("/x.y/z"), ("unknown".into(), "unknown".into()));
+        assert_eq!(labels(""), ("unknown".into(), "unknown".into()));
+    }
 
     /// grpc-timeout values in every unit parse; malformed ones are ignored.
     #[test]

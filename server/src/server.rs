@@ -47,8 +47,8 @@ const SERVICES: [&str; 4] = [
     "trove.v1.Cache",
 ];
 
-/// How often the store gauges are refreshed.
-const STORE_GAUGE_PERIOD: Duration = Duration::from_secs(15);
+/// How often the store gauges are refreshed (each refresh scans the store).
+const STORE_GAUGE_PERIOD: Duration = Duration::from_secs(60);
 
 /// The sockets the server answers on, bound by the caller.
 #[derive(Debug)]
@@ -200,12 +200,12 @@ pub async fn run(
         timeout,
         limits.max_message_bytes,
     );
+    let full_reflection = reflection(&config)?;
     let mut router = Server::builder()
         // Without keepalives a client that vanishes (host down, partition)
         // would hold its upload, staging file and buffers forever.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_keepalive(Some(Duration::from_secs(60)))
         .max_concurrent_streams(config.max_concurrent_streams)
         .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
         .layer(observe)
@@ -214,7 +214,7 @@ pub async fn run(
         .add_service(artifacts)
         .add_service(entries)
         .add_service(cache);
-    if let Some((v1, v1alpha)) = reflection(&config)? {
+    if let Some((v1, v1alpha)) = full_reflection {
         router = router.add_service(v1).add_service(v1alpha);
     }
 
@@ -238,8 +238,8 @@ pub async fn run(
     let serve = router.serve_with_incoming_shutdown(incoming(grpc), signal);
     tokio::pin!(serve);
     let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
-    tokio::select! {
-        result = &mut serve => result.context("gRPC server failed")?,
+    let served = tokio::select! {
+        result = &mut serve => result.context("gRPC server failed"),
         () = async {
             if drain_started_rx.await.is_ok() {
                 tokio::time::sleep(drain_timeout).await;
@@ -248,9 +248,11 @@ pub async fn run(
             }
         } => {
             tracing::warn!(timeout_secs = config.drain_timeout_secs, "drain timeout reached; closing remaining calls");
+            Ok(())
         }
-    }
+    };
 
+    // Whatever ended the server, the store is flushed before returning.
     if let Some(gauges) = gauges {
         gauges.abort();
     }
@@ -259,7 +261,7 @@ pub async fn run(
     }
     store.flush().await.context("final flush")?;
     tracing::info!("store flushed; bye");
-    Ok(())
+    served
 }
 
 async fn set_all(health: &HealthReporter, status: ServingStatus) {

@@ -61,6 +61,7 @@ fn config_precedence_file_env_flag() {
         ])
         .env("TROVE_CHUNK_BYTES", "8192")
         .env("TROVE_DURABILITY", "strict")
+        .env("TROVE_LOG", "error")
         .output()
         .expect("run");
     assert!(
@@ -422,6 +423,17 @@ async fn drain_reports_not_serving_and_finishes_calls() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Past the grace period the server stops taking new calls; only then
+    // does the in-flight upload finish, so the drain itself is exercised.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while health_status(server.addr, "").await.is_some() {
+        assert!(Instant::now() < deadline, "the server kept accepting calls");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !call.is_finished(),
+        "the in-flight upload must still be open when the drain starts"
+    );
     tx.send(pb::PutArtifactRequest {
         header: None,
         data: Bytes::from_static(b"tail"),
@@ -481,4 +493,88 @@ async fn json_request_logs_without_payloads() {
     assert!(fields["duration_ms"].is_u64(), "{line}");
     assert!(fields["bytes_in"].as_u64().unwrap_or(0) > 25, "{line}");
     assert_eq!(line["level"], "INFO");
+}
+
+/// With --reflection false the reflection service is not offered.
+#[tokio::test]
+async fn reflection_can_be_turned_off() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let server = ServerProcess::start_with(&["--reflection", "false"]).await;
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let result = reflection
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await;
+    assert_eq!(
+        result.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::Unimplemented)
+    );
+    assert_eq!(
+        health_status(server.addr, "").await,
+        Some(ServingStatus::Serving)
+    );
+}
+
+/// A download whose reader stalls past the deadline gives its concurrency slot back.
+#[tokio::test]
+async fn stalled_download_gives_back_its_slot() {
+    let server = ServerProcess::start_with(&[
+        "--request-timeout-secs",
+        "1",
+        "--max-concurrent-requests",
+        "1",
+    ])
+    .await;
+    let client = server.client().await;
+    let ns = trove_proto::types::Namespace::new("ops").expect("ns");
+    let key = trove_proto::types::Name::new("key", "big").expect("key");
+    use trove_proto::ArtifactStore;
+    client
+        .put_artifact(
+            &ns,
+            &key,
+            trove_proto::artifacts::PutOptions::default(),
+            trove_tests::generated_stream(1, 32 << 20, 1 << 20),
+        )
+        .await
+        .expect("put");
+    let mut raw = ArtifactsClient::new(server.channel().await);
+    let mut stream = raw
+        .get(pb::GetArtifactRequest {
+            namespace: "ops".into(),
+            key: "big".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    stream.message().await.expect("first message");
+    // The reader stalls while holding the only slot; after the 1 s deadline
+    // another call must get through instead of being shed forever.
+    let mut other = ArtifactsClient::new(server.channel().await);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stat = other
+            .stat(pb::StatArtifactRequest {
+                namespace: "ops".into(),
+                key: "big".into(),
+            })
+            .await;
+        match stat {
+            Ok(_) => break,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the stalled download kept its slot"
+                );
+            }
+            Err(status) => panic!("unexpected {status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(stream);
 }

@@ -61,15 +61,15 @@ fn python() -> Option<PathBuf> {
     )
 }
 
-fn node_modules() -> Option<PathBuf> {
+fn node() -> Option<(PathBuf, PathBuf)> {
     let modules = std::env::var_os("TROVE_NODE_MODULES")
         .map(PathBuf::from)
         .unwrap_or_else(|| tools().join("node").join("node_modules"));
-    tool("TROVE_NODE", PathBuf::from("node"), &["--version"])?;
+    let node = tool("TROVE_NODE", PathBuf::from("node"), &["--version"])?;
     if modules.join("@grpc").join("grpc-js").exists()
         && modules.join("@grpc").join("proto-loader").exists()
     {
-        return Some(modules);
+        return Some((node, modules));
     }
     let message = format!(
         "@grpc/grpc-js and @grpc/proto-loader not found in {}",
@@ -81,6 +81,17 @@ fn node_modules() -> Option<PathBuf> {
     );
     eprintln!("SKIPPED: {message}");
     None
+}
+
+/// The breaking rules of the checked-in proto/buf.yaml, for scratch copies
+/// that do not have the repository layout.
+fn breaking_config() -> String {
+    let config = std::fs::read_to_string(workspace().join("proto/buf.yaml")).expect("buf.yaml");
+    assert!(
+        config.contains("- WIRE_JSON"),
+        "the scratch check must use the checked-in rules"
+    );
+    r#"{"version":"v2","breaking":{"use":["WIRE_JSON"]}}"#.to_owned()
 }
 
 fn buf() -> Option<PathBuf> {
@@ -164,11 +175,11 @@ async fn python_readme_snippet_runs() {
 /// Node with @grpc/grpc-js and proto-loader: a round trip per service and a streamed 5 MB value.
 #[tokio::test]
 async fn node_client_round_trips() {
-    let Some(modules) = node_modules() else {
+    let Some((node, modules)) = node() else {
         return;
     };
     let server = ServerProcess::start().await;
-    let mut command = Command::new("node");
+    let mut command = Command::new(node);
     command
         .arg(workspace().join("tests/node/trove_check.js"))
         .arg(proto_root())
@@ -181,13 +192,13 @@ async fn node_client_round_trips() {
 /// The README's Node snippet runs as shown.
 #[tokio::test]
 async fn node_readme_snippet_runs() {
-    let Some(modules) = node_modules() else {
+    let Some((node, modules)) = node() else {
         return;
     };
     let snippet = workspace().join("tests/node/readme_snippet.js");
     assert_in_readme(&snippet);
     let server = ServerProcess::start().await;
-    let mut command = Command::new("node");
+    let mut command = Command::new(node);
     command
         .arg(&snippet)
         .arg(proto_root())
@@ -213,6 +224,7 @@ fn protos_pass_lint() {
 #[test]
 fn renumbered_field_is_a_breaking_change() {
     let Some(buf) = buf() else { return };
+    let config = breaking_config();
     let scratch = tempfile::tempdir().expect("dir");
     let (before, after) = (scratch.path().join("before"), scratch.path().join("after"));
     for dir in [&before, &after] {
@@ -227,6 +239,7 @@ fn renumbered_field_is_a_breaking_change() {
         .arg(&after)
         .arg("--against")
         .arg(&before)
+        .args(["--config", &config])
         .output()
         .expect("buf");
     assert_ran(&unchanged, "buf breaking on identical protos");
@@ -244,6 +257,7 @@ fn renumbered_field_is_a_breaking_change() {
         .arg(&after)
         .arg("--against")
         .arg(&before)
+        .args(["--config", &config])
         .output()
         .expect("buf");
     let report = format!(
