@@ -46,6 +46,11 @@ impl Limits {
             tonic::Code::Cancelled => Error::Cancelled {
                 message: "the client cancelled the upload; nothing was stored".into(),
             },
+            // A message that is not valid protobuf for the method: INTERNAL,
+            // as for unary calls (the gRPC status-code guide's choice).
+            tonic::Code::Internal => Error::Internal {
+                message: format!("{}; nothing was stored", status.message()),
+            },
             _ => Error::Cancelled {
                 message: format!(
                     "the upload stream failed ({}); nothing was stored",
