@@ -46,6 +46,10 @@ struct Ledger {
     replace_attempts_since: Vec<String>,
     /// Acknowledged cache archives: ref -> sha.
     archives: BTreeMap<String, String>,
+    /// A prune (keep 2) of the "prunable" branch was acknowledged, and the
+    /// uploads to that branch attempted since the last acknowledged prune.
+    prune_acked: bool,
+    prunable_uploads_since: usize,
     acknowledged: u64,
 }
 
@@ -220,6 +224,12 @@ async fn writer(
                         },
                     )
                     .await;
+                if pruned.is_ok() {
+                    let mut l = ledger.lock().expect("ledger");
+                    l.prune_acked = true;
+                    l.prunable_uploads_since = 0;
+                }
+                ledger.lock().expect("ledger").prunable_uploads_since += 1;
                 let other = client
                     .upload(
                         &cache_scope("prunable"),
@@ -355,6 +365,19 @@ async fn verify(client: &TroveClient, ledger: &Ledger) -> (u64, Vec<String>, Vec
                 }
             }
             _ => lost.push(format!("archive {reference}")),
+        }
+    }
+    // An acknowledged prune (keep the newest 2) stays done: at most 2 refs
+    // plus the uploads attempted since can be on the pruned branch.
+    if ledger.prune_acked {
+        match client.list_refs(&cache_scope("prunable"), 10_000, "").await {
+            Ok(page) if page.items.len() <= 2 + ledger.prunable_uploads_since => verified += 1,
+            Ok(page) => torn.push(format!(
+                "pruned branch holds {} refs; at most {} expected",
+                page.items.len(),
+                2 + ledger.prunable_uploads_since
+            )),
+            Err(e) => lost.push(format!("pruned branch unreadable: {e}")),
         }
     }
     (verified, lost, torn)
