@@ -128,16 +128,22 @@ pub async fn run(
 
     // Phase 1: health (NOT_SERVING) and reflection only, while the store opens.
     let (opened_tx, opened_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut starting = Server::builder().add_service(health_service.clone());
+    // Any other call gets UNAVAILABLE (retryable), not UNIMPLEMENTED.
+    let mut starting = tonic::service::Routes::new(health_service.clone());
     if let Some((v1, v1alpha)) = reflection(&config)? {
         starting = starting.add_service(v1).add_service(v1alpha);
     }
-    let starting = tokio::spawn(starting.serve_with_incoming_shutdown(
-        incoming(Arc::clone(&grpc)),
-        async {
-            let _ = opened_rx.await;
-        },
-    ));
+    let starting = starting.into_axum_router().fallback(|| async {
+        tonic::Status::unavailable("the server is starting up; retry shortly")
+            .into_http::<axum::body::Body>()
+    });
+    let starting = tokio::spawn(
+        Server::builder()
+            .add_routes(tonic::service::Routes::from(starting))
+            .serve_with_incoming_shutdown(incoming(Arc::clone(&grpc)), async {
+                let _ = opened_rx.await;
+            }),
+    );
 
     let dir = config.data_dir.clone();
     let options = config.store_options();

@@ -578,3 +578,83 @@ async fn stalled_download_gives_back_its_slot() {
     }
     drop(stream);
 }
+
+/// While the store opens (here: reclaiming 20,000 leftover staged files) health says NOT_SERVING and calls get UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_reports_not_serving() {
+    use std::io::{BufRead, BufReader};
+    let temp = tempfile::tempdir().expect("dir");
+    let data = temp.path().join("data");
+    let staging = data.join("staging");
+    std::fs::create_dir_all(&staging).expect("staging");
+    for i in 0..20_000u32 {
+        std::fs::write(staging.join(format!("{i:016x}.tmp")), b"").expect("leftover");
+    }
+    let mut child = Command::new(server_binary())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let addr: std::net::SocketAddr = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.strip_prefix("listening on ")
+                    .and_then(|a| a.trim().parse().ok())
+            })
+    })
+    .await
+    .expect("join")
+    .expect("address");
+    let mut seen = Vec::new();
+    let mut unavailable = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = health_status(addr, "").await;
+        if status == Some(ServingStatus::NotServing) && !unavailable {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect");
+            let stat = ArtifactsClient::new(channel)
+                .stat(pb::StatArtifactRequest {
+                    namespace: "ops".into(),
+                    key: "k".into(),
+                })
+                .await;
+            // The store may finish opening between the two calls.
+            unavailable = matches!(&stat, Err(s) if s.code() == Code::Unavailable);
+        }
+        if seen.last() != Some(&status) {
+            seen.push(status);
+        }
+        if status == Some(ServingStatus::Serving) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never became SERVING: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains(&Some(ServingStatus::NotServing)),
+        "NOT_SERVING never observed: {seen:?}"
+    );
+    assert!(unavailable, "a call during start-up should be UNAVAILABLE");
+    assert_eq!(
+        std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0),
+        0,
+        "leftovers reclaimed"
+    );
+}
