@@ -7,7 +7,7 @@ use trove_proto::pb;
 use trove_proto::types::{ListPage, Name, Namespace, Page};
 use trove_proto::{EntryStore, Error};
 
-use crate::{run_upload, TroveClient};
+use crate::{batched_messages, run_upload, TroveClient};
 
 fn to_wire(entry: NewEntry) -> pb::Entry {
     pb::Entry {
@@ -18,64 +18,6 @@ fn to_wire(entry: NewEntry) -> pb::Entry {
 
 /// Entry bytes per Replace message.
 const REPLACE_MESSAGE_BUDGET: usize = 1024 * 1024;
-
-/// The messages of a Replace call: header, entries in messages of about
-/// 1 MiB, then `finish`. A failed entry goes to `abort` and the stream stays
-/// open so the caller cancels the call.
-fn replace_messages(
-    first: pb::ReplaceRequest,
-    entries: NewEntryStream,
-    abort: tokio::sync::oneshot::Sender<Error>,
-) -> impl futures::Stream<Item = pb::ReplaceRequest> + Send + 'static {
-    let mut abort = Some(abort);
-    let batches = entries.ready_chunks(1024).flat_map(move |batch| {
-        let mut messages = Vec::new();
-        let mut current = Vec::new();
-        let mut bytes = 0usize;
-        for item in batch {
-            match item {
-                Ok(entry) => {
-                    // Close the message before an entry that would overflow
-                    // it, so a message holds at most one large entry.
-                    if !current.is_empty() && bytes + entry.json.len() > REPLACE_MESSAGE_BUDGET {
-                        messages.push(pb::ReplaceRequest {
-                            header: None,
-                            entries: std::mem::take(&mut current),
-                            finish: false,
-                        });
-                        bytes = 0;
-                    }
-                    bytes += entry.json.len();
-                    current.push(to_wire(entry));
-                }
-                Err(err) => {
-                    if let Some(tx) = abort.take() {
-                        let _ = tx.send(err);
-                    }
-                    return futures::stream::iter(messages)
-                        .chain(futures::stream::pending())
-                        .left_stream();
-                }
-            }
-        }
-        if !current.is_empty() {
-            messages.push(pb::ReplaceRequest {
-                header: None,
-                entries: current,
-                finish: false,
-            });
-        }
-        futures::stream::iter(messages).right_stream()
-    });
-    let finish = pb::ReplaceRequest {
-        header: None,
-        entries: Vec::new(),
-        finish: true,
-    };
-    futures::stream::once(async move { first })
-        .chain(batches)
-        .chain(futures::stream::once(async move { finish }))
-}
 
 #[async_trait]
 impl EntryStore for TroveClient {
@@ -142,7 +84,19 @@ impl EntryStore for TroveClient {
             finish: false,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let messages = replace_messages(first, entries, tx);
+        let messages = batched_messages(
+            first,
+            entries,
+            REPLACE_MESSAGE_BUDGET,
+            tx,
+            |entry: &NewEntry| entry.json.len(),
+            to_wire,
+            |entries, finish| pb::ReplaceRequest {
+                header: None,
+                entries,
+                finish,
+            },
+        );
         let mut client = self.entries.clone();
         Ok(run_upload(client.replace(messages), rx).await?.count)
     }

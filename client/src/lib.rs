@@ -161,6 +161,61 @@ fn upload_messages<M: Send + 'static>(
         .chain(futures::stream::once(async move { finish }))
 }
 
+/// The messages of an upload of items (stream chunks, cassette entries):
+/// `first`, then the items gathered into messages of about `budget` bytes (a
+/// message is closed before an item that would overflow it, so a large item
+/// travels alone), then a message with `finish` set. A failed item goes to
+/// `abort` and the stream stays open so the caller cancels the call.
+fn batched_messages<T, W, M>(
+    first: M,
+    items: futures::stream::BoxStream<'static, Result<T, Error>>,
+    budget: usize,
+    abort: tokio::sync::oneshot::Sender<Error>,
+    size: fn(&T) -> usize,
+    to_wire: fn(T) -> W,
+    make: fn(Vec<W>, bool) -> M,
+) -> impl Stream<Item = M> + Send + 'static
+where
+    T: Send + 'static,
+    W: Send + 'static,
+    M: Send + 'static,
+{
+    let mut abort = Some(abort);
+    let batches = items.ready_chunks(1024).flat_map(move |batch| {
+        let mut messages = Vec::new();
+        let mut current = Vec::new();
+        let mut bytes = 0usize;
+        for item in batch {
+            match item {
+                Ok(item) => {
+                    let len = size(&item);
+                    if !current.is_empty() && bytes + len > budget {
+                        messages.push(make(std::mem::take(&mut current), false));
+                        bytes = 0;
+                    }
+                    bytes += len;
+                    current.push(to_wire(item));
+                }
+                Err(err) => {
+                    if let Some(tx) = abort.take() {
+                        let _ = tx.send(err);
+                    }
+                    return futures::stream::iter(messages)
+                        .chain(futures::stream::pending())
+                        .left_stream();
+                }
+            }
+        }
+        if !current.is_empty() {
+            messages.push(make(current, false));
+        }
+        futures::stream::iter(messages).right_stream()
+    });
+    futures::stream::once(async move { first })
+        .chain(batches)
+        .chain(futures::stream::once(async move { make(Vec::new(), true) }))
+}
+
 /// Runs an upload call, cancelling it if the body failed.
 async fn run_upload<T>(
     call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,

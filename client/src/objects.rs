@@ -7,7 +7,10 @@ use trove_proto::pb;
 use trove_proto::types::{ByteStream, ListPage, Name, Namespace, Page};
 use trove_proto::{Error, ObjectStore};
 
-use crate::{download_bytes, first_download_message, run_upload, upload_messages, TroveClient};
+use crate::{
+    batched_messages, download_bytes, first_download_message, run_upload, upload_messages,
+    TroveClient,
+};
 
 fn missing_info() -> Error {
     Error::internal("the server's reply lacks the object metadata")
@@ -138,7 +141,19 @@ impl ObjectStore for TroveClient {
             finish: false,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<Error>();
-        let messages = stream_messages(first, chunks, self.chunk_bytes, tx);
+        let messages = batched_messages(
+            first,
+            chunks,
+            self.chunk_bytes,
+            tx,
+            |chunk: &StreamChunk| chunk.data.len(),
+            |chunk| chunk,
+            |chunks, finish| pb::PutStreamRequest {
+                header: None,
+                chunks,
+                finish,
+            },
+        );
         let mut client = self.objects.clone();
         let reply = run_upload(client.put_stream(messages), rx).await?;
         reply.info.ok_or_else(missing_info)
@@ -168,62 +183,4 @@ impl ObjectStore for TroveClient {
         });
         Ok((info, head.chain(rest).boxed()))
     }
-}
-
-/// The messages of a PutStream call: the header, then ready chunks gathered
-/// into messages of about `budget` bytes. A failed chunk goes to `abort` and
-/// the stream stays open so the caller cancels the call.
-fn stream_messages(
-    first: pb::PutStreamRequest,
-    chunks: ChunkStream,
-    budget: usize,
-    tx: tokio::sync::oneshot::Sender<Error>,
-) -> impl futures::Stream<Item = pb::PutStreamRequest> + Send + 'static {
-    let mut abort = Some(tx);
-    // Gather ready chunks into messages of about `budget` bytes.
-    let batches = chunks.ready_chunks(1024).flat_map(move |batch| {
-        let mut messages = Vec::new();
-        let mut current: Vec<StreamChunk> = Vec::new();
-        let mut bytes = 0usize;
-        for item in batch {
-            match item {
-                Ok(chunk) => {
-                    bytes += chunk.data.len();
-                    current.push(chunk);
-                    if bytes >= budget {
-                        messages.push(pb::PutStreamRequest {
-                            header: None,
-                            chunks: std::mem::take(&mut current),
-                            finish: false,
-                        });
-                        bytes = 0;
-                    }
-                }
-                Err(err) => {
-                    if let Some(tx) = abort.take() {
-                        let _ = tx.send(err);
-                    }
-                    return futures::stream::iter(messages)
-                        .chain(futures::stream::pending())
-                        .left_stream();
-                }
-            }
-        }
-        if !current.is_empty() {
-            messages.push(pb::PutStreamRequest {
-                header: None,
-                chunks: current,
-                finish: false,
-            });
-        }
-        futures::stream::iter(messages).right_stream()
-    });
-    let finish = pb::PutStreamRequest {
-        header: None,
-        chunks: Vec::new(),
-        finish: true,
-    };
-    futures::stream::once(async move { first })
-        .chain(batches)
-        .chain(futures::stream::once(async move { finish }))
 }

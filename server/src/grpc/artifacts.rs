@@ -8,9 +8,9 @@ use tonic::{Request, Response, Status, Streaming};
 use trove_proto::artifacts::PutOptions;
 use trove_proto::pb::{self, artifacts_server::Artifacts};
 use trove_proto::types::{ListPage, Name, Namespace};
-use trove_proto::{ArtifactStore, Error};
+use trove_proto::ArtifactStore;
 
-use super::{first_message, status, upload_parts, Limits, Part, ResponseStream};
+use super::{first_message, require_header, status, upload_parts, Limits, Part, ResponseStream};
 
 /// Serves `trove.v1.Artifacts` from any [`ArtifactStore`].
 #[derive(Debug)]
@@ -47,12 +47,7 @@ impl<S: ArtifactStore> Artifacts for ArtifactsService<S> {
         let first = first_message(&mut stream, &self.limits)
             .await
             .map_err(status)?;
-        let header = first.header.ok_or_else(|| {
-            status(Error::invalid(
-                "header",
-                "the first message must carry the header",
-            ))
-        })?;
+        let header = require_header(first.header)?;
         let ns = namespace(&header.namespace)?;
         let key = key("header.key", header.key)?;
         tracing::Span::current()

@@ -9,9 +9,9 @@ use tonic::{Request, Response, Status, Streaming};
 use trove_proto::cache::{CacheScope, PruneOptions, UploadOptions};
 use trove_proto::pb::{self, cache_server::Cache};
 use trove_proto::types::{Name, Namespace};
-use trove_proto::{CacheStore, Error};
+use trove_proto::CacheStore;
 
-use super::{first_message, status, upload_parts, Limits, Part, ResponseStream};
+use super::{first_message, require_header, status, upload_parts, Limits, Part, ResponseStream};
 
 /// Serves `trove.v1.Cache` from any [`CacheStore`].
 #[derive(Debug)]
@@ -55,12 +55,7 @@ impl<S: CacheStore> Cache for CacheService<S> {
         let first = first_message(&mut stream, &self.limits)
             .await
             .map_err(status)?;
-        let header = first.header.ok_or_else(|| {
-            status(Error::invalid(
-                "header",
-                "the first message must carry the header",
-            ))
-        })?;
+        let header = require_header(first.header)?;
         let scope = scope("header.scope", header.scope.as_ref())?;
         let reference = Name::new("header.ref", header.r#ref).map_err(status)?;
         tracing::Span::current()

@@ -9,7 +9,7 @@ use trove_proto::pb::{self, entries_server::Entries};
 use trove_proto::types::{ListPage, Name, Namespace};
 use trove_proto::{EntryStore, Error};
 
-use super::{first_message, status, upload_parts, Limits, Part, ResponseStream};
+use super::{first_message, require_header, status, upload_parts, Limits, Part, ResponseStream};
 
 /// Serves `trove.v1.Entries` from any [`EntryStore`].
 #[derive(Debug)]
@@ -131,12 +131,7 @@ impl<S: EntryStore> Entries for EntriesService<S> {
         let first = first_message(&mut stream, &self.limits)
             .await
             .map_err(status)?;
-        let header = first.header.ok_or_else(|| {
-            status(Error::invalid(
-                "header",
-                "the first message must carry the header",
-            ))
-        })?;
+        let header = require_header(first.header)?;
         let ns = namespace(&header.namespace)?;
         let name = cassette("header.cassette", header.cassette)?;
         tracing::Span::current()

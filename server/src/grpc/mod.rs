@@ -73,6 +73,16 @@ pub async fn first_message<M>(stream: &mut Streaming<M>, limits: &Limits) -> Res
     }
 }
 
+/// The header of an upload's first message, which must be there.
+pub fn require_header<H>(header: Option<H>) -> Result<H, Status> {
+    header.ok_or_else(|| {
+        status(Error::invalid(
+            "header",
+            "the first message must carry the header",
+        ))
+    })
+}
+
 /// One message of a client-streamed upload, split into what the adapters need.
 #[derive(Debug)]
 pub struct Part<T> {

@@ -10,7 +10,7 @@ use trove_proto::pb::{self, objects_server::Objects};
 use trove_proto::types::{ListPage, Name, Namespace};
 use trove_proto::{Error, ObjectStore};
 
-use super::{first_message, status, upload_parts, Limits, Part, ResponseStream};
+use super::{first_message, require_header, status, upload_parts, Limits, Part, ResponseStream};
 
 /// Serves `trove.v1.Objects` from any [`ObjectStore`].
 #[derive(Debug)]
@@ -48,12 +48,7 @@ impl<S: ObjectStore> Objects for ObjectsService<S> {
         let first = first_message(&mut stream, &self.limits)
             .await
             .map_err(status)?;
-        let header = first.header.ok_or_else(|| {
-            status(Error::invalid(
-                "header",
-                "the first message must carry the header",
-            ))
-        })?;
+        let header = require_header(first.header)?;
         let ns = namespace(&header.namespace)?;
         let hash = hash("header.hash", header.hash)?;
         tracing::Span::current()
@@ -172,12 +167,7 @@ impl<S: ObjectStore> Objects for ObjectsService<S> {
         let first = first_message(&mut stream, &self.limits)
             .await
             .map_err(status)?;
-        let header = first.header.ok_or_else(|| {
-            status(Error::invalid(
-                "header",
-                "the first message must carry the header",
-            ))
-        })?;
+        let header = require_header(first.header)?;
         let ns = namespace(&header.namespace)?;
         let hash = hash("header.hash", header.hash)?;
         tracing::Span::current()

@@ -27,7 +27,7 @@ use trove_proto::types::{hex_digest, now_micros, ByteStream, Name, Namespace, Pa
 use trove_proto::{CacheStore, Error};
 
 use super::record::{self, ValueRecord};
-use super::{blocking, keys, sled_error, Committed, SledStore};
+use super::{blocking, keys, sled_error, tx_error, Committed, SledStore};
 
 const TIER_MAIN: u8 = b'm';
 const TIER_PR: u8 = b'p';
@@ -164,13 +164,6 @@ fn cached_ref(tier: &TierKey, reference: &str, suite: &str, record: &ValueRecord
 
 fn seconds_to_micros(seconds: i64) -> i64 {
     seconds.saturating_mul(1_000_000)
-}
-
-fn tx_error(e: sled::transaction::TransactionError<Error>) -> Error {
-    match e {
-        sled::transaction::TransactionError::Abort(err) => err,
-        sled::transaction::TransactionError::Storage(err) => sled_error(err),
-    }
 }
 
 impl SledStore {

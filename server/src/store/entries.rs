@@ -29,7 +29,7 @@ use trove_proto::entries::{
 use trove_proto::types::{encode_page_token, now_micros, ListPage, Name, Namespace, Page};
 use trove_proto::{EntryStore, Error};
 
-use super::{blocking, keys, scan_after, sled_error, SledStore};
+use super::{blocking, keys, scan_after, sled_error, tx_error, SledStore};
 
 /// Entries fetched from sled per step of a read.
 const READ_BATCH: usize = 256;
@@ -303,7 +303,7 @@ impl EntryStore for SledStore {
         entries: Vec<NewEntry>,
         options: AppendOptions,
     ) -> Result<u64, Error> {
-        use sled::transaction::{TransactionError, Transactional};
+        use sled::transaction::Transactional;
         if entries.is_empty() {
             return Err(Error::invalid("entries", "at least one entry is required"));
         }
@@ -344,10 +344,7 @@ impl EntryStore for SledStore {
                 Ok(count)
             },
         );
-        let appended = result.map_err(|e: TransactionError<Error>| match e {
-            TransactionError::Abort(err) => err,
-            TransactionError::Storage(err) => sled_error(err),
-        })?;
+        let appended = result.map_err(tx_error)?;
         self.durable().await?;
         Ok(appended)
     }
@@ -449,7 +446,7 @@ impl EntryStore for SledStore {
         cassette: &Name,
         entries: NewEntryStream,
     ) -> Result<u64, Error> {
-        use sled::transaction::{TransactionError, Transactional};
+        use sled::transaction::Transactional;
         let trees = Arc::clone(&self.inner.entry_trees);
         let key = cassette_key(ns, cassette);
         let gen = self.next_id()?;
@@ -494,10 +491,7 @@ impl EntryStore for SledStore {
             }
             Ok(old.map(|(g, _)| g))
         });
-        let old_gen = result.map_err(|e: TransactionError<Error>| match e {
-            TransactionError::Abort(err) => err,
-            TransactionError::Storage(err) => sled_error(err),
-        })?;
+        let old_gen = result.map_err(tx_error)?;
         guard.committed = true;
         drop(guard);
         if let Some(old_gen) = old_gen {
@@ -508,7 +502,7 @@ impl EntryStore for SledStore {
     }
 
     async fn delete_cassette(&self, ns: &Namespace, cassette: &Name) -> Result<bool, Error> {
-        use sled::transaction::{TransactionError, Transactional};
+        use sled::transaction::Transactional;
         let trees = &self.inner.entry_trees;
         let key = cassette_key(ns, cassette);
         let result = (&trees.cassettes, &trees.gc).transaction(|(cassettes, gc)| {
@@ -521,10 +515,7 @@ impl EntryStore for SledStore {
             }
             Ok(Some(gen))
         });
-        let removed = result.map_err(|e: TransactionError<Error>| match e {
-            TransactionError::Abort(err) => err,
-            TransactionError::Storage(err) => sled_error(err),
-        })?;
+        let removed = result.map_err(tx_error)?;
         let Some(gen) = removed else {
             // Nothing to delete, but a concurrent delete may not be durable yet.
             self.durable().await?;

@@ -387,7 +387,7 @@ impl SledStore {
         key: &[u8],
         make: impl Fn(Option<&ValueRecord>) -> Option<ValueRecord>,
     ) -> Result<(Option<ValueRecord>, Option<ValueRecord>), Error> {
-        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        use sled::transaction::{ConflictableTransactionError, Transactional};
         let result = (tree, &self.inner.blob_refs).transaction(|(t, refs)| {
             let old = match t.get(key)? {
                 Some(bytes) => {
@@ -411,16 +411,13 @@ impl SledStore {
             }
             Ok((old, Some(new)))
         });
-        result.map_err(|e| match e {
-            TransactionError::Abort(err) => err,
-            TransactionError::Storage(err) => sled_error(err),
-        })
+        result.map_err(tx_error)
     }
 
     /// Removes `keys` from `tree` and their blob references in one
     /// transaction; returns the records that existed.
     fn remove_all(&self, tree: &sled::Tree, keys: &[Vec<u8>]) -> Result<Vec<ValueRecord>, Error> {
-        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        use sled::transaction::{ConflictableTransactionError, Transactional};
         let result = (tree, &self.inner.blob_refs).transaction(|(t, refs)| {
             let mut removed = Vec::new();
             for key in keys {
@@ -435,10 +432,7 @@ impl SledStore {
             }
             Ok(removed)
         });
-        result.map_err(|e| match e {
-            TransactionError::Abort(err) => err,
-            TransactionError::Storage(err) => sled_error(err),
-        })
+        result.map_err(tx_error)
     }
 
     /// Publishes a staged body and commits `make(old, body)` under `key`;
@@ -612,6 +606,15 @@ impl tokio::io::AsyncRead for BodyReader {
             BodyReader::Memory(c) => std::pin::Pin::new(c).poll_read(cx, buf),
             BodyReader::File(f) => std::pin::Pin::new(f).poll_read(cx, buf),
         }
+    }
+}
+
+/// Maps a failed sled transaction: an abort carries our own error, anything
+/// else is a storage failure.
+pub fn tx_error(err: sled::transaction::TransactionError<Error>) -> Error {
+    match err {
+        sled::transaction::TransactionError::Abort(err) => err,
+        sled::transaction::TransactionError::Storage(err) => sled_error(err),
     }
 }
 
