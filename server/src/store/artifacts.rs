@@ -21,7 +21,8 @@ fn artifact_key(ns: &Namespace, key: &Name) -> Vec<u8> {
     keys::key(&[ns.as_str().as_bytes(), key.as_bytes()])
 }
 
-fn artifact_info(key: &str, record: &ValueRecord) -> ArtifactInfo {
+/// The wire description of an artifact record.
+pub(crate) fn artifact_info(key: &str, record: &ValueRecord) -> ArtifactInfo {
     ArtifactInfo {
         key: key.to_owned(),
         size: record.size,

@@ -21,13 +21,13 @@
 //! - `flusher`: group commit.
 //! - `objects`, `artifacts`, `entries`, `cache`: the trait implementations.
 
-mod artifacts;
+pub(crate) mod artifacts;
 pub mod blob;
-mod cache;
+pub(crate) mod cache;
 mod entries;
 mod flusher;
 pub mod keys;
-mod objects;
+pub(crate) mod objects;
 pub mod record;
 
 use std::path::{Path, PathBuf};

@@ -20,7 +20,7 @@ use trove_proto::types::{
 use trove_proto::{Error, ObjectStore};
 
 use super::record::{self, ValueRecord};
-use super::{blocking, keys, scan_after, sled_error, BodyReader, SledStore};
+use super::{blocking, keys, scan_after, sled_error, SledStore};
 
 const KIND_OBJECT: u8 = b'o';
 const KIND_STREAM: u8 = b's';
@@ -31,7 +31,8 @@ fn object_key(ns: &Namespace, hash: &Name, kind: u8) -> Vec<u8> {
     key
 }
 
-fn object_info(hash: &Name, record: &ValueRecord) -> ObjectInfo {
+/// The wire description of an object record.
+pub(crate) fn object_info(hash: &Name, record: &ValueRecord) -> ObjectInfo {
     ObjectInfo {
         hash: hash.as_str().to_owned(),
         size: record.size,
@@ -41,7 +42,8 @@ fn object_info(hash: &Name, record: &ValueRecord) -> ObjectInfo {
     }
 }
 
-fn stream_info(hash: &Name, record: &ValueRecord) -> StreamInfo {
+/// The wire description of a stream record.
+pub(crate) fn stream_info(hash: &Name, record: &ValueRecord) -> StreamInfo {
     StreamInfo {
         hash: hash.as_str().to_owned(),
         chunk_count: record.chunk_count,
@@ -53,7 +55,7 @@ fn stream_info(hash: &Name, record: &ValueRecord) -> StreamInfo {
 const HAS_TIMESTAMP: u8 = 1;
 
 /// Encodes one chunk as `[flags][timestamp i64 BE if flagged][len u32 BE][data]`.
-fn encode_chunk(chunk: &StreamChunk) -> Result<bytes::Bytes, Error> {
+pub(crate) fn encode_chunk(chunk: &StreamChunk) -> Result<bytes::Bytes, Error> {
     let len = u32::try_from(chunk.data.len())
         .map_err(|_| Error::invalid("chunks.data", "a chunk is larger than 4 GiB"))?;
     let mut out = Vec::with_capacity(chunk.data.len() + 13);
@@ -70,7 +72,11 @@ fn encode_chunk(chunk: &StreamChunk) -> Result<bytes::Bytes, Error> {
 }
 
 /// Decodes the chunk records of a stream body, lazily.
-fn decode_chunks(reader: BodyReader, expected: u64, body_len: u64) -> ChunkStream {
+pub(crate) fn decode_chunks(
+    reader: impl tokio::io::AsyncRead + Send + Unpin + 'static,
+    expected: u64,
+    body_len: u64,
+) -> ChunkStream {
     let damaged = |e: std::io::Error| Error::DataLoss {
         message: format!("stream body is damaged: {e}"),
     };

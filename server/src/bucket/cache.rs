@@ -1,0 +1,581 @@
+//! [`CacheStore`] on the bucket engine.
+//!
+//! Under `n/{ns}/k/{prefix}!p/`:
+//! - `m/` is the main tier and `b/{branch}!b/` a PR branch's tier; in a tier,
+//!   `r/{ref}!c` is a ref record (every suite's archive of the ref, and the
+//!   ref's last upload time) and `t/{tree}!t` a tree pointer holding a ref.
+//! - `br/{branch}!m` is a branch's ref map (JSON).
+//!
+//! A ref record is replaced with conditional writes, so concurrent uploads
+//! of one ref leave the last one whole. Retention first swaps a record for
+//! an empty one (a tombstone) on the version it judged, so a ref uploaded
+//! again meanwhile is skipped, and then deletes the tombstone.
+
+use std::collections::{BTreeMap, HashSet};
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::UpdateVersion;
+use serde::{Deserialize, Serialize};
+use trove_proto::cache::{
+    check_optional, CacheScope, CachedRef, PruneOptions, Tier, UploadOptions,
+};
+use trove_proto::types::{hex_digest, now_micros, ByteStream, Name, Namespace, Page};
+use trove_proto::{CacheStore, Error};
+
+use super::{keys, Backoff, BucketStore, Expect, Written};
+use crate::store::cache::MAX_BRANCH_REFS;
+use crate::store::record::ValueRecord;
+
+const KIND_REF: char = 'c';
+const KIND_TREE: char = 't';
+const RECORD_VERSION: u8 = 1;
+/// Ref records read at once.
+const PARALLEL_READS: usize = 32;
+
+/// Every suite's archive of one ref.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct RefRecord {
+    /// Upload time of the ref's last upload, microseconds.
+    uploaded_at: i64,
+    /// Arrival stamp of that upload: breaks ties between equal times.
+    seq: u64,
+    /// Archives by suite. Empty: a tombstone, the ref is being removed.
+    suites: BTreeMap<String, ValueRecord>,
+}
+
+fn encode_ref(record: &RefRecord) -> Result<Vec<u8>, Error> {
+    let mut out = vec![RECORD_VERSION];
+    out.extend_from_slice(&postcard::to_stdvec(record).map_err(Error::internal)?);
+    Ok(out)
+}
+
+fn decode_ref(bytes: &[u8]) -> Result<RefRecord, Error> {
+    match bytes.split_first() {
+        Some((&RECORD_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| Error::DataLoss {
+            message: format!("unreadable cache ref record: {e}"),
+        }),
+        _ => Err(Error::DataLoss {
+            message: "cache ref record has an unknown format".into(),
+        }),
+    }
+}
+
+/// The blobs a stored ref record references (for reclaim).
+pub(super) fn ref_record_blobs(bytes: &[u8]) -> Result<Vec<u64>, Error> {
+    Ok(decode_ref(bytes)?
+        .suites
+        .values()
+        .filter_map(ValueRecord::blob_id)
+        .collect())
+}
+
+/// One tier: its directory and how it is reported.
+#[derive(Debug, Clone)]
+struct TierDir {
+    dir: String,
+    tier: Tier,
+    branch: String,
+}
+
+fn scope_dir(ns: &Namespace, prefix: &str) -> String {
+    format!("{}{}/", BucketStore::ns_dir(ns, 'k'), keys::name_key(prefix, 'p'))
+}
+
+fn tier_dir(ns: &Namespace, prefix: &str, pr_branch: Option<&str>) -> TierDir {
+    let scope = scope_dir(ns, prefix);
+    match pr_branch {
+        None => TierDir {
+            dir: format!("{scope}m/"),
+            tier: Tier::Main,
+            branch: String::new(),
+        },
+        Some(branch) => TierDir {
+            dir: format!("{scope}b/{}/", keys::name_key(branch, 'b')),
+            tier: Tier::Pr,
+            branch: branch.to_owned(),
+        },
+    }
+}
+
+fn own_tier(scope: &CacheScope) -> TierDir {
+    let branch = scope.is_pr().then(|| scope.branch.as_str());
+    tier_dir(&scope.namespace, &scope.prefix, branch)
+}
+
+fn cached_ref(tier: &TierDir, reference: &str, suite: &str, uploaded_at: i64, record: &ValueRecord) -> CachedRef {
+    CachedRef {
+        r#ref: reference.to_owned(),
+        test_suite_id: suite.to_owned(),
+        uploaded_at,
+        size: record.size,
+        sha256: hex_digest(&record.sha256),
+        tier: tier.tier as i32,
+        branch: tier.branch.clone(),
+    }
+}
+
+fn seconds_to_micros(seconds: i64) -> i64 {
+    seconds.saturating_mul(1_000_000)
+}
+
+/// A ref as found in a tier.
+struct FoundRef {
+    reference: String,
+    record: RefRecord,
+    version: UpdateVersion,
+}
+
+impl BucketStore {
+    fn ref_path(&self, tier: &TierDir, reference: &str) -> Path {
+        self.path(&format!("{}r/{}", tier.dir, keys::name_key(reference, KIND_REF)))
+    }
+
+    fn tree_path(&self, tier: &TierDir, tree: &str) -> Path {
+        self.path(&format!("{}t/{}", tier.dir, keys::name_key(tree, KIND_TREE)))
+    }
+
+    fn branch_map_path(&self, ns: &Namespace, prefix: &str, branch: &str) -> Path {
+        self.path(&format!("{}br/{}", scope_dir(ns, prefix), keys::name_key(branch, 'm')))
+    }
+
+    async fn read_ref(&self, path: &Path) -> Result<Option<(RefRecord, UpdateVersion)>, Error> {
+        Ok(match self.read(path).await? {
+            Some((bytes, version)) => Some((decode_ref(&bytes)?, version)),
+            None => None,
+        })
+    }
+
+    /// Every live ref of a tier, oldest first.
+    async fn refs_by_age(&self, tier: &TierDir) -> Result<Vec<FoundRef>, Error> {
+        let paths: Vec<(String, Path)> = self
+            .list(&format!("{}r/", tier.dir), "", None)
+            .try_filter_map(|(rest, meta)| {
+                futures::future::ready(Ok(keys::parse_name_key(&rest)
+                    .filter(|(_, kind)| *kind == KIND_REF)
+                    .map(|(reference, _)| (reference, meta.location))))
+            })
+            .try_collect()
+            .await?;
+        let reads: Vec<_> = paths
+            .into_iter()
+            .map(|(reference, path)| {
+                let store = self.clone();
+                async move {
+                    Ok::<_, Error>(store.read_ref(&path).await?.and_then(|(record, version)| {
+                        (!record.suites.is_empty()).then_some(FoundRef {
+                            reference,
+                            record,
+                            version,
+                        })
+                    }))
+                }
+            })
+            .collect();
+        let mut found: Vec<FoundRef> = futures::stream::iter(reads)
+            .buffered(PARALLEL_READS)
+            .try_filter_map(|found| futures::future::ready(Ok(found)))
+            .try_collect()
+            .await?;
+        found.sort_by(|a, b| {
+            (a.record.uploaded_at, a.record.seq, &a.reference).cmp(&(
+                b.record.uploaded_at,
+                b.record.seq,
+                &b.reference,
+            ))
+        });
+        Ok(found)
+    }
+
+    /// Removes one ref if it is still the version judged; returns whether
+    /// it was removed.
+    async fn remove_ref(&self, tier: &TierDir, found: &FoundRef) -> Result<bool, Error> {
+        let path = self.ref_path(tier, &found.reference);
+        let blobs: Vec<u64> = found.record.suites.values().filter_map(ValueRecord::blob_id).collect();
+        let mut markers = Vec::new();
+        for blob in &blobs {
+            markers.push(self.mark_retiring(&path, *blob).await?);
+        }
+        let tombstone = encode_ref(&RefRecord::default())?;
+        match self
+            .write(&path, tombstone, &Expect::Version(found.version.clone()))
+            .await?
+        {
+            Written::Done(tombstoned) => {
+                self.retire(blobs, markers).await;
+                // Delete the tombstone unless an upload replaced it meanwhile.
+                if let Some((_, now)) = self.read(&path).await? {
+                    if now.e_tag == tombstoned.e_tag && now.version == tombstoned.version {
+                        self.remove(&path).await?;
+                    }
+                }
+                Ok(true)
+            }
+            Written::Conflict => {
+                self.retire(Vec::new(), markers).await;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Removes the given refs and the tree pointers to them.
+    async fn remove_refs(&self, tier: &TierDir, doomed: &[&FoundRef]) -> Result<u64, Error> {
+        // Each removal is a few requests; many run side by side.
+        let removals: Vec<_> = doomed
+            .iter()
+            .map(|found| {
+                let (store, tier) = (self.clone(), tier.clone());
+                let found = FoundRef {
+                    reference: found.reference.clone(),
+                    record: found.record.clone(),
+                    version: found.version.clone(),
+                };
+                async move {
+                    let removed = store.remove_ref(&tier, &found).await?;
+                    Ok::<_, Error>(removed.then_some(found.reference))
+                }
+            })
+            .collect();
+        let gone: HashSet<String> = futures::stream::iter(removals)
+            .buffer_unordered(PARALLEL_READS)
+            .try_filter_map(|gone| futures::future::ready(Ok(gone)))
+            .try_collect()
+            .await?;
+        if !gone.is_empty() {
+            self.remove_tree_pointers(tier, |target| gone.contains(target))
+                .await?;
+        }
+        Ok(gone.len() as u64)
+    }
+
+    async fn remove_tree_pointers(
+        &self,
+        tier: &TierDir,
+        doomed: impl Fn(&str) -> bool,
+    ) -> Result<(), Error> {
+        let pointers: Vec<Path> = self
+            .list(&format!("{}t/", tier.dir), "", None)
+            .map_ok(|(_, meta)| meta.location)
+            .try_collect()
+            .await?;
+        for path in pointers {
+            if let Some((target, _)) = self.read(&path).await? {
+                if doomed(&String::from_utf8_lossy(&target)) {
+                    self.remove(&path).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a whole PR branch: its refs, pointers and ref map.
+    async fn remove_branch(&self, ns: &Namespace, prefix: &str, tier: &TierDir) -> Result<u64, Error> {
+        let refs = self.refs_by_age(tier).await?;
+        let all: Vec<&FoundRef> = refs.iter().collect();
+        let removed = self.remove_refs(tier, &all).await?;
+        self.remove_tree_pointers(tier, |_| true).await?;
+        self.remove(&self.branch_map_path(ns, prefix, &tier.branch))
+            .await?;
+        Ok(removed)
+    }
+}
+
+#[async_trait]
+impl CacheStore for BucketStore {
+    async fn upload(
+        &self,
+        scope: &CacheScope,
+        reference: &Name,
+        options: UploadOptions,
+        data: ByteStream,
+    ) -> Result<CachedRef, Error> {
+        let tier = own_tier(scope);
+        let path = self.ref_path(&tier, reference.as_str());
+        let staged = self.stage(data, options.expected_size, &path).await?;
+        let uploaded_at = options.uploaded_at.unwrap_or_else(now_micros);
+        // Arrival across servers: their clocks, with random low bits so two
+        // uploads in one microsecond still differ.
+        let seq = (u64::try_from(now_micros()).unwrap_or(0) << 8) | u64::from(rand::random::<u8>());
+        let suite = scope.test_suite_id.clone();
+        let mut backoff = Backoff::new();
+        let stored = loop {
+            let (mut record, expect) = match self.read_ref(&path).await? {
+                Some((record, version)) => (record, Expect::Version(version)),
+                None => (RefRecord::default(), Expect::Absent),
+            };
+            let old = record.suites.get(&suite).cloned();
+            let value = ValueRecord {
+                created_at: old.as_ref().map_or(uploaded_at, |o| o.created_at),
+                updated_at: uploaded_at,
+                size: staged.len,
+                body_len: staged.len,
+                sha256: staged.sha256,
+                content_type: String::new(),
+                verified: false,
+                chunk_count: 0,
+                seq,
+                body: staged.body.clone(),
+            };
+            record.suites.insert(suite.clone(), value.clone());
+            record.uploaded_at = uploaded_at;
+            record.seq = seq;
+            let retiring = old.as_ref().and_then(ValueRecord::blob_id);
+            let marker = match retiring {
+                Some(blob) => Some(self.mark_retiring(&path, blob).await?),
+                None => None,
+            };
+            match self.write(&path, encode_ref(&record)?, &expect).await? {
+                Written::Done(_) => {
+                    self.retire(retiring.into_iter().collect(), marker.into_iter().collect())
+                        .await;
+                    break value;
+                }
+                Written::Conflict => {
+                    self.retire(Vec::new(), marker.into_iter().collect()).await;
+                    backoff.wait("upload the cache archive").await?;
+                }
+            }
+        };
+        staged.published();
+        if let Some(tree) = &options.tree_sha {
+            self.overwrite(
+                &self.tree_path(&tier, tree.as_str()),
+                reference.as_str().as_bytes().to_vec(),
+            )
+            .await?;
+        }
+        Ok(cached_ref(&tier, reference.as_str(), &suite, uploaded_at, &stored))
+    }
+
+    async fn download(
+        &self,
+        scope: &CacheScope,
+        reference: &str,
+        tree_sha: Option<&Name>,
+    ) -> Result<Option<(CachedRef, ByteStream)>, Error> {
+        if !reference.is_empty() {
+            Name::new("ref", reference)?;
+        }
+        let mut tiers = vec![own_tier(scope)];
+        if scope.is_pr() {
+            tiers.push(tier_dir(&scope.namespace, &scope.prefix, None));
+        }
+        let mut candidates: Vec<(&TierDir, String)> = Vec::new();
+        if let Some(tree) = tree_sha {
+            for tier in &tiers {
+                if let Some((target, _)) = self.read(&self.tree_path(tier, tree.as_str())).await? {
+                    candidates.push((tier, String::from_utf8_lossy(&target).into_owned()));
+                }
+            }
+        }
+        if !reference.is_empty() {
+            for tier in &tiers {
+                candidates.push((tier, reference.to_owned()));
+            }
+        }
+        let suite = &scope.test_suite_id;
+        for (tier, target) in candidates {
+            let path = self.ref_path(tier, &target);
+            // A concurrent upload can retire the blob just read; read again.
+            for _ in 0..8 {
+                let Some((record, _)) = self.read_ref(&path).await? else {
+                    break;
+                };
+                let Some(value) = record.suites.get(suite) else {
+                    break;
+                };
+                if let Some(stream) = self.open_body(value).await? {
+                    let found = cached_ref(tier, &target, suite, record.uploaded_at, value);
+                    return Ok(Some((found, stream)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn branch_refs(
+        &self,
+        ns: &Namespace,
+        prefix: &str,
+        branch: &str,
+    ) -> Result<BTreeMap<String, i64>, Error> {
+        check_optional("prefix", prefix)?;
+        check_optional("branch", branch)?;
+        if branch.trim().is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        match self.read(&self.branch_map_path(ns, prefix, branch)).await? {
+            Some((bytes, _)) => serde_json::from_slice(&bytes).map_err(|e| Error::DataLoss {
+                message: format!("unreadable branch ref map: {e}"),
+            }),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    async fn write_branch_refs(
+        &self,
+        ns: &Namespace,
+        prefix: &str,
+        branch: &str,
+        default_branch: &str,
+        refs: BTreeMap<String, i64>,
+    ) -> Result<bool, Error> {
+        check_optional("prefix", prefix)?;
+        check_optional("branch", branch)?;
+        check_optional("default_branch", default_branch)?;
+        if branch.trim().is_empty() || branch == default_branch || refs.is_empty() {
+            return Ok(false);
+        }
+        if refs.len() > MAX_BRANCH_REFS {
+            return Err(Error::invalid(
+                "refs",
+                format!("{} entries; at most {MAX_BRANCH_REFS} per branch", refs.len()),
+            ));
+        }
+        for sha in refs.keys() {
+            Name::new("refs key", sha.clone())?;
+        }
+        let json = serde_json::to_vec(&refs).map_err(Error::internal)?;
+        self.overwrite(&self.branch_map_path(ns, prefix, branch), json)
+            .await?;
+        Ok(true)
+    }
+
+    async fn prune(&self, scope: &CacheScope, options: PruneOptions) -> Result<u64, Error> {
+        let tier = own_tier(scope);
+        let ttl = if tier.tier == Tier::Pr {
+            options.pr_branch_ttl_seconds
+        } else {
+            0
+        };
+        if options.count <= 0 && options.duration_seconds <= 0 && ttl <= 0 {
+            return Ok(0);
+        }
+        let now = now_micros();
+        let refs = self.refs_by_age(&tier).await?;
+        if ttl > 0 {
+            if let Some(newest) = refs.last() {
+                if newest.record.uploaded_at < now.saturating_sub(seconds_to_micros(ttl)) {
+                    return self.remove_branch(&scope.namespace, &scope.prefix, &tier).await;
+                }
+            }
+        }
+        let keep_from = match usize::try_from(options.count) {
+            Ok(count) if count > 0 => refs.len().saturating_sub(count),
+            _ => 0,
+        };
+        let cutoff = (options.duration_seconds > 0)
+            .then(|| now.saturating_sub(seconds_to_micros(options.duration_seconds)));
+        let doomed: Vec<&FoundRef> = refs
+            .iter()
+            .enumerate()
+            .filter(|(i, found)| {
+                *i < keep_from || cutoff.is_some_and(|c| found.record.uploaded_at < c)
+            })
+            .map(|(_, found)| found)
+            .collect();
+        self.remove_refs(&tier, &doomed).await
+    }
+
+    async fn prune_all(
+        &self,
+        ns: &Namespace,
+        prefix: &str,
+        pr_branch_ttl_seconds: i64,
+    ) -> Result<u64, Error> {
+        check_optional("prefix", prefix)?;
+        if pr_branch_ttl_seconds <= 0 {
+            return Ok(0);
+        }
+        let cutoff = now_micros().saturating_sub(seconds_to_micros(pr_branch_ttl_seconds));
+        let branches_dir = format!("{}b/", scope_dir(ns, prefix));
+        let mut branches: Vec<String> = self
+            .list(&branches_dir, "", None)
+            .try_filter_map(|(rest, _)| {
+                let branch = rest
+                    .split_once("!b/")
+                    .and_then(|(encoded, _)| keys::parse_name_key(&format!("{encoded}!b")))
+                    .map(|(branch, _)| branch);
+                futures::future::ready(Ok(branch))
+            })
+            .try_collect()
+            .await?;
+        branches.dedup();
+        let mut removed = 0;
+        for branch in branches {
+            let tier = tier_dir(ns, prefix, Some(&branch));
+            let refs = self.refs_by_age(&tier).await?;
+            if refs.last().is_some_and(|newest| newest.record.uploaded_at < cutoff) {
+                removed += self.remove_branch(ns, prefix, &tier).await?;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn list_refs(
+        &self,
+        scope: &CacheScope,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<Page<CachedRef>, Error> {
+        let tier = own_tier(scope);
+        let limit = trove_proto::types::clamp_page_size(page_size) as usize;
+        let before = if page_token.is_empty() {
+            None
+        } else {
+            Some(decode_refs_token(page_token)?)
+        };
+        let refs = self.refs_by_age(&tier).await?;
+        let mut items = Vec::new();
+        let mut listed = 0usize;
+        let mut last: Option<(i64, u64, String)> = None;
+        let mut more = false;
+        for found in refs.iter().rev() {
+            let position = (found.record.uploaded_at, found.record.seq, found.reference.clone());
+            if before.as_ref().is_some_and(|b| position >= *b) {
+                continue;
+            }
+            if listed == limit {
+                more = true;
+                break;
+            }
+            for (suite, value) in &found.record.suites {
+                items.push(cached_ref(&tier, &found.reference, suite, found.record.uploaded_at, value));
+            }
+            listed += 1;
+            last = Some(position);
+        }
+        Ok(Page {
+            items,
+            next_page_token: if more { last.map(|l| encode_refs_token(&l)) } else { None },
+        })
+    }
+}
+
+fn encode_refs_token((uploaded_at, seq, reference): &(i64, u64, String)) -> String {
+    format!("b1.{uploaded_at}.{seq}.{}", hex::encode(reference.as_bytes()))
+}
+
+fn decode_refs_token(token: &str) -> Result<(i64, u64, String), Error> {
+    let bad = || {
+        Error::invalid(
+            "page_token",
+            format!(
+                "{} is not a token returned by ListRefs",
+                trove_proto::error::shorten(token)
+            ),
+        )
+    };
+    let body = token.strip_prefix("b1.").ok_or_else(bad)?;
+    let mut parts = body.splitn(3, '.');
+    let uploaded_at = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let seq = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let reference = parts
+        .next()
+        .and_then(|p| hex::decode(p).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(bad)?;
+    Ok((uploaded_at, seq, reference))
+}
+

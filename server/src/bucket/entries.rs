@@ -1,0 +1,437 @@
+//! [`EntryStore`] on the bucket engine.
+//!
+//! A cassette is one head object at `n/{ns}/c/{cassette}!h`, replaced with
+//! conditional writes. The head lists runs: batches of entries stored inline
+//! in the head or as a blob, in arrival order. Each append adds one run and
+//! takes the next arrival numbers; a replace swaps every run for new ones in
+//! one write. Readers take one head and so see one version whole.
+//!
+//! Run bodies are frames `[recorded_at i64 BE][len u32 BE][json]`; frames
+//! concatenate, so merging runs (compaction, once a head holds many runs)
+//! is appending their bodies.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Buf, Bytes};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+use trove_proto::entries::{
+    AppendOptions, EntryCursor, EntryStream, NewEntry, NewEntryStream, ReadOptions, StoredEntry,
+};
+use trove_proto::types::{
+    clamp_page_size, encode_page_token, now_micros, ListPage, Name, Namespace, Page,
+};
+use trove_proto::{EntryStore, Error};
+
+use super::{keys, Backoff, BucketStore, Expect, Written};
+use crate::store::record::Body;
+
+const KIND_HEAD: char = 'h';
+/// A head with more runs than this is compacted after an append.
+const COMPACT_RUNS: usize = 32;
+/// Run bodies read at once.
+const PARALLEL_READS: usize = 8;
+const HEAD_VERSION: u8 = 1;
+
+/// The state of one cassette.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Head {
+    /// First append or replace, microseconds.
+    created_at: i64,
+    /// Arrival number of the next entry.
+    next_seq: u64,
+    /// Batches of entries, in arrival order; together they cover arrival
+    /// numbers `runs[0].first_seq..next_seq` without gaps.
+    runs: Vec<Run>,
+    /// Idempotency keys applied to the current content, with their counts.
+    applied: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Run {
+    first_seq: u64,
+    count: u64,
+    body: Body,
+}
+
+fn encode_head(head: &Head) -> Result<Vec<u8>, Error> {
+    let mut out = vec![HEAD_VERSION];
+    out.extend_from_slice(&postcard::to_stdvec(head).map_err(Error::internal)?);
+    Ok(out)
+}
+
+fn decode_head(bytes: &[u8]) -> Result<Head, Error> {
+    match bytes.split_first() {
+        Some((&HEAD_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| Error::DataLoss {
+            message: format!("unreadable cassette head: {e}"),
+        }),
+        _ => Err(Error::DataLoss {
+            message: "cassette head has an unknown format".into(),
+        }),
+    }
+}
+
+/// The blobs a stored head references (for reclaim).
+pub(super) fn head_blobs(bytes: &[u8]) -> Result<Vec<u64>, Error> {
+    Ok(decode_head(bytes)?
+        .runs
+        .iter()
+        .filter_map(|run| match run.body {
+            Body::Blob(id) => Some(id),
+            Body::Inline(_) => None,
+        })
+        .collect())
+}
+
+fn encode_frame(entry: &NewEntry) -> Result<Bytes, Error> {
+    let len = u32::try_from(entry.json.len())
+        .map_err(|_| Error::invalid("entries", "an entry is larger than 4 GiB"))?;
+    let mut out = Vec::with_capacity(entry.json.len() + 12);
+    out.extend_from_slice(&entry.recorded_at.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&entry.json);
+    Ok(out.into())
+}
+
+/// Parses a run body into `(recorded_at, seq, json)`, numbering from `first_seq`.
+fn decode_run(mut body: Bytes, run: &Run, out: &mut Vec<(i64, u64, Bytes)>) -> Result<(), Error> {
+    let damaged = |what: &str| Error::DataLoss {
+        message: format!("cassette run is damaged: {what}"),
+    };
+    let mut seq = run.first_seq;
+    while body.has_remaining() {
+        if body.remaining() < 12 {
+            return Err(damaged("a frame header is cut short"));
+        }
+        let recorded_at = body.get_i64();
+        let len = body.get_u32() as usize;
+        if body.remaining() < len {
+            return Err(damaged("an entry is cut short"));
+        }
+        out.push((recorded_at, seq, body.split_to(len)));
+        seq += 1;
+    }
+    if seq - run.first_seq != run.count {
+        return Err(damaged("it holds a different number of entries than its head says"));
+    }
+    Ok(())
+}
+
+impl BucketStore {
+    fn head_path(&self, ns: &Namespace, cassette: &str) -> Path {
+        self.path(&format!(
+            "{}{}",
+            Self::ns_dir(ns, 'c'),
+            keys::name_key(cassette, KIND_HEAD)
+        ))
+    }
+
+    async fn read_head(&self, path: &Path) -> Result<Option<(Head, Expect)>, Error> {
+        Ok(match self.read(path).await? {
+            Some((bytes, version)) => Some((decode_head(&bytes)?, Expect::Version(version))),
+            None => None,
+        })
+    }
+
+    /// Every entry of `head`, sorted in read order. `None` when a run's blob
+    /// vanished (the head was replaced meanwhile): read the head again.
+    async fn load_entries(&self, head: &Head) -> Result<Option<Vec<(i64, u64, Bytes)>>, Error> {
+        let reads: Vec<_> = head
+            .runs
+            .iter()
+            .map(|run| {
+                let (store, body) = (self.clone(), run.body.clone());
+                async move {
+                    match body {
+                        Body::Inline(data) => Ok::<_, Error>(Some(Bytes::from(data))),
+                        Body::Blob(id) => Ok(store
+                            .read(&store.path(&format!("blobs/{id:016x}")))
+                            .await?
+                            .map(|(bytes, _)| bytes)),
+                    }
+                }
+            })
+            .collect();
+        let bodies: Vec<Option<Bytes>> = futures::stream::iter(reads)
+            .buffered(PARALLEL_READS)
+            .try_collect()
+            .await?;
+        let mut entries = Vec::new();
+        for (run, body) in head.runs.iter().zip(bodies) {
+            let Some(body) = body else {
+                return Ok(None);
+            };
+            decode_run(body, run, &mut entries)?;
+        }
+        entries.sort_by_key(|(recorded_at, seq, _)| (*recorded_at, *seq));
+        Ok(Some(entries))
+    }
+
+    /// Merges the runs of a head into one, when it holds many; best effort.
+    async fn compact(&self, path: &Path) -> Result<(), Error> {
+        let Some((head, expect)) = self.read_head(path).await? else {
+            return Ok(());
+        };
+        if head.runs.len() <= COMPACT_RUNS {
+            return Ok(());
+        }
+        let mut body = Vec::new();
+        for run in &head.runs {
+            let data = match &run.body {
+                Body::Inline(data) => data.clone(),
+                Body::Blob(id) => match self.read(&self.path(&format!("blobs/{id:016x}"))).await? {
+                    Some((bytes, _)) => bytes.to_vec(),
+                    None => return Ok(()),
+                },
+            };
+            body.extend_from_slice(&data);
+        }
+        let staged = self
+            .stage(futures::stream::once(async { Ok(Bytes::from(body)) }).boxed(), None, path)
+            .await?;
+        let mut compacted = head.clone();
+        compacted.runs = vec![Run {
+            first_seq: head.runs[0].first_seq,
+            count: head.runs.iter().map(|r| r.count).sum(),
+            body: staged.body.clone(),
+        }];
+        let old_blobs: Vec<u64> = head
+            .runs
+            .iter()
+            .filter_map(|r| match r.body {
+                Body::Blob(id) => Some(id),
+                Body::Inline(_) => None,
+            })
+            .collect();
+        let mut markers = Vec::new();
+        for blob in &old_blobs {
+            markers.push(self.mark_retiring(path, *blob).await?);
+        }
+        match self.write(path, encode_head(&compacted)?, &expect).await? {
+            Written::Done(_) => {
+                staged.published();
+                self.retire(old_blobs, markers).await;
+            }
+            // Someone appended meanwhile; the next append compacts.
+            Written::Conflict => self.retire(Vec::new(), markers).await,
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EntryStore for BucketStore {
+    async fn append_entries(
+        &self,
+        ns: &Namespace,
+        cassette: &Name,
+        entries: Vec<NewEntry>,
+        options: AppendOptions,
+    ) -> Result<u64, Error> {
+        if entries.is_empty() {
+            return Err(Error::invalid("entries", "at least one entry is required"));
+        }
+        let count = entries.len() as u64;
+        let path = self.head_path(ns, cassette.as_str());
+        let frames: Vec<Result<Bytes, Error>> = entries.iter().map(encode_frame).collect();
+        let staged = self
+            .stage(futures::stream::iter(frames).boxed(), None, &path)
+            .await?;
+        let idempotency_key = options.idempotency_key.map(|k| k.as_str().to_owned());
+        let mut backoff = Backoff::new();
+        let runs = loop {
+            let (mut head, expect) = match self.read_head(&path).await? {
+                Some(found) => found,
+                None => (
+                    Head {
+                        created_at: now_micros(),
+                        next_seq: 0,
+                        runs: Vec::new(),
+                        applied: BTreeMap::new(),
+                    },
+                    Expect::Absent,
+                ),
+            };
+            if let Some(key) = &idempotency_key {
+                if let Some(applied) = head.applied.get(key) {
+                    return Ok(*applied);
+                }
+            }
+            head.runs.push(Run {
+                first_seq: head.next_seq,
+                count,
+                body: staged.body.clone(),
+            });
+            head.next_seq += count;
+            if let Some(key) = &idempotency_key {
+                head.applied.insert(key.clone(), count);
+            }
+            match self.write(&path, encode_head(&head)?, &expect).await? {
+                Written::Done(_) => break head.runs.len(),
+                Written::Conflict => backoff.wait("append to the cassette").await?,
+            }
+        };
+        staged.published();
+        if runs > COMPACT_RUNS {
+            if let Err(e) = self.compact(&path).await {
+                tracing::warn!(error = %e, "cassette compaction failed; the next append retries");
+            }
+        }
+        Ok(count)
+    }
+
+    async fn read_entries(
+        &self,
+        ns: &Namespace,
+        cassette: &Name,
+        options: ReadOptions,
+    ) -> Result<EntryStream, Error> {
+        let path = self.head_path(ns, cassette.as_str());
+        for _ in 0..8 {
+            let Some((head, _)) = self.read_head(&path).await? else {
+                return Ok(futures::stream::empty().boxed());
+            };
+            let Some(entries) = self.load_entries(&head).await? else {
+                continue;
+            };
+            let limit = options
+                .limit
+                .filter(|l| *l > 0)
+                .map_or(usize::MAX, |l| l as usize);
+            let after = options.after;
+            let selected: Vec<Result<StoredEntry, Error>> = entries
+                .into_iter()
+                .filter(|(recorded_at, seq, _)| {
+                    after.is_none_or(|c| (*recorded_at, *seq) > (c.recorded_at, c.seq))
+                })
+                .take(limit)
+                .map(|(recorded_at, seq, json)| {
+                    Ok(StoredEntry {
+                        json,
+                        recorded_at,
+                        cursor: EntryCursor { recorded_at, seq }.encode(),
+                    })
+                })
+                .collect();
+            return Ok(futures::stream::iter(selected).boxed());
+        }
+        Err(Error::Unavailable {
+            message: format!(
+                "cassette {} kept changing while it was read; retry",
+                trove_proto::error::shorten(cassette.as_str())
+            ),
+        })
+    }
+
+    async fn replace_entries(
+        &self,
+        ns: &Namespace,
+        cassette: &Name,
+        entries: NewEntryStream,
+    ) -> Result<u64, Error> {
+        let path = self.head_path(ns, cassette.as_str());
+        let counted = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&counted);
+        let frames = entries
+            .map(move |entry| {
+                let entry = entry?;
+                counter.fetch_add(1, Ordering::Relaxed);
+                encode_frame(&entry)
+            })
+            .boxed();
+        let staged = self.stage(frames, None, &path).await?;
+        let count = counted.load(Ordering::Relaxed);
+        let mut backoff = Backoff::new();
+        loop {
+            let current = self.read_head(&path).await?;
+            let (created_at, old_blobs, expect) = match &current {
+                Some((head, expect)) => (
+                    head.created_at,
+                    head_blobs(&encode_head(head)?)?,
+                    expect.clone(),
+                ),
+                None => (now_micros(), Vec::new(), Expect::Absent),
+            };
+            let head = Head {
+                created_at,
+                next_seq: count,
+                runs: if count == 0 {
+                    Vec::new()
+                } else {
+                    vec![Run {
+                        first_seq: 0,
+                        count,
+                        body: staged.body.clone(),
+                    }]
+                },
+                applied: BTreeMap::new(),
+            };
+            let mut markers = Vec::new();
+            for blob in &old_blobs {
+                markers.push(self.mark_retiring(&path, *blob).await?);
+            }
+            match self.write(&path, encode_head(&head)?, &expect).await? {
+                Written::Done(_) => {
+                    staged.published();
+                    self.retire(old_blobs, markers).await;
+                    return Ok(count);
+                }
+                Written::Conflict => {
+                    self.retire(Vec::new(), markers).await;
+                    backoff.wait("replace the cassette").await?;
+                }
+            }
+        }
+    }
+
+    async fn delete_cassette(&self, ns: &Namespace, cassette: &Name) -> Result<bool, Error> {
+        self.remove_value(&self.head_path(ns, cassette.as_str()))
+            .await
+    }
+
+    async fn cassette_exists(&self, ns: &Namespace, cassette: &Name) -> Result<bool, Error> {
+        Ok(self
+            .read(&self.head_path(ns, cassette.as_str()))
+            .await?
+            .is_some())
+    }
+
+    async fn ensure_cassette(&self, _ns: &Namespace, _cassette: &Name) -> Result<(), Error> {
+        // Names are validated when the request is decoded; nothing to create.
+        Ok(())
+    }
+
+    async fn list_cassettes(&self, ns: &Namespace, page: &ListPage) -> Result<Page<String>, Error> {
+        let limit = clamp_page_size(page.page_size) as usize;
+        let after = page.after.as_deref().map(|a| keys::name_key(a, KIND_HEAD));
+        let mut names: Vec<String> = self
+            .list(
+                &Self::ns_dir(ns, 'c'),
+                &keys::prefix_key(&page.prefix),
+                after.as_deref(),
+            )
+            .try_filter_map(|(rest, _)| {
+                futures::future::ready(Ok(keys::parse_name_key(&rest)
+                    .filter(|(_, kind)| *kind == KIND_HEAD)
+                    .map(|(name, _)| name)))
+            })
+            .take(limit + 1)
+            .try_collect()
+            .await?;
+        let more = names.len() > limit;
+        names.truncate(limit);
+        let next_page_token = if more {
+            names.last().map(|last| encode_page_token(last))
+        } else {
+            None
+        };
+        Ok(Page {
+            items: names,
+            next_page_token,
+        })
+    }
+}

@@ -1,0 +1,280 @@
+//! [`ObjectStore`] on the bucket engine: an object's record at
+//! `n/{ns}/o/{hash}!d`, a stream's at `n/{ns}/o/{hash}!s`, so one listing
+//! walks both in hash order.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::ObjectStoreExt;
+use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo, MAX_FIND_MISSING};
+use trove_proto::types::{
+    clamp_page_size, encode_page_token, hex_digest, now_micros, ByteStream, ListPage, Name,
+    Namespace, Page,
+};
+use trove_proto::{Error, ObjectStore};
+
+use super::{bucket_error, keys, BucketStore};
+use crate::store::objects::{decode_chunks, encode_chunk, object_info, stream_info};
+use crate::store::record::ValueRecord;
+
+const KIND_OBJECT: char = 'd';
+const KIND_STREAM: char = 's';
+/// Lookups in flight at once for listings and `find_missing`.
+const PARALLEL_READS: usize = 64;
+
+impl BucketStore {
+    fn object_path(&self, ns: &Namespace, hash: &str, kind: char) -> Path {
+        self.path(&format!(
+            "{}{}",
+            Self::ns_dir(ns, 'o'),
+            keys::name_key(hash, kind)
+        ))
+    }
+}
+
+/// Turns a byte stream into a reader for the chunk decoder.
+fn reader(stream: ByteStream) -> impl tokio::io::AsyncRead + Send + Unpin + 'static {
+    tokio_util::io::StreamReader::new(
+        stream.map_err(|e| std::io::Error::other(e.to_string())),
+    )
+}
+
+#[async_trait]
+impl ObjectStore for BucketStore {
+    async fn put_object(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+        expected_size: Option<u64>,
+        data: ByteStream,
+    ) -> Result<ObjectInfo, Error> {
+        let path = self.object_path(ns, hash.as_str(), KIND_OBJECT);
+        let staged = self.stage(data, expected_size, &path).await?;
+        let digest = hash.sha256_digest();
+        if let Some(expected) = digest {
+            if expected != staged.sha256 {
+                return Err(Error::invalid(
+                    "hash",
+                    format!(
+                        "the content's SHA-256 is {}, not {}; nothing was stored",
+                        hex_digest(&staged.sha256),
+                        hash
+                    ),
+                ));
+            }
+        }
+        let verified = digest.is_some();
+        let (size, sha256) = (staged.len, staged.sha256);
+        let now = now_micros();
+        let record = self
+            .publish_value(&path, staged, move |old, body| {
+                // A verified hash names its content: an existing copy is identical.
+                if verified && old.is_some_and(|o| o.verified) {
+                    return None;
+                }
+                Some(ValueRecord {
+                    created_at: old.map_or(now, |o| o.created_at),
+                    updated_at: now,
+                    size,
+                    body_len: size,
+                    sha256,
+                    content_type: String::new(),
+                    verified,
+                    chunk_count: 0,
+                    seq: 0,
+                    body: body.clone(),
+                })
+            })
+            .await?;
+        Ok(object_info(hash, &record))
+    }
+
+    async fn get_object(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+    ) -> Result<(ObjectInfo, ByteStream), Error> {
+        let path = self.object_path(ns, hash.as_str(), KIND_OBJECT);
+        let (record, stream) = self.open_value(&path, "object", hash.as_str()).await?;
+        Ok((object_info(hash, &record), stream))
+    }
+
+    async fn delete_object(&self, ns: &Namespace, hash: &Name) -> Result<bool, Error> {
+        let object = self
+            .remove_value(&self.object_path(ns, hash.as_str(), KIND_OBJECT))
+            .await?;
+        let stream = self
+            .remove_value(&self.object_path(ns, hash.as_str(), KIND_STREAM))
+            .await?;
+        Ok(object || stream)
+    }
+
+    async fn stat_object(&self, ns: &Namespace, hash: &Name) -> Result<ObjectInfo, Error> {
+        let path = self.object_path(ns, hash.as_str(), KIND_OBJECT);
+        match self.read_record(&path).await? {
+            Some(record) => Ok(object_info(hash, &record)),
+            None => Err(Error::not_found("object", hash.as_str())),
+        }
+    }
+
+    async fn list_objects(
+        &self,
+        ns: &Namespace,
+        page: &ListPage,
+    ) -> Result<Page<ListedObject>, Error> {
+        let limit = clamp_page_size(page.page_size) as usize;
+        let dir = Self::ns_dir(ns, 'o');
+        // Past both kinds of the last hash listed.
+        let after = page.after.as_deref().map(|a| keys::name_key(a, 'z'));
+        let mut listing = self.list(&dir, &keys::prefix_key(&page.prefix), after.as_deref());
+        let mut items: Vec<ListedObject> = Vec::new();
+        let mut more = false;
+        while let Some(entry) = listing.next().await {
+            let (rest, _) = entry?;
+            let Some((hash, kind)) = keys::parse_name_key(&rest) else {
+                continue;
+            };
+            if items.last().is_none_or(|last| last.hash != hash) {
+                if items.len() == limit {
+                    more = true;
+                    break;
+                }
+                items.push(ListedObject {
+                    hash,
+                    ..Default::default()
+                });
+            }
+            if let Some(item) = items.last_mut() {
+                match kind {
+                    KIND_OBJECT => item.has_object = true,
+                    KIND_STREAM => item.has_stream = true,
+                    _ => {}
+                }
+            }
+        }
+        drop(listing);
+        // Object sizes live in the records: read them side by side.
+        let lookups: Vec<_> = items
+            .iter()
+            .map(|item| {
+                let path = item
+                    .has_object
+                    .then(|| self.object_path(ns, &item.hash, KIND_OBJECT));
+                let store = self.clone();
+                async move {
+                    match path {
+                        Some(path) => Ok(store.read_record(&path).await?.map_or(0, |r| r.size)),
+                        None => Ok::<u64, Error>(0),
+                    }
+                }
+            })
+            .collect();
+        let sizes: Vec<u64> = futures::stream::iter(lookups)
+            .buffered(PARALLEL_READS)
+            .try_collect()
+            .await?;
+        for (item, size) in items.iter_mut().zip(sizes) {
+            item.size = size;
+        }
+        let next_page_token = if more {
+            items.last().map(|last| encode_page_token(&last.hash))
+        } else {
+            None
+        };
+        Ok(Page {
+            items,
+            next_page_token,
+        })
+    }
+
+    async fn find_missing(&self, ns: &Namespace, hashes: &[Name]) -> Result<Vec<Name>, Error> {
+        if hashes.len() > MAX_FIND_MISSING {
+            return Err(Error::invalid(
+                "hashes",
+                format!(
+                    "{} hashes given; at most {MAX_FIND_MISSING} per call",
+                    hashes.len()
+                ),
+            ));
+        }
+        let lookups: Vec<_> = hashes
+            .iter()
+            .map(|hash| {
+                let path = self.object_path(ns, hash.as_str(), KIND_OBJECT);
+                let store = self.clone();
+                async move {
+                    match store.bucket().head(&path).await {
+                        Ok(_) => Ok(true),
+                        Err(object_store::Error::NotFound { .. }) => Ok(false),
+                        Err(e) => Err(bucket_error("look up an object", &e)),
+                    }
+                }
+            })
+            .collect();
+        let present: Vec<bool> = futures::stream::iter(lookups)
+            .buffered(PARALLEL_READS)
+            .try_collect()
+            .await?;
+        Ok(hashes
+            .iter()
+            .zip(present)
+            .filter(|(_, present)| !present)
+            .map(|(hash, _)| hash.clone())
+            .collect())
+    }
+
+    async fn put_stream(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+        chunks: ChunkStream,
+    ) -> Result<StreamInfo, Error> {
+        let count = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(AtomicU64::new(0));
+        let (c, t) = (Arc::clone(&count), Arc::clone(&total));
+        let body = chunks
+            .map(move |chunk| {
+                let chunk = chunk?;
+                c.fetch_add(1, Ordering::Relaxed);
+                t.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+                encode_chunk(&chunk)
+            })
+            .boxed();
+        let path = self.object_path(ns, hash.as_str(), KIND_STREAM);
+        let staged = self.stage(body, None, &path).await?;
+        let (chunk_count, size) = (count.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+        let (body_len, sha256) = (staged.len, staged.sha256);
+        let now = now_micros();
+        let record = self
+            .publish_value(&path, staged, move |old, body| {
+                Some(ValueRecord {
+                    created_at: old.map_or(now, |o| o.created_at),
+                    updated_at: now,
+                    size,
+                    body_len,
+                    sha256,
+                    content_type: String::new(),
+                    verified: false,
+                    chunk_count,
+                    seq: 0,
+                    body: body.clone(),
+                })
+            })
+            .await?;
+        Ok(stream_info(hash, &record))
+    }
+
+    async fn get_stream(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+    ) -> Result<(StreamInfo, ChunkStream), Error> {
+        let path = self.object_path(ns, hash.as_str(), KIND_STREAM);
+        let (record, stream) = self.open_value(&path, "stream", hash.as_str()).await?;
+        let chunks = decode_chunks(reader(stream), record.chunk_count, record.body_len);
+        Ok((stream_info(hash, &record), chunks))
+    }
+}
