@@ -22,9 +22,6 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     trove_server::telemetry::init(&config)?;
-    // HTTPS to an object store uses rustls; ring is its one crypto provider
-    // here. A second install (none is expected) is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     // Registered before anything slow happens, so a SIGTERM during start-up
     // is held and honoured (gracefully) instead of killing the process.
     let shutdown = shutdown_signal()?;

@@ -63,6 +63,9 @@ pub async fn connect(
     options: BucketOptions,
 ) -> Result<BucketStore, Error> {
     let parsed = StoreUrl::parse(url)?;
+    // The HTTP client's TLS uses rustls with ring as its one crypto provider;
+    // installing it again (a second store in one process) changes nothing.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let failed = |e: object_store::Error| Error::invalid("store", format!("cannot use {url:?}: {e}"));
     let bucket: Arc<dyn Bucket> = match parsed.scheme.as_str() {
         "s3" => {
