@@ -268,7 +268,8 @@ write_state() {
         echo "TROVE_WEED_FILER=127.0.0.1:$FILER_PORT"
         echo "TROVE_WEED_PIDS=$all"
         for n in $(seq 1 "$VOLUMES"); do
-            pid=$(cat "$dir/run/volume$n.pid")
+            # A stopped volume server has no pid file; its PID is empty.
+            pid=$(cat "$dir/run/volume$n.pid" 2>/dev/null || true)
             port_var="VOLUME${n}_PORT"
             vpids+="${vpids:+,}$pid"
             vports+="${vports:+,}${!port_var}"

@@ -30,6 +30,7 @@ use trove_proto::pb::cache_server::CacheServer;
 use trove_proto::pb::entries_server::EntriesServer;
 use trove_proto::pb::objects_server::ObjectsServer;
 
+use crate::bucket::BucketStore;
 use crate::config::Config;
 use crate::grpc::artifacts::ArtifactsService;
 use crate::grpc::cache::CacheService;
@@ -37,7 +38,6 @@ use crate::grpc::entries::EntriesService;
 use crate::grpc::objects::ObjectsService;
 use crate::grpc::Limits;
 use crate::observe::ObserveLayer;
-use crate::bucket::BucketStore;
 use crate::store::SledStore;
 
 /// Names of the services reported by the health check.
@@ -284,8 +284,8 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
         );
         let cache = grpc_service!(CacheServer, CacheService::new(Arc::clone(&store), limits));
 
-        let timeout =
-            (config.request_timeout_secs > 0).then(|| Duration::from_secs(config.request_timeout_secs));
+        let timeout = (config.request_timeout_secs > 0)
+            .then(|| Duration::from_secs(config.request_timeout_secs));
         let observe = ObserveLayer::new(
             usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX),
             timeout,

@@ -55,6 +55,7 @@ pub struct ServerProcess {
     /// File receiving the server's standard error (its logs).
     pub log_path: PathBuf,
     extra_args: Vec<String>,
+    envs: Vec<(String, String)>,
     _temp: Option<TempDir>,
 }
 
@@ -75,10 +76,28 @@ impl ServerProcess {
 
     /// Starts a server on `data_dir` (which outlives the process).
     pub async fn start_in(data_dir: &Path, extra_args: &[&str]) -> Self {
+        Self::start_in_with_env(data_dir, extra_args, &[]).await
+    }
+
+    /// Starts a server on a fresh temporary data directory with extra flags
+    /// and extra environment variables (kept for restarts).
+    pub async fn start_with_env(extra_args: &[&str], envs: &[(String, String)]) -> Self {
+        let temp = tempfile::tempdir().expect("create temp dir");
+        let data_dir = temp.path().join("data");
+        let mut server = Self::start_in_with_env(&data_dir, extra_args, envs).await;
+        server._temp = Some(temp);
+        server
+    }
+
+    async fn start_in_with_env(
+        data_dir: &Path,
+        extra_args: &[&str],
+        envs: &[(String, String)],
+    ) -> Self {
         let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
         let log_path = data_dir.with_extension("log");
         let (child, addr, metrics_addr) =
-            spawn(data_dir, "127.0.0.1:0", &extra_args, &log_path).await;
+            spawn(data_dir, "127.0.0.1:0", &extra_args, envs, &log_path).await;
         ServerProcess {
             child: Some(child),
             addr,
@@ -86,6 +105,7 @@ impl ServerProcess {
             data_dir: data_dir.to_path_buf(),
             log_path,
             extra_args,
+            envs: envs.to_vec(),
             _temp: None,
         }
     }
@@ -152,6 +172,7 @@ impl ServerProcess {
             &self.data_dir,
             "127.0.0.1:0",
             &self.extra_args,
+            &self.envs,
             &self.log_path,
         )
         .await;
@@ -165,8 +186,14 @@ impl ServerProcess {
     pub async fn restart_same_address(&mut self) {
         self.kill9();
         let listen = self.addr.to_string();
-        let (child, addr, metrics_addr) =
-            spawn(&self.data_dir, &listen, &self.extra_args, &self.log_path).await;
+        let (child, addr, metrics_addr) = spawn(
+            &self.data_dir,
+            &listen,
+            &self.extra_args,
+            &self.envs,
+            &self.log_path,
+        )
+        .await;
         self.child = Some(child);
         self.addr = addr;
         self.metrics_addr = metrics_addr;
@@ -196,6 +223,7 @@ async fn spawn(
     data_dir: &Path,
     listen: &str,
     extra_args: &[String],
+    envs: &[(String, String)],
     log_path: &Path,
 ) -> (Child, SocketAddr, Option<SocketAddr>) {
     let log = std::fs::OpenOptions::new()
@@ -215,6 +243,7 @@ async fn spawn(
             vec!["--metrics-listen", "127.0.0.1:0"]
         })
         .args(extra_args)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)

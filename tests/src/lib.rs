@@ -12,6 +12,7 @@
 
 pub mod conformance;
 pub mod harness;
+pub mod seaweedfs;
 pub mod target;
 
 use bytes::Bytes;

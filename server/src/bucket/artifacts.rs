@@ -111,7 +111,8 @@ impl ArtifactStore for BucketStore {
     }
 
     async fn delete_artifact(&self, ns: &Namespace, key: &Name) -> Result<bool, Error> {
-        self.remove_value(&self.artifact_path(ns, key.as_str())).await
+        self.remove_value(&self.artifact_path(ns, key.as_str()))
+            .await
     }
 
     async fn stat_artifact(&self, ns: &Namespace, key: &Name) -> Result<ArtifactInfo, Error> {

@@ -80,7 +80,11 @@ struct TierDir {
 }
 
 fn scope_dir(ns: &Namespace, prefix: &str) -> String {
-    format!("{}{}/", BucketStore::ns_dir(ns, 'k'), keys::name_key(prefix, 'p'))
+    format!(
+        "{}{}/",
+        BucketStore::ns_dir(ns, 'k'),
+        keys::name_key(prefix, 'p')
+    )
 }
 
 fn tier_dir(ns: &Namespace, prefix: &str, pr_branch: Option<&str>) -> TierDir {
@@ -104,7 +108,13 @@ fn own_tier(scope: &CacheScope) -> TierDir {
     tier_dir(&scope.namespace, &scope.prefix, branch)
 }
 
-fn cached_ref(tier: &TierDir, reference: &str, suite: &str, uploaded_at: i64, record: &ValueRecord) -> CachedRef {
+fn cached_ref(
+    tier: &TierDir,
+    reference: &str,
+    suite: &str,
+    uploaded_at: i64,
+    record: &ValueRecord,
+) -> CachedRef {
     CachedRef {
         r#ref: reference.to_owned(),
         test_suite_id: suite.to_owned(),
@@ -129,15 +139,27 @@ struct FoundRef {
 
 impl BucketStore {
     fn ref_path(&self, tier: &TierDir, reference: &str) -> Path {
-        self.path(&format!("{}r/{}", tier.dir, keys::name_key(reference, KIND_REF)))
+        self.path(&format!(
+            "{}r/{}",
+            tier.dir,
+            keys::name_key(reference, KIND_REF)
+        ))
     }
 
     fn tree_path(&self, tier: &TierDir, tree: &str) -> Path {
-        self.path(&format!("{}t/{}", tier.dir, keys::name_key(tree, KIND_TREE)))
+        self.path(&format!(
+            "{}t/{}",
+            tier.dir,
+            keys::name_key(tree, KIND_TREE)
+        ))
     }
 
     fn branch_map_path(&self, ns: &Namespace, prefix: &str, branch: &str) -> Path {
-        self.path(&format!("{}br/{}", scope_dir(ns, prefix), keys::name_key(branch, 'm')))
+        self.path(&format!(
+            "{}br/{}",
+            scope_dir(ns, prefix),
+            keys::name_key(branch, 'm')
+        ))
     }
 
     async fn read_ref(&self, path: &Path) -> Result<Option<(RefRecord, UpdateVersion)>, Error> {
@@ -192,7 +214,12 @@ impl BucketStore {
     /// it was removed.
     async fn remove_ref(&self, tier: &TierDir, found: &FoundRef) -> Result<bool, Error> {
         let path = self.ref_path(tier, &found.reference);
-        let blobs: Vec<u64> = found.record.suites.values().filter_map(ValueRecord::blob_id).collect();
+        let blobs: Vec<u64> = found
+            .record
+            .suites
+            .values()
+            .filter_map(ValueRecord::blob_id)
+            .collect();
         let mut markers = Vec::new();
         for blob in &blobs {
             markers.push(self.mark_retiring(&path, *blob).await?);
@@ -270,7 +297,12 @@ impl BucketStore {
     }
 
     /// Removes a whole PR branch: its refs, pointers and ref map.
-    async fn remove_branch(&self, ns: &Namespace, prefix: &str, tier: &TierDir) -> Result<u64, Error> {
+    async fn remove_branch(
+        &self,
+        ns: &Namespace,
+        prefix: &str,
+        tier: &TierDir,
+    ) -> Result<u64, Error> {
         let refs = self.refs_by_age(tier).await?;
         let all: Vec<&FoundRef> = refs.iter().collect();
         let removed = self.remove_refs(tier, &all).await?;
@@ -345,7 +377,13 @@ impl CacheStore for BucketStore {
             )
             .await?;
         }
-        Ok(cached_ref(&tier, reference.as_str(), &suite, uploaded_at, &stored))
+        Ok(cached_ref(
+            &tier,
+            reference.as_str(),
+            &suite,
+            uploaded_at,
+            &stored,
+        ))
     }
 
     async fn download(
@@ -430,7 +468,10 @@ impl CacheStore for BucketStore {
         if refs.len() > MAX_BRANCH_REFS {
             return Err(Error::invalid(
                 "refs",
-                format!("{} entries; at most {MAX_BRANCH_REFS} per branch", refs.len()),
+                format!(
+                    "{} entries; at most {MAX_BRANCH_REFS} per branch",
+                    refs.len()
+                ),
             ));
         }
         for sha in refs.keys() {
@@ -457,7 +498,9 @@ impl CacheStore for BucketStore {
         if ttl > 0 {
             if let Some(newest) = refs.last() {
                 if newest.record.uploaded_at < now.saturating_sub(seconds_to_micros(ttl)) {
-                    return self.remove_branch(&scope.namespace, &scope.prefix, &tier).await;
+                    return self
+                        .remove_branch(&scope.namespace, &scope.prefix, &tier)
+                        .await;
                 }
             }
         }
@@ -506,7 +549,10 @@ impl CacheStore for BucketStore {
         for branch in branches {
             let tier = tier_dir(ns, prefix, Some(&branch));
             let refs = self.refs_by_age(&tier).await?;
-            if refs.last().is_some_and(|newest| newest.record.uploaded_at < cutoff) {
+            if refs
+                .last()
+                .is_some_and(|newest| newest.record.uploaded_at < cutoff)
+            {
                 removed += self.remove_branch(ns, prefix, &tier).await?;
             }
         }
@@ -532,7 +578,11 @@ impl CacheStore for BucketStore {
         let mut last: Option<(i64, u64, String)> = None;
         let mut more = false;
         for found in refs.iter().rev() {
-            let position = (found.record.uploaded_at, found.record.seq, found.reference.clone());
+            let position = (
+                found.record.uploaded_at,
+                found.record.seq,
+                found.reference.clone(),
+            );
             if before.as_ref().is_some_and(|b| position >= *b) {
                 continue;
             }
@@ -541,20 +591,33 @@ impl CacheStore for BucketStore {
                 break;
             }
             for (suite, value) in &found.record.suites {
-                items.push(cached_ref(&tier, &found.reference, suite, found.record.uploaded_at, value));
+                items.push(cached_ref(
+                    &tier,
+                    &found.reference,
+                    suite,
+                    found.record.uploaded_at,
+                    value,
+                ));
             }
             listed += 1;
             last = Some(position);
         }
         Ok(Page {
             items,
-            next_page_token: if more { last.map(|l| encode_refs_token(&l)) } else { None },
+            next_page_token: if more {
+                last.map(|l| encode_refs_token(&l))
+            } else {
+                None
+            },
         })
     }
 }
 
 fn encode_refs_token((uploaded_at, seq, reference): &(i64, u64, String)) -> String {
-    format!("b1.{uploaded_at}.{seq}.{}", hex::encode(reference.as_bytes()))
+    format!(
+        "b1.{uploaded_at}.{seq}.{}",
+        hex::encode(reference.as_bytes())
+    )
 }
 
 fn decode_refs_token(token: &str) -> Result<(i64, u64, String), Error> {
@@ -578,4 +641,3 @@ fn decode_refs_token(token: &str) -> Result<(i64, u64, String), Error> {
         .ok_or_else(bad)?;
     Ok((uploaded_at, seq, reference))
 }
-

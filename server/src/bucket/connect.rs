@@ -66,7 +66,8 @@ pub async fn connect(
     // The HTTP client's TLS uses rustls with ring as its one crypto provider;
     // installing it again (a second store in one process) changes nothing.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let failed = |e: object_store::Error| Error::invalid("store", format!("cannot use {url:?}: {e}"));
+    let failed =
+        |e: object_store::Error| Error::invalid("store", format!("cannot use {url:?}: {e}"));
     let bucket: Arc<dyn Bucket> = match parsed.scheme.as_str() {
         "s3" => {
             let mut builder = AmazonS3Builder::from_env().with_bucket_name(&parsed.bucket);
@@ -102,7 +103,10 @@ mod tests {
     #[test]
     fn store_urls() {
         let url = StoreUrl::parse("s3://trove/ci/cache/").expect("valid");
-        assert_eq!((url.scheme.as_str(), url.bucket.as_str(), url.root.as_str()), ("s3", "trove", "ci/cache"));
+        assert_eq!(
+            (url.scheme.as_str(), url.bucket.as_str(), url.root.as_str()),
+            ("s3", "trove", "ci/cache")
+        );
         assert_eq!(StoreUrl::parse("gs://b").expect("valid").root, "");
         assert!(StoreUrl::parse("ftp://b/x").is_err());
         assert!(StoreUrl::parse("s3:///x").is_err());

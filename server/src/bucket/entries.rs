@@ -116,7 +116,9 @@ fn decode_run(mut body: Bytes, run: &Run, out: &mut Vec<(i64, u64, Bytes)>) -> R
         seq += 1;
     }
     if seq - run.first_seq != run.count {
-        return Err(damaged("it holds a different number of entries than its head says"));
+        return Err(damaged(
+            "it holds a different number of entries than its head says",
+        ));
     }
     Ok(())
 }
@@ -191,7 +193,11 @@ impl BucketStore {
             body.extend_from_slice(&data);
         }
         let staged = self
-            .stage(futures::stream::once(async { Ok(Bytes::from(body)) }).boxed(), None, path)
+            .stage(
+                futures::stream::once(async { Ok(Bytes::from(body)) }).boxed(),
+                None,
+                path,
+            )
             .await?;
         let mut compacted = head.clone();
         compacted.runs = vec![Run {

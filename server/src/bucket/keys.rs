@@ -71,7 +71,9 @@ pub fn decode(encoded: &str) -> Option<String> {
                 let hex = encoded.get(i + 1..i + 3)?;
                 let b = u8::from_str_radix(hex, 16).ok()?;
                 // Only the canonical code of each byte is accepted.
-                if hex.bytes().any(|c| c.is_ascii_lowercase()) || encode_byte_introducer(b) != bytes[i] {
+                if hex.bytes().any(|c| c.is_ascii_lowercase())
+                    || encode_byte_introducer(b) != bytes[i]
+                {
                     return None;
                 }
                 out.push(b);

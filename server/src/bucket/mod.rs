@@ -46,8 +46,8 @@ use sha2::{Digest, Sha256};
 use trove_proto::types::ByteStream;
 use trove_proto::Error;
 
-use crate::store::record::{Body, ValueRecord};
 use crate::store::chunked;
+use crate::store::record::{Body, ValueRecord};
 
 /// Settings of the bucket engine.
 #[derive(Debug, Clone)]
@@ -89,7 +89,11 @@ struct Inner {
 
 impl std::fmt::Debug for BucketStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BucketStore({} under {:?})", self.inner.bucket, self.inner.root)
+        write!(
+            f,
+            "BucketStore({} under {:?})",
+            self.inner.bucket, self.inner.root
+        )
     }
 }
 
@@ -171,7 +175,8 @@ struct PendingBlob {
 
 impl Drop for PendingBlob {
     fn drop(&mut self) {
-        let (store, id, owned, upload) = (self.store.clone(), self.id, self.owned, self.upload.take());
+        let (store, id, owned, upload) =
+            (self.store.clone(), self.id, self.owned, self.upload.take());
         let cleanup = async move {
             if let Some(upload) = upload {
                 let _ = upload.abort().await;
@@ -285,11 +290,15 @@ impl BucketStore {
             .put_opts(&path, PutPayload::from_static(b"again"), create)
             .await
         {
-            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {}
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => {}
             Ok(_) => return Err(refuse("create-if-absent (If-None-Match: *)")),
-            Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) => {
-                return Err(refuse("create-if-absent (If-None-Match: *)"))
-            }
+            Err(
+                object_store::Error::NotImplemented { .. }
+                | object_store::Error::NotSupported { .. },
+            ) => return Err(refuse("create-if-absent (If-None-Match: *)")),
             Err(e) => return Err(bucket_error("probe create-if-absent", &e)),
         }
         if first.e_tag.is_none() && first.version.is_none() {
@@ -302,20 +311,32 @@ impl BucketStore {
         match self
             .inner
             .bucket
-            .put_opts(&path, PutPayload::from_static(b"stale"), PutMode::Update(stale).into())
+            .put_opts(
+                &path,
+                PutPayload::from_static(b"stale"),
+                PutMode::Update(stale).into(),
+            )
             .await
         {
-            Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {}
+            Err(
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. },
+            ) => {}
             Ok(_) => return Err(refuse("update-if-version (If-Match)")),
-            Err(object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }) => {
-                return Err(refuse("update-if-version (If-Match)"))
-            }
+            Err(
+                object_store::Error::NotImplemented { .. }
+                | object_store::Error::NotSupported { .. },
+            ) => return Err(refuse("update-if-version (If-Match)")),
             Err(e) => return Err(bucket_error("probe update-if-version", &e)),
         }
         match self
             .inner
             .bucket
-            .put_opts(&path, PutPayload::from_static(b"probe"), PutMode::Update(first.into()).into())
+            .put_opts(
+                &path,
+                PutPayload::from_static(b"probe"),
+                PutMode::Update(first.into()).into(),
+            )
             .await
         {
             Ok(_) => Ok(()),
@@ -353,7 +374,12 @@ impl BucketStore {
     }
 
     /// Writes a small object if `expect` still holds.
-    pub async fn write(&self, path: &Path, bytes: Vec<u8>, expect: &Expect) -> Result<Written, Error> {
+    pub async fn write(
+        &self,
+        path: &Path,
+        bytes: Vec<u8>,
+        expect: &Expect,
+    ) -> Result<Written, Error> {
         tokio::task::consume_budget().await;
         let mode = match expect {
             Expect::Absent => PutMode::Create,
@@ -465,9 +491,10 @@ impl BucketStore {
             hasher.update(&chunk);
             match guard.as_mut() {
                 Some(pending) => {
-                    let upload = pending.upload.as_mut().ok_or_else(|| {
-                        Error::internal("blob upload already finished")
-                    })?;
+                    let upload = pending
+                        .upload
+                        .as_mut()
+                        .ok_or_else(|| Error::internal("blob upload already finished"))?;
                     upload
                         .wait_for_capacity(2)
                         .await
@@ -490,7 +517,9 @@ impl BucketStore {
             if len != expected {
                 return Err(Error::invalid(
                     "size",
-                    format!("the header announced {expected} bytes but the stream ended after {len}"),
+                    format!(
+                        "the header announced {expected} bytes but the stream ended after {len}"
+                    ),
                 ));
             }
         }
@@ -574,10 +603,12 @@ impl BucketStore {
     pub async fn open_body(&self, record: &ValueRecord) -> Result<Option<ByteStream>, Error> {
         match &record.body {
             Body::Inline(data) => {
-                let pieces: Vec<Result<Bytes, Error>> =
-                    chunked(Bytes::from(data.clone()), self.inner.options.read_chunk_bytes)
-                        .map(Ok)
-                        .collect();
+                let pieces: Vec<Result<Bytes, Error>> = chunked(
+                    Bytes::from(data.clone()),
+                    self.inner.options.read_chunk_bytes,
+                )
+                .map(Ok)
+                .collect();
                 Ok(Some(futures::stream::iter(pieces).boxed()))
             }
             Body::Blob(id) => match self.inner.bucket.get(&self.blob_path(*id)).await {
@@ -725,7 +756,9 @@ impl BucketStore {
             };
             let owner = self.path(&marker.owner);
             let owned = match self.read(&owner).await? {
-                Some((record, _)) => referenced_blobs(&marker.owner, &record)?.contains(&marker.blob),
+                Some((record, _)) => {
+                    referenced_blobs(&marker.owner, &record)?.contains(&marker.blob)
+                }
                 None => false,
             };
             if !owned {
@@ -744,7 +777,11 @@ impl BucketStore {
             loop {
                 match store.reclaim().await {
                     Ok(found) if found.markers > 0 => {
-                        tracing::info!(markers = found.markers, blobs = found.blobs, "reclaimed abandoned writes");
+                        tracing::info!(
+                            markers = found.markers,
+                            blobs = found.blobs,
+                            "reclaimed abandoned writes"
+                        );
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "reclaim failed; will retry"),
@@ -767,8 +804,14 @@ impl BucketStore {
 
     /// Counts pending markers and blobs (for tests and operators).
     pub async fn count_pending_and_blobs(&self) -> Result<(usize, usize), Error> {
-        let pending = self.list("pending/", "", None).try_fold(0usize, |n, _| async move { Ok(n + 1) }).await?;
-        let blobs = self.list("blobs/", "", None).try_fold(0usize, |n, _| async move { Ok(n + 1) }).await?;
+        let pending = self
+            .list("pending/", "", None)
+            .try_fold(0usize, |n, _| async move { Ok(n + 1) })
+            .await?;
+        let blobs = self
+            .list("blobs/", "", None)
+            .try_fold(0usize, |n, _| async move { Ok(n + 1) })
+            .await?;
         Ok((pending, blobs))
     }
 }

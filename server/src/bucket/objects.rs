@@ -37,9 +37,7 @@ impl BucketStore {
 
 /// Turns a byte stream into a reader for the chunk decoder.
 fn reader(stream: ByteStream) -> impl tokio::io::AsyncRead + Send + Unpin + 'static {
-    tokio_util::io::StreamReader::new(
-        stream.map_err(|e| std::io::Error::other(e.to_string())),
-    )
+    tokio_util::io::StreamReader::new(stream.map_err(|e| std::io::Error::other(e.to_string())))
 }
 
 #[async_trait]
