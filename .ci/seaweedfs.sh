@@ -275,7 +275,7 @@ write_state() {
             vports+="${vports:+,}${!port_var}"
             echo "TROVE_WEED_VOLUME_${n}_PID=$pid"
             echo "TROVE_WEED_VOLUME_${n}_PORT=${!port_var}"
-            echo "TROVE_WEED_VOLUME_${n}_CMD=$(quoted_cmd "$dir/run/volume$n.args")"
+            echo "TROVE_WEED_VOLUME_${n}_CMD=\"$(quoted_cmd "$dir/run/volume$n.args")\""
             echo "TROVE_WEED_VOLUME_${n}_ARGS=$dir/run/volume$n.args"
         done
         echo "TROVE_WEED_VOLUME_PIDS=$vpids"

@@ -291,7 +291,7 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             timeout,
             limits.max_message_bytes,
         );
-        let full_reflection = reflection(&config)?;
+        let full_reflection = reflection(config)?;
         let mut router = Server::builder()
             // Without keepalives a client that vanishes (host down, partition)
             // would hold its upload, staging file and buffers forever.

@@ -183,6 +183,9 @@ async fn concurrent_appends_through_two_servers() {
     }
 }
 
+/// An acknowledged write: key, content seed, size, and the phase it was made in.
+type Acked = (String, u64, u64, usize);
+
 fn scope(branch: &str) -> CacheScope {
     CacheScope {
         namespace: ns(),
@@ -321,7 +324,7 @@ async fn volume_server_loss_loses_no_acknowledged_write() {
     // phase 0: all up; 1: volume server 2 down; 2: back up.
     let phase = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let acked: Arc<Mutex<Vec<(String, u64, u64, usize)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let failed: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
     let writers: Vec<_> = (0..4u64)
         .map(|w| {
