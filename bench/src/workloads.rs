@@ -25,6 +25,8 @@ use crate::baselines::{redis_binary, start_null_server, RawTcpPeer, RedisServer}
 use crate::load::{closed_loop, op, open_loop, Measured, Op, Sequence};
 use crate::report::{Curve, Point, Report, Row, Series};
 
+mod bucket;
+
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
 
@@ -279,6 +281,17 @@ impl Bench {
         self.store_size_curve()
             .await
             .context("store-size scaling")?;
+        match bucket::S3Cluster::from_env() {
+            Some(cluster) => self
+                .bucket_workloads(&cluster)
+                .await
+                .context("bucket engine")?,
+            None => self.report.skipped.push(
+                "S3 engine: no cluster (set TROVE_S3_ENDPOINT, TROVE_S3_BUCKET and AWS_*; \
+                 `.ci/seaweedfs.sh start DIR` starts a SeaweedFS cluster and writes them to DIR/env)"
+                    .to_owned(),
+            ),
+        }
         if let Some(rss) = self.server.peak_rss_bytes() {
             self.report.fact(
                 "server peak RSS over the whole run",
