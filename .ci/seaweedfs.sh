@@ -399,6 +399,8 @@ EOF
     . "$dir/run/config"
 
     local master=127.0.0.1:$master_port filer=127.0.0.1:$filer_port
+    # 64 MB volumes and up to 200 per volume server: small files, and room for
+    # a whole test run (volume growth takes several slots at a time).
     write_args "$dir/run/master.args" "$weed" master \
         -ip=127.0.0.1 -ip.bind=127.0.0.1 \
         -port="$master_port" -port.grpc=$((master_port + 10000)) \
@@ -412,7 +414,7 @@ EOF
         write_args "$dir/run/volume$n.args" "$weed" volume \
             -ip=127.0.0.1 -ip.bind=127.0.0.1 \
             -port="$vport" -port.grpc=$((vport + 10000)) \
-            -dir="$dir/vol$n" -max=20 \
+            -dir="$dir/vol$n" -max=200 \
             -master="$master" -dataCenter=dc1 -rack=rack1 \
             -preStopSeconds=0
     done

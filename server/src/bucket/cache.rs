@@ -330,6 +330,7 @@ impl CacheStore for BucketStore {
         // uploads in one microsecond still differ.
         let seq = (u64::try_from(now_micros()).unwrap_or(0) << 8) | u64::from(rand::random::<u8>());
         let suite = scope.test_suite_id.clone();
+        let turn = self.turn(&path).await;
         let mut backoff = Backoff::new();
         let stored = loop {
             let (mut record, expect) = match self.read_ref(&path).await? {
@@ -352,7 +353,10 @@ impl CacheStore for BucketStore {
             record.suites.insert(suite.clone(), value.clone());
             record.uploaded_at = uploaded_at;
             record.seq = seq;
-            let retiring = old.as_ref().and_then(ValueRecord::blob_id);
+            let retiring = old
+                .as_ref()
+                .and_then(ValueRecord::blob_id)
+                .filter(|id| staged.body != crate::store::record::Body::Blob(*id));
             let marker = match retiring {
                 Some(blob) => Some(self.mark_retiring(&path, blob).await?),
                 None => None,
@@ -370,6 +374,7 @@ impl CacheStore for BucketStore {
             }
         };
         staged.published();
+        drop(turn);
         if let Some(tree) = &options.tree_sha {
             self.overwrite(
                 &self.tree_path(&tier, tree.as_str()),

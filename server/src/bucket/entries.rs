@@ -175,6 +175,7 @@ impl BucketStore {
 
     /// Merges the runs of a head into one, when it holds many; best effort.
     async fn compact(&self, path: &Path) -> Result<(), Error> {
+        let _turn = self.turn(path).await;
         let Some((head, expect)) = self.read_head(path).await? else {
             return Ok(());
         };
@@ -248,6 +249,7 @@ impl EntryStore for BucketStore {
             .stage(futures::stream::iter(frames).boxed(), None, &path)
             .await?;
         let idempotency_key = options.idempotency_key.map(|k| k.as_str().to_owned());
+        let turn = self.turn(&path).await;
         let mut backoff = Backoff::new();
         let runs = loop {
             let (mut head, expect) = match self.read_head(&path).await? {
@@ -282,6 +284,7 @@ impl EntryStore for BucketStore {
             }
         };
         staged.published();
+        drop(turn);
         if runs > COMPACT_RUNS {
             if let Err(e) = self.compact(&path).await {
                 tracing::warn!(error = %e, "cassette compaction failed; the next append retries");
@@ -351,13 +354,19 @@ impl EntryStore for BucketStore {
             .boxed();
         let staged = self.stage(frames, None, &path).await?;
         let count = counted.load(Ordering::Relaxed);
+        let _turn = self.turn(&path).await;
         let mut backoff = Backoff::new();
         loop {
             let current = self.read_head(&path).await?;
             let (created_at, old_blobs, expect) = match &current {
                 Some((head, expect)) => (
                     head.created_at,
-                    head_blobs(&encode_head(head)?)?,
+                    // Never the staged run itself (a retry after an
+                    // ambiguous failure can find it already published).
+                    head_blobs(&encode_head(head)?)?
+                        .into_iter()
+                        .filter(|id| staged.body != Body::Blob(*id))
+                        .collect(),
                     expect.clone(),
                 ),
                 None => (now_micros(), Vec::new(), Expect::Absent),

@@ -85,7 +85,15 @@ struct Inner {
     bucket: Arc<dyn Bucket>,
     root: String,
     options: BucketOptions,
+    /// Writers of one record in this process take turns here instead of
+    /// racing each other through the store: conditional writes that lose
+    /// cost round trips, and some stores slow down under such contention.
+    /// Writers in other processes still race, and the conditional write
+    /// still decides.
+    stripes: Vec<tokio::sync::Mutex<()>>,
 }
+
+const STRIPES: usize = 64;
 
 impl std::fmt::Debug for BucketStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -216,6 +224,7 @@ impl BucketStore {
                 bucket,
                 root: root.trim_matches('/').to_owned(),
                 options,
+                stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             }),
         };
         store.probe_conditional_writes().await?;
@@ -349,6 +358,15 @@ impl BucketStore {
             }),
             Err(e) => Err(bucket_error("probe update-if-version", &e)),
         }
+    }
+
+    /// Takes this process's turn to rewrite the record at `path`.
+    pub async fn turn(&self, path: &Path) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        path.as_ref().hash(&mut hasher);
+        let stripe = usize::try_from(hasher.finish() % STRIPES as u64).unwrap_or(0);
+        self.inner.stripes[stripe].lock().await
     }
 
     /// Reads a small object whole, with its version; `None` when missing.
@@ -647,6 +665,7 @@ impl BucketStore {
         staged: StagedBody,
         make: impl Fn(Option<&ValueRecord>, &Body) -> Option<ValueRecord>,
     ) -> Result<ValueRecord, Error> {
+        let _turn = self.turn(path).await;
         let mut backoff = Backoff::new();
         loop {
             let current = self.read(path).await?;
@@ -661,7 +680,12 @@ impl BucketStore {
                 // Keeping the current record: the staged blob is dropped.
                 return old.ok_or_else(|| Error::internal("nothing to keep"));
             };
-            let retiring = old.as_ref().and_then(ValueRecord::blob_id);
+            // After an ambiguous failure the record read may already be
+            // this very write: its blob is not being replaced.
+            let retiring = old
+                .as_ref()
+                .and_then(ValueRecord::blob_id)
+                .filter(|id| Some(*id) != staged_blob(&staged.body));
             let marker = match retiring {
                 Some(blob) => Some(self.mark_retiring(path, blob).await?),
                 None => None,
@@ -849,6 +873,13 @@ impl Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+fn staged_blob(body: &Body) -> Option<u64> {
+    match body {
+        Body::Blob(id) => Some(*id),
+        Body::Inline(_) => None,
     }
 }
 
