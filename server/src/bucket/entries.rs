@@ -218,8 +218,10 @@ impl BucketStore {
         for blob in &old_blobs {
             markers.push(self.mark_retiring(path, *blob).await?);
         }
-        match self.write(path, encode_head(&compacted)?, &expect).await? {
-            Written::Done(_) => {
+        let bytes = encode_head(&compacted)?;
+        match self.write(path, bytes.clone(), &expect).await? {
+            Written::Done(version) => {
+                self.remember(path, bytes.into(), version);
                 staged.published();
                 self.retire(old_blobs, markers).await;
             }
@@ -251,8 +253,19 @@ impl EntryStore for BucketStore {
         let idempotency_key = options.idempotency_key.map(|k| k.as_str().to_owned());
         let turn = self.turn(&path).await;
         let mut backoff = Backoff::new();
+        // A head this process wrote last is tried first, without a read;
+        // if anyone changed it since, the conditional write says so.
+        let mut remembered = match self.recall(&path) {
+            Some((bytes, version)) => Some((decode_head(&bytes)?, Expect::Version(version))),
+            None => None,
+        };
         let runs = loop {
-            let (mut head, expect) = match self.read_head(&path).await? {
+            let from_memory = remembered.is_some();
+            let current = match remembered.take() {
+                Some(found) => Some(found),
+                None => self.read_head(&path).await?,
+            };
+            let (mut head, expect) = match current {
                 Some(found) => found,
                 None => (
                     Head {
@@ -266,6 +279,11 @@ impl EntryStore for BucketStore {
             };
             if let Some(key) = &idempotency_key {
                 if let Some(applied) = head.applied.get(key) {
+                    if from_memory {
+                        // The cassette may have been replaced since: only
+                        // the stored head can say the key still applies.
+                        continue;
+                    }
                     return Ok(*applied);
                 }
             }
@@ -278,9 +296,18 @@ impl EntryStore for BucketStore {
             if let Some(key) = &idempotency_key {
                 head.applied.insert(key.clone(), count);
             }
-            match self.write(&path, encode_head(&head)?, &expect).await? {
-                Written::Done(_) => break head.runs.len(),
-                Written::Conflict => backoff.wait("append to the cassette").await?,
+            let bytes = encode_head(&head)?;
+            match self.write(&path, bytes.clone(), &expect).await? {
+                Written::Done(version) => {
+                    self.remember(&path, bytes.into(), version);
+                    break head.runs.len();
+                }
+                Written::Conflict => {
+                    self.forget(&path);
+                    if !from_memory {
+                        backoff.wait("append to the cassette").await?;
+                    }
+                }
             }
         };
         staged.published();
@@ -389,13 +416,16 @@ impl EntryStore for BucketStore {
             for blob in &old_blobs {
                 markers.push(self.mark_retiring(&path, *blob).await?);
             }
-            match self.write(&path, encode_head(&head)?, &expect).await? {
-                Written::Done(_) => {
+            let bytes = encode_head(&head)?;
+            match self.write(&path, bytes.clone(), &expect).await? {
+                Written::Done(version) => {
+                    self.remember(&path, bytes.into(), version);
                     staged.published();
                     self.retire(old_blobs, markers).await;
                     return Ok(count);
                 }
                 Written::Conflict => {
+                    self.forget(&path);
                     self.retire(Vec::new(), markers).await;
                     backoff.wait("replace the cassette").await?;
                 }
@@ -448,5 +478,84 @@ impl EntryStore for BucketStore {
             items: names,
             next_page_token,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bucket::BucketOptions;
+    use object_store::memory::InMemory;
+
+    fn entry(tag: &str) -> NewEntry {
+        NewEntry::parse(
+            "entries[0]",
+            Bytes::from(format!(r#"{{"tag":"{tag}"}}"#)),
+            None,
+        )
+        .expect("entry")
+    }
+
+    async fn tags(store: &BucketStore, ns: &Namespace, cassette: &Name) -> Vec<String> {
+        let entries: Vec<StoredEntry> = store
+            .read_entries(ns, cassette, ReadOptions::default())
+            .await
+            .expect("read")
+            .try_collect()
+            .await
+            .expect("entries");
+        entries
+            .iter()
+            .map(|e| {
+                let v: serde_json::Value = serde_json::from_slice(&e.json).expect("json");
+                v["tag"].as_str().unwrap_or_default().to_owned()
+            })
+            .collect()
+    }
+
+    /// Two engines on one bucket (two servers): a head one of them remembers
+    /// goes stale when the other writes, and nothing is lost or skipped.
+    #[tokio::test]
+    async fn remembered_heads_never_hide_other_writers() {
+        let bucket: Arc<InMemory> = Arc::new(InMemory::new());
+        let a = BucketStore::open(bucket.clone(), "r", BucketOptions::default())
+            .await
+            .expect("open a");
+        let b = BucketStore::open(bucket, "r", BucketOptions::default())
+            .await
+            .expect("open b");
+        let (ns, c) = (
+            Namespace::default(),
+            Name::new("cassette", "c").expect("name"),
+        );
+        let key = || AppendOptions {
+            idempotency_key: Some(Name::new("key", "k").expect("name")),
+        };
+        a.append_entries(&ns, &c, vec![entry("a1")], key())
+            .await
+            .expect("a1");
+        b.append_entries(&ns, &c, vec![entry("b1")], AppendOptions::default())
+            .await
+            .expect("b1");
+        // A's remembered head is stale: its write must notice and retry.
+        a.append_entries(&ns, &c, vec![entry("a2")], AppendOptions::default())
+            .await
+            .expect("a2");
+        assert_eq!(tags(&b, &ns, &c).await, ["a1", "b1", "a2"]);
+        // A retry of the keyed batch writes nothing...
+        a.append_entries(&ns, &c, vec![entry("a1")], key())
+            .await
+            .expect("retry");
+        assert_eq!(tags(&a, &ns, &c).await, ["a1", "b1", "a2"]);
+        // ...until B replaces the content: then the key no longer applies,
+        // although A still remembers a head that has it.
+        let replacement = futures::stream::iter([Ok(entry("b2"))]).boxed();
+        b.replace_entries(&ns, &c, replacement)
+            .await
+            .expect("replace");
+        a.append_entries(&ns, &c, vec![entry("a3")], key())
+            .await
+            .expect("a3");
+        assert_eq!(tags(&a, &ns, &c).await, ["b2", "a3"]);
     }
 }

@@ -30,6 +30,7 @@ pub mod objects;
 
 pub use connect::{connect, StoreUrl};
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,9 +92,15 @@ struct Inner {
     /// Writers in other processes still race, and the conditional write
     /// still decides.
     stripes: Vec<tokio::sync::Mutex<()>>,
+    /// The last version of some records this process wrote, so the next
+    /// write can be a conditional write straight away instead of a read and
+    /// a write. A stale entry only costs a failed conditional write.
+    known: std::sync::Mutex<HashMap<String, (Bytes, UpdateVersion)>>,
 }
 
 const STRIPES: usize = 64;
+/// Most records remembered in [`Inner::known`].
+const KNOWN_RECORDS: usize = 4096;
 
 impl std::fmt::Debug for BucketStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -225,6 +232,7 @@ impl BucketStore {
                 root: root.trim_matches('/').to_owned(),
                 options,
                 stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+                known: std::sync::Mutex::new(HashMap::new()),
             }),
         };
         store.probe_conditional_writes().await?;
@@ -357,6 +365,29 @@ impl BucketStore {
                 ),
             }),
             Err(e) => Err(bucket_error("probe update-if-version", &e)),
+        }
+    }
+
+    /// The version of the record at `path` this process last wrote, if remembered.
+    pub fn recall(&self, path: &Path) -> Option<(Bytes, UpdateVersion)> {
+        let known = self.inner.known.lock().ok()?;
+        known.get(path.as_ref()).cloned()
+    }
+
+    /// Remembers the version of the record at `path` just written.
+    pub fn remember(&self, path: &Path, bytes: Bytes, version: UpdateVersion) {
+        if let Ok(mut known) = self.inner.known.lock() {
+            if known.len() >= KNOWN_RECORDS {
+                known.clear();
+            }
+            known.insert(path.as_ref().to_owned(), (bytes, version));
+        }
+    }
+
+    /// Forgets what was remembered of the record at `path`.
+    pub fn forget(&self, path: &Path) {
+        if let Ok(mut known) = self.inner.known.lock() {
+            known.remove(path.as_ref());
         }
     }
 
@@ -708,6 +739,7 @@ impl BucketStore {
 
     /// Removes the record at `path` and its blob; returns whether it existed.
     pub async fn remove_value(&self, path: &Path) -> Result<bool, Error> {
+        self.forget(path);
         let Some((bytes, _)) = self.read(path).await? else {
             return Ok(false);
         };
