@@ -138,7 +138,7 @@ impl ArtifactStore for BucketStore {
             .as_deref()
             .map(|a| keys::name_key(a, KIND_ARTIFACT));
         // One more key than the page holds tells whether another page follows.
-        let listed: Vec<(String, Path)> = self
+        let mut listed: Vec<(String, Path)> = self
             .list(&dir, &keys::prefix_key(&page.prefix), after.as_deref())
             .try_filter_map(|(rest, meta)| {
                 futures::future::ready(Ok(keys::parse_name_key(&rest)
@@ -149,7 +149,11 @@ impl ArtifactStore for BucketStore {
             .try_collect()
             .await?;
         let mut more = listed.len() > limit;
-        let wanted = listed.into_iter().take(limit);
+        listed.truncate(limit);
+        // When every listed key vanished before its record was read, the
+        // next page still starts after the last key listed.
+        let last_listed = listed.last().map(|(key, _)| key.clone());
+        let wanted = listed.into_iter();
         let reads: Vec<_> = wanted
             .map(|(key, path)| {
                 let store = self.clone();
@@ -174,7 +178,9 @@ impl ArtifactStore for BucketStore {
             items
                 .last()
                 .and_then(|last| last.info.as_ref())
-                .map(|info| encode_page_token(&info.key))
+                .map(|info| info.key.clone())
+                .or(last_listed)
+                .map(|key| encode_page_token(&key))
         } else {
             None
         };

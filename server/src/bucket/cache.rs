@@ -229,14 +229,12 @@ impl BucketStore {
             .write(&path, tombstone, &Expect::Version(found.version.clone()))
             .await?
         {
-            Written::Done(tombstoned) => {
+            Written::Done(_) => {
+                // The tombstone stays: deleting it could race an upload of
+                // the same ref (the store offers no conditional delete), and
+                // every reader already treats it as absent. The next upload
+                // of the ref replaces it.
                 self.retire(blobs, markers).await;
-                // Delete the tombstone unless an upload replaced it meanwhile.
-                if let Some((_, now)) = self.read(&path).await? {
-                    if now.e_tag == tombstoned.e_tag && now.version == tombstoned.version {
-                        self.remove(&path).await?;
-                    }
-                }
                 Ok(true)
             }
             Written::Conflict => {
@@ -288,7 +286,13 @@ impl BucketStore {
             .await?;
         for path in pointers {
             if let Some((target, _)) = self.read(&path).await? {
-                if doomed(&String::from_utf8_lossy(&target)) {
+                let target = String::from_utf8_lossy(&target).into_owned();
+                // A ref uploaded again meanwhile keeps its pointers.
+                let alive = match self.read_ref(&self.ref_path(tier, &target)).await? {
+                    Some((record, _)) => !record.suites.is_empty(),
+                    None => false,
+                };
+                if doomed(&target) && !alive {
                     self.remove(&path).await?;
                 }
             }
@@ -307,8 +311,11 @@ impl BucketStore {
         let all: Vec<&FoundRef> = refs.iter().collect();
         let removed = self.remove_refs(tier, &all).await?;
         self.remove_tree_pointers(tier, |_| true).await?;
-        self.remove(&self.branch_map_path(ns, prefix, &tier.branch))
-            .await?;
+        // An upload during the prune keeps the branch (and its ref map).
+        if self.refs_by_age(tier).await?.is_empty() {
+            self.remove(&self.branch_map_path(ns, prefix, &tier.branch))
+                .await?;
+        }
         Ok(removed)
     }
 }
@@ -331,6 +338,7 @@ impl CacheStore for BucketStore {
         let seq = (u64::try_from(now_micros()).unwrap_or(0) << 8) | u64::from(rand::random::<u8>());
         let suite = scope.test_suite_id.clone();
         let turn = self.turn(&path).await;
+        let mut staged = staged;
         let mut backoff = Backoff::new();
         let stored = loop {
             let (mut record, expect) = match self.read_ref(&path).await? {
@@ -338,6 +346,10 @@ impl CacheStore for BucketStore {
                 None => (RefRecord::default(), Expect::Absent),
             };
             let old = record.suites.get(&suite).cloned();
+            if let Some(mine) = old.as_ref().filter(|o| staged.is_blob(&o.body)) {
+                // An earlier attempt landed although it looked lost.
+                break mine.clone();
+            }
             let value = ValueRecord {
                 created_at: old.as_ref().map_or(uploaded_at, |o| o.created_at),
                 updated_at: uploaded_at,
@@ -361,6 +373,7 @@ impl CacheStore for BucketStore {
                 Some(blob) => Some(self.mark_retiring(&path, blob).await?),
                 None => None,
             };
+            staged.sending();
             match self.write(&path, encode_ref(&record)?, &expect).await? {
                 Written::Done(_) => {
                     self.retire(retiring.into_iter().collect(), marker.into_iter().collect())
@@ -429,7 +442,7 @@ impl CacheStore for BucketStore {
                     break;
                 };
                 if let Some(stream) = self.open_body(value).await? {
-                    let found = cached_ref(tier, &target, suite, record.uploaded_at, value);
+                    let found = cached_ref(tier, &target, suite, value.updated_at, value);
                     return Ok(Some((found, stream)));
                 }
             }
@@ -600,7 +613,7 @@ impl CacheStore for BucketStore {
                     &tier,
                     &found.reference,
                     suite,
-                    found.record.uploaded_at,
+                    value.updated_at,
                     value,
                 ));
             }

@@ -49,10 +49,15 @@ struct Head {
     runs: Vec<Run>,
     /// Idempotency keys applied to the current content, with their counts.
     applied: BTreeMap<String, u64>,
+    /// Random id of the write that produced this head.
+    written_by: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct Run {
+    /// Random id of the write that added the run: a retry whose first
+    /// attempt landed (its reply lost) finds it and does not add it again.
+    id: u64,
     first_seq: u64,
     count: u64,
     body: Body,
@@ -121,6 +126,19 @@ fn decode_run(mut body: Bytes, run: &Run, out: &mut Vec<(i64, u64, Bytes)>) -> R
         ));
     }
     Ok(())
+}
+
+/// The head of a new cassette. Arrival numbers start from the clock, so
+/// they keep growing when a cassette is deleted and created again.
+fn new_head() -> Head {
+    let now = now_micros();
+    Head {
+        created_at: now,
+        next_seq: u64::try_from(now).unwrap_or(0) << 12,
+        runs: Vec::new(),
+        applied: BTreeMap::new(),
+        written_by: 0,
+    }
 }
 
 impl BucketStore {
@@ -200,8 +218,12 @@ impl BucketStore {
                 path,
             )
             .await?;
+        let mut staged = staged;
+        let write_id: u64 = rand::random();
         let mut compacted = head.clone();
+        compacted.written_by = write_id;
         compacted.runs = vec![Run {
+            id: write_id,
             first_seq: head.runs[0].first_seq,
             count: head.runs.iter().map(|r| r.count).sum(),
             body: staged.body.clone(),
@@ -219,14 +241,27 @@ impl BucketStore {
             markers.push(self.mark_retiring(path, *blob).await?);
         }
         let bytes = encode_head(&compacted)?;
-        match self.write(path, bytes.clone(), &expect).await? {
+        staged.sending();
+        let landed = match self.write(path, bytes.clone(), &expect).await? {
             Written::Done(version) => {
                 self.remember(path, bytes.into(), version);
-                staged.published();
-                self.retire(old_blobs, markers).await;
+                true
             }
-            // Someone appended meanwhile; the next append compacts.
-            Written::Conflict => self.retire(Vec::new(), markers).await,
+            // Lost, or landed with its reply lost: the stored head says.
+            Written::Conflict => {
+                self.forget(path);
+                self.read_head(path)
+                    .await?
+                    .is_some_and(|(now, _)| now.written_by == write_id)
+            }
+        };
+        if landed {
+            staged.published();
+            self.retire(old_blobs, markers).await;
+        } else {
+            // Someone appended meanwhile; the next append compacts. The
+            // merged blob stays with its marker for reclaim.
+            self.retire(Vec::new(), markers).await;
         }
         Ok(())
     }
@@ -252,6 +287,8 @@ impl EntryStore for BucketStore {
             .await?;
         let idempotency_key = options.idempotency_key.map(|k| k.as_str().to_owned());
         let turn = self.turn(&path).await;
+        let mut staged = staged;
+        let write_id: u64 = rand::random();
         let mut backoff = Backoff::new();
         // A head this process wrote last is tried first, without a read;
         // if anyone changed it since, the conditional write says so.
@@ -267,16 +304,12 @@ impl EntryStore for BucketStore {
             };
             let (mut head, expect) = match current {
                 Some(found) => found,
-                None => (
-                    Head {
-                        created_at: now_micros(),
-                        next_seq: 0,
-                        runs: Vec::new(),
-                        applied: BTreeMap::new(),
-                    },
-                    Expect::Absent,
-                ),
+                None => (new_head(), Expect::Absent),
             };
+            if head.runs.iter().any(|run| run.id == write_id) {
+                // An earlier attempt landed although it looked lost.
+                break head.runs.len();
+            }
             if let Some(key) = &idempotency_key {
                 if let Some(applied) = head.applied.get(key) {
                     if from_memory {
@@ -288,15 +321,18 @@ impl EntryStore for BucketStore {
                 }
             }
             head.runs.push(Run {
+                id: write_id,
                 first_seq: head.next_seq,
                 count,
                 body: staged.body.clone(),
             });
             head.next_seq += count;
+            head.written_by = write_id;
             if let Some(key) = &idempotency_key {
                 head.applied.insert(key.clone(), count);
             }
             let bytes = encode_head(&head)?;
+            staged.sending();
             match self.write(&path, bytes.clone(), &expect).await? {
                 Written::Done(version) => {
                     self.remember(&path, bytes.into(), version);
@@ -382,41 +418,59 @@ impl EntryStore for BucketStore {
         let staged = self.stage(frames, None, &path).await?;
         let count = counted.load(Ordering::Relaxed);
         let _turn = self.turn(&path).await;
+        let mut staged = staged;
+        let write_id: u64 = rand::random();
         let mut backoff = Backoff::new();
         loop {
             let current = self.read_head(&path).await?;
-            let (created_at, old_blobs, expect) = match &current {
+            if current
+                .as_ref()
+                .is_some_and(|(head, _)| head.written_by == write_id)
+            {
+                // An earlier attempt landed although it looked lost.
+                staged.published();
+                return Ok(count);
+            }
+            let (created_at, first_seq, old_blobs, expect) = match &current {
                 Some((head, expect)) => (
                     head.created_at,
-                    // Never the staged run itself (a retry after an
-                    // ambiguous failure can find it already published).
+                    // Arrival numbers keep growing across a replace, so a
+                    // cursor from before it never skips what comes after.
+                    head.next_seq,
+                    // Never the staged run itself.
                     head_blobs(&encode_head(head)?)?
                         .into_iter()
                         .filter(|id| staged.body != Body::Blob(*id))
                         .collect(),
                     expect.clone(),
                 ),
-                None => (now_micros(), Vec::new(), Expect::Absent),
+                None => {
+                    let fresh = new_head();
+                    (fresh.created_at, fresh.next_seq, Vec::new(), Expect::Absent)
+                }
             };
             let head = Head {
                 created_at,
-                next_seq: count,
+                next_seq: first_seq + count,
                 runs: if count == 0 {
                     Vec::new()
                 } else {
                     vec![Run {
-                        first_seq: 0,
+                        id: write_id,
+                        first_seq,
                         count,
                         body: staged.body.clone(),
                     }]
                 },
                 applied: BTreeMap::new(),
+                written_by: write_id,
             };
             let mut markers = Vec::new();
             for blob in &old_blobs {
                 markers.push(self.mark_retiring(&path, *blob).await?);
             }
             let bytes = encode_head(&head)?;
+            staged.sending();
             match self.write(&path, bytes.clone(), &expect).await? {
                 Written::Done(version) => {
                     self.remember(&path, bytes.into(), version);

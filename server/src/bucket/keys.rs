@@ -69,6 +69,9 @@ pub fn decode(encoded: &str) -> Option<String> {
             }
             b'-' | b'=' | b'_' | b'z' => {
                 let hex = encoded.get(i + 1..i + 3)?;
+                if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                    return None;
+                }
                 let b = u8::from_str_radix(hex, 16).ok()?;
                 // Only the canonical code of each byte is accepted.
                 if hex.bytes().any(|c| c.is_ascii_lowercase())
@@ -134,7 +137,10 @@ pub fn parse_name_key(key: &str) -> Option<(String, char)> {
     if kind_chars.next().is_some() {
         return None;
     }
-    decode(&body.replace(CONTINUED, "")).map(|name| (name, kind))
+    let name = decode(&body.replace(CONTINUED, ""))?;
+    // Only keys the encoder makes: a stray object must not list under a
+    // name that maps to another key.
+    (name_key(&name, kind) == key).then_some((name, kind))
 }
 
 #[cfg(test)]

@@ -177,6 +177,24 @@ impl StagedBody {
             guard.owned = true;
         }
     }
+
+    /// Called before a write that publishes this body. From then on the
+    /// outcome can be unknown (a timeout, a dropped call, a retried request
+    /// that landed), so dropping the body no longer deletes the blob: its
+    /// marker stays, and `reclaim` deletes the blob later only if no record
+    /// owns it.
+    pub fn sending(&mut self) {
+        if let Some(guard) = self.guard.as_mut() {
+            guard.maybe_owned = true;
+        }
+    }
+
+    /// Whether `body` is this staged body's blob (a write that landed
+    /// although its reply was lost or retried). Inline bodies have no
+    /// identity and never match.
+    pub fn is_blob(&self, body: &Body) -> bool {
+        matches!((&self.body, body), (Body::Blob(a), Body::Blob(b)) if a == b)
+    }
 }
 
 /// Deletes an unpublished blob and its marker when dropped, and a published
@@ -186,10 +204,15 @@ struct PendingBlob {
     id: u64,
     upload: Option<WriteMultipart>,
     owned: bool,
+    maybe_owned: bool,
 }
 
 impl Drop for PendingBlob {
     fn drop(&mut self) {
+        if self.maybe_owned && !self.owned {
+            // Perhaps published: leave blob and marker to `reclaim`.
+            return;
+        }
         let (store, id, owned, upload) =
             (self.store.clone(), self.id, self.owned, self.upload.take());
         let cleanup = async move {
@@ -229,7 +252,10 @@ impl BucketStore {
         let store = BucketStore {
             inner: Arc::new(Inner {
                 bucket,
-                root: root.trim_matches('/').to_owned(),
+                // The root as `object_store` spells paths (empty segments
+                // dropped, awkward characters escaped), so that stripping
+                // it from listed paths always works.
+                root: Path::from(root).as_ref().to_owned(),
                 options,
                 stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
                 known: std::sync::Mutex::new(HashMap::new()),
@@ -607,6 +633,7 @@ impl BucketStore {
             id,
             upload: None,
             owned: false,
+            maybe_owned: false,
         };
         let upload = self
             .inner
@@ -697,6 +724,7 @@ impl BucketStore {
         make: impl Fn(Option<&ValueRecord>, &Body) -> Option<ValueRecord>,
     ) -> Result<ValueRecord, Error> {
         let _turn = self.turn(path).await;
+        let mut staged = staged;
         let mut backoff = Backoff::new();
         loop {
             let current = self.read(path).await?;
@@ -707,6 +735,12 @@ impl BucketStore {
                 ),
                 None => (None, Expect::Absent),
             };
+            if let Some(old) = old.as_ref().filter(|o| staged.is_blob(&o.body)) {
+                // An earlier attempt landed although it looked lost.
+                let found = old.clone();
+                staged.published();
+                return Ok(found);
+            }
             let Some(new) = make(old.as_ref(), &staged.body) else {
                 // Keeping the current record: the staged blob is dropped.
                 return old.ok_or_else(|| Error::internal("nothing to keep"));
@@ -722,6 +756,7 @@ impl BucketStore {
                 None => None,
             };
             let bytes = crate::store::record::encode(&new)?;
+            staged.sending();
             match self.write(path, bytes, &expect).await? {
                 Written::Done(_) => {
                     staged.published();
@@ -802,28 +837,37 @@ impl BucketStore {
                 continue;
             }
             report.markers += 1;
-            let Some((bytes, _)) = self.read(&meta.location).await? else {
-                continue;
-            };
-            let Ok(marker) = serde_json::from_slice::<Marker>(&bytes) else {
-                tracing::warn!(marker = %meta.location, "unreadable pending marker removed");
-                self.remove(&meta.location).await?;
-                continue;
-            };
-            let owner = self.path(&marker.owner);
-            let owned = match self.read(&owner).await? {
-                Some((record, _)) => {
-                    referenced_blobs(&marker.owner, &record)?.contains(&marker.blob)
+            // One bad marker or owner must not stop the others.
+            match self.reclaim_one(&meta.location).await {
+                Ok(deleted) => report.blobs += u64::from(deleted),
+                Err(e) => {
+                    tracing::warn!(marker = %meta.location, error = %e, "could not reclaim; will retry")
                 }
-                None => false,
-            };
-            if !owned {
-                self.remove(&self.blob_path(marker.blob)).await?;
-                report.blobs += 1;
             }
-            self.remove(&meta.location).await?;
         }
         Ok(report)
+    }
+
+    /// Acts on one old marker; returns whether a blob was deleted.
+    async fn reclaim_one(&self, location: &Path) -> Result<bool, Error> {
+        let Some((bytes, _)) = self.read(location).await? else {
+            return Ok(false);
+        };
+        let Ok(marker) = serde_json::from_slice::<Marker>(&bytes) else {
+            tracing::warn!(marker = %location, "unreadable pending marker removed");
+            self.remove(location).await?;
+            return Ok(false);
+        };
+        let owner = self.path(&marker.owner);
+        let owned = match self.read(&owner).await? {
+            Some((record, _)) => referenced_blobs(&marker.owner, &record)?.contains(&marker.blob),
+            None => false,
+        };
+        if !owned {
+            self.remove(&self.blob_path(marker.blob)).await?;
+        }
+        self.remove(location).await?;
+        Ok(!owned)
     }
 
     /// Runs [`BucketStore::reclaim`] now and then every `period`.
@@ -1006,6 +1050,138 @@ mod tests {
         ) -> object_store::Result<()> {
             self.0.copy_opts(from, to, options).await
         }
+    }
+
+    /// An object store whose next conditional write of a record lands but
+    /// reports a precondition failure, as a request retried after a lost
+    /// reply does.
+    #[derive(Debug, Default)]
+    struct LandsThenFails {
+        inner: InMemory,
+        armed: std::sync::atomic::AtomicBool,
+    }
+
+    impl std::fmt::Display for LandsThenFails {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("LandsThenFails")
+        }
+    }
+
+    #[async_trait]
+    impl Bucket for LandsThenFails {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            let conditional = !matches!(opts.mode, PutMode::Overwrite);
+            let result = self.inner.put_opts(location, payload, opts).await?;
+            let is_record = location.as_ref().starts_with("r/n/");
+            if conditional
+                && is_record
+                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(object_store::Error::Precondition {
+                    path: location.to_string(),
+                    source: "the retried request found the first one's write".into(),
+                });
+            }
+            Ok(result)
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<Path>>,
+        ) -> BoxStream<'static, object_store::Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// A write that landed although it was reported lost is recognised: a
+    /// large value keeps its blob, an append is not applied twice.
+    #[tokio::test]
+    async fn writes_that_landed_unseen_are_not_lost_or_doubled() {
+        use trove_proto::entries::{NewEntry, ReadOptions};
+        use trove_proto::EntryStore;
+        let bucket = Arc::new(LandsThenFails::default());
+        let store = BucketStore::open(bucket.clone(), "r", BucketOptions::default())
+            .await
+            .expect("open");
+        let ns = Namespace::default();
+        let key = Name::new("key", "big").expect("name");
+        let big = Bytes::from(vec![3u8; 300_000]);
+        bucket
+            .armed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        store
+            .put_artifact(
+                &ns,
+                &key,
+                Default::default(),
+                futures::stream::iter([Ok(big.clone())]).boxed(),
+            )
+            .await
+            .expect("put");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_, stream) = store.get_artifact(&ns, &key).await.expect("get");
+        let data: Vec<Bytes> = stream.try_collect().await.expect("read");
+        assert_eq!(data.concat(), big.to_vec());
+        assert_eq!(
+            store.count_pending_and_blobs().await.expect("count"),
+            (0, 1)
+        );
+
+        let cassette = Name::new("cassette", "c").expect("name");
+        let entry = NewEntry::parse("e", Bytes::from_static(br#"{"n":1}"#), None).expect("entry");
+        bucket
+            .armed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        store
+            .append_entries(&ns, &cassette, vec![entry], Default::default())
+            .await
+            .expect("append");
+        let read: Vec<_> = store
+            .read_entries(&ns, &cassette, ReadOptions::default())
+            .await
+            .expect("read")
+            .try_collect()
+            .await
+            .expect("entries");
+        assert_eq!(read.len(), 1, "the append landed once");
     }
 
     /// A store that ignores conditional writes is refused at start, with a
