@@ -493,10 +493,7 @@ impl EntryStore for BucketStore {
     }
 
     async fn cassette_exists(&self, ns: &Namespace, cassette: &Name) -> Result<bool, Error> {
-        Ok(self
-            .read(&self.head_path(ns, cassette.as_str()))
-            .await?
-            .is_some())
+        self.exists(&self.head_path(ns, cassette.as_str())).await
     }
 
     async fn ensure_cassette(&self, _ns: &Namespace, _cassette: &Name) -> Result<(), Error> {

@@ -448,6 +448,15 @@ impl BucketStore {
         }
     }
 
+    /// Whether an object is stored at `path`, without reading it.
+    pub async fn exists(&self, path: &Path) -> Result<bool, Error> {
+        match self.inner.bucket.head(path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(bucket_error("look up an object", &e)),
+        }
+    }
+
     /// Writes a small object if `expect` still holds.
     pub async fn write(
         &self,

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::ObjectStoreExt;
 use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo, MAX_FIND_MISSING};
 use trove_proto::types::{
     clamp_page_size, encode_page_token, hex_digest, now_micros, ByteStream, ListPage, Name,
@@ -16,7 +15,7 @@ use trove_proto::types::{
 };
 use trove_proto::{Error, ObjectStore};
 
-use super::{bucket_error, keys, BucketStore};
+use super::{keys, BucketStore};
 use crate::store::objects::{decode_chunks, encode_chunk, object_info, stream_info};
 use crate::store::record::ValueRecord;
 
@@ -203,13 +202,7 @@ impl ObjectStore for BucketStore {
             .map(|hash| {
                 let path = self.object_path(ns, hash.as_str(), KIND_OBJECT);
                 let store = self.clone();
-                async move {
-                    match store.bucket().head(&path).await {
-                        Ok(_) => Ok(true),
-                        Err(object_store::Error::NotFound { .. }) => Ok(false),
-                        Err(e) => Err(bucket_error("look up an object", &e)),
-                    }
-                }
+                async move { store.exists(&path).await }
             })
             .collect();
         let present: Vec<bool> = futures::stream::iter(lookups)
