@@ -103,6 +103,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub reclaim_grace_secs: u64,
 
+    /// On an object store: bytes of blob bodies (values over the inline
+    /// limit) to keep in `data_dir/blob-cache` so repeated reads skip the
+    /// store; 0 turns the cache off. Blobs never change, so a cached copy is
+    /// never stale.
+    #[arg(long, env = "TROVE_BLOB_CACHE_BYTES", default_value_t = 0)]
+    pub blob_cache_bytes: u64,
+
     /// Address of the Prometheus endpoint (`/metrics`), or `off`. The bound
     /// address is printed on standard output as `metrics on ADDR`.
     #[arg(long, env = "TROVE_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
@@ -226,6 +233,8 @@ impl Config {
             inline_limit: usize::try_from(self.inline_limit_bytes).unwrap_or(64 * 1024),
             read_chunk_bytes: usize::try_from(self.chunk_bytes).unwrap_or(1024 * 1024),
             reclaim_grace: std::time::Duration::from_secs(self.reclaim_grace_secs),
+            blob_cache: (self.blob_cache_bytes > 0)
+                .then(|| (self.data_dir.join("blob-cache"), self.blob_cache_bytes)),
             ..Default::default()
         }
     }

@@ -59,16 +59,17 @@ pub async fn sled_target(options: StoreOptions) -> Target<SledStore> {
     }
 }
 
-/// Small parts and inline limit, so multi-part uploads happen at test sizes.
-fn bucket_options() -> BucketOptions {
+/// Small parts, so multi-part uploads happen at test sizes, and a blob cache
+/// in `dir` small enough that eviction happens too.
+fn bucket_options(dir: &std::path::Path) -> BucketOptions {
     BucketOptions {
         part_bytes: 5 * 1024 * 1024,
+        blob_cache: Some((dir.join("blob-cache"), 64 * 1024 * 1024)),
         ..Default::default()
     }
 }
 
-fn bucket_target(store: BucketStore) -> Target<BucketStore> {
-    let temp = tempfile::tempdir().expect("temp dir");
+fn bucket_target(store: BucketStore, temp: tempfile::TempDir) -> Target<BucketStore> {
     Target {
         store: store.clone(),
         data_dir: temp.path().to_path_buf(),
@@ -80,10 +81,11 @@ fn bucket_target(store: BucketStore) -> Target<BucketStore> {
 
 /// The bucket engine, in-process, on an in-memory object store.
 pub async fn bucket_memory_target() -> Target<BucketStore> {
-    let store = trove_server::bucket::connect("memory://", None, bucket_options())
+    let temp = tempfile::tempdir().expect("temp dir");
+    let store = trove_server::bucket::connect("memory://", None, bucket_options(temp.path()))
         .await
         .expect("open the bucket engine in memory");
-    bucket_target(store)
+    bucket_target(store, temp)
 }
 
 /// The S3 cluster the tests run against, from the environment `.ci/run`
@@ -121,10 +123,11 @@ pub fn s3_test_url(bucket: &str, what: &str) -> String {
 pub async fn bucket_s3_target() -> Option<Target<BucketStore>> {
     let (endpoint, bucket) = s3_cluster()?;
     let url = s3_test_url(&bucket, "conformance");
-    let store = trove_server::bucket::connect(&url, Some(&endpoint), bucket_options())
+    let temp = tempfile::tempdir().expect("temp dir");
+    let store = trove_server::bucket::connect(&url, Some(&endpoint), bucket_options(temp.path()))
         .await
         .expect("open the bucket engine on the S3 cluster");
-    Some(bucket_target(store))
+    Some(bucket_target(store, temp))
 }
 
 /// The real server binary, through the client.

@@ -33,7 +33,15 @@ fn ns() -> Namespace {
 async fn two_servers() -> Option<(ServerProcess, ServerProcess)> {
     let (endpoint, bucket) = s3_cluster()?;
     let url = s3_test_url(&bucket, "two-servers");
-    let args = ["--store", url.as_str(), "--s3-endpoint", endpoint.as_str()];
+    // Both keep a local blob cache: it must never change what they serve.
+    let args = [
+        "--store",
+        url.as_str(),
+        "--s3-endpoint",
+        endpoint.as_str(),
+        "--blob-cache-bytes",
+        "67108864",
+    ];
     let a = ServerProcess::start_with(&args).await;
     let b = ServerProcess::start_with(&args).await;
     Some((a, b))
@@ -72,7 +80,27 @@ async fn cross_server_read_your_writes() {
             value.as_bytes()
         );
     }
-    // Large values (blobs) too.
+    // Large values (blobs, cached by the reader) too: an overwrite or a
+    // delete through one server is what the other serves next.
+    for round in 0..3u64 {
+        let value = generated_stream(round, 300_000, 65_536);
+        ca.put_artifact(&ns(), &name("big"), PutOptions::default(), value)
+            .await
+            .expect("put big");
+        let want = generated_sha256(round, 300_000, 65_536).await;
+        for _ in 0..2 {
+            let got = read_artifact(&cb, "big").await.expect("get big");
+            assert_eq!(sha256_hex(&got), want, "round {round}");
+        }
+    }
+    assert!(ca
+        .delete_artifact(&ns(), &name("big"))
+        .await
+        .expect("delete big"));
+    assert!(matches!(
+        read_artifact(&cb, "big").await,
+        Err(Error::NotFound { .. })
+    ));
     let sha = generated_sha256(9, 3_000_000, 65_536).await;
     ca.put_object(
         &ns(),

@@ -41,6 +41,9 @@ struct Targets {
     /// The Trove server on the bucket engine (kept alive for the run).
     _server: ServerProcess,
     trove: trove_client::TroveClient,
+    /// A second server on the same bucket and root, with a local blob cache.
+    _cached_server: ServerProcess,
+    cached: trove_client::TroveClient,
     engine: BucketStore,
     raw: Arc<dyn Bucket>,
     raw_root: String,
@@ -66,8 +69,23 @@ impl Bench {
         .await
         .context("open the bucket engine in-process")?;
         let raw = Arc::clone(engine.bucket());
+        let cached_server = ServerProcess::start_in(
+            &self.work_dir.path().join("bucket-server-cached"),
+            &[
+                "--store",
+                &server_url,
+                "--s3-endpoint",
+                &cluster.endpoint,
+                "--blob-cache-bytes",
+                "1073741824",
+            ],
+        )
+        .await;
+        let cached = cached_server.client().await;
         let targets = Targets {
             _server: server,
+            _cached_server: cached_server,
+            cached,
             trove,
             engine,
             raw,
@@ -250,6 +268,7 @@ impl Bench {
         let stores: Vec<(&str, Arc<dyn ObjectStore>)> = vec![
             ("trove on s3", Arc::new(t.trove.clone())),
             ("engine in-process", Arc::new(t.engine.clone())),
+            ("trove on s3, cached", Arc::new(t.cached.clone())),
         ];
         for (target, store) in &stores {
             let put = {
@@ -318,6 +337,13 @@ impl Bench {
             gib(&results[0].1),
             "engine in-process",
             gib(&results[1].1),
+        );
+        self.report.compare(
+            &format!("s3 engine bulk get {label}, local blob cache"),
+            "GiB/s",
+            gib(&results[2].1),
+            "raw object_store GET",
+            gib(&raw_get),
         );
         Ok(())
     }

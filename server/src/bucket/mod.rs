@@ -22,6 +22,7 @@
 //! Never imports tonic.
 
 pub mod artifacts;
+pub mod blob_cache;
 pub mod cache;
 pub mod connect;
 pub mod entries;
@@ -63,6 +64,9 @@ pub struct BucketOptions {
     /// on it: longer than any write can take, so a live write is never
     /// mistaken for an abandoned one.
     pub reclaim_grace: Duration,
+    /// A local folder and a size in bytes for caching blob bodies; `None`
+    /// reads every body from the store.
+    pub blob_cache: Option<(std::path::PathBuf, u64)>,
 }
 
 impl Default for BucketOptions {
@@ -72,6 +76,7 @@ impl Default for BucketOptions {
             part_bytes: 8 * 1024 * 1024,
             read_chunk_bytes: 1024 * 1024,
             reclaim_grace: Duration::from_secs(3600),
+            blob_cache: None,
         }
     }
 }
@@ -96,6 +101,7 @@ struct Inner {
     /// write can be a conditional write straight away instead of a read and
     /// a write. A stale entry only costs a failed conditional write.
     known: std::sync::Mutex<HashMap<String, (Bytes, UpdateVersion)>>,
+    blob_cache: Option<blob_cache::BlobCache>,
 }
 
 const STRIPES: usize = 64;
@@ -249,6 +255,14 @@ impl BucketStore {
         root: &str,
         options: BucketOptions,
     ) -> Result<Self, Error> {
+        let blob_cache = match &options.blob_cache {
+            Some((dir, bytes)) if *bytes > 0 => Some(
+                blob_cache::BlobCache::open(dir, *bytes).map_err(|e| Error::Internal {
+                    message: format!("cannot use {} for the blob cache: {e}", dir.display()),
+                })?,
+            ),
+            _ => None,
+        };
         let store = BucketStore {
             inner: Arc::new(Inner {
                 bucket,
@@ -259,6 +273,7 @@ impl BucketStore {
                 options,
                 stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
                 known: std::sync::Mutex::new(HashMap::new()),
+                blob_cache,
             }),
         };
         store.probe_conditional_writes().await?;
@@ -696,16 +711,33 @@ impl BucketStore {
                 .collect();
                 Ok(Some(futures::stream::iter(pieces).boxed()))
             }
-            Body::Blob(id) => match self.inner.bucket.get(&self.blob_path(*id)).await {
-                Ok(result) => Ok(Some(
-                    result
-                        .into_stream()
-                        .map_err(|e| bucket_error("read a blob", &e))
-                        .boxed(),
-                )),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(bucket_error("open a blob", &e)),
-            },
+            Body::Blob(id) => {
+                if let Some(cache) = &self.inner.blob_cache {
+                    if let Some(stream) = cache.get(*id).await {
+                        return Ok(Some(stream));
+                    }
+                }
+                self.open_blob(*id, record.body_len).await
+            }
+        }
+    }
+
+    /// Opens blob `id` (`len` bytes) in the store, keeping a local copy when
+    /// a blob cache is configured. `Ok(None)` when the blob is gone.
+    async fn open_blob(&self, id: u64, len: u64) -> Result<Option<ByteStream>, Error> {
+        match self.inner.bucket.get(&self.blob_path(id)).await {
+            Ok(result) => {
+                let stream = result
+                    .into_stream()
+                    .map_err(|e| bucket_error("read a blob", &e))
+                    .boxed();
+                Ok(Some(match &self.inner.blob_cache {
+                    Some(cache) => cache.fill(id, len, stream),
+                    None => stream,
+                }))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(bucket_error("open a blob", &e)),
         }
     }
 
