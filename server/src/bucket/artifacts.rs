@@ -84,16 +84,8 @@ impl ArtifactStore for BucketStore {
         let record = self
             .publish_value(&path, staged, move |old, body| {
                 Some(ValueRecord {
-                    created_at: old.map_or(now, |o| o.created_at),
-                    updated_at: now,
-                    size,
-                    body_len: size,
-                    sha256,
                     content_type: content_type.clone(),
-                    verified: false,
-                    chunk_count: 0,
-                    seq: 0,
-                    body: body.clone(),
+                    ..ValueRecord::replacing(old, now, size, size, sha256, body)
                 })
             })
             .await?;

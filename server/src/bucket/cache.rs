@@ -21,11 +21,14 @@ use serde::{Deserialize, Serialize};
 use trove_proto::cache::{
     check_optional, CacheScope, CachedRef, PruneOptions, Tier, UploadOptions,
 };
-use trove_proto::types::{hex_digest, now_micros, ByteStream, Name, Namespace, Page};
+use trove_proto::types::{now_micros, ByteStream, Name, Namespace, Page};
 use trove_proto::{CacheStore, Error};
 
 use super::{keys, Backoff, BucketStore, Expect, Written};
-use crate::store::cache::MAX_BRANCH_REFS;
+use crate::store::cache::{
+    branch_refs_lookup, branch_refs_to_store, describe_archive, parse_branch_refs,
+    seconds_to_micros,
+};
 use crate::store::record::ValueRecord;
 
 const KIND_REF: char = 'c';
@@ -108,26 +111,8 @@ fn own_tier(scope: &CacheScope) -> TierDir {
     tier_dir(&scope.namespace, &scope.prefix, branch)
 }
 
-fn cached_ref(
-    tier: &TierDir,
-    reference: &str,
-    suite: &str,
-    uploaded_at: i64,
-    record: &ValueRecord,
-) -> CachedRef {
-    CachedRef {
-        r#ref: reference.to_owned(),
-        test_suite_id: suite.to_owned(),
-        uploaded_at,
-        size: record.size,
-        sha256: hex_digest(&record.sha256),
-        tier: tier.tier as i32,
-        branch: tier.branch.clone(),
-    }
-}
-
-fn seconds_to_micros(seconds: i64) -> i64 {
-    seconds.saturating_mul(1_000_000)
+fn cached_ref(tier: &TierDir, reference: &str, suite: &str, record: &ValueRecord) -> CachedRef {
+    describe_archive(tier.tier, &tier.branch, reference, suite, record)
 }
 
 /// A ref as found in a tier.
@@ -351,16 +336,15 @@ impl CacheStore for BucketStore {
                 break mine.clone();
             }
             let value = ValueRecord {
-                created_at: old.as_ref().map_or(uploaded_at, |o| o.created_at),
-                updated_at: uploaded_at,
-                size: staged.len,
-                body_len: staged.len,
-                sha256: staged.sha256,
-                content_type: String::new(),
-                verified: false,
-                chunk_count: 0,
                 seq,
-                body: staged.body.clone(),
+                ..ValueRecord::replacing(
+                    old.as_ref(),
+                    uploaded_at,
+                    staged.len,
+                    staged.len,
+                    staged.sha256,
+                    &staged.body,
+                )
             };
             record.suites.insert(suite.clone(), value.clone());
             record.uploaded_at = uploaded_at;
@@ -368,7 +352,7 @@ impl CacheStore for BucketStore {
             let retiring = old
                 .as_ref()
                 .and_then(ValueRecord::blob_id)
-                .filter(|id| staged.body != crate::store::record::Body::Blob(*id));
+                .filter(|id| !staged.is_blob(&crate::store::record::Body::Blob(*id)));
             let marker = match retiring {
                 Some(blob) => Some(self.mark_retiring(&path, blob).await?),
                 None => None,
@@ -395,13 +379,7 @@ impl CacheStore for BucketStore {
             )
             .await?;
         }
-        Ok(cached_ref(
-            &tier,
-            reference.as_str(),
-            &suite,
-            uploaded_at,
-            &stored,
-        ))
+        Ok(cached_ref(&tier, reference.as_str(), &suite, &stored))
     }
 
     async fn download(
@@ -442,7 +420,7 @@ impl CacheStore for BucketStore {
                     break;
                 };
                 if let Some(stream) = self.open_body(value).await? {
-                    let found = cached_ref(tier, &target, suite, value.updated_at, value);
+                    let found = cached_ref(tier, &target, suite, value);
                     return Ok(Some((found, stream)));
                 }
             }
@@ -456,15 +434,11 @@ impl CacheStore for BucketStore {
         prefix: &str,
         branch: &str,
     ) -> Result<BTreeMap<String, i64>, Error> {
-        check_optional("prefix", prefix)?;
-        check_optional("branch", branch)?;
-        if branch.trim().is_empty() {
+        if !branch_refs_lookup(prefix, branch)? {
             return Ok(BTreeMap::new());
         }
         match self.read(&self.branch_map_path(ns, prefix, branch)).await? {
-            Some((bytes, _)) => serde_json::from_slice(&bytes).map_err(|e| Error::DataLoss {
-                message: format!("unreadable branch ref map: {e}"),
-            }),
+            Some((bytes, _)) => parse_branch_refs(&bytes),
             None => Ok(BTreeMap::new()),
         }
     }
@@ -477,25 +451,9 @@ impl CacheStore for BucketStore {
         default_branch: &str,
         refs: BTreeMap<String, i64>,
     ) -> Result<bool, Error> {
-        check_optional("prefix", prefix)?;
-        check_optional("branch", branch)?;
-        check_optional("default_branch", default_branch)?;
-        if branch.trim().is_empty() || branch == default_branch || refs.is_empty() {
+        let Some(json) = branch_refs_to_store(prefix, branch, default_branch, &refs)? else {
             return Ok(false);
-        }
-        if refs.len() > MAX_BRANCH_REFS {
-            return Err(Error::invalid(
-                "refs",
-                format!(
-                    "{} entries; at most {MAX_BRANCH_REFS} per branch",
-                    refs.len()
-                ),
-            ));
-        }
-        for sha in refs.keys() {
-            Name::new("refs key", sha.clone())?;
-        }
-        let json = serde_json::to_vec(&refs).map_err(Error::internal)?;
+        };
         self.overwrite(&self.branch_map_path(ns, prefix, branch), json)
             .await?;
         Ok(true)
@@ -609,13 +567,7 @@ impl CacheStore for BucketStore {
                 break;
             }
             for (suite, value) in &found.record.suites {
-                items.push(cached_ref(
-                    &tier,
-                    &found.reference,
-                    suite,
-                    value.updated_at,
-                    value,
-                ));
+                items.push(cached_ref(&tier, &found.reference, suite, value));
             }
             listed += 1;
             last = Some(position);

@@ -80,16 +80,22 @@ fn decode_head(bytes: &[u8]) -> Result<Head, Error> {
     }
 }
 
+impl Head {
+    /// The blobs this head's runs are stored in.
+    fn blobs(&self) -> Vec<u64> {
+        self.runs
+            .iter()
+            .filter_map(|run| match run.body {
+                Body::Blob(id) => Some(id),
+                Body::Inline(_) => None,
+            })
+            .collect()
+    }
+}
+
 /// The blobs a stored head references (for reclaim).
 pub(super) fn head_blobs(bytes: &[u8]) -> Result<Vec<u64>, Error> {
-    Ok(decode_head(bytes)?
-        .runs
-        .iter()
-        .filter_map(|run| match run.body {
-            Body::Blob(id) => Some(id),
-            Body::Inline(_) => None,
-        })
-        .collect())
+    Ok(decode_head(bytes)?.blobs())
 }
 
 fn encode_frame(entry: &NewEntry) -> Result<Bytes, Error> {
@@ -228,14 +234,7 @@ impl BucketStore {
             count: head.runs.iter().map(|r| r.count).sum(),
             body: staged.body.clone(),
         }];
-        let old_blobs: Vec<u64> = head
-            .runs
-            .iter()
-            .filter_map(|r| match r.body {
-                Body::Blob(id) => Some(id),
-                Body::Inline(_) => None,
-            })
-            .collect();
+        let old_blobs = head.blobs();
         let mut markers = Vec::new();
         for blob in &old_blobs {
             markers.push(self.mark_retiring(path, *blob).await?);
@@ -438,9 +437,9 @@ impl EntryStore for BucketStore {
                     // cursor from before it never skips what comes after.
                     head.next_seq,
                     // Never the staged run itself.
-                    head_blobs(&encode_head(head)?)?
+                    head.blobs()
                         .into_iter()
-                        .filter(|id| staged.body != Body::Blob(*id))
+                        .filter(|id| !staged.is_blob(&Body::Blob(*id)))
                         .collect(),
                     expect.clone(),
                 ),

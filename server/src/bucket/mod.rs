@@ -40,8 +40,8 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{
-    ObjectMeta, ObjectStore as Bucket, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-    UpdateVersion, WriteMultipart,
+    ObjectMeta, ObjectStore as Bucket, ObjectStoreExt, PutMode, PutPayload, UpdateVersion,
+    WriteMultipart,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -341,24 +341,6 @@ impl BucketStore {
                 self.inner.bucket
             ),
         };
-        let create = PutOptions::from(PutMode::Create);
-        match self
-            .inner
-            .bucket
-            .put_opts(&path, PutPayload::from_static(b"again"), create)
-            .await
-        {
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => {}
-            Ok(_) => return Err(refuse("create-if-absent (If-None-Match: *)")),
-            Err(
-                object_store::Error::NotImplemented { .. }
-                | object_store::Error::NotSupported { .. },
-            ) => return Err(refuse("create-if-absent (If-None-Match: *)")),
-            Err(e) => return Err(bucket_error("probe create-if-absent", &e)),
-        }
         if first.e_tag.is_none() && first.version.is_none() {
             return Err(refuse("object versions (no ETag returned)"));
         }
@@ -366,26 +348,28 @@ impl BucketStore {
             e_tag: Some("\"00000000000000000000000000000000\"".into()),
             version: None,
         };
-        match self
-            .inner
-            .bucket
-            .put_opts(
-                &path,
-                PutPayload::from_static(b"stale"),
-                PutMode::Update(stale).into(),
-            )
-            .await
-        {
-            Err(
-                object_store::Error::Precondition { .. }
-                | object_store::Error::AlreadyExists { .. },
-            ) => {}
-            Ok(_) => return Err(refuse("update-if-version (If-Match)")),
-            Err(
-                object_store::Error::NotImplemented { .. }
-                | object_store::Error::NotSupported { .. },
-            ) => return Err(refuse("update-if-version (If-Match)")),
-            Err(e) => return Err(bucket_error("probe update-if-version", &e)),
+        for (mode, what) in [
+            (PutMode::Create, "create-if-absent (If-None-Match: *)"),
+            (PutMode::Update(stale), "update-if-version (If-Match)"),
+        ] {
+            // Both writes must be refused: the key exists, the version is stale.
+            match self
+                .inner
+                .bucket
+                .put_opts(&path, PutPayload::from_static(b"again"), mode.into())
+                .await
+            {
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                ) => {}
+                Ok(_)
+                | Err(
+                    object_store::Error::NotImplemented { .. }
+                    | object_store::Error::NotSupported { .. },
+                ) => return Err(refuse(what)),
+                Err(e) => return Err(bucket_error(&format!("probe {what}"), &e)),
+            }
         }
         match self
             .inner
@@ -791,7 +775,7 @@ impl BucketStore {
             let retiring = old
                 .as_ref()
                 .and_then(ValueRecord::blob_id)
-                .filter(|id| Some(*id) != staged_blob(&staged.body));
+                .filter(|id| !staged.is_blob(&Body::Blob(*id)));
             let marker = match retiring {
                 Some(blob) => Some(self.mark_retiring(path, blob).await?),
                 None => None,
@@ -993,13 +977,6 @@ impl Default for Backoff {
     }
 }
 
-fn staged_blob(body: &Body) -> Option<u64> {
-    match body {
-        Body::Blob(id) => Some(*id),
-        Body::Inline(_) => None,
-    }
-}
-
 fn chrono_duration(duration: Duration) -> chrono::TimeDelta {
     chrono::TimeDelta::from_std(duration).unwrap_or(chrono::TimeDelta::MAX)
 }
@@ -1023,7 +1000,7 @@ mod tests {
     use object_store::memory::InMemory;
     use object_store::{
         CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, PutMultipartOptions,
-        PutResult,
+        PutOptions, PutResult,
     };
     use trove_proto::types::{Name, Namespace};
     use trove_proto::ArtifactStore;

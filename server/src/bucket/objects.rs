@@ -8,15 +8,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo, MAX_FIND_MISSING};
+use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo};
 use trove_proto::types::{
-    clamp_page_size, encode_page_token, hex_digest, now_micros, ByteStream, ListPage, Name,
-    Namespace, Page,
+    clamp_page_size, encode_page_token, now_micros, ByteStream, ListPage, Name, Namespace, Page,
 };
 use trove_proto::{Error, ObjectStore};
 
 use super::{keys, BucketStore};
-use crate::store::objects::{decode_chunks, encode_chunk, object_info, stream_info};
+use crate::store::objects::{
+    check_find_missing, decode_chunks, encode_chunk, object_info, stream_info, verify_content,
+};
 use crate::store::record::ValueRecord;
 
 const KIND_OBJECT: char = 'd';
@@ -50,20 +51,7 @@ impl ObjectStore for BucketStore {
     ) -> Result<ObjectInfo, Error> {
         let path = self.object_path(ns, hash.as_str(), KIND_OBJECT);
         let staged = self.stage(data, expected_size, &path).await?;
-        let digest = hash.sha256_digest();
-        if let Some(expected) = digest {
-            if expected != staged.sha256 {
-                return Err(Error::invalid(
-                    "hash",
-                    format!(
-                        "the content's SHA-256 is {}, not {}; nothing was stored",
-                        hex_digest(&staged.sha256),
-                        hash
-                    ),
-                ));
-            }
-        }
-        let verified = digest.is_some();
+        let verified = verify_content(hash, &staged.sha256)?;
         let (size, sha256) = (staged.len, staged.sha256);
         let now = now_micros();
         let record = self
@@ -73,16 +61,8 @@ impl ObjectStore for BucketStore {
                     return None;
                 }
                 Some(ValueRecord {
-                    created_at: old.map_or(now, |o| o.created_at),
-                    updated_at: now,
-                    size,
-                    body_len: size,
-                    sha256,
-                    content_type: String::new(),
                     verified,
-                    chunk_count: 0,
-                    seq: 0,
-                    body: body.clone(),
+                    ..ValueRecord::replacing(old, now, size, size, sha256, body)
                 })
             })
             .await?;
@@ -188,15 +168,7 @@ impl ObjectStore for BucketStore {
     }
 
     async fn find_missing(&self, ns: &Namespace, hashes: &[Name]) -> Result<Vec<Name>, Error> {
-        if hashes.len() > MAX_FIND_MISSING {
-            return Err(Error::invalid(
-                "hashes",
-                format!(
-                    "{} hashes given; at most {MAX_FIND_MISSING} per call",
-                    hashes.len()
-                ),
-            ));
-        }
+        check_find_missing(hashes.len())?;
         let lookups: Vec<_> = hashes
             .iter()
             .map(|hash| {
@@ -242,16 +214,8 @@ impl ObjectStore for BucketStore {
         let record = self
             .publish_value(&path, staged, move |old, body| {
                 Some(ValueRecord {
-                    created_at: old.map_or(now, |o| o.created_at),
-                    updated_at: now,
-                    size,
-                    body_len,
-                    sha256,
-                    content_type: String::new(),
-                    verified: false,
                     chunk_count,
-                    seq: 0,
-                    body: body.clone(),
+                    ..ValueRecord::replacing(old, now, size, body_len, sha256, body)
                 })
             })
             .await?;

@@ -34,6 +34,50 @@ const TIER_PR: u8 = b'p';
 /// Most entries accepted in one branch ref map.
 pub const MAX_BRANCH_REFS: usize = 100_000;
 
+/// Validates a branch ref map lookup; false when the branch is blank (the
+/// map is then empty without looking).
+pub(crate) fn branch_refs_lookup(prefix: &str, branch: &str) -> Result<bool, Error> {
+    check_optional("prefix", prefix)?;
+    check_optional("branch", branch)?;
+    Ok(!branch.trim().is_empty())
+}
+
+/// Parses a stored branch ref map.
+pub(crate) fn parse_branch_refs(bytes: &[u8]) -> Result<BTreeMap<String, i64>, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::DataLoss {
+        message: format!("unreadable branch ref map: {e}"),
+    })
+}
+
+/// Validates a branch ref map write; the JSON to store, or `None` when the
+/// call is a no-op (blank or default branch, empty map).
+pub(crate) fn branch_refs_to_store(
+    prefix: &str,
+    branch: &str,
+    default_branch: &str,
+    refs: &BTreeMap<String, i64>,
+) -> Result<Option<Vec<u8>>, Error> {
+    check_optional("prefix", prefix)?;
+    check_optional("branch", branch)?;
+    check_optional("default_branch", default_branch)?;
+    if branch.trim().is_empty() || branch == default_branch || refs.is_empty() {
+        return Ok(None);
+    }
+    if refs.len() > MAX_BRANCH_REFS {
+        return Err(Error::invalid(
+            "refs",
+            format!(
+                "{} entries; at most {MAX_BRANCH_REFS} per branch",
+                refs.len()
+            ),
+        ));
+    }
+    for sha in refs.keys() {
+        Name::new("refs key", sha.clone())?;
+    }
+    serde_json::to_vec(refs).map(Some).map_err(Error::internal)
+}
+
 /// The sled trees of the cache group.
 pub struct CacheTrees {
     refs: sled::Tree,
@@ -151,18 +195,31 @@ fn parse_recency(suffix: &[u8]) -> Option<(i64, u64, String)> {
 }
 
 fn cached_ref(tier: &TierKey, reference: &str, suite: &str, record: &ValueRecord) -> CachedRef {
+    describe_archive(tier.tier, &tier.branch, reference, suite, record)
+}
+
+/// The wire description of one suite's archive of a ref, uploaded at the
+/// record's `updated_at`.
+pub(crate) fn describe_archive(
+    tier: Tier,
+    branch: &str,
+    reference: &str,
+    suite: &str,
+    record: &ValueRecord,
+) -> CachedRef {
     CachedRef {
         r#ref: reference.to_owned(),
         test_suite_id: suite.to_owned(),
         uploaded_at: record.updated_at,
         size: record.size,
         sha256: hex_digest(&record.sha256),
-        tier: tier.tier as i32,
-        branch: tier.branch.clone(),
+        tier: tier as i32,
+        branch: branch.to_owned(),
     }
 }
 
-fn seconds_to_micros(seconds: i64) -> i64 {
+/// Seconds to microseconds, saturating.
+pub(crate) fn seconds_to_micros(seconds: i64) -> i64 {
     seconds.saturating_mul(1_000_000)
 }
 
@@ -349,16 +406,8 @@ impl CacheStore for SledStore {
                     None => None,
                 };
                 let new = ValueRecord {
-                    created_at: old.as_ref().map_or(uploaded_at, |o| o.created_at),
-                    updated_at: uploaded_at,
-                    size,
-                    body_len: size,
-                    sha256,
-                    content_type: String::new(),
-                    verified: false,
-                    chunk_count: 0,
                     seq,
-                    body: body.clone(),
+                    ..ValueRecord::replacing(old.as_ref(), uploaded_at, size, size, sha256, body)
                 };
                 refs.insert(
                     archive_key.as_slice(),
@@ -451,16 +500,12 @@ impl CacheStore for SledStore {
         prefix: &str,
         branch: &str,
     ) -> Result<BTreeMap<String, i64>, Error> {
-        check_optional("prefix", prefix)?;
-        check_optional("branch", branch)?;
-        if branch.trim().is_empty() {
+        if !branch_refs_lookup(prefix, branch)? {
             return Ok(BTreeMap::new());
         }
         let key = with_parts(&scope_prefix(ns, prefix), &[branch.as_bytes()]);
         match self.inner.cache.branch_refs.get(key).map_err(sled_error)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::DataLoss {
-                message: format!("unreadable branch ref map: {e}"),
-            }),
+            Some(bytes) => parse_branch_refs(&bytes),
             None => Ok(BTreeMap::new()),
         }
     }
@@ -473,25 +518,9 @@ impl CacheStore for SledStore {
         default_branch: &str,
         refs: BTreeMap<String, i64>,
     ) -> Result<bool, Error> {
-        check_optional("prefix", prefix)?;
-        check_optional("branch", branch)?;
-        check_optional("default_branch", default_branch)?;
-        if branch.trim().is_empty() || branch == default_branch || refs.is_empty() {
+        let Some(json) = branch_refs_to_store(prefix, branch, default_branch, &refs)? else {
             return Ok(false);
-        }
-        if refs.len() > MAX_BRANCH_REFS {
-            return Err(Error::invalid(
-                "refs",
-                format!(
-                    "{} entries; at most {MAX_BRANCH_REFS} per branch",
-                    refs.len()
-                ),
-            ));
-        }
-        for sha in refs.keys() {
-            Name::new("refs key", sha.clone())?;
-        }
-        let json = serde_json::to_vec(&refs).map_err(Error::internal)?;
+        };
         let key = with_parts(&scope_prefix(ns, prefix), &[branch.as_bytes()]);
         self.inner
             .cache

@@ -52,6 +52,34 @@ pub(crate) fn stream_info(hash: &Name, record: &ValueRecord) -> StreamInfo {
     }
 }
 
+/// Checks content against a hash that is a SHA-256 digest; returns whether
+/// it was one (the object is then verified). Any other hash is an opaque name.
+pub(crate) fn verify_content(hash: &Name, sha256: &[u8; 32]) -> Result<bool, Error> {
+    match hash.sha256_digest() {
+        Some(expected) if expected != *sha256 => Err(Error::invalid(
+            "hash",
+            format!(
+                "the content's SHA-256 is {}, not {}; nothing was stored",
+                hex_digest(sha256),
+                hash
+            ),
+        )),
+        Some(_) => Ok(true),
+        None => Ok(false),
+    }
+}
+
+/// Refuses a `find_missing` call over [`MAX_FIND_MISSING`] hashes.
+pub(crate) fn check_find_missing(count: usize) -> Result<(), Error> {
+    if count > MAX_FIND_MISSING {
+        return Err(Error::invalid(
+            "hashes",
+            format!("{count} hashes given; at most {MAX_FIND_MISSING} per call"),
+        ));
+    }
+    Ok(())
+}
+
 const HAS_TIMESTAMP: u8 = 1;
 
 /// Encodes one chunk as `[flags][timestamp i64 BE if flagged][len u32 BE][data]`.
@@ -131,20 +159,7 @@ impl ObjectStore for SledStore {
         data: ByteStream,
     ) -> Result<ObjectInfo, Error> {
         let staged = self.stage(data, expected_size).await?;
-        let digest = hash.sha256_digest();
-        if let Some(expected) = digest {
-            if expected != staged.sha256 {
-                return Err(Error::invalid(
-                    "hash",
-                    format!(
-                        "the content's SHA-256 is {}, not {}; nothing was stored",
-                        hex_digest(&staged.sha256),
-                        hash
-                    ),
-                ));
-            }
-        }
-        let verified = digest.is_some();
+        let verified = verify_content(hash, &staged.sha256)?;
         let (size, sha256) = (staged.len, staged.sha256);
         let now = now_micros();
         let key = object_key(ns, hash, KIND_OBJECT);
@@ -155,16 +170,8 @@ impl ObjectStore for SledStore {
                     return None;
                 }
                 Some(ValueRecord {
-                    created_at: old.map_or(now, |o| o.created_at),
-                    updated_at: now,
-                    size,
-                    body_len: size,
-                    sha256,
-                    content_type: String::new(),
                     verified,
-                    chunk_count: 0,
-                    seq: 0,
-                    body: body.clone(),
+                    ..ValueRecord::replacing(old, now, size, size, sha256, body)
                 })
             })
             .await?;
@@ -265,15 +272,7 @@ impl ObjectStore for SledStore {
     }
 
     async fn find_missing(&self, ns: &Namespace, hashes: &[Name]) -> Result<Vec<Name>, Error> {
-        if hashes.len() > MAX_FIND_MISSING {
-            return Err(Error::invalid(
-                "hashes",
-                format!(
-                    "{} hashes given; at most {MAX_FIND_MISSING} per call",
-                    hashes.len()
-                ),
-            ));
-        }
+        check_find_missing(hashes.len())?;
         let tree = self.inner.objects.clone();
         let ns = ns.clone();
         let hashes = hashes.to_vec();
@@ -317,16 +316,8 @@ impl ObjectStore for SledStore {
         let record = self
             .publish_and_commit(&self.inner.objects, &key, staged, move |old, body| {
                 Some(ValueRecord {
-                    created_at: old.map_or(now, |o| o.created_at),
-                    updated_at: now,
-                    size,
-                    body_len,
-                    sha256,
-                    content_type: String::new(),
-                    verified: false,
                     chunk_count,
-                    seq: 0,
-                    body: body.clone(),
+                    ..ValueRecord::replacing(old, now, size, body_len, sha256, body)
                 })
             })
             .await?;

@@ -43,6 +43,31 @@ pub struct ValueRecord {
 }
 
 impl ValueRecord {
+    /// The record of a body written at `at` (microseconds) that replaces
+    /// `old`, keeping its first-write time: a plain value, neither verified,
+    /// typed nor chunked (set those fields on the result).
+    pub fn replacing(
+        old: Option<&ValueRecord>,
+        at: i64,
+        size: u64,
+        body_len: u64,
+        sha256: [u8; 32],
+        body: &Body,
+    ) -> Self {
+        ValueRecord {
+            created_at: old.map_or(at, |o| o.created_at),
+            updated_at: at,
+            size,
+            body_len,
+            sha256,
+            content_type: String::new(),
+            verified: false,
+            chunk_count: 0,
+            seq: 0,
+            body: body.clone(),
+        }
+    }
+
     /// The blob file this record references, if any.
     pub fn blob_id(&self) -> Option<u64> {
         match self.body {
