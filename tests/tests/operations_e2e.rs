@@ -154,24 +154,35 @@ async fn metrics_follow_traffic() {
         missing.map(|_| ()).map_err(|s| s.code()),
         Err(Code::NotFound)
     );
-    let text = scrape(metrics).await;
-    let after = parse(&text);
     let put = [
         ("service", "trove.v1.Artifacts"),
         ("method", "Put"),
         ("code", "OK"),
     ];
-    let puts = sample_value(&after, "trove_requests_total", &put)
-        - sample_value(&before, "trove_requests_total", &put);
-    assert!(
-        (puts - 3.0).abs() < f64::EPSILON,
-        "3 puts counted, got {puts}\n{text}"
-    );
     let not_found = [
         ("service", "trove.v1.Artifacts"),
         ("method", "Stat"),
         ("code", "NOT_FOUND"),
     ];
+    // A call is counted when the server finishes sending its response,
+    // which can be just after the client has read it: poll (bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (text, after, puts) = loop {
+        let text = scrape(metrics).await;
+        let after = parse(&text);
+        let puts = sample_value(&after, "trove_requests_total", &put)
+            - sample_value(&before, "trove_requests_total", &put);
+        let counted =
+            puts >= 3.0 && sample_value(&after, "trove_requests_total", &not_found) >= 1.0;
+        if counted || Instant::now() >= deadline {
+            break (text, after, puts);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        (puts - 3.0).abs() < f64::EPSILON,
+        "3 puts counted, got {puts}\n{text}"
+    );
     assert!(
         sample_value(&after, "trove_requests_total", &not_found) >= 1.0,
         "{text}"
