@@ -106,6 +106,12 @@ impl TroveClient {
         }
     }
 
+    /// The underlying channel, for services outside Trove's own (the standard
+    /// health check, reflection) on the same connection.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// Sets the size uploads are split into (default 1 MiB).
     #[must_use]
     pub fn with_chunk_bytes(mut self, chunk_bytes: usize) -> Self {

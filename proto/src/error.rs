@@ -44,6 +44,18 @@ pub enum Error {
         /// Details.
         message: String,
     },
+    /// The caller sent no credentials, or credentials the server does not know.
+    #[error("unauthenticated: {message}")]
+    Unauthenticated {
+        /// What to send instead.
+        message: String,
+    },
+    /// The caller is known but not allowed this operation on this namespace.
+    #[error("permission denied: {message}")]
+    PermissionDenied {
+        /// Which permission or namespace is outside the caller's grant.
+        message: String,
+    },
     /// The service cannot take the call right now; retrying may succeed.
     #[error("unavailable: {message}")]
     Unavailable {
@@ -121,6 +133,8 @@ impl Error {
             Error::NotFound { .. } => tonic::Code::NotFound,
             Error::FailedPrecondition { .. } => tonic::Code::FailedPrecondition,
             Error::ResourceExhausted { .. } => tonic::Code::ResourceExhausted,
+            Error::Unauthenticated { .. } => tonic::Code::Unauthenticated,
+            Error::PermissionDenied { .. } => tonic::Code::PermissionDenied,
             Error::Unavailable { .. } => tonic::Code::Unavailable,
             Error::Cancelled { .. } => tonic::Code::Cancelled,
             Error::DeadlineExceeded { .. } => tonic::Code::DeadlineExceeded,
@@ -222,6 +236,12 @@ impl From<tonic::Status> for Error {
                     message,
                 },
             },
+            tonic::Code::Unauthenticated => Error::Unauthenticated {
+                message: strip(&message, "unauthenticated: "),
+            },
+            tonic::Code::PermissionDenied => Error::PermissionDenied {
+                message: strip(&message, "permission denied: "),
+            },
             tonic::Code::Unavailable => Error::Unavailable {
                 message: strip(&message, "unavailable: "),
             },
@@ -266,6 +286,12 @@ mod tests {
             },
             Error::Unavailable {
                 message: "disk: busy".into(),
+            },
+            Error::Unauthenticated {
+                message: "send a bearer token".into(),
+            },
+            Error::PermissionDenied {
+                message: "no write on namespace ci".into(),
             },
             Error::Cancelled {
                 message: "gone".into(),
