@@ -62,7 +62,8 @@ Exit codes:
   5  permission denied or not authenticated
   6  unavailable (cannot connect, the server is not serving, a deadline passed)
   7  a server limit was reached (message size, concurrency, disk)
-  8  stored data is damaged (data loss, or a download that fails its SHA-256)";
+  8  stored data is damaged (data loss, or a download that fails its SHA-256)
+  130  interrupted (Ctrl-C); nothing half-written is left behind";
 
 /// The top-level commands, one per operation group plus tooling.
 #[derive(Debug, Subcommand)]
@@ -86,6 +87,9 @@ pub enum Command {
         /// Service to ask about (empty: the whole server).
         #[arg(long, default_value = "")]
         service: String,
+        /// Give up (exit 6) when the server has not answered after this long.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout_secs: u64,
     },
     /// Prints a shell completion script to standard output.
     Completions {
@@ -325,7 +329,7 @@ pub enum CacheCommand {
         #[arg(long, default_value_t = 0)]
         pr_branch_ttl_secs: i64,
         /// Apply --pr-branch-ttl-secs to every PR branch under --prefix instead.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["count", "older_than_secs"], requires = "pr_branch_ttl_secs")]
         all: bool,
     },
     /// Prints a branch's sha -> epoch-seconds map as JSON, or replaces it with --write.

@@ -189,10 +189,16 @@ async fn read_refs(path: &std::path::Path) -> Outcome<BTreeMap<String, i64>> {
     let mut text = String::new();
     source
         .into_reader()
-        .take(MAX_BRANCH_REFS_BYTES)
+        .take(MAX_BRANCH_REFS_BYTES + 1)
         .read_to_string(&mut text)
         .await
         .map_err(|e| Failure::io(&label, &e))?;
+    if text.len() as u64 > MAX_BRANCH_REFS_BYTES {
+        return Err(Failure::new(
+            Exit::Invalid,
+            format!("{label}: a branch ref map is at most {MAX_BRANCH_REFS_BYTES} bytes"),
+        ));
+    }
     serde_json::from_str(&text).map_err(|e| {
         Failure::new(
             Exit::Invalid,

@@ -66,31 +66,8 @@ pub async fn run(
             batch,
         } => {
             let name = Name::new("cassette", name)?;
-            let mut entries = new_entries(&file, with_meta).await?;
-            let mut appended = 0u64;
-            let mut pending = Vec::new();
-            let mut pending_bytes = 0usize;
-            loop {
-                let next = entries.try_next().await?;
-                let full = pending.len() >= batch as usize
-                    || next
-                        .as_ref()
-                        .is_some_and(|e| pending_bytes + e.json.len() > APPEND_BATCH_BYTES);
-                if !pending.is_empty() && (next.is_none() || full) {
-                    pending_bytes = 0;
-                    let batch = std::mem::take(&mut pending);
-                    appended += client
-                        .append_entries(ns, &name, batch, AppendOptions::default())
-                        .await?;
-                }
-                match next {
-                    Some(entry) => {
-                        pending_bytes += entry.json.len();
-                        pending.push(entry);
-                    }
-                    None => break,
-                }
-            }
+            let entries = new_entries(&file, with_meta).await?;
+            let appended = append_in_batches(client, ns, &name, entries, batch as usize).await?;
             report_count(json, "appended", appended, &name)
         }
         CassettesCommand::Replace {
@@ -124,6 +101,136 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Appends entries in batches of at most `batch` entries (and about
+/// [`APPEND_BATCH_BYTES`]), sending each batch as soon as it is full so a
+/// slow producer (`tail -f`) is not held back. Each batch carries an
+/// idempotency key, so the retries of an ambiguous failure (the reply was
+/// lost, the connection dropped) never append it twice. A failure reports
+/// how many entries earlier batches appended.
+async fn append_in_batches(
+    client: &TroveClient,
+    ns: &Namespace,
+    name: &Name,
+    mut entries: BoxStream<'static, Result<NewEntry, Error>>,
+    batch: usize,
+) -> Outcome<u64> {
+    let mut batches = Batches {
+        client,
+        ns,
+        name,
+        run_id: run_id(),
+        pending: Vec::new(),
+        pending_bytes: 0,
+        sent: 0,
+        appended: 0,
+    };
+    loop {
+        let next = entries.try_next().await.map_err(|e| batches.failure(e))?;
+        let Some(entry) = next else {
+            batches.send().await?;
+            return Ok(batches.appended);
+        };
+        if batches.pending_bytes + entry.json.len() > APPEND_BATCH_BYTES {
+            batches.send().await?;
+        }
+        batches.pending_bytes += entry.json.len();
+        batches.pending.push(entry);
+        if batches.pending.len() >= batch {
+            batches.send().await?;
+        }
+    }
+}
+
+/// The state of a batched append.
+struct Batches<'a> {
+    client: &'a TroveClient,
+    ns: &'a Namespace,
+    name: &'a Name,
+    run_id: String,
+    pending: Vec<NewEntry>,
+    pending_bytes: usize,
+    sent: u64,
+    appended: u64,
+}
+
+impl Batches<'_> {
+    /// Sends the pending entries, if any, as one Append.
+    async fn send(&mut self) -> Outcome {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let key = Name::new(
+            "idempotency_key",
+            format!("trove-cli/{}/{}", self.run_id, self.sent),
+        )?;
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let written = append_with_retries(self.client, self.ns, self.name, batch, key)
+            .await
+            .map_err(|e| self.failure(e))?;
+        self.appended += written;
+        self.sent += 1;
+        Ok(())
+    }
+
+    /// A failure that also says what earlier batches appended.
+    fn failure(&self, err: Error) -> Failure {
+        let mut failure = Failure::from(err);
+        failure.message = format!(
+            "{}; {} entries from earlier lines were appended before this",
+            failure.message, self.appended
+        );
+        failure
+    }
+}
+
+/// One Append, tried up to three times while the outcome is unknown.
+async fn append_with_retries(
+    client: &TroveClient,
+    ns: &Namespace,
+    name: &Name,
+    batch: Vec<NewEntry>,
+    key: Name,
+) -> Result<u64, Error> {
+    const ATTEMPTS: u32 = 3;
+    let mut attempt = 1;
+    loop {
+        let options = AppendOptions {
+            idempotency_key: Some(key.clone()),
+        };
+        match client
+            .append_entries(ns, name, batch.clone(), options)
+            .await
+        {
+            Err(
+                Error::Unavailable { .. }
+                | Error::DeadlineExceeded { .. }
+                | Error::Cancelled { .. },
+            ) if attempt < ATTEMPTS => {
+                tokio::time::sleep(std::time::Duration::from_millis(250 * u64::from(attempt)))
+                    .await;
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// An identifier unique to this run of the command, for idempotency keys.
+fn run_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's randomness once per process.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    format!("{:016x}", hasher.finish())
 }
 
 fn report_count(json: bool, verb: &str, count: u64, name: &Name) -> Outcome {

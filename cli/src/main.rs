@@ -48,7 +48,15 @@ fn main() -> ExitCode {
             return ExitCode::from(Exit::Failure as u8);
         }
     };
-    match runtime.block_on(run(cli)) {
+    // Ctrl-C drops the running command, so its destructors remove what it
+    // staged (a download's temporary file; spooled input has no name at all).
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = run(cli) => outcome,
+            _ = tokio::signal::ctrl_c() => Err(Failure::new(Exit::Interrupted, "interrupted")),
+        }
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             if !failure.message.is_empty() {
@@ -79,7 +87,20 @@ async fn run(cli: Cli) -> Outcome {
         Command::Artifacts(cmd) => artifacts::run(&client, &ns, json, cmd).await,
         Command::Cassettes(cmd) => cassettes::run(&client, &ns, json, cmd).await,
         Command::Cache(args) => cache::run(&client, &ns, json, args).await,
-        Command::Health { service } => health(&client, &cli.addr, json, service).await,
+        Command::Health {
+            service,
+            timeout_secs,
+        } => {
+            let timeout = std::time::Duration::from_secs(timeout_secs);
+            tokio::time::timeout(timeout, health(&client, &cli.addr, json, service))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Failure::new(
+                        Exit::Unavailable,
+                        format!("{} did not answer within {timeout_secs} s", cli.addr),
+                    ))
+                })
+        }
         Command::Completions { .. } | Command::Man { .. } => Ok(()),
     }
 }

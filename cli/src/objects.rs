@@ -13,7 +13,7 @@ use trove_client::TroveClient;
 use crate::args::{ObjectsCommand, StreamsCommand};
 use crate::report::out;
 use crate::report::{human_bytes, human_time, print_json, Failure, Outcome};
-use crate::transfer::{hash_file, is_stdio, progress_bar, spool_stdin, write_download, Source};
+use crate::transfer::{hash_file, is_regular_file, is_stdio, progress_bar, write_download, Source};
 
 /// Page size used to walk listings.
 pub const LIST_PAGE: u32 = 1000;
@@ -26,8 +26,8 @@ pub async fn run(client: &TroveClient, ns: &Namespace, json: bool, cmd: ObjectsC
             let hash = Name::new("hash", hash)?;
             let (info, body) = client.get_object(ns, &hash).await?;
             let progress = progress_bar(Some(info.size), format!("get {hash}"));
-            let expect = hash.sha256_digest().map(|_| hash.as_str().to_owned());
-            write_download(body, file.as_deref(), &progress, expect.as_deref()).await?;
+            // Every object carries its SHA-256, verified hash or not.
+            write_download(body, file.as_deref(), &progress, Some(&info.sha256)).await?;
             progress.finish();
             if json && !is_stdio(file.as_deref()) {
                 print_json(&info_json(&info))?;
@@ -91,25 +91,17 @@ async fn put(
     name: Option<String>,
 ) -> Outcome {
     // The hash travels in the first message, so it must be known before the
-    // first byte is sent: a file is read twice, standard input is spooled.
-    let (source, hash, _spool) = match name {
-        Some(name) => (
-            Source::open(Some(file)).await?,
-            Name::new("hash", name)?,
-            None,
-        ),
-        None if is_stdio(Some(file)) => {
-            let (spool, _, digest) = spool_stdin().await?;
-            let source = Source::open(Some(spool.path())).await?;
-            (source, Name::new("hash", digest)?, Some(spool))
+    // first byte is sent: a regular file is read twice; standard input, a
+    // pipe or a device is spooled to a temporary file while hashing.
+    let (source, hash) = match name {
+        Some(name) => (Source::open(Some(file)).await?, Name::new("hash", name)?),
+        None if is_regular_file(file) => {
+            let digest = hash_file(file).await?;
+            (Source::open(Some(file)).await?, Name::new("hash", digest)?)
         }
         None => {
-            let digest = hash_file(file).await?;
-            (
-                Source::open(Some(file)).await?,
-                Name::new("hash", digest)?,
-                None,
-            )
+            let (spooled, digest) = Source::open(Some(file)).await?.spool().await?;
+            (spooled, Name::new("hash", digest)?)
         }
     };
     let progress = progress_bar(source.len, format!("put {hash}"));

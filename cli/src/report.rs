@@ -27,6 +27,8 @@ pub enum Exit {
     Exhausted = 7,
     /// Stored data is damaged.
     DataLoss = 8,
+    /// Interrupted by Ctrl-C (SIGINT), as shells report it: 128 + 2.
+    Interrupted = 130,
 }
 
 /// A failed command: what to print on standard error and how to exit.

@@ -263,6 +263,22 @@ async fn cassettes_round_trip_json_lines() {
         .collect();
     assert_eq!(order, vec![1, 2, 3]);
 
+    // With --batch 2, a bad fourth line stops the command after the first
+    // batch (lines 1-2) was appended and before the second was sent.
+    let stderr = fails_with(
+        &server,
+        &["cassettes", "append", "suite/batched", "--batch", "2"],
+        b"{\"n\": 1}\n{\"n\": 2}\n{\"n\": 3}\n[4]\n",
+        4,
+    );
+    assert!(
+        stderr.contains("line 4") && stderr.contains("2 entries"),
+        "{stderr}"
+    );
+    let batched = ok_text(&server, &["cassettes", "read", "suite/batched"], b"");
+    assert_eq!(batched.lines().count(), 2, "{batched}");
+    ok(&server, &["cassettes", "rm", "suite/batched"], b"");
+
     // Envelopes carry the timestamp separately from the entry.
     let meta = ok(
         &server,
@@ -502,10 +518,13 @@ async fn exit_codes_and_health() {
     let stderr = fails_with(&server, &["-n", &long_namespace, "artifacts", "ls"], b"", 4);
     assert!(stderr.contains("namespace"), "{stderr}");
 
-    // Nothing listens on a port we just released: unavailable.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = closed.local_addr().expect("addr").to_string();
-    drop(closed);
+    // A port bound but never listening refuses connections, and stays ours
+    // (no other test's server can be handed it) for as long as we hold it.
+    let reserved = tokio::net::TcpSocket::new_v4().expect("socket");
+    reserved
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let addr = reserved.local_addr().expect("addr").to_string();
     let output = Command::new(env!("CARGO_BIN_EXE_trove"))
         .args(["--addr", &addr, "health"])
         .output()
@@ -525,12 +544,24 @@ async fn large_file_streams_in_bounded_memory() {
     let file = dir.path().join("big.bin");
     let hash = write_pattern(&file, SIZE);
 
+    ok(&server, &["objects", "rm", &hash], b"");
+    let spooled = peak_rss_kib(&server, &["objects", "put", "-"], Some(&file));
+    let stat = json(&server, &["objects", "stat", &hash], b"");
+    assert_eq!(stat["size"], SIZE, "stdin was spooled and hashed whole");
     let put = peak_rss_kib(&server, &["objects", "put", path_str(&file)], None);
     let piped = peak_rss_kib(&server, &["artifacts", "put", "big", "-"], Some(&file));
     let out = dir.path().join("back.bin");
     let get = peak_rss_kib(&server, &["objects", "get", &hash, path_str(&out)], None);
-    println!("peak RSS of trove: put {put} KiB, piped put {piped} KiB, get {get} KiB");
-    for (what, kib) in [("put", put), ("piped put", piped), ("get", get)] {
+    let to_stdout = peak_rss_kib(&server, &["artifacts", "get", "big"], None);
+    let peaks = [
+        ("objects put from stdin (spooled)", spooled),
+        ("objects put FILE", put),
+        ("artifacts put from stdin", piped),
+        ("objects get HASH FILE", get),
+        ("artifacts get KEY to stdout", to_stdout),
+    ];
+    println!("peak RSS of trove, KiB: {peaks:?}");
+    for (what, kib) in peaks {
         assert!(kib < LIMIT_KIB, "{what} peaked at {kib} KiB");
     }
     assert_eq!(std::fs::metadata(&out).expect("output").len(), SIZE as u64);
@@ -612,7 +643,8 @@ async fn progress_bar_only_on_a_terminal() {
     let file = dir.path().join("two-mib.bin");
     std::fs::write(&file, vec![1u8; 2 * 1024 * 1024]).expect("write");
 
-    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).expect("open a pseudo-terminal");
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+        .expect("open a pseudo-terminal");
     grantpt(&master).expect("grantpt");
     unlockpt(&master).expect("unlockpt");
     rustix::termios::tcsetwinsize(
@@ -741,4 +773,129 @@ async fn closed_stdout_stops_quietly() {
         assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
+}
+
+/// The README's quick start, as written, runs against a real server (the
+/// install line aside: the binary under test is put on `PATH` instead).
+#[tokio::test]
+async fn readme_quick_start_runs() {
+    let server = ServerProcess::start().await;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("read README.md");
+    let section = readme
+        .split("## Quick start with the `trove` command line")
+        .nth(1)
+        .expect("the README has a CLI quick start");
+    let script: String = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|block| block.split("```").next())
+        .expect("a sh block in the quick start")
+        .lines()
+        .filter(|line| !line.starts_with("cargo "))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert!(script.contains("trove objects put"), "{script}");
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_trove"))
+        .parent()
+        .expect("binary folder");
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env("TROVE_ADDR", server.addr.to_string())
+        .env_remove("TROVE_NAMESPACE")
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "quick start failed:\n{script}\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("hello trove"), "{stdout}");
+    assert!(stdout.contains("\"key\":\"numbers.txt\""), "{stdout}");
+}
+
+/// A value damaged on disk is refused with exit 8 (data loss): a download
+/// into an existing file leaves it untouched and no temporary file behind.
+#[tokio::test]
+async fn damaged_value_is_data_loss_and_leaves_files_untouched() {
+    let server = ServerProcess::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Larger than the inline limit, so it lives in a blob file of its own.
+    let value: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    ok(&server, &["artifacts", "put", "fragile"], &value);
+    let blobs = blob_files(&server.data_dir.join("blobs"));
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+    let mut damaged = std::fs::read(&blobs[0]).expect("read blob");
+    damaged[100_000] ^= 0xFF;
+    std::fs::write(&blobs[0], &damaged).expect("damage the blob");
+
+    let out = dir.path().join("kept.bin");
+    std::fs::write(&out, b"earlier content").expect("write");
+    let stderr = fails_with(
+        &server,
+        &["artifacts", "get", "fragile", path_str(&out)],
+        b"",
+        8,
+    );
+    assert!(
+        stderr.to_lowercase().contains("data loss") || stderr.contains("hash"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&out).expect("read"), b"earlier content");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .filter(|name| name != "kept.bin")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    fails_with(&server, &["artifacts", "get", "fragile"], b"", 8);
+}
+
+/// Every file under `dir`, recursively.
+fn blob_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(blob_files(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// A path that is not a regular file (here `/dev/stdin`) is read as a
+/// stream: its reported size of 0 is not sent as the value's size, and
+/// `objects put` spools it to hash it.
+#[tokio::test]
+async fn devices_and_pipes_named_as_files_upload_whole() {
+    let server = ServerProcess::start().await;
+    ok(
+        &server,
+        &["artifacts", "put", "dev-key", "/dev/stdin"],
+        b"from a device",
+    );
+    assert_eq!(
+        ok(&server, &["artifacts", "get", "dev-key"], b""),
+        b"from a device"
+    );
+    let hash = ok_text(&server, &["objects", "put", "/dev/stdin"], b"spooled");
+    assert_eq!(hash.trim(), sha256_hex(b"spooled"));
+    let archive = json(
+        &server,
+        &["cache", "upload", "r1", "/dev/stdin"],
+        b"archive",
+    );
+    assert_eq!(archive["size"], 7);
 }
