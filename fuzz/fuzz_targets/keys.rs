@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 
 // The module is dependency-free, so it is compiled in directly rather than
 // building the whole server under the fuzzer's instrumentation.
-#[path = "../../server/src/store/keys.rs"]
+#[path = "../../server/src/engine/sled/keys.rs"]
 #[allow(dead_code)]
 mod keys;
 

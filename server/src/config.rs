@@ -11,7 +11,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use serde::Serialize;
 
-use crate::store::{Durability, StoreOptions};
+use crate::engine::sled::{Durability, StoreOptions};
 
 /// When writes are acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -228,8 +228,8 @@ impl Config {
     }
 
     /// The bucket engine settings these flags describe.
-    pub fn bucket_options(&self) -> crate::bucket::BucketOptions {
-        crate::bucket::BucketOptions {
+    pub fn bucket_options(&self) -> crate::engine::bucket::BucketOptions {
+        crate::engine::bucket::BucketOptions {
             inline_limit: usize::try_from(self.inline_limit_bytes).unwrap_or(64 * 1024),
             read_chunk_bytes: usize::try_from(self.chunk_bytes).unwrap_or(1024 * 1024),
             reclaim_grace: std::time::Duration::from_secs(self.reclaim_grace_secs),

@@ -1,26 +1,25 @@
-//! The Trove server: the embedded sled store, the gRPC adapters that expose it,
+//! The Trove server: the storage engines, the gRPC adapters that expose them,
 //! and the pieces the `trove-server` binary is made of.
 //!
 //! # Layout
-//! - [`store`]: [`store::SledStore`], implementing the `trove-proto` traits on
-//!   sled plus blob files. Knows nothing of tonic.
-//! - [`bucket`]: [`bucket::BucketStore`], the same traits on S3-compatible
-//!   object storage (or GCS, or Azure), for stateless servers sharing a bucket.
-//! - [`grpc`]: thin adapters, one per service, generic over the trait served.
-//! - [`config`]: flags and `TROVE_*` environment variables.
-//! - [`observe`]: the tower layer for load shedding, deadlines, metrics and
-//!   request logs.
-//! - [`metrics`]: the Prometheus endpoint and store gauges.
-//! - [`server`]: [`server::run`] wires everything and handles startup and shutdown.
-//! - [`telemetry`]: log setup.
+//! - [`engine`]: the [`engine::Engine`] trait every storage engine implements
+//!   (the four `trove-proto` traits plus lifecycle and usage), what the
+//!   engines share (the persisted record, value checks, the chunk codec,
+//!   retention planning), and one folder per engine: [`engine::sled`]
+//!   (embedded, the default) and [`engine::bucket`] (object storage). Knows
+//!   nothing of tonic; the two engines never import each other.
+//! - [`grpc`]: thin adapters, one per service, generic over the trait served;
+//!   they import only `trove-proto`.
+//! - [`config`]: flags, `TROVE_*` environment variables and the TOML file.
+//! - [`telemetry`]: logs, the Prometheus endpoint and store gauges, and the
+//!   per-call layer (limits, shedding, deadlines, metrics, request logs).
+//! - [`server`]: [`server::run`] wires everything and handles startup and
+//!   shutdown.
 
-pub mod bucket;
 pub mod config;
+pub mod engine;
 pub mod grpc;
-pub mod metrics;
-pub mod observe;
 pub mod server;
-pub mod store;
 pub mod telemetry;
 
-pub use store::SledStore;
+pub use engine::sled::SledStore;

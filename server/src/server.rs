@@ -30,15 +30,15 @@ use trove_proto::pb::cache_server::CacheServer;
 use trove_proto::pb::entries_server::EntriesServer;
 use trove_proto::pb::objects_server::ObjectsServer;
 
-use crate::bucket::BucketStore;
 use crate::config::Config;
+use crate::engine::{self, Background, Engine};
 use crate::grpc::artifacts::ArtifactsService;
 use crate::grpc::cache::CacheService;
 use crate::grpc::entries::EntriesService;
 use crate::grpc::objects::ObjectsService;
 use crate::grpc::Limits;
-use crate::observe::ObserveLayer;
-use crate::store::SledStore;
+use crate::telemetry::calls::ObserveLayer;
+use crate::telemetry::metrics;
 
 /// Names of the services reported by the health check.
 const SERVICES: [&str; 4] = [
@@ -113,19 +113,20 @@ pub async fn run(
     let grpc = Arc::new(listeners.grpc);
     let addr = grpc.local_addr().context("listener address")?;
 
-    let metrics_task = match listeners.metrics {
-        Some(listener) => {
-            let handle = crate::metrics::handle()?;
-            let addr = listener.local_addr().context("metrics listener address")?;
-            tracing::info!(%addr, "metrics at /metrics");
-            Some(tokio::spawn(crate::metrics::serve(
-                listener,
-                handle,
-                std::future::pending(),
-            )))
-        }
-        None => None,
-    };
+    // The metrics endpoint runs from start-up to the very end; the guard
+    // stops it however `run` returns.
+    let mut endpoint = Background::default();
+    let metrics_enabled = listeners.metrics.is_some();
+    if let Some(listener) = listeners.metrics {
+        let handle = metrics::handle()?;
+        let addr = listener.local_addr().context("metrics listener address")?;
+        tracing::info!(%addr, "metrics at /metrics");
+        endpoint.spawn(|stop| async move {
+            if let Err(err) = metrics::serve(listener, handle, stop.cancelled_owned()).await {
+                tracing::warn!(error = %err, "the metrics endpoint failed");
+            }
+        });
+    }
 
     // Phase 1: health (NOT_SERVING) and reflection only, while the store opens.
     let (opened_tx, opened_rx) = tokio::sync::oneshot::channel::<()>();
@@ -147,7 +148,7 @@ pub async fn run(
     );
 
     let started = std::time::Instant::now();
-    let opened = open_store(&config).await;
+    let opened = engine::open(&config).await;
     let _ = opened_tx.send(());
     // Health watchers could hold the startup server open; it only needs to
     // stop accepting, which happens at once.
@@ -164,63 +165,25 @@ pub async fn run(
         grpc,
         addr,
     };
-    let served = match opened? {
-        Engine::Sled(store) => {
-            tracing::info!(dir = %config.data_dir.display(), elapsed_ms = started.elapsed().as_millis(), "store open");
-            let gauges = metrics_task
-                .as_ref()
-                .map(|_| crate::metrics::spawn_store_gauges((*store).clone(), STORE_GAUGE_PERIOD));
-            let served = serving.serve(Arc::clone(&store), shutdown).await;
-            if let Some(gauges) = gauges {
-                gauges.abort();
-            }
-            // Whatever ended the server, the store is flushed before returning.
-            store.flush().await.context("final flush")?;
-            tracing::info!("store flushed");
-            served
-        }
-        Engine::Bucket(store) => {
-            tracing::info!(store = %config.store, elapsed_ms = started.elapsed().as_millis(), "bucket store open");
-            let reclaimer = store.spawn_reclaimer(RECLAIM_PERIOD);
-            let served = serving.serve(Arc::new(store), shutdown).await;
-            reclaimer.abort();
-            served
-        }
-    };
-    if let Some(task) = metrics_task {
-        task.abort();
+    let engine = opened?;
+    tracing::info!(
+        engine = %engine.describe(),
+        elapsed_ms = started.elapsed().as_millis(),
+        "store open"
+    );
+    let mut background = engine.start_background();
+    if metrics_enabled {
+        let engine = Arc::clone(&engine);
+        background.spawn(|stop| metrics::refresh_store_gauges(engine, STORE_GAUGE_PERIOD, stop));
     }
+    let served = serving.serve(Arc::clone(&engine), shutdown).await;
+    background.stop().await;
+    // Whatever ended the server, the store is flushed before returning.
+    engine.flush().await.context("final flush")?;
+    tracing::info!("store flushed");
+    endpoint.stop().await;
     tracing::info!("bye");
     served
-}
-
-/// The storage engine the configuration selects.
-enum Engine {
-    Sled(Arc<SledStore>),
-    Bucket(BucketStore),
-}
-
-/// How often abandoned writes are looked for on the bucket engine.
-const RECLAIM_PERIOD: Duration = Duration::from_secs(600);
-
-async fn open_store(config: &Config) -> anyhow::Result<Engine> {
-    if config.store.is_empty() {
-        let dir = config.data_dir.clone();
-        let options = config.store_options();
-        let store = tokio::task::spawn_blocking(move || SledStore::open(&dir, options))
-            .await
-            .context("store task panicked")?
-            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-        return Ok(Engine::Sled(Arc::new(store)));
-    }
-    let store = crate::bucket::connect(
-        &config.store,
-        config.s3_endpoint.as_deref(),
-        config.bucket_options(),
-    )
-    .await
-    .with_context(|| format!("cannot open the store {}", config.store))?;
-    Ok(Engine::Bucket(store))
 }
 
 /// Everything needed to serve an opened store.
@@ -234,17 +197,11 @@ struct Serving<'a, H> {
 
 impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
     /// Serves every service on `store` until `shutdown`, then drains.
-    async fn serve<S>(
+    async fn serve(
         self,
-        store: Arc<S>,
+        store: Arc<dyn Engine>,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()>
-    where
-        S: trove_proto::ObjectStore
-            + trove_proto::ArtifactStore
-            + trove_proto::EntryStore
-            + trove_proto::CacheStore,
-    {
+    ) -> anyhow::Result<()> {
         let Serving {
             config,
             health,

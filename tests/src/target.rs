@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use trove_server::bucket::{BucketOptions, BucketStore};
-use trove_server::store::{SledStore, StoreOptions};
+use trove_server::engine::bucket::{BucketOptions, BucketStore};
+use trove_server::engine::sled::{SledStore, StoreOptions};
 
 use crate::harness::ServerProcess;
 
@@ -82,9 +82,10 @@ fn bucket_target(store: BucketStore, temp: tempfile::TempDir) -> Target<BucketSt
 /// The bucket engine, in-process, on an in-memory object store.
 pub async fn bucket_memory_target() -> Target<BucketStore> {
     let temp = tempfile::tempdir().expect("temp dir");
-    let store = trove_server::bucket::connect("memory://", None, bucket_options(temp.path()))
-        .await
-        .expect("open the bucket engine in memory");
+    let store =
+        trove_server::engine::bucket::connect("memory://", None, bucket_options(temp.path()))
+            .await
+            .expect("open the bucket engine in memory");
     bucket_target(store, temp)
 }
 
@@ -124,9 +125,10 @@ pub async fn bucket_s3_target() -> Option<Target<BucketStore>> {
     let (endpoint, bucket) = s3_cluster()?;
     let url = s3_test_url(&bucket, "conformance");
     let temp = tempfile::tempdir().expect("temp dir");
-    let store = trove_server::bucket::connect(&url, Some(&endpoint), bucket_options(temp.path()))
-        .await
-        .expect("open the bucket engine on the S3 cluster");
+    let store =
+        trove_server::engine::bucket::connect(&url, Some(&endpoint), bucket_options(temp.path()))
+            .await
+            .expect("open the bucket engine on the S3 cluster");
     Some(bucket_target(store, temp))
 }
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use trove_proto::artifacts::PutOptions;
 use trove_proto::types::{Name, Namespace};
 use trove_proto::{ArtifactStore, Error};
-use trove_server::store::{Faults, SledStore, StoreOptions};
+use trove_server::engine::sled::{Faults, SledStore, StoreOptions};
 use trove_tests::target::{sled_target, Target};
 use trove_tests::{bytes_stream, collect_bytes, generated_stream};
 

@@ -6,7 +6,7 @@ mod strict {
 }
 
 mod relaxed {
-    use trove_server::store::{Durability, StoreOptions};
+    use trove_server::engine::sled::{Durability, StoreOptions};
 
     fn relaxed() -> StoreOptions {
         StoreOptions {

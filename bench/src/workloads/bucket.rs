@@ -2,6 +2,8 @@
 //! `--store s3://...` against the raw `object_store` get and put on the same
 //! cluster (the store's own limit) and the engine in-process (Trove's
 //! storage layer without gRPC).
+//! The shared context, helpers and operation builders it reuses live in
+//! `mod.rs`.
 
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use bytes::Bytes;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore as Bucket, ObjectStoreExt, PutPayload, WriteMultipart};
 use trove_proto::{ArtifactStore, EntryStore, ObjectStore};
-use trove_server::bucket::{BucketOptions, BucketStore};
+use trove_server::engine::bucket::{BucketOptions, BucketStore};
 use trove_tests::harness::ServerProcess;
 
 use super::{filler, name, sha256_hex, Bench, MIB};
@@ -61,7 +63,7 @@ impl Bench {
         )
         .await;
         let trove = server.client().await;
-        let engine = trove_server::bucket::connect(
+        let engine = trove_server::engine::bucket::connect(
             &url("in-process"),
             Some(&cluster.endpoint),
             BucketOptions::default(),

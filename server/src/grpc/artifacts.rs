@@ -14,12 +14,12 @@ use super::{first_message, require_header, status, upload_parts, Limits, Part, R
 
 /// Serves `trove.v1.Artifacts` from any [`ArtifactStore`].
 #[derive(Debug)]
-pub struct ArtifactsService<S> {
+pub struct ArtifactsService<S: ?Sized> {
     store: Arc<S>,
     limits: Limits,
 }
 
-impl<S> ArtifactsService<S> {
+impl<S: ?Sized> ArtifactsService<S> {
     /// Wraps a store.
     pub fn new(store: Arc<S>, limits: Limits) -> Self {
         ArtifactsService { store, limits }
@@ -35,7 +35,7 @@ fn namespace(raw: &str) -> Result<Namespace, Status> {
 }
 
 #[tonic::async_trait]
-impl<S: ArtifactStore> Artifacts for ArtifactsService<S> {
+impl<S: ArtifactStore + ?Sized> Artifacts for ArtifactsService<S> {
     type GetStream = ResponseStream<pb::GetArtifactResponse>;
 
     #[tracing::instrument(skip_all, fields(ns, key))]

@@ -15,12 +15,12 @@ use super::{first_message, require_header, status, upload_parts, Limits, Part, R
 
 /// Serves `trove.v1.Cache` from any [`CacheStore`].
 #[derive(Debug)]
-pub struct CacheService<S> {
+pub struct CacheService<S: ?Sized> {
     store: Arc<S>,
     limits: Limits,
 }
 
-impl<S> CacheService<S> {
+impl<S: ?Sized> CacheService<S> {
     /// Wraps a store.
     pub fn new(store: Arc<S>, limits: Limits) -> Self {
         CacheService { store, limits }
@@ -43,7 +43,7 @@ fn optional_name(field: &str, raw: Option<String>) -> Result<Option<Name>, Statu
 }
 
 #[tonic::async_trait]
-impl<S: CacheStore> Cache for CacheService<S> {
+impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
     type DownloadStream = ResponseStream<pb::DownloadResponse>;
 
     #[tracing::instrument(skip_all, fields(ns, reference))]

@@ -13,12 +13,12 @@ use super::{first_message, require_header, status, upload_parts, Limits, Part, R
 
 /// Serves `trove.v1.Entries` from any [`EntryStore`].
 #[derive(Debug)]
-pub struct EntriesService<S> {
+pub struct EntriesService<S: ?Sized> {
     store: Arc<S>,
     limits: Limits,
 }
 
-impl<S> EntriesService<S> {
+impl<S: ?Sized> EntriesService<S> {
     /// Wraps a store.
     pub fn new(store: Arc<S>, limits: Limits) -> Self {
         EntriesService { store, limits }
@@ -46,7 +46,7 @@ fn parse_entries(entries: Vec<pb::Entry>, offset: usize) -> Result<Vec<NewEntry>
 const READ_MESSAGE_BUDGET: usize = 1024 * 1024;
 
 #[tonic::async_trait]
-impl<S: EntryStore> Entries for EntriesService<S> {
+impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
     type ReadStream = ResponseStream<pb::ReadResponse>;
 
     #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, cassette = %request.get_ref().cassette, count = request.get_ref().entries.len()))]

@@ -14,12 +14,12 @@ use super::{first_message, require_header, status, upload_parts, Limits, Part, R
 
 /// Serves `trove.v1.Objects` from any [`ObjectStore`].
 #[derive(Debug)]
-pub struct ObjectsService<S> {
+pub struct ObjectsService<S: ?Sized> {
     store: Arc<S>,
     limits: Limits,
 }
 
-impl<S> ObjectsService<S> {
+impl<S: ?Sized> ObjectsService<S> {
     /// Wraps a store.
     pub fn new(store: Arc<S>, limits: Limits) -> Self {
         ObjectsService { store, limits }
@@ -35,7 +35,7 @@ fn namespace(raw: &str) -> Result<Namespace, Status> {
 }
 
 #[tonic::async_trait]
-impl<S: ObjectStore> Objects for ObjectsService<S> {
+impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
     type GetStream = ResponseStream<pb::GetObjectResponse>;
     type GetStreamStream = ResponseStream<pb::GetStreamResponse>;
 

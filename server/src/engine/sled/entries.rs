@@ -24,11 +24,12 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures::StreamExt;
 use trove_proto::entries::{
-    AppendOptions, EntryCursor, EntryStream, NewEntry, NewEntryStream, ReadOptions, StoredEntry,
+    AppendOptions, EntryStream, NewEntry, NewEntryStream, ReadOptions, StoredEntry,
 };
 use trove_proto::types::{encode_page_token, now_micros, ListPage, Name, Namespace, Page};
 use trove_proto::{EntryStore, Error};
 
+use super::schema::{self, *};
 use super::{blocking, keys, scan_after, sled_error, tx_error, SledStore};
 
 /// Entries fetched from sled per step of a read.
@@ -50,10 +51,12 @@ impl EntryTrees {
     /// Opens the trees and removes every collectable generation a crash left.
     pub fn open(db: &sled::Db) -> Result<Arc<Self>, Error> {
         let trees = Arc::new(EntryTrees {
-            cassettes: db.open_tree("cassettes").map_err(sled_error)?,
-            entries: db.open_tree("entries").map_err(sled_error)?,
-            gc: db.open_tree("entry_gc").map_err(sled_error)?,
-            append_keys: db.open_tree("entry_append_keys").map_err(sled_error)?,
+            cassettes: db.open_tree(schema::CASSETTES).map_err(sled_error)?,
+            entries: db.open_tree(schema::ENTRIES).map_err(sled_error)?,
+            gc: db.open_tree(schema::ENTRY_GC).map_err(sled_error)?,
+            append_keys: db
+                .open_tree(schema::ENTRY_APPEND_KEYS)
+                .map_err(sled_error)?,
             leases: Mutex::new(HashMap::new()),
         });
         let mut collected = 0u64;
@@ -129,44 +132,9 @@ impl EntryTrees {
     }
 }
 
-fn cassette_key(ns: &Namespace, cassette: &Name) -> Vec<u8> {
-    keys::key(&[ns.as_str().as_bytes(), cassette.as_bytes()])
-}
-
-fn encode_header(gen: u64, created_at: i64) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&gen.to_be_bytes());
-    out[8..].copy_from_slice(&created_at.to_be_bytes());
-    out
-}
-
-fn decode_header(bytes: &[u8]) -> Option<(u64, i64)> {
-    let (gen, rest) = keys::take_u64(bytes)?;
-    let (created, _) = keys::take_u64(rest)?;
-    Some((gen, i64::from_be_bytes(created.to_be_bytes())))
-}
-
 fn header_of(bytes: &[u8]) -> Result<(u64, i64), Error> {
     decode_header(bytes).ok_or_else(|| Error::DataLoss {
         message: "unreadable cassette header".into(),
-    })
-}
-
-fn entry_key(gen: u64, recorded_at: i64, seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(24);
-    keys::push_u64(&mut key, gen);
-    keys::push_i64(&mut key, recorded_at);
-    keys::push_u64(&mut key, seq);
-    key
-}
-
-fn parse_entry_key(key: &[u8]) -> Option<EntryCursor> {
-    let (_, rest) = keys::take_u64(key)?;
-    let (ts, rest) = keys::take_u64(rest)?;
-    let (seq, _) = keys::take_u64(rest)?;
-    Some(EntryCursor {
-        recorded_at: keys::unflip_sign(ts),
-        seq,
     })
 }
 
@@ -544,7 +512,7 @@ impl EntryStore for SledStore {
 
     async fn list_cassettes(&self, ns: &Namespace, page: &ListPage) -> Result<Page<String>, Error> {
         let tree = self.inner.entry_trees.cassettes.clone();
-        let ns_key = keys::key(&[ns.as_str().as_bytes()]);
+        let ns_key = namespace_key(ns);
         let page = page.clone();
         blocking(move || {
             let limit = trove_proto::types::clamp_page_size(page.page_size) as usize;

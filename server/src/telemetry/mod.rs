@@ -1,4 +1,10 @@
-//! Log setup: `tracing` to standard error, human-readable or JSON.
+//! What the server tells its operators: logs (set up here: `tracing` to
+//! standard error, human-readable or JSON), the Prometheus endpoint and the
+//! store gauges ([`metrics`]), and the per-call layer that limits, sheds,
+//! times out, counts and logs every call ([`calls`]).
+
+pub mod calls;
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 

@@ -216,3 +216,112 @@ mod tests {
         assert_eq!(decode("a~"), None);
     }
 }
+
+use object_store::path::Path;
+use trove_proto::cache::{CacheScope, Tier};
+use trove_proto::types::Namespace;
+
+use super::BucketStore;
+
+impl BucketStore {
+    /// The relative directory of `group` (`a`, `o`, `c` or `k`) in `ns`.
+    pub fn ns_dir(ns: &Namespace, group: char) -> String {
+        format!("n/{}/{group}/", segmented(&encode(ns.as_str())))
+    }
+
+    pub(crate) fn blob_path(&self, id: u64) -> Path {
+        self.path(&format!("blobs/{id:016x}"))
+    }
+
+    pub(crate) fn marker_path(&self, id: u64) -> Path {
+        self.path(&format!("pending/{id:016x}"))
+    }
+
+    pub(super) fn artifact_path(&self, ns: &Namespace, key: &str) -> Path {
+        self.path(&format!(
+            "{}{}",
+            Self::ns_dir(ns, 'a'),
+            name_key(key, KIND_ARTIFACT)
+        ))
+    }
+
+    pub(super) fn object_path(&self, ns: &Namespace, hash: &str, kind: char) -> Path {
+        self.path(&format!(
+            "{}{}",
+            Self::ns_dir(ns, 'o'),
+            name_key(hash, kind)
+        ))
+    }
+
+    pub(super) fn head_path(&self, ns: &Namespace, cassette: &str) -> Path {
+        self.path(&format!(
+            "{}{}",
+            Self::ns_dir(ns, 'c'),
+            name_key(cassette, KIND_HEAD)
+        ))
+    }
+
+    pub(super) fn ref_path(&self, tier: &TierDir, reference: &str) -> Path {
+        self.path(&format!("{}r/{}", tier.dir, name_key(reference, KIND_REF)))
+    }
+
+    pub(super) fn tree_path(&self, tier: &TierDir, tree: &str) -> Path {
+        self.path(&format!("{}t/{}", tier.dir, name_key(tree, KIND_TREE)))
+    }
+
+    pub(super) fn branch_map_path(&self, ns: &Namespace, prefix: &str, branch: &str) -> Path {
+        self.path(&format!(
+            "{}br/{}",
+            scope_dir(ns, prefix),
+            name_key(branch, 'm')
+        ))
+    }
+}
+
+pub(super) const KIND_REF: char = 'c';
+
+pub(super) const KIND_TREE: char = 't';
+
+/// One tier: its directory and how it is reported.
+#[derive(Debug, Clone)]
+pub(super) struct TierDir {
+    pub(super) dir: String,
+    pub(super) tier: Tier,
+    pub(super) branch: String,
+}
+
+pub(super) fn scope_dir(ns: &Namespace, prefix: &str) -> String {
+    format!("{}{}/", BucketStore::ns_dir(ns, 'k'), name_key(prefix, 'p'))
+}
+
+pub(super) fn tier_dir(ns: &Namespace, prefix: &str, pr_branch: Option<&str>) -> TierDir {
+    let scope = scope_dir(ns, prefix);
+    match pr_branch {
+        None => TierDir {
+            dir: format!("{scope}m/"),
+            tier: Tier::Main,
+            branch: String::new(),
+        },
+        Some(branch) => TierDir {
+            dir: format!("{scope}b/{}/", name_key(branch, 'b')),
+            tier: Tier::Pr,
+            branch: branch.to_owned(),
+        },
+    }
+}
+
+pub(super) fn own_tier(scope: &CacheScope) -> TierDir {
+    let branch = scope.is_pr().then(|| scope.branch.as_str());
+    tier_dir(&scope.namespace, &scope.prefix, branch)
+}
+
+/// Kind letter of an object's record.
+pub(super) const KIND_OBJECT: char = 'd';
+
+/// Kind letter of a stream's record.
+pub(super) const KIND_STREAM: char = 's';
+
+/// Kind letter of a cassette head.
+pub(super) const KIND_HEAD: char = 'h';
+
+pub(super) const KIND_ARTIFACT: char = 'r';

@@ -8,30 +8,15 @@ use trove_proto::artifacts::{
     ArtifactInfo, ListedArtifact, PutOptions, MAX_LISTED_PAGE_BYTES, MAX_LISTED_VALUE_BYTES,
 };
 use trove_proto::types::{
-    clamp_page_size, encode_page_token, hex_digest, now_micros, ByteStream, ListPage, Name,
-    Namespace, Page,
+    clamp_page_size, encode_page_token, now_micros, ByteStream, ListPage, Name, Namespace, Page,
 };
 use trove_proto::{ArtifactStore, Error};
 
 use super::blob::BlobDir;
-use super::record::{self, Body, ValueRecord};
+use super::schema::*;
 use super::{blocking, io_error, keys, scan_after, sled_error, SledStore};
-
-fn artifact_key(ns: &Namespace, key: &Name) -> Vec<u8> {
-    keys::key(&[ns.as_str().as_bytes(), key.as_bytes()])
-}
-
-/// The wire description of an artifact record.
-pub(crate) fn artifact_info(key: &str, record: &ValueRecord) -> ArtifactInfo {
-    ArtifactInfo {
-        key: key.to_owned(),
-        size: record.size,
-        sha256: hex_digest(&record.sha256),
-        created_at: record.created_at,
-        updated_at: record.updated_at,
-        content_type: record.content_type.clone(),
-    }
-}
+use crate::engine::record::{self, Body, ValueRecord};
+use crate::engine::values::artifact_info;
 
 /// Reads a small value whole, for listings. `None` when its blob vanished
 /// (a concurrent overwrite), so the caller can re-read the record.
@@ -126,7 +111,7 @@ impl ArtifactStore for SledStore {
     ) -> Result<Page<ListedArtifact>, Error> {
         let tree = self.inner.artifacts.clone();
         let blobs = self.inner.blobs.clone();
-        let ns_key = keys::key(&[ns.as_str().as_bytes()]);
+        let ns_key = namespace_key(ns);
         let page = page.clone();
         blocking(move || {
             let limit = clamp_page_size(page.page_size) as usize;

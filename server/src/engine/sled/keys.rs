@@ -6,8 +6,9 @@
 //! extensions, bytes compare as in the raw string) and prefix-free, so no
 //! choice of names can make one composite key collide with, or fall inside the
 //! prefix range of, another. Numbers are fixed-width big-endian so byte order
-//! is numeric order. The same layout is meant to serve as object names on a
-//! future object-storage engine.
+//! is numeric order. Which parts make which key of which tree is written in
+//! `schema.rs`; the object-storage engine has its own text encoding
+//! (`engine/bucket/layout.rs`), with the same ordering property.
 //!
 //! This module never touches sled; it only builds and parses byte strings.
 

@@ -17,99 +17,23 @@ use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::UpdateVersion;
-use serde::{Deserialize, Serialize};
 use trove_proto::cache::{
     check_optional, CacheScope, CachedRef, PruneOptions, Tier, UploadOptions,
 };
 use trove_proto::types::{now_micros, ByteStream, Name, Namespace, Page};
 use trove_proto::{CacheStore, Error};
 
-use super::{keys, Backoff, BucketStore, Expect, Written};
-use crate::store::cache::{
+use super::formats::*;
+use super::layout::{self, *};
+use super::{Backoff, BucketStore, Expect, Written};
+use crate::engine::record::ValueRecord;
+use crate::engine::retention::{self, PrunePlan};
+use crate::engine::values::{
     branch_refs_lookup, branch_refs_to_store, describe_archive, parse_branch_refs,
-    seconds_to_micros,
 };
-use crate::store::record::ValueRecord;
 
-const KIND_REF: char = 'c';
-const KIND_TREE: char = 't';
-const RECORD_VERSION: u8 = 1;
 /// Ref records read at once.
 const PARALLEL_READS: usize = 32;
-
-/// Every suite's archive of one ref.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct RefRecord {
-    /// Upload time of the ref's last upload, microseconds.
-    uploaded_at: i64,
-    /// Arrival stamp of that upload: breaks ties between equal times.
-    seq: u64,
-    /// Archives by suite. Empty: a tombstone, the ref is being removed.
-    suites: BTreeMap<String, ValueRecord>,
-}
-
-fn encode_ref(record: &RefRecord) -> Result<Vec<u8>, Error> {
-    let mut out = vec![RECORD_VERSION];
-    out.extend_from_slice(&postcard::to_stdvec(record).map_err(Error::internal)?);
-    Ok(out)
-}
-
-fn decode_ref(bytes: &[u8]) -> Result<RefRecord, Error> {
-    match bytes.split_first() {
-        Some((&RECORD_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| Error::DataLoss {
-            message: format!("unreadable cache ref record: {e}"),
-        }),
-        _ => Err(Error::DataLoss {
-            message: "cache ref record has an unknown format".into(),
-        }),
-    }
-}
-
-/// The blobs a stored ref record references (for reclaim).
-pub(super) fn ref_record_blobs(bytes: &[u8]) -> Result<Vec<u64>, Error> {
-    Ok(decode_ref(bytes)?
-        .suites
-        .values()
-        .filter_map(ValueRecord::blob_id)
-        .collect())
-}
-
-/// One tier: its directory and how it is reported.
-#[derive(Debug, Clone)]
-struct TierDir {
-    dir: String,
-    tier: Tier,
-    branch: String,
-}
-
-fn scope_dir(ns: &Namespace, prefix: &str) -> String {
-    format!(
-        "{}{}/",
-        BucketStore::ns_dir(ns, 'k'),
-        keys::name_key(prefix, 'p')
-    )
-}
-
-fn tier_dir(ns: &Namespace, prefix: &str, pr_branch: Option<&str>) -> TierDir {
-    let scope = scope_dir(ns, prefix);
-    match pr_branch {
-        None => TierDir {
-            dir: format!("{scope}m/"),
-            tier: Tier::Main,
-            branch: String::new(),
-        },
-        Some(branch) => TierDir {
-            dir: format!("{scope}b/{}/", keys::name_key(branch, 'b')),
-            tier: Tier::Pr,
-            branch: branch.to_owned(),
-        },
-    }
-}
-
-fn own_tier(scope: &CacheScope) -> TierDir {
-    let branch = scope.is_pr().then(|| scope.branch.as_str());
-    tier_dir(&scope.namespace, &scope.prefix, branch)
-}
 
 fn cached_ref(tier: &TierDir, reference: &str, suite: &str, record: &ValueRecord) -> CachedRef {
     describe_archive(tier.tier, &tier.branch, reference, suite, record)
@@ -123,30 +47,6 @@ struct FoundRef {
 }
 
 impl BucketStore {
-    fn ref_path(&self, tier: &TierDir, reference: &str) -> Path {
-        self.path(&format!(
-            "{}r/{}",
-            tier.dir,
-            keys::name_key(reference, KIND_REF)
-        ))
-    }
-
-    fn tree_path(&self, tier: &TierDir, tree: &str) -> Path {
-        self.path(&format!(
-            "{}t/{}",
-            tier.dir,
-            keys::name_key(tree, KIND_TREE)
-        ))
-    }
-
-    fn branch_map_path(&self, ns: &Namespace, prefix: &str, branch: &str) -> Path {
-        self.path(&format!(
-            "{}br/{}",
-            scope_dir(ns, prefix),
-            keys::name_key(branch, 'm')
-        ))
-    }
-
     async fn read_ref(&self, path: &Path) -> Result<Option<(RefRecord, UpdateVersion)>, Error> {
         Ok(match self.read(path).await? {
             Some((bytes, version)) => Some((decode_ref(&bytes)?, version)),
@@ -159,7 +59,7 @@ impl BucketStore {
         let paths: Vec<(String, Path)> = self
             .list(&format!("{}r/", tier.dir), "", None)
             .try_filter_map(|(rest, meta)| {
-                futures::future::ready(Ok(keys::parse_name_key(&rest)
+                futures::future::ready(Ok(layout::parse_name_key(&rest)
                     .filter(|(_, kind)| *kind == KIND_REF)
                     .map(|(reference, _)| (reference, meta.location))))
             })
@@ -352,7 +252,7 @@ impl CacheStore for BucketStore {
             let retiring = old
                 .as_ref()
                 .and_then(ValueRecord::blob_id)
-                .filter(|id| !staged.is_blob(&crate::store::record::Body::Blob(*id)));
+                .filter(|id| !staged.is_blob(&crate::engine::record::Body::Blob(*id)));
             let marker = match retiring {
                 Some(blob) => Some(self.mark_retiring(&path, blob).await?),
                 None => None,
@@ -461,39 +361,21 @@ impl CacheStore for BucketStore {
 
     async fn prune(&self, scope: &CacheScope, options: PruneOptions) -> Result<u64, Error> {
         let tier = own_tier(scope);
-        let ttl = if tier.tier == Tier::Pr {
-            options.pr_branch_ttl_seconds
-        } else {
-            0
-        };
-        if options.count <= 0 && options.duration_seconds <= 0 && ttl <= 0 {
+        let is_pr = tier.tier == Tier::Pr;
+        if !retention::has_work(&options, is_pr) {
             return Ok(0);
         }
-        let now = now_micros();
         let refs = self.refs_by_age(&tier).await?;
-        if ttl > 0 {
-            if let Some(newest) = refs.last() {
-                if newest.record.uploaded_at < now.saturating_sub(seconds_to_micros(ttl)) {
+        let uploaded_at: Vec<i64> = refs.iter().map(|found| found.record.uploaded_at).collect();
+        let doomed: Vec<&FoundRef> =
+            match retention::plan(&uploaded_at, is_pr, &options, now_micros()) {
+                PrunePlan::WholeBranch => {
                     return self
                         .remove_branch(&scope.namespace, &scope.prefix, &tier)
-                        .await;
+                        .await
                 }
-            }
-        }
-        let keep_from = match usize::try_from(options.count) {
-            Ok(count) if count > 0 => refs.len().saturating_sub(count),
-            _ => 0,
-        };
-        let cutoff = (options.duration_seconds > 0)
-            .then(|| now.saturating_sub(seconds_to_micros(options.duration_seconds)));
-        let doomed: Vec<&FoundRef> = refs
-            .iter()
-            .enumerate()
-            .filter(|(i, found)| {
-                *i < keep_from || cutoff.is_some_and(|c| found.record.uploaded_at < c)
-            })
-            .map(|(_, found)| found)
-            .collect();
+                PrunePlan::Refs(doomed) => doomed.into_iter().map(|i| &refs[i]).collect(),
+            };
         self.remove_refs(&tier, &doomed).await
     }
 
@@ -507,14 +389,14 @@ impl CacheStore for BucketStore {
         if pr_branch_ttl_seconds <= 0 {
             return Ok(0);
         }
-        let cutoff = now_micros().saturating_sub(seconds_to_micros(pr_branch_ttl_seconds));
+        let now = now_micros();
         let branches_dir = format!("{}b/", scope_dir(ns, prefix));
         let mut branches: Vec<String> = self
             .list(&branches_dir, "", None)
             .try_filter_map(|(rest, _)| {
                 let branch = rest
                     .split_once("!b/")
-                    .and_then(|(encoded, _)| keys::parse_name_key(&format!("{encoded}!b")))
+                    .and_then(|(encoded, _)| layout::parse_name_key(&format!("{encoded}!b")))
                     .map(|(branch, _)| branch);
                 futures::future::ready(Ok(branch))
             })
@@ -525,10 +407,8 @@ impl CacheStore for BucketStore {
         for branch in branches {
             let tier = tier_dir(ns, prefix, Some(&branch));
             let refs = self.refs_by_age(&tier).await?;
-            if refs
-                .last()
-                .is_some_and(|newest| newest.record.uploaded_at < cutoff)
-            {
+            let newest = refs.last().map(|found| found.record.uploaded_at);
+            if retention::branch_expired(newest, pr_branch_ttl_seconds, now) {
                 removed += self.remove_branch(ns, prefix, &tier).await?;
             }
         }

@@ -15,147 +15,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use serde::{Deserialize, Serialize};
 use trove_proto::entries::{
     AppendOptions, EntryCursor, EntryStream, NewEntry, NewEntryStream, ReadOptions, StoredEntry,
 };
-use trove_proto::types::{
-    clamp_page_size, encode_page_token, now_micros, ListPage, Name, Namespace, Page,
-};
+use trove_proto::types::{clamp_page_size, encode_page_token, ListPage, Name, Namespace, Page};
 use trove_proto::{EntryStore, Error};
 
-use super::{keys, Backoff, BucketStore, Expect, Written};
-use crate::store::record::Body;
+use super::formats::*;
+use super::layout::{self, *};
+use super::{Backoff, BucketStore, Expect, Written};
+use crate::engine::record::Body;
 
-const KIND_HEAD: char = 'h';
 /// A head with more runs than this is compacted after an append.
 const COMPACT_RUNS: usize = 32;
 /// Run bodies read at once.
 const PARALLEL_READS: usize = 8;
-const HEAD_VERSION: u8 = 1;
-
-/// The state of one cassette.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct Head {
-    /// First append or replace, microseconds.
-    created_at: i64,
-    /// Arrival number of the next entry.
-    next_seq: u64,
-    /// Batches of entries, in arrival order; together they cover arrival
-    /// numbers `runs[0].first_seq..next_seq` without gaps.
-    runs: Vec<Run>,
-    /// Idempotency keys applied to the current content, with their counts.
-    applied: BTreeMap<String, u64>,
-    /// Random id of the write that produced this head.
-    written_by: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct Run {
-    /// Random id of the write that added the run: a retry whose first
-    /// attempt landed (its reply lost) finds it and does not add it again.
-    id: u64,
-    first_seq: u64,
-    count: u64,
-    body: Body,
-}
-
-fn encode_head(head: &Head) -> Result<Vec<u8>, Error> {
-    let mut out = vec![HEAD_VERSION];
-    out.extend_from_slice(&postcard::to_stdvec(head).map_err(Error::internal)?);
-    Ok(out)
-}
-
-fn decode_head(bytes: &[u8]) -> Result<Head, Error> {
-    match bytes.split_first() {
-        Some((&HEAD_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| Error::DataLoss {
-            message: format!("unreadable cassette head: {e}"),
-        }),
-        _ => Err(Error::DataLoss {
-            message: "cassette head has an unknown format".into(),
-        }),
-    }
-}
-
-impl Head {
-    /// The blobs this head's runs are stored in.
-    fn blobs(&self) -> Vec<u64> {
-        self.runs
-            .iter()
-            .filter_map(|run| match run.body {
-                Body::Blob(id) => Some(id),
-                Body::Inline(_) => None,
-            })
-            .collect()
-    }
-}
-
-/// The blobs a stored head references (for reclaim).
-pub(super) fn head_blobs(bytes: &[u8]) -> Result<Vec<u64>, Error> {
-    Ok(decode_head(bytes)?.blobs())
-}
-
-fn encode_frame(entry: &NewEntry) -> Result<Bytes, Error> {
-    let len = u32::try_from(entry.json.len())
-        .map_err(|_| Error::invalid("entries", "an entry is larger than 4 GiB"))?;
-    let mut out = Vec::with_capacity(entry.json.len() + 12);
-    out.extend_from_slice(&entry.recorded_at.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&entry.json);
-    Ok(out.into())
-}
-
-/// Parses a run body into `(recorded_at, seq, json)`, numbering from `first_seq`.
-fn decode_run(mut body: Bytes, run: &Run, out: &mut Vec<(i64, u64, Bytes)>) -> Result<(), Error> {
-    let damaged = |what: &str| Error::DataLoss {
-        message: format!("cassette run is damaged: {what}"),
-    };
-    let mut seq = run.first_seq;
-    while body.has_remaining() {
-        if body.remaining() < 12 {
-            return Err(damaged("a frame header is cut short"));
-        }
-        let recorded_at = body.get_i64();
-        let len = body.get_u32() as usize;
-        if body.remaining() < len {
-            return Err(damaged("an entry is cut short"));
-        }
-        out.push((recorded_at, seq, body.split_to(len)));
-        seq += 1;
-    }
-    if seq - run.first_seq != run.count {
-        return Err(damaged(
-            "it holds a different number of entries than its head says",
-        ));
-    }
-    Ok(())
-}
-
-/// The head of a new cassette. Arrival numbers start from the clock, so
-/// they keep growing when a cassette is deleted and created again.
-fn new_head() -> Head {
-    let now = now_micros();
-    Head {
-        created_at: now,
-        next_seq: u64::try_from(now).unwrap_or(0) << 12,
-        runs: Vec::new(),
-        applied: BTreeMap::new(),
-        written_by: 0,
-    }
-}
 
 impl BucketStore {
-    fn head_path(&self, ns: &Namespace, cassette: &str) -> Path {
-        self.path(&format!(
-            "{}{}",
-            Self::ns_dir(ns, 'c'),
-            keys::name_key(cassette, KIND_HEAD)
-        ))
-    }
-
     async fn read_head(&self, path: &Path) -> Result<Option<(Head, Expect)>, Error> {
         Ok(match self.read(path).await? {
             Some((bytes, version)) => Some((decode_head(&bytes)?, Expect::Version(version))),
@@ -502,15 +381,18 @@ impl EntryStore for BucketStore {
 
     async fn list_cassettes(&self, ns: &Namespace, page: &ListPage) -> Result<Page<String>, Error> {
         let limit = clamp_page_size(page.page_size) as usize;
-        let after = page.after.as_deref().map(|a| keys::name_key(a, KIND_HEAD));
+        let after = page
+            .after
+            .as_deref()
+            .map(|a| layout::name_key(a, KIND_HEAD));
         let mut names: Vec<String> = self
             .list(
                 &Self::ns_dir(ns, 'c'),
-                &keys::prefix_key(&page.prefix),
+                &layout::prefix_key(&page.prefix),
                 after.as_deref(),
             )
             .try_filter_map(|(rest, _)| {
-                futures::future::ready(Ok(keys::parse_name_key(&rest)
+                futures::future::ready(Ok(layout::parse_name_key(&rest)
                     .filter(|(_, kind)| *kind == KIND_HEAD)
                     .map(|(name, _)| name)))
             })
@@ -534,7 +416,7 @@ impl EntryStore for BucketStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::BucketOptions;
+    use crate::engine::bucket::BucketOptions;
     use object_store::memory::InMemory;
 
     fn entry(tag: &str) -> NewEntry {

@@ -28,19 +28,22 @@ mod entries;
 mod flusher;
 pub mod keys;
 pub(crate) mod objects;
-pub mod record;
+mod schema;
+mod usage;
+
+pub use usage::StoreStats;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::StreamExt;
 use trove_proto::types::ByteStream;
 use trove_proto::Error;
 
+use crate::engine::record::{self, Body, ValueRecord};
+use crate::engine::values::DeclaredSize;
 use blob::{BlobDir, BodyWriter, Published};
 use flusher::Flusher;
-use record::{Body, ValueRecord};
 
 /// When a write is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,39 +107,6 @@ impl Faults {
     }
 }
 
-/// What a store holds, for metrics. Computed by scanning: seconds on very
-/// large stores, so callers refresh it periodically, off the request path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StoreUsage {
-    /// Content-addressed objects.
-    pub objects: u64,
-    /// Chunk streams.
-    pub streams: u64,
-    /// Artifacts.
-    pub artifacts: u64,
-    /// Cassettes.
-    pub cassettes: u64,
-    /// Stored entries (including versions awaiting removal).
-    pub entries: u64,
-    /// Cache archives (one per ref and suite).
-    pub cache_archives: u64,
-    /// Payload bytes as callers see them.
-    pub logical_bytes: u64,
-    /// Bytes on disk: the database plus blob files.
-    pub disk_bytes: u64,
-}
-
-/// Figures about what a store holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StoreStats {
-    /// Staged (uncommitted) upload files present right now.
-    pub staged_files: u64,
-    /// Published blob files.
-    pub blob_files: u64,
-    /// Blob files referenced by metadata.
-    pub referenced_blobs: u64,
-}
-
 struct Inner {
     db: sled::Db,
     objects: sled::Tree,
@@ -176,9 +146,9 @@ impl SledStore {
             .open()
             .map_err(sled_error)?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_error);
-        let objects = tree("objects")?;
-        let artifacts = tree("artifacts")?;
-        let blob_refs = tree("blob_refs")?;
+        let objects = tree(schema::OBJECTS)?;
+        let artifacts = tree(schema::ARTIFACTS)?;
+        let blob_refs = tree(schema::BLOB_REFS)?;
         let entry_trees = entries::EntryTrees::open(&db)?;
         let cache = cache::CacheTrees::open(&db)?;
         let blobs = BlobDir::open(root).map_err(|e| io_error("open blob folders", &e))?;
@@ -224,60 +194,6 @@ impl SledStore {
             .await
             .map(|_| ())
             .map_err(sled_error)
-    }
-
-    /// Counts staged files and blobs, for tests and operators.
-    pub fn stats(&self) -> Result<StoreStats, Error> {
-        let staged = std::fs::read_dir(self.inner.blobs.staging_dir())
-            .map_err(|e| io_error("read staging folder", &e))?
-            .count();
-        let published = self
-            .inner
-            .blobs
-            .published_ids()
-            .map_err(|e| io_error("read blob folders", &e))?;
-        Ok(StoreStats {
-            staged_files: staged as u64,
-            blob_files: published.len() as u64,
-            referenced_blobs: self.inner.blob_refs.len() as u64,
-        })
-    }
-
-    /// Scans the store for [`StoreUsage`]. Blocking.
-    pub fn usage(&self) -> Result<StoreUsage, Error> {
-        let mut usage = StoreUsage::default();
-        for item in self.inner.objects.iter() {
-            let (key, value) = item.map_err(sled_error)?;
-            let record = record::decode(&value)?;
-            usage.logical_bytes += record.size;
-            if key.last() == Some(&b's') {
-                usage.streams += 1;
-            } else {
-                usage.objects += 1;
-            }
-        }
-        for item in self.inner.artifacts.iter().values() {
-            usage.logical_bytes += record::decode(&item.map_err(sled_error)?)?.size;
-            usage.artifacts += 1;
-        }
-        let (cassettes, entries, entry_bytes) = self.inner.entry_trees.usage()?;
-        usage.cassettes = cassettes;
-        usage.entries = entries;
-        usage.logical_bytes += entry_bytes;
-        let (archives, archive_bytes) = self.inner.cache.usage()?;
-        usage.cache_archives = archives;
-        usage.logical_bytes += archive_bytes;
-        let blob_bytes: u64 = self
-            .inner
-            .blobs
-            .published_ids()
-            .map_err(|e| io_error("read blob folders", &e))?
-            .into_iter()
-            .filter_map(|id| std::fs::metadata(self.inner.blobs.blob_path(id)).ok())
-            .map(|m| m.len())
-            .sum();
-        usage.disk_bytes = self.inner.db.size_on_disk().map_err(sled_error)? + blob_bytes;
-        Ok(usage)
     }
 
     /// Data directory of this store.
@@ -328,6 +244,7 @@ impl SledStore {
         mut data: ByteStream,
         expected_size: Option<u64>,
     ) -> Result<blob::StagedBody, Error> {
+        let declared = DeclaredSize::new(expected_size);
         let mut writer = BodyWriter::new(
             &self.inner.blobs,
             self.next_id()?,
@@ -352,26 +269,9 @@ impl SledStore {
                 .write(&chunk)
                 .await
                 .map_err(|e| io_error("stage upload", &e))?;
-            if let Some(expected) = expected_size {
-                if writer.written() > expected {
-                    return Err(Error::invalid(
-                        "size",
-                        format!("the header announced {expected} bytes but more were sent"),
-                    ));
-                }
-            }
+            declared.check_progress(writer.written())?;
         }
-        if let Some(expected) = expected_size {
-            if writer.written() != expected {
-                return Err(Error::invalid(
-                    "size",
-                    format!(
-                        "the header announced {expected} bytes but the stream ended after {}",
-                        writer.written()
-                    ),
-                ));
-            }
-        }
+        declared.check_end(writer.written())?;
         writer
             .finish()
             .await
@@ -638,13 +538,6 @@ pub fn io_error(what: &str, err: &std::io::Error) -> Error {
     Error::Unavailable {
         message: format!("{what} failed: {err}"),
     }
-}
-
-/// Splits `data` into a stream of chunks of at most `chunk` bytes (zero-copy).
-pub fn chunked(data: Bytes, chunk: usize) -> impl Iterator<Item = Bytes> {
-    let chunk = chunk.max(1);
-    let len = data.len();
-    (0..len.div_ceil(chunk)).map(move |i| data.slice(i * chunk..len.min((i + 1) * chunk)))
 }
 
 /// Iterates the keys of `tree` under `namespace_key` whose next part starts

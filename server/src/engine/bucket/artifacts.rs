@@ -12,23 +12,15 @@ use trove_proto::types::{
 };
 use trove_proto::{ArtifactStore, Error};
 
-use super::{keys, BucketStore};
-use crate::store::artifacts::artifact_info;
-use crate::store::record::ValueRecord;
+use super::layout::{self, *};
+use super::BucketStore;
+use crate::engine::record::ValueRecord;
+use crate::engine::values::artifact_info;
 
-const KIND_ARTIFACT: char = 'r';
 /// Records read at once while listing.
 const PARALLEL_READS: usize = 32;
 
 impl BucketStore {
-    fn artifact_path(&self, ns: &Namespace, key: &str) -> Path {
-        self.path(&format!(
-            "{}{}",
-            Self::ns_dir(ns, 'a'),
-            keys::name_key(key, KIND_ARTIFACT)
-        ))
-    }
-
     /// A listed artifact with its value when asked and small enough. A blob
     /// replaced meanwhile is followed to the new record.
     async fn listed_artifact(
@@ -128,12 +120,12 @@ impl ArtifactStore for BucketStore {
         let after = page
             .after
             .as_deref()
-            .map(|a| keys::name_key(a, KIND_ARTIFACT));
+            .map(|a| layout::name_key(a, KIND_ARTIFACT));
         // One more key than the page holds tells whether another page follows.
         let mut listed: Vec<(String, Path)> = self
-            .list(&dir, &keys::prefix_key(&page.prefix), after.as_deref())
+            .list(&dir, &layout::prefix_key(&page.prefix), after.as_deref())
             .try_filter_map(|(rest, meta)| {
-                futures::future::ready(Ok(keys::parse_name_key(&rest)
+                futures::future::ready(Ok(layout::parse_name_key(&rest)
                     .filter(|(_, kind)| *kind == KIND_ARTIFACT)
                     .map(|(key, _)| (key, meta.location))))
             })

@@ -9,145 +9,17 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, BufReader};
-use trove_proto::objects::{
-    ChunkStream, ListedObject, ObjectInfo, StreamChunk, StreamInfo, MAX_FIND_MISSING,
-};
+use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo};
 use trove_proto::types::{
-    clamp_page_size, encode_page_token, hex_digest, now_micros, ByteStream, ListPage, Name,
-    Namespace, Page,
+    clamp_page_size, encode_page_token, now_micros, ByteStream, ListPage, Name, Namespace, Page,
 };
 use trove_proto::{Error, ObjectStore};
 
-use super::record::{self, ValueRecord};
+use super::schema::*;
 use super::{blocking, keys, scan_after, sled_error, SledStore};
-
-const KIND_OBJECT: u8 = b'o';
-const KIND_STREAM: u8 = b's';
-
-fn object_key(ns: &Namespace, hash: &Name, kind: u8) -> Vec<u8> {
-    let mut key = keys::key(&[ns.as_str().as_bytes(), hash.as_bytes()]);
-    key.push(kind);
-    key
-}
-
-/// The wire description of an object record.
-pub(crate) fn object_info(hash: &Name, record: &ValueRecord) -> ObjectInfo {
-    ObjectInfo {
-        hash: hash.as_str().to_owned(),
-        size: record.size,
-        sha256: hex_digest(&record.sha256),
-        created_at: record.created_at,
-        verified: record.verified,
-    }
-}
-
-/// The wire description of a stream record.
-pub(crate) fn stream_info(hash: &Name, record: &ValueRecord) -> StreamInfo {
-    StreamInfo {
-        hash: hash.as_str().to_owned(),
-        chunk_count: record.chunk_count,
-        total_bytes: record.size,
-        created_at: record.updated_at,
-    }
-}
-
-/// Checks content against a hash that is a SHA-256 digest; returns whether
-/// it was one (the object is then verified). Any other hash is an opaque name.
-pub(crate) fn verify_content(hash: &Name, sha256: &[u8; 32]) -> Result<bool, Error> {
-    match hash.sha256_digest() {
-        Some(expected) if expected != *sha256 => Err(Error::invalid(
-            "hash",
-            format!(
-                "the content's SHA-256 is {}, not {}; nothing was stored",
-                hex_digest(sha256),
-                hash
-            ),
-        )),
-        Some(_) => Ok(true),
-        None => Ok(false),
-    }
-}
-
-/// Refuses a `find_missing` call over [`MAX_FIND_MISSING`] hashes.
-pub(crate) fn check_find_missing(count: usize) -> Result<(), Error> {
-    if count > MAX_FIND_MISSING {
-        return Err(Error::invalid(
-            "hashes",
-            format!("{count} hashes given; at most {MAX_FIND_MISSING} per call"),
-        ));
-    }
-    Ok(())
-}
-
-const HAS_TIMESTAMP: u8 = 1;
-
-/// Encodes one chunk as `[flags][timestamp i64 BE if flagged][len u32 BE][data]`.
-pub(crate) fn encode_chunk(chunk: &StreamChunk) -> Result<bytes::Bytes, Error> {
-    let len = u32::try_from(chunk.data.len())
-        .map_err(|_| Error::invalid("chunks.data", "a chunk is larger than 4 GiB"))?;
-    let mut out = Vec::with_capacity(chunk.data.len() + 13);
-    match chunk.timestamp {
-        Some(ts) => {
-            out.push(HAS_TIMESTAMP);
-            out.extend_from_slice(&ts.to_be_bytes());
-        }
-        None => out.push(0),
-    }
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&chunk.data);
-    Ok(out.into())
-}
-
-/// Decodes the chunk records of a stream body, lazily.
-pub(crate) fn decode_chunks(
-    reader: impl tokio::io::AsyncRead + Send + Unpin + 'static,
-    expected: u64,
-    body_len: u64,
-) -> ChunkStream {
-    let damaged = |e: std::io::Error| Error::DataLoss {
-        message: format!("stream body is damaged: {e}"),
-    };
-    futures::stream::try_unfold(
-        (BufReader::new(reader), 0u64, body_len),
-        move |(mut r, seen, left)| async move {
-            let mut flags = [0u8; 1];
-            if r.read(&mut flags).await.map_err(damaged)? == 0 {
-                if seen != expected {
-                    return Err(Error::DataLoss {
-                        message: format!("stream body holds {seen} chunks, expected {expected}"),
-                    });
-                }
-                return Ok(None);
-            }
-            let timestamp = if flags[0] & HAS_TIMESTAMP != 0 {
-                Some(r.read_i64().await.map_err(damaged)?)
-            } else {
-                None
-            };
-            let len = r.read_u32().await.map_err(damaged)?;
-            let header = if timestamp.is_some() { 13 } else { 5 };
-            // Trust no stored length past the end of the body.
-            let Some(left) = left.checked_sub(header + u64::from(len)) else {
-                return Err(Error::DataLoss {
-                    message: format!(
-                        "stream body is damaged: a chunk claims {len} bytes past its end"
-                    ),
-                });
-            };
-            let mut data = vec![0u8; len as usize];
-            r.read_exact(&mut data).await.map_err(damaged)?;
-            Ok(Some((
-                StreamChunk {
-                    data: data.into(),
-                    timestamp,
-                },
-                (r, seen + 1, left),
-            )))
-        },
-    )
-    .boxed()
-}
+use crate::engine::chunks::{decode_chunks, encode_chunk};
+use crate::engine::record::{self, ValueRecord};
+use crate::engine::values::{check_find_missing, object_info, stream_info, verify_content};
 
 #[async_trait]
 impl ObjectStore for SledStore {
@@ -220,7 +92,7 @@ impl ObjectStore for SledStore {
         page: &ListPage,
     ) -> Result<Page<ListedObject>, Error> {
         let tree = self.inner.objects.clone();
-        let ns_key = keys::key(&[ns.as_str().as_bytes()]);
+        let ns_key = namespace_key(ns);
         let page = page.clone();
         blocking(move || {
             let limit = clamp_page_size(page.page_size) as usize;

@@ -23,60 +23,16 @@ use async_trait::async_trait;
 use trove_proto::cache::{
     check_optional, CacheScope, CachedRef, PruneOptions, Tier, UploadOptions,
 };
-use trove_proto::types::{hex_digest, now_micros, ByteStream, Name, Namespace, Page};
+use trove_proto::types::{now_micros, ByteStream, Name, Namespace, Page};
 use trove_proto::{CacheStore, Error};
 
-use super::record::{self, ValueRecord};
+use super::schema::{self, *};
 use super::{blocking, keys, sled_error, tx_error, Committed, SledStore};
-
-const TIER_MAIN: u8 = b'm';
-const TIER_PR: u8 = b'p';
-/// Most entries accepted in one branch ref map.
-pub const MAX_BRANCH_REFS: usize = 100_000;
-
-/// Validates a branch ref map lookup; false when the branch is blank (the
-/// map is then empty without looking).
-pub(crate) fn branch_refs_lookup(prefix: &str, branch: &str) -> Result<bool, Error> {
-    check_optional("prefix", prefix)?;
-    check_optional("branch", branch)?;
-    Ok(!branch.trim().is_empty())
-}
-
-/// Parses a stored branch ref map.
-pub(crate) fn parse_branch_refs(bytes: &[u8]) -> Result<BTreeMap<String, i64>, Error> {
-    serde_json::from_slice(bytes).map_err(|e| Error::DataLoss {
-        message: format!("unreadable branch ref map: {e}"),
-    })
-}
-
-/// Validates a branch ref map write; the JSON to store, or `None` when the
-/// call is a no-op (blank or default branch, empty map).
-pub(crate) fn branch_refs_to_store(
-    prefix: &str,
-    branch: &str,
-    default_branch: &str,
-    refs: &BTreeMap<String, i64>,
-) -> Result<Option<Vec<u8>>, Error> {
-    check_optional("prefix", prefix)?;
-    check_optional("branch", branch)?;
-    check_optional("default_branch", default_branch)?;
-    if branch.trim().is_empty() || branch == default_branch || refs.is_empty() {
-        return Ok(None);
-    }
-    if refs.len() > MAX_BRANCH_REFS {
-        return Err(Error::invalid(
-            "refs",
-            format!(
-                "{} entries; at most {MAX_BRANCH_REFS} per branch",
-                refs.len()
-            ),
-        ));
-    }
-    for sha in refs.keys() {
-        Name::new("refs key", sha.clone())?;
-    }
-    serde_json::to_vec(refs).map(Some).map_err(Error::internal)
-}
+use crate::engine::record::{self, ValueRecord};
+use crate::engine::retention::{self, PrunePlan};
+use crate::engine::values::{
+    branch_refs_lookup, branch_refs_to_store, describe_archive, parse_branch_refs,
+};
 
 /// The sled trees of the cache group.
 pub struct CacheTrees {
@@ -92,11 +48,11 @@ impl CacheTrees {
     pub fn open(db: &sled::Db) -> Result<Arc<Self>, Error> {
         let tree = |name: &str| db.open_tree(name).map_err(sled_error);
         Ok(Arc::new(CacheTrees {
-            refs: tree("cache_refs")?,
-            ref_time: tree("cache_ref_time")?,
-            recency: tree("cache_recency")?,
-            trees: tree("cache_trees")?,
-            branch_refs: tree("cache_branch_refs")?,
+            refs: tree(schema::CACHE_REFS)?,
+            ref_time: tree(schema::CACHE_REF_TIME)?,
+            recency: tree(schema::CACHE_RECENCY)?,
+            trees: tree(schema::CACHE_TREES)?,
+            branch_refs: tree(schema::CACHE_BRANCH_REFS)?,
         }))
     }
 }
@@ -113,114 +69,8 @@ impl CacheTrees {
     }
 }
 
-/// One tier, as the key prefix of everything in it.
-#[derive(Debug, Clone)]
-struct TierKey {
-    key: Vec<u8>,
-    tier: Tier,
-    branch: String,
-}
-
-fn scope_prefix(ns: &Namespace, prefix: &str) -> Vec<u8> {
-    keys::key(&[ns.as_str().as_bytes(), prefix.as_bytes()])
-}
-
-fn tier_key(ns: &Namespace, prefix: &str, pr_branch: Option<&str>) -> TierKey {
-    let mut key = scope_prefix(ns, prefix);
-    match pr_branch {
-        None => {
-            key.push(TIER_MAIN);
-            TierKey {
-                key,
-                tier: Tier::Main,
-                branch: String::new(),
-            }
-        }
-        Some(branch) => {
-            key.push(TIER_PR);
-            keys::push_part(&mut key, branch.as_bytes());
-            TierKey {
-                key,
-                tier: Tier::Pr,
-                branch: branch.to_owned(),
-            }
-        }
-    }
-}
-
-fn own_tier(scope: &CacheScope) -> TierKey {
-    let branch = scope.is_pr().then(|| scope.branch.as_str());
-    tier_key(&scope.namespace, &scope.prefix, branch)
-}
-
-fn with_parts(base: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-    let mut key = base.to_vec();
-    for part in parts {
-        keys::push_part(&mut key, part);
-    }
-    key
-}
-
-fn recency_key(tier: &[u8], uploaded_at: i64, seq: u64, reference: &[u8]) -> Vec<u8> {
-    let mut key = tier.to_vec();
-    keys::push_i64(&mut key, uploaded_at);
-    keys::push_u64(&mut key, seq);
-    keys::push_part(&mut key, reference);
-    key
-}
-
-fn encode_time(uploaded_at: i64, seq: u64) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&uploaded_at.to_be_bytes());
-    out[8..].copy_from_slice(&seq.to_be_bytes());
-    out
-}
-
-fn decode_time(bytes: &[u8]) -> Option<(i64, u64)> {
-    let (ts, rest) = keys::take_u64(bytes)?;
-    let (seq, _) = keys::take_u64(rest)?;
-    Some((i64::from_be_bytes(ts.to_be_bytes()), seq))
-}
-
-/// Parses the part of a recency key after its tier: `(uploaded_at, seq, ref)`.
-fn parse_recency(suffix: &[u8]) -> Option<(i64, u64, String)> {
-    let (ts, rest) = keys::take_u64(suffix)?;
-    let (seq, rest) = keys::take_u64(rest)?;
-    let (reference, _) = keys::take_part(rest)?;
-    Some((
-        keys::unflip_sign(ts),
-        seq,
-        String::from_utf8(reference).ok()?,
-    ))
-}
-
 fn cached_ref(tier: &TierKey, reference: &str, suite: &str, record: &ValueRecord) -> CachedRef {
     describe_archive(tier.tier, &tier.branch, reference, suite, record)
-}
-
-/// The wire description of one suite's archive of a ref, uploaded at the
-/// record's `updated_at`.
-pub(crate) fn describe_archive(
-    tier: Tier,
-    branch: &str,
-    reference: &str,
-    suite: &str,
-    record: &ValueRecord,
-) -> CachedRef {
-    CachedRef {
-        r#ref: reference.to_owned(),
-        test_suite_id: suite.to_owned(),
-        uploaded_at: record.updated_at,
-        size: record.size,
-        sha256: hex_digest(&record.sha256),
-        tier: tier as i32,
-        branch: branch.to_owned(),
-    }
-}
-
-/// Seconds to microseconds, saturating.
-pub(crate) fn seconds_to_micros(seconds: i64) -> i64 {
-    seconds.saturating_mul(1_000_000)
 }
 
 impl SledStore {
@@ -533,39 +383,21 @@ impl CacheStore for SledStore {
 
     async fn prune(&self, scope: &CacheScope, options: PruneOptions) -> Result<u64, Error> {
         let tier = own_tier(scope);
-        let ttl = if tier.tier == Tier::Pr {
-            options.pr_branch_ttl_seconds
-        } else {
-            0
-        };
-        if options.count <= 0 && options.duration_seconds <= 0 && ttl <= 0 {
+        let is_pr = tier.tier == Tier::Pr;
+        if !retention::has_work(&options, is_pr) {
             return Ok(0);
         }
         let store = self.clone();
         let ns = scope.namespace.clone();
         let prefix = scope.prefix.clone();
         let (removed, blobs) = blocking(move || {
-            let now = now_micros();
             let refs = store.refs_by_age(&tier.key)?;
-            if ttl > 0 {
-                if let Some((newest, _, _)) = refs.last() {
-                    if *newest < now.saturating_sub(seconds_to_micros(ttl)) {
-                        return store.remove_branch(&ns, &prefix, &tier);
-                    }
-                }
-            }
-            let mut doomed = Vec::new();
-            let keep_from = match usize::try_from(options.count) {
-                Ok(count) if count > 0 => refs.len().saturating_sub(count),
-                _ => 0,
+            let uploaded_at: Vec<i64> = refs.iter().map(|entry| entry.0).collect();
+            let doomed: Vec<_> = match retention::plan(&uploaded_at, is_pr, &options, now_micros())
+            {
+                PrunePlan::WholeBranch => return store.remove_branch(&ns, &prefix, &tier),
+                PrunePlan::Refs(doomed) => doomed.into_iter().map(|i| refs[i].clone()).collect(),
             };
-            let cutoff = (options.duration_seconds > 0)
-                .then(|| now.saturating_sub(seconds_to_micros(options.duration_seconds)));
-            for (i, entry) in refs.iter().enumerate() {
-                if i < keep_from || cutoff.is_some_and(|c| entry.0 < c) {
-                    doomed.push(entry.clone());
-                }
-            }
             store.remove_refs(&tier.key, &doomed)
         })
         .await?;
@@ -588,7 +420,7 @@ impl CacheStore for SledStore {
         let ns = ns.clone();
         let prefix = prefix.to_owned();
         let (removed, blobs) = blocking(move || {
-            let cutoff = now_micros().saturating_sub(seconds_to_micros(pr_branch_ttl_seconds));
+            let now = now_micros();
             let mut base = scope_prefix(&ns, &prefix);
             base.push(TIER_PR);
             let end = keys::prefix_end(&base);
@@ -615,7 +447,11 @@ impl CacheStore for SledStore {
                     .transpose()
                     .map_err(sled_error)?
                     .and_then(|k| parse_recency(&k[tier.key.len()..]));
-                if newest.is_some_and(|(ts, _, _)| ts < cutoff) {
+                if retention::branch_expired(
+                    newest.map(|(ts, _, _)| ts),
+                    pr_branch_ttl_seconds,
+                    now,
+                ) {
                     let (n, ids) = store.remove_branch(&ns, &prefix, &tier)?;
                     removed += n;
                     blobs.extend(ids);

@@ -1,15 +1,18 @@
 //! The Prometheus endpoint: a process-wide recorder (from the
 //! `metrics-exporter-prometheus` crate) rendered at `GET /metrics` on its own
-//! port, plus gauges describing what the store holds, refreshed periodically.
+//! port, plus gauges describing what the store holds, refreshed periodically
+//! from [`Engine::usage`] whatever the engine.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
-use crate::store::SledStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Engine, Usage};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -63,7 +66,7 @@ fn describe() {
     );
     metrics::describe_gauge!(
         "trove_store_disk_bytes",
-        "Bytes the data directory occupies on disk."
+        "Bytes the store occupies: the data directory on disk, or everything under the bucket root."
     );
 }
 
@@ -91,38 +94,48 @@ pub async fn serve(
         .await
 }
 
-/// Refreshes the store gauges every `every` until the task is aborted.
-pub fn spawn_store_gauges(store: SledStore, every: Duration) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(every);
-        // A slow scan must not be followed by a burst of catch-up scans.
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
-            let store = store.clone();
-            match tokio::task::spawn_blocking(move || store.usage()).await {
-                Ok(Ok(usage)) => {
-                    for (kind, count) in [
-                        ("object", usage.objects),
-                        ("stream", usage.streams),
-                        ("artifact", usage.artifacts),
-                        ("cassette", usage.cassettes),
-                        ("entry", usage.entries),
-                        ("cache_archive", usage.cache_archives),
-                    ] {
-                        #[allow(clippy::cast_precision_loss)]
-                        metrics::gauge!("trove_store_items", "kind" => kind).set(count as f64);
-                    }
-                    #[allow(clippy::cast_precision_loss)]
-                    {
-                        metrics::gauge!("trove_store_logical_bytes")
-                            .set(usage.logical_bytes as f64);
-                        metrics::gauge!("trove_store_disk_bytes").set(usage.disk_bytes as f64);
-                    }
-                }
-                Ok(Err(err)) => tracing::warn!(error = %err, "cannot measure the store"),
-                Err(err) => tracing::warn!(error = %err, "store measurement task failed"),
-            }
+/// Refreshes the store gauges from [`Engine::usage`] now and every `every`,
+/// until `stop` is cancelled. A figure the engine cannot know is left out.
+pub async fn refresh_store_gauges(
+    engine: Arc<dyn Engine>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    // A slow scan must not be followed by a burst of catch-up scans.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
         }
-    })
+        let usage = tokio::select! {
+            () = stop.cancelled() => return,
+            usage = engine.usage() => usage,
+        };
+        match usage {
+            Ok(usage) => set_store_gauges(&usage),
+            Err(err) => tracing::warn!(error = %err, "cannot measure the store"),
+        }
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn set_store_gauges(usage: &Usage) {
+    for (kind, count) in [
+        ("object", Some(usage.objects)),
+        ("stream", Some(usage.streams)),
+        ("artifact", Some(usage.artifacts)),
+        ("cassette", Some(usage.cassettes)),
+        ("entry", usage.entries),
+        ("cache_archive", Some(usage.cache_archives)),
+    ] {
+        if let Some(count) = count {
+            metrics::gauge!("trove_store_items", "kind" => kind).set(count as f64);
+        }
+    }
+    if let Some(bytes) = usage.logical_bytes {
+        metrics::gauge!("trove_store_logical_bytes").set(bytes as f64);
+    }
+    metrics::gauge!("trove_store_disk_bytes").set(usage.disk_bytes as f64);
 }

@@ -7,33 +7,22 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
-use object_store::path::Path;
 use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo};
 use trove_proto::types::{
     clamp_page_size, encode_page_token, now_micros, ByteStream, ListPage, Name, Namespace, Page,
 };
 use trove_proto::{Error, ObjectStore};
 
-use super::{keys, BucketStore};
-use crate::store::objects::{
-    check_find_missing, decode_chunks, encode_chunk, object_info, stream_info, verify_content,
-};
-use crate::store::record::ValueRecord;
+use super::layout::{self, *};
+use super::BucketStore;
+use crate::engine::chunks::{decode_chunks, encode_chunk};
+use crate::engine::record::ValueRecord;
+use crate::engine::values::{check_find_missing, object_info, stream_info, verify_content};
 
-const KIND_OBJECT: char = 'd';
-const KIND_STREAM: char = 's';
 /// Lookups in flight at once for listings and `find_missing`.
 const PARALLEL_READS: usize = 64;
 
-impl BucketStore {
-    fn object_path(&self, ns: &Namespace, hash: &str, kind: char) -> Path {
-        self.path(&format!(
-            "{}{}",
-            Self::ns_dir(ns, 'o'),
-            keys::name_key(hash, kind)
-        ))
-    }
-}
+impl BucketStore {}
 
 /// Turns a byte stream into a reader for the chunk decoder.
 fn reader(stream: ByteStream) -> impl tokio::io::AsyncRead + Send + Unpin + 'static {
@@ -105,13 +94,13 @@ impl ObjectStore for BucketStore {
         let limit = clamp_page_size(page.page_size) as usize;
         let dir = Self::ns_dir(ns, 'o');
         // Past both kinds of the last hash listed.
-        let after = page.after.as_deref().map(|a| keys::name_key(a, 'z'));
-        let mut listing = self.list(&dir, &keys::prefix_key(&page.prefix), after.as_deref());
+        let after = page.after.as_deref().map(|a| layout::name_key(a, 'z'));
+        let mut listing = self.list(&dir, &layout::prefix_key(&page.prefix), after.as_deref());
         let mut items: Vec<ListedObject> = Vec::new();
         let mut more = false;
         while let Some(entry) = listing.next().await {
             let (rest, _) = entry?;
-            let Some((hash, kind)) = keys::parse_name_key(&rest) else {
+            let Some((hash, kind)) = layout::parse_name_key(&rest) else {
                 continue;
             };
             if items.last().is_none_or(|last| last.hash != hash) {

@@ -1,0 +1,100 @@
+//! What the sled engine holds (the usage scan behind the store gauges and
+//! the blob census tests use) and its [`Engine`] lifecycle: no background
+//! work of its own beyond the flusher, and a last flush on shutdown.
+
+use async_trait::async_trait;
+use trove_proto::Error;
+
+use super::{blocking, io_error, sled_error, SledStore};
+use crate::engine::record;
+use crate::engine::{Background, Engine, Usage};
+
+/// Figures about what a store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Staged (uncommitted) upload files present right now.
+    pub staged_files: u64,
+    /// Published blob files.
+    pub blob_files: u64,
+    /// Blob files referenced by metadata.
+    pub referenced_blobs: u64,
+}
+
+impl SledStore {
+    /// Counts staged files and blobs, for tests and operators.
+    pub fn stats(&self) -> Result<StoreStats, Error> {
+        let staged = std::fs::read_dir(self.inner.blobs.staging_dir())
+            .map_err(|e| io_error("read staging folder", &e))?
+            .count();
+        let published = self
+            .inner
+            .blobs
+            .published_ids()
+            .map_err(|e| io_error("read blob folders", &e))?;
+        Ok(StoreStats {
+            staged_files: staged as u64,
+            blob_files: published.len() as u64,
+            referenced_blobs: self.inner.blob_refs.len() as u64,
+        })
+    }
+
+    /// Scans the store for its [`Usage`]. Blocking.
+    pub fn scan_usage(&self) -> Result<Usage, Error> {
+        let mut usage = Usage::default();
+        let mut logical_bytes = 0u64;
+        for item in self.inner.objects.iter() {
+            let (key, value) = item.map_err(sled_error)?;
+            let record = record::decode(&value)?;
+            logical_bytes += record.size;
+            if key.last() == Some(&b's') {
+                usage.streams += 1;
+            } else {
+                usage.objects += 1;
+            }
+        }
+        for item in self.inner.artifacts.iter().values() {
+            logical_bytes += record::decode(&item.map_err(sled_error)?)?.size;
+            usage.artifacts += 1;
+        }
+        let (cassettes, entries, entry_bytes) = self.inner.entry_trees.usage()?;
+        usage.cassettes = cassettes;
+        usage.entries = Some(entries);
+        logical_bytes += entry_bytes;
+        let (archives, archive_bytes) = self.inner.cache.usage()?;
+        usage.cache_archives = archives;
+        logical_bytes += archive_bytes;
+        let blob_bytes: u64 = self
+            .inner
+            .blobs
+            .published_ids()
+            .map_err(|e| io_error("read blob folders", &e))?
+            .into_iter()
+            .filter_map(|id| std::fs::metadata(self.inner.blobs.blob_path(id)).ok())
+            .map(|m| m.len())
+            .sum();
+        usage.disk_bytes = self.inner.db.size_on_disk().map_err(sled_error)? + blob_bytes;
+        usage.logical_bytes = Some(logical_bytes);
+        Ok(usage)
+    }
+}
+
+#[async_trait]
+impl Engine for SledStore {
+    fn describe(&self) -> String {
+        format!("sled in {}", self.root().display())
+    }
+
+    fn start_background(&self) -> Background {
+        // Group commit and blob retiring run inside the store itself.
+        Background::default()
+    }
+
+    async fn usage(&self) -> Result<Usage, Error> {
+        let store = self.clone();
+        blocking(move || store.scan_usage()).await
+    }
+
+    async fn flush(&self) -> Result<(), Error> {
+        SledStore::flush(self).await
+    }
+}
