@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 use trove_client::trove_proto::cache::{
-    check_optional, CacheScope, CachedRef, PruneOptions, Tier, UploadOptions,
+    check_optional, BranchRefsKey, BranchRefsWrite, CacheScope, CachedRef, PruneOptions, Tier,
+    UploadOptions,
 };
 use trove_client::trove_proto::types::{Name, Namespace};
 use trove_client::trove_proto::CacheStore;
@@ -139,20 +140,20 @@ pub async fn run(client: &TroveClient, ns: &Namespace, json: bool, args: CacheAr
             let branch = branch.unwrap_or_else(|| args.scope.branch.clone());
             match write {
                 None => {
-                    let refs = client.branch_refs(ns, &scope.prefix, &branch).await?;
+                    let key = BranchRefsKey::new(ns.clone(), &scope.prefix, &branch)?;
+                    let refs = client.branch_refs(&key).await?;
                     print_json(&json!(refs))?;
                 }
                 Some(path) => {
                     let refs = read_refs(&path).await?;
-                    let written = client
-                        .write_branch_refs(
-                            ns,
-                            &scope.prefix,
-                            &branch,
-                            scope.default_branch.as_str(),
-                            refs,
-                        )
-                        .await?;
+                    let write = BranchRefsWrite::new(
+                        ns.clone(),
+                        &scope.prefix,
+                        &branch,
+                        scope.default_branch.as_str(),
+                        refs,
+                    )?;
+                    let written = client.write_branch_refs(&write).await?;
                     if json {
                         print_json(&json!({ "branch": branch, "written": written }))?;
                     } else if written {

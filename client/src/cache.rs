@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use trove_proto::cache::{CacheScope, CachedRef, PruneOptions, UploadOptions};
+use trove_proto::cache::{
+    BranchRefsKey, BranchRefsWrite, CacheScope, CachedRef, PruneOptions, UploadOptions,
+};
 use trove_proto::pb;
 use trove_proto::types::{ByteStream, Name, Namespace, Page};
 use trove_proto::{CacheStore, Error};
@@ -75,39 +77,32 @@ impl CacheStore for TroveClient {
         )))
     }
 
-    async fn branch_refs(
-        &self,
-        ns: &Namespace,
-        prefix: &str,
-        branch: &str,
-    ) -> Result<BTreeMap<String, i64>, Error> {
+    async fn branch_refs(&self, key: &BranchRefsKey) -> Result<BTreeMap<String, i64>, Error> {
         let mut client = self.cache.clone();
         let reply = client
             .branch_refs(pb::BranchRefsRequest {
-                namespace: ns.as_str().to_owned(),
-                prefix: prefix.to_owned(),
-                branch: branch.to_owned(),
+                namespace: key.namespace.as_str().to_owned(),
+                prefix: key.prefix.clone(),
+                branch: key.branch.clone().unwrap_or_default(),
             })
             .await?;
         Ok(reply.into_inner().refs.into_iter().collect())
     }
 
-    async fn write_branch_refs(
-        &self,
-        ns: &Namespace,
-        prefix: &str,
-        branch: &str,
-        default_branch: &str,
-        refs: BTreeMap<String, i64>,
-    ) -> Result<bool, Error> {
+    /// A no-op write (blank or default branch, empty map) is answered here:
+    /// the server would answer it the same way without storing anything.
+    async fn write_branch_refs(&self, write: &BranchRefsWrite) -> Result<bool, Error> {
+        let Some((branch, refs)) = &write.target else {
+            return Ok(false);
+        };
         let mut client = self.cache.clone();
         let reply = client
             .write_branch_refs(pb::WriteBranchRefsRequest {
-                namespace: ns.as_str().to_owned(),
-                prefix: prefix.to_owned(),
-                branch: branch.to_owned(),
-                default_branch: default_branch.to_owned(),
-                refs: refs.into_iter().collect(),
+                namespace: write.namespace.as_str().to_owned(),
+                prefix: write.prefix.clone(),
+                branch: branch.clone(),
+                default_branch: String::new(),
+                refs: refs.clone().into_iter().collect(),
             })
             .await?;
         Ok(reply.into_inner().written)

@@ -77,6 +77,85 @@ impl CacheScope {
     }
 }
 
+/// Most entries accepted in one branch ref map.
+pub const MAX_BRANCH_REFS: usize = 100_000;
+
+/// Where a branch's ref map is read from, validated at the edge. A blank
+/// branch names no map: reading it gives an empty map without looking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchRefsKey {
+    /// Tenant.
+    pub namespace: Namespace,
+    /// Caller's key prefix (may be empty).
+    pub prefix: String,
+    /// The branch; `None` when the caller sent a blank one.
+    pub branch: Option<String>,
+}
+
+impl BranchRefsKey {
+    /// Validates a lookup: `prefix` and `branch` at most 1 KiB, no NUL.
+    pub fn new(namespace: Namespace, prefix: &str, branch: &str) -> Result<Self> {
+        check_optional("prefix", prefix)?;
+        check_optional("branch", branch)?;
+        Ok(BranchRefsKey {
+            namespace,
+            prefix: prefix.to_owned(),
+            branch: (!branch.trim().is_empty()).then(|| branch.to_owned()),
+        })
+    }
+}
+
+/// A validated branch ref map write. The contract makes some writes no-ops
+/// (a blank branch, the default branch, an empty map); those are decided
+/// here, before the map itself is judged, so every implementation answers
+/// them alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchRefsWrite {
+    /// Tenant.
+    pub namespace: Namespace,
+    /// Caller's key prefix (may be empty).
+    pub prefix: String,
+    /// The branch and its new map; `None` for a no-op.
+    pub target: Option<(String, BTreeMap<String, i64>)>,
+}
+
+impl BranchRefsWrite {
+    /// Validates a write: the scope fields like [`BranchRefsKey::new`], then,
+    /// unless the write is a no-op, at most [`MAX_BRANCH_REFS`] entries whose
+    /// shas are valid names.
+    pub fn new(
+        namespace: Namespace,
+        prefix: &str,
+        branch: &str,
+        default_branch: &str,
+        refs: BTreeMap<String, i64>,
+    ) -> Result<Self> {
+        check_optional("prefix", prefix)?;
+        check_optional("branch", branch)?;
+        check_optional("default_branch", default_branch)?;
+        let no_op = branch.trim().is_empty() || branch == default_branch || refs.is_empty();
+        if !no_op {
+            if refs.len() > MAX_BRANCH_REFS {
+                return Err(Error::invalid(
+                    "refs",
+                    format!(
+                        "{} entries; at most {MAX_BRANCH_REFS} per branch",
+                        refs.len()
+                    ),
+                ));
+            }
+            for sha in refs.keys() {
+                Name::new("refs key", sha.clone())?;
+            }
+        }
+        Ok(BranchRefsWrite {
+            namespace,
+            prefix: prefix.to_owned(),
+            target: (!no_op).then(|| (branch.to_owned(), refs)),
+        })
+    }
+}
+
 /// Options of an upload.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UploadOptions {
@@ -132,23 +211,11 @@ pub trait CacheStore: Send + Sync + 'static {
         tree_sha: Option<&Name>,
     ) -> Result<Option<(CachedRef, ByteStream)>>;
 
-    /// A branch's sha -> epoch-seconds map.
-    async fn branch_refs(
-        &self,
-        ns: &Namespace,
-        prefix: &str,
-        branch: &str,
-    ) -> Result<BTreeMap<String, i64>>;
+    /// A branch's sha -> epoch-seconds map (empty for no branch).
+    async fn branch_refs(&self, key: &BranchRefsKey) -> Result<BTreeMap<String, i64>>;
 
-    /// Replaces a branch's map; returns false when the call was a no-op.
-    async fn write_branch_refs(
-        &self,
-        ns: &Namespace,
-        prefix: &str,
-        branch: &str,
-        default_branch: &str,
-        refs: BTreeMap<String, i64>,
-    ) -> Result<bool>;
+    /// Replaces a branch's map; returns false when the write is a no-op.
+    async fn write_branch_refs(&self, write: &BranchRefsWrite) -> Result<bool>;
 
     /// Applies retention to the scope's own tier; returns the refs removed.
     async fn prune(&self, scope: &CacheScope, options: PruneOptions) -> Result<u64>;

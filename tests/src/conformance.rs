@@ -6,7 +6,9 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use trove_proto::artifacts::PutOptions;
-use trove_proto::cache::{CacheScope, PruneOptions, Tier, UploadOptions};
+use trove_proto::cache::{
+    BranchRefsKey, BranchRefsWrite, CacheScope, PruneOptions, Tier, UploadOptions,
+};
 use trove_proto::entries::{NewEntry, ReadOptions, StoredEntry};
 use trove_proto::objects::StreamChunk;
 use trove_proto::types::{ListPage, Name, Namespace};
@@ -1337,43 +1339,38 @@ pub async fn cache_backend_contract<S: Store>(t: &Target<S>) {
         .expect("download missing")
         .is_none());
     for branch in ["", "  ", "never-written"] {
-        assert!(t
-            .store
-            .branch_refs(&ns, "p", branch)
+        assert!(read_branch_refs(&t.store, &ns, "p", branch)
             .await
             .expect("branch refs")
             .is_empty());
     }
     let refs: std::collections::BTreeMap<String, i64> = [("abc".to_string(), 1)].into();
-    assert!(!t
-        .store
-        .write_branch_refs(&ns, "p", "", "main", refs.clone())
-        .await
-        .expect("blank"));
-    assert!(!t
-        .store
-        .write_branch_refs(&ns, "p", "main", "main", refs.clone())
-        .await
-        .expect("default"));
-    assert!(!t
-        .store
-        .write_branch_refs(&ns, "p", "feature", "main", Default::default())
-        .await
-        .expect("empty"));
-    assert!(t
-        .store
-        .branch_refs(&ns, "p", "main")
+    assert!(
+        !write_branch_refs(&t.store, &ns, "p", "", "main", refs.clone())
+            .await
+            .expect("blank")
+    );
+    assert!(
+        !write_branch_refs(&t.store, &ns, "p", "main", "main", refs.clone())
+            .await
+            .expect("default")
+    );
+    assert!(
+        !write_branch_refs(&t.store, &ns, "p", "feature", "main", Default::default())
+            .await
+            .expect("empty")
+    );
+    assert!(read_branch_refs(&t.store, &ns, "p", "main")
         .await
         .expect("read")
         .is_empty());
-    assert!(t
-        .store
-        .write_branch_refs(&ns, "p", "feature", "main", refs.clone())
-        .await
-        .expect("write"));
+    assert!(
+        write_branch_refs(&t.store, &ns, "p", "feature", "main", refs.clone())
+            .await
+            .expect("write")
+    );
     assert_eq!(
-        t.store
-            .branch_refs(&ns, "p", "feature")
+        read_branch_refs(&t.store, &ns, "p", "feature")
             .await
             .expect("read"),
         refs
@@ -1696,8 +1693,7 @@ pub async fn cache_prune_dead_branch<S: Store>(t: &Target<S>) {
     upload_at(&t.store, &live, "l2", b"l".to_vec(), None).await;
     let refs: std::collections::BTreeMap<String, i64> = [("d2".to_string(), 5)].into();
     for branch in ["feature/dead", "feature/live"] {
-        t.store
-            .write_branch_refs(&ns, "rspec-tracer", branch, "main", refs.clone())
+        write_branch_refs(&t.store, &ns, "rspec-tracer", branch, "main", refs.clone())
             .await
             .expect("write refs");
     }
@@ -1707,17 +1703,16 @@ pub async fn cache_prune_dead_branch<S: Store>(t: &Target<S>) {
     };
     assert_eq!(t.store.prune(&dead, ttl).await.expect("prune dead"), 2);
     assert!(ref_names(&t.store, &dead).await.is_empty());
-    assert!(t
-        .store
-        .branch_refs(&ns, "rspec-tracer", "feature/dead")
-        .await
-        .expect("refs")
-        .is_empty());
+    assert!(
+        read_branch_refs(&t.store, &ns, "rspec-tracer", "feature/dead")
+            .await
+            .expect("refs")
+            .is_empty()
+    );
     assert_eq!(t.store.prune(&live, ttl).await.expect("prune live"), 0);
     assert_eq!(ref_names(&t.store, &live).await, ["l2", "l1"]);
     assert_eq!(
-        t.store
-            .branch_refs(&ns, "rspec-tracer", "feature/live")
+        read_branch_refs(&t.store, &ns, "rspec-tracer", "feature/live")
             .await
             .expect("refs"),
         refs
@@ -1880,4 +1875,38 @@ pub async fn cache_prune_does_not_block_traffic<S: Store + Clone>(t: &Target<S>)
         "no upload or download completed while the prune ran"
     );
     assert_eq!(ref_names(&t.store, &scope).await, ["seed-09999"]);
+}
+
+/// Reads a branch ref map through the trait, validating the key as the
+/// server's adapter does.
+async fn read_branch_refs<S: Store>(
+    store: &S,
+    ns: &Namespace,
+    prefix: &str,
+    branch: &str,
+) -> Result<std::collections::BTreeMap<String, i64>, Error> {
+    store
+        .branch_refs(&BranchRefsKey::new(ns.clone(), prefix, branch)?)
+        .await
+}
+
+/// Writes a branch ref map through the trait, validating the write as the
+/// server's adapter does.
+async fn write_branch_refs<S: Store>(
+    store: &S,
+    ns: &Namespace,
+    prefix: &str,
+    branch: &str,
+    default_branch: &str,
+    refs: std::collections::BTreeMap<String, i64>,
+) -> Result<bool, Error> {
+    store
+        .write_branch_refs(&BranchRefsWrite::new(
+            ns.clone(),
+            prefix,
+            branch,
+            default_branch,
+            refs,
+        )?)
+        .await
 }

@@ -83,3 +83,41 @@ pub fn chunked(data: Bytes, chunk: usize) -> impl Iterator<Item = Bytes> {
     let len = data.len();
     (0..len.div_ceil(chunk)).map(move |i| data.slice(i * chunk..len.min((i + 1) * chunk)))
 }
+
+/// Counts what a stream upload carries while it is encoded.
+#[derive(Debug, Clone, Default)]
+pub struct StreamTally {
+    chunks: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StreamTally {
+    /// Chunks and data bytes seen so far: `(chunk_count, total_bytes)`.
+    pub fn totals(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.chunks.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A stream upload as the body an engine stores (the chunk records in
+/// order), and a tally of its chunks and data bytes to read once the body
+/// has been drained.
+pub fn encode_stream(chunks: ChunkStream) -> (trove_proto::types::ByteStream, StreamTally) {
+    use std::sync::atomic::Ordering;
+    let tally = StreamTally::default();
+    let counting = tally.clone();
+    let body = chunks
+        .map(move |chunk| {
+            let chunk = chunk?;
+            counting.chunks.fetch_add(1, Ordering::Relaxed);
+            counting
+                .bytes
+                .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+            encode_chunk(&chunk)
+        })
+        .boxed();
+    (body, tally)
+}

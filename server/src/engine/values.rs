@@ -6,12 +6,12 @@
 use std::collections::BTreeMap;
 
 use trove_proto::artifacts::ArtifactInfo;
-use trove_proto::cache::{check_optional, CachedRef, Tier};
+use trove_proto::cache::{CachedRef, Tier};
 use trove_proto::objects::{ObjectInfo, StreamInfo, MAX_FIND_MISSING};
 use trove_proto::types::{hex_digest, Name};
 use trove_proto::Error;
 
-use super::record::ValueRecord;
+use super::record::{Body, ValueRecord};
 
 /// The wire description of an object record.
 pub(crate) fn object_info(hash: &Name, record: &ValueRecord) -> ObjectInfo {
@@ -130,15 +130,9 @@ impl DeclaredSize {
     }
 }
 
-/// Most entries accepted in one branch ref map.
-pub const MAX_BRANCH_REFS: usize = 100_000;
-
-/// Validates a branch ref map lookup; false when the branch is blank (the
-/// map is then empty without looking).
-pub(crate) fn branch_refs_lookup(prefix: &str, branch: &str) -> Result<bool, Error> {
-    check_optional("prefix", prefix)?;
-    check_optional("branch", branch)?;
-    Ok(!branch.trim().is_empty())
+/// A branch ref map as both engines store it (JSON).
+pub(crate) fn branch_refs_to_json(refs: &BTreeMap<String, i64>) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(refs).map_err(Error::internal)
 }
 
 /// Parses a stored branch ref map.
@@ -148,31 +142,63 @@ pub(crate) fn parse_branch_refs(bytes: &[u8]) -> Result<BTreeMap<String, i64>, E
     })
 }
 
-/// Validates a branch ref map write; the JSON to store, or `None` when the
-/// call is a no-op (blank or default branch, empty map).
-pub(crate) fn branch_refs_to_store(
-    prefix: &str,
-    branch: &str,
-    default_branch: &str,
-    refs: &BTreeMap<String, i64>,
-) -> Result<Option<Vec<u8>>, Error> {
-    check_optional("prefix", prefix)?;
-    check_optional("branch", branch)?;
-    check_optional("default_branch", default_branch)?;
-    if branch.trim().is_empty() || branch == default_branch || refs.is_empty() {
-        return Ok(None);
+/// How an object upload replaces what is stored under its hash: a new
+/// record, or `None` to keep the old one. A verified hash names its
+/// content, so an existing verified copy is identical and stays as it is.
+pub fn object_record(
+    verified: bool,
+    now: i64,
+    size: u64,
+    sha256: [u8; 32],
+) -> impl Fn(Option<&ValueRecord>, &Body) -> Option<ValueRecord> + Send + Sync + 'static {
+    move |old, body| {
+        if verified && old.is_some_and(|o| o.verified) {
+            return None;
+        }
+        Some(ValueRecord {
+            verified,
+            ..ValueRecord::replacing(old, now, size, size, sha256, body)
+        })
     }
-    if refs.len() > MAX_BRANCH_REFS {
-        return Err(Error::invalid(
-            "refs",
-            format!(
-                "{} entries; at most {MAX_BRANCH_REFS} per branch",
-                refs.len()
-            ),
-        ));
+}
+
+/// How an artifact upload replaces the stored value: always, keeping the
+/// creation time of the value it replaces.
+pub fn artifact_record(
+    content_type: String,
+    now: i64,
+    size: u64,
+    sha256: [u8; 32],
+) -> impl Fn(Option<&ValueRecord>, &Body) -> Option<ValueRecord> + Send + Sync + 'static {
+    move |old, body| {
+        Some(ValueRecord {
+            content_type: content_type.clone(),
+            ..ValueRecord::replacing(old, now, size, size, sha256, body)
+        })
     }
-    for sha in refs.keys() {
-        Name::new("refs key", sha.clone())?;
+}
+
+/// An append carries at least one entry.
+pub fn check_append(entries: &[trove_proto::entries::NewEntry]) -> Result<(), Error> {
+    if entries.is_empty() {
+        return Err(Error::invalid("entries", "at least one entry is required"));
     }
-    serde_json::to_vec(refs).map(Some).map_err(Error::internal)
+    Ok(())
+}
+
+/// How a stream upload replaces the stored stream: always. `size` counts
+/// the chunks' data; the stored body (`body_len`) adds each chunk's header.
+pub fn stream_record(
+    chunk_count: u64,
+    now: i64,
+    size: u64,
+    body_len: u64,
+    sha256: [u8; 32],
+) -> impl Fn(Option<&ValueRecord>, &Body) -> Option<ValueRecord> + Send + Sync + 'static {
+    move |old, body| {
+        Some(ValueRecord {
+            chunk_count,
+            ..ValueRecord::replacing(old, now, size, body_len, sha256, body)
+        })
+    }
 }

@@ -1,12 +1,11 @@
 //! gRPC adapter for `trove.v1.Cache`, generic over [`CacheStore`].
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
-use trove_proto::cache::{CacheScope, PruneOptions, UploadOptions};
+use trove_proto::cache::{BranchRefsKey, BranchRefsWrite, CacheScope, PruneOptions, UploadOptions};
 use trove_proto::pb::{self, cache_server::Cache};
 use trove_proto::types::{Name, Namespace};
 use trove_proto::CacheStore;
@@ -135,11 +134,8 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
     ) -> Result<Response<pb::BranchRefsResponse>, Status> {
         let request = request.into_inner();
         let ns = namespace(&request.namespace)?;
-        let refs = self
-            .store
-            .branch_refs(&ns, &request.prefix, &request.branch)
-            .await
-            .map_err(status)?;
+        let key = BranchRefsKey::new(ns, &request.prefix, &request.branch).map_err(status)?;
+        let refs = self.store.branch_refs(&key).await.map_err(status)?;
         Ok(Response::new(pb::BranchRefsResponse {
             refs: refs.into_iter().collect(),
         }))
@@ -152,18 +148,15 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
     ) -> Result<Response<pb::WriteBranchRefsResponse>, Status> {
         let request = request.into_inner();
         let ns = namespace(&request.namespace)?;
-        let refs: BTreeMap<String, i64> = request.refs.into_iter().collect();
-        let written = self
-            .store
-            .write_branch_refs(
-                &ns,
-                &request.prefix,
-                &request.branch,
-                &request.default_branch,
-                refs,
-            )
-            .await
-            .map_err(status)?;
+        let write = BranchRefsWrite::new(
+            ns,
+            &request.prefix,
+            &request.branch,
+            &request.default_branch,
+            request.refs.into_iter().collect(),
+        )
+        .map_err(status)?;
+        let written = self.store.write_branch_refs(&write).await.map_err(status)?;
         Ok(Response::new(pb::WriteBranchRefsResponse { written }))
     }
 

@@ -14,8 +14,7 @@ use trove_proto::{ArtifactStore, Error};
 
 use super::layout::{self, *};
 use super::BucketStore;
-use crate::engine::record::ValueRecord;
-use crate::engine::values::artifact_info;
+use crate::engine::values::{artifact_info, artifact_record};
 
 /// Records read at once while listing.
 const PARALLEL_READS: usize = 32;
@@ -72,15 +71,8 @@ impl ArtifactStore for BucketStore {
         let staged = self.stage(data, options.expected_size, &path).await?;
         let (size, sha256) = (staged.len, staged.sha256);
         let now = now_micros();
-        let content_type = options.content_type;
-        let record = self
-            .publish_value(&path, staged, move |old, body| {
-                Some(ValueRecord {
-                    content_type: content_type.clone(),
-                    ..ValueRecord::replacing(old, now, size, size, sha256, body)
-                })
-            })
-            .await?;
+        let make = artifact_record(options.content_type, now, size, sha256);
+        let record = self.publish_value(&path, staged, make).await?;
         Ok(artifact_info(key.as_str(), &record))
     }
 

@@ -18,7 +18,8 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::UpdateVersion;
 use trove_proto::cache::{
-    check_optional, CacheScope, CachedRef, PruneOptions, Tier, UploadOptions,
+    check_optional, BranchRefsKey, BranchRefsWrite, CacheScope, CachedRef, PruneOptions, Tier,
+    UploadOptions,
 };
 use trove_proto::types::{now_micros, ByteStream, Name, Namespace, Page};
 use trove_proto::{CacheStore, Error};
@@ -28,9 +29,7 @@ use super::layout::{self, *};
 use super::{Backoff, BucketStore, Expect, Written};
 use crate::engine::record::ValueRecord;
 use crate::engine::retention::{self, PrunePlan};
-use crate::engine::values::{
-    branch_refs_lookup, branch_refs_to_store, describe_archive, parse_branch_refs,
-};
+use crate::engine::values::{branch_refs_to_json, describe_archive, parse_branch_refs};
 
 /// Ref records read at once.
 const PARALLEL_READS: usize = 32;
@@ -328,34 +327,23 @@ impl CacheStore for BucketStore {
         Ok(None)
     }
 
-    async fn branch_refs(
-        &self,
-        ns: &Namespace,
-        prefix: &str,
-        branch: &str,
-    ) -> Result<BTreeMap<String, i64>, Error> {
-        if !branch_refs_lookup(prefix, branch)? {
+    async fn branch_refs(&self, key: &BranchRefsKey) -> Result<BTreeMap<String, i64>, Error> {
+        let Some(branch) = &key.branch else {
             return Ok(BTreeMap::new());
-        }
-        match self.read(&self.branch_map_path(ns, prefix, branch)).await? {
+        };
+        let path = self.branch_map_path(&key.namespace, &key.prefix, branch);
+        match self.read(&path).await? {
             Some((bytes, _)) => parse_branch_refs(&bytes),
             None => Ok(BTreeMap::new()),
         }
     }
 
-    async fn write_branch_refs(
-        &self,
-        ns: &Namespace,
-        prefix: &str,
-        branch: &str,
-        default_branch: &str,
-        refs: BTreeMap<String, i64>,
-    ) -> Result<bool, Error> {
-        let Some(json) = branch_refs_to_store(prefix, branch, default_branch, &refs)? else {
+    async fn write_branch_refs(&self, write: &BranchRefsWrite) -> Result<bool, Error> {
+        let Some((branch, refs)) = &write.target else {
             return Ok(false);
         };
-        self.overwrite(&self.branch_map_path(ns, prefix, branch), json)
-            .await?;
+        let path = self.branch_map_path(&write.namespace, &write.prefix, branch);
+        self.overwrite(&path, branch_refs_to_json(refs)?).await?;
         Ok(true)
     }
 

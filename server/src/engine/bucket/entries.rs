@@ -28,6 +28,7 @@ use super::formats::*;
 use super::layout::{self, *};
 use super::{Backoff, BucketStore, Expect, Written};
 use crate::engine::record::Body;
+use crate::engine::values::check_append;
 
 /// A head with more runs than this is compacted after an append.
 const COMPACT_RUNS: usize = 32;
@@ -154,9 +155,7 @@ impl EntryStore for BucketStore {
         entries: Vec<NewEntry>,
         options: AppendOptions,
     ) -> Result<u64, Error> {
-        if entries.is_empty() {
-            return Err(Error::invalid("entries", "at least one entry is required"));
-        }
+        check_append(&entries)?;
         let count = entries.len() as u64;
         let path = self.head_path(ns, cassette.as_str());
         let frames: Vec<Result<Bytes, Error>> = entries.iter().map(encode_frame).collect();

@@ -2,9 +2,6 @@
 //! `n/{ns}/o/{hash}!d`, a stream's at `n/{ns}/o/{hash}!s`, so one listing
 //! walks both in hash order.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo};
@@ -15,9 +12,10 @@ use trove_proto::{Error, ObjectStore};
 
 use super::layout::{self, *};
 use super::BucketStore;
-use crate::engine::chunks::{decode_chunks, encode_chunk};
-use crate::engine::record::ValueRecord;
-use crate::engine::values::{check_find_missing, object_info, stream_info, verify_content};
+use crate::engine::chunks::{decode_chunks, encode_stream};
+use crate::engine::values::{
+    check_find_missing, object_info, object_record, stream_info, stream_record, verify_content,
+};
 
 /// Lookups in flight at once for listings and `find_missing`.
 const PARALLEL_READS: usize = 64;
@@ -44,16 +42,7 @@ impl ObjectStore for BucketStore {
         let (size, sha256) = (staged.len, staged.sha256);
         let now = now_micros();
         let record = self
-            .publish_value(&path, staged, move |old, body| {
-                // A verified hash names its content: an existing copy is identical.
-                if verified && old.is_some_and(|o| o.verified) {
-                    return None;
-                }
-                Some(ValueRecord {
-                    verified,
-                    ..ValueRecord::replacing(old, now, size, size, sha256, body)
-                })
-            })
+            .publish_value(&path, staged, object_record(verified, now, size, sha256))
             .await?;
         Ok(object_info(hash, &record))
     }
@@ -184,29 +173,18 @@ impl ObjectStore for BucketStore {
         hash: &Name,
         chunks: ChunkStream,
     ) -> Result<StreamInfo, Error> {
-        let count = Arc::new(AtomicU64::new(0));
-        let total = Arc::new(AtomicU64::new(0));
-        let (c, t) = (Arc::clone(&count), Arc::clone(&total));
-        let body = chunks
-            .map(move |chunk| {
-                let chunk = chunk?;
-                c.fetch_add(1, Ordering::Relaxed);
-                t.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
-                encode_chunk(&chunk)
-            })
-            .boxed();
+        let (body, tally) = encode_stream(chunks);
         let path = self.object_path(ns, hash.as_str(), KIND_STREAM);
         let staged = self.stage(body, None, &path).await?;
-        let (chunk_count, size) = (count.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+        let (chunk_count, size) = tally.totals();
         let (body_len, sha256) = (staged.len, staged.sha256);
         let now = now_micros();
         let record = self
-            .publish_value(&path, staged, move |old, body| {
-                Some(ValueRecord {
-                    chunk_count,
-                    ..ValueRecord::replacing(old, now, size, body_len, sha256, body)
-                })
-            })
+            .publish_value(
+                &path,
+                staged,
+                stream_record(chunk_count, now, size, body_len, sha256),
+            )
             .await?;
         Ok(stream_info(hash, &record))
     }

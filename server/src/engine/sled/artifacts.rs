@@ -16,7 +16,7 @@ use super::blob::BlobDir;
 use super::schema::*;
 use super::{blocking, io_error, keys, scan_after, sled_error, SledStore};
 use crate::engine::record::{self, Body, ValueRecord};
-use crate::engine::values::artifact_info;
+use crate::engine::values::{artifact_info, artifact_record};
 
 /// Reads a small value whole, for listings. `None` when its blob vanished
 /// (a concurrent overwrite), so the caller can re-read the record.
@@ -43,19 +43,9 @@ impl ArtifactStore for SledStore {
         let staged = self.stage(data, options.expected_size).await?;
         let (size, sha256) = (staged.len, staged.sha256);
         let now = now_micros();
-        let content_type = options.content_type;
+        let make = artifact_record(options.content_type, now, size, sha256);
         let record = self
-            .publish_and_commit(
-                &self.inner.artifacts,
-                &artifact_key(ns, key),
-                staged,
-                move |old, body| {
-                    Some(ValueRecord {
-                        content_type: content_type.clone(),
-                        ..ValueRecord::replacing(old, now, size, size, sha256, body)
-                    })
-                },
-            )
+            .publish_and_commit(&self.inner.artifacts, &artifact_key(ns, key), staged, make)
             .await?;
         Ok(artifact_info(key.as_str(), &record))
     }

@@ -21,7 +21,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use trove_proto::cache::{
-    check_optional, CacheScope, CachedRef, PruneOptions, Tier, UploadOptions,
+    check_optional, BranchRefsKey, BranchRefsWrite, CacheScope, CachedRef, PruneOptions, Tier,
+    UploadOptions,
 };
 use trove_proto::types::{now_micros, ByteStream, Name, Namespace, Page};
 use trove_proto::{CacheStore, Error};
@@ -30,9 +31,7 @@ use super::schema::{self, *};
 use super::{blocking, keys, sled_error, tx_error, Committed, SledStore};
 use crate::engine::record::{self, ValueRecord};
 use crate::engine::retention::{self, PrunePlan};
-use crate::engine::values::{
-    branch_refs_lookup, branch_refs_to_store, describe_archive, parse_branch_refs,
-};
+use crate::engine::values::{branch_refs_to_json, describe_archive, parse_branch_refs};
 
 /// The sled trees of the cache group.
 pub struct CacheTrees {
@@ -344,38 +343,38 @@ impl CacheStore for SledStore {
         Ok(None)
     }
 
-    async fn branch_refs(
-        &self,
-        ns: &Namespace,
-        prefix: &str,
-        branch: &str,
-    ) -> Result<BTreeMap<String, i64>, Error> {
-        if !branch_refs_lookup(prefix, branch)? {
+    async fn branch_refs(&self, key: &BranchRefsKey) -> Result<BTreeMap<String, i64>, Error> {
+        let Some(branch) = &key.branch else {
             return Ok(BTreeMap::new());
-        }
-        let key = with_parts(&scope_prefix(ns, prefix), &[branch.as_bytes()]);
-        match self.inner.cache.branch_refs.get(key).map_err(sled_error)? {
+        };
+        let tree_key = with_parts(
+            &scope_prefix(&key.namespace, &key.prefix),
+            &[branch.as_bytes()],
+        );
+        match self
+            .inner
+            .cache
+            .branch_refs
+            .get(tree_key)
+            .map_err(sled_error)?
+        {
             Some(bytes) => parse_branch_refs(&bytes),
             None => Ok(BTreeMap::new()),
         }
     }
 
-    async fn write_branch_refs(
-        &self,
-        ns: &Namespace,
-        prefix: &str,
-        branch: &str,
-        default_branch: &str,
-        refs: BTreeMap<String, i64>,
-    ) -> Result<bool, Error> {
-        let Some(json) = branch_refs_to_store(prefix, branch, default_branch, &refs)? else {
+    async fn write_branch_refs(&self, write: &BranchRefsWrite) -> Result<bool, Error> {
+        let Some((branch, refs)) = &write.target else {
             return Ok(false);
         };
-        let key = with_parts(&scope_prefix(ns, prefix), &[branch.as_bytes()]);
+        let tree_key = with_parts(
+            &scope_prefix(&write.namespace, &write.prefix),
+            &[branch.as_bytes()],
+        );
         self.inner
             .cache
             .branch_refs
-            .insert(key, json)
+            .insert(tree_key, branch_refs_to_json(refs)?)
             .map_err(sled_error)?;
         self.durable().await?;
         Ok(true)

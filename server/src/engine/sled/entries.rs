@@ -31,6 +31,7 @@ use trove_proto::{EntryStore, Error};
 
 use super::schema::{self, *};
 use super::{blocking, keys, scan_after, sled_error, tx_error, SledStore};
+use crate::engine::values::check_append;
 
 /// Entries fetched from sled per step of a read.
 const READ_BATCH: usize = 256;
@@ -272,9 +273,7 @@ impl EntryStore for SledStore {
         options: AppendOptions,
     ) -> Result<u64, Error> {
         use sled::transaction::Transactional;
-        if entries.is_empty() {
-            return Err(Error::invalid("entries", "at least one entry is required"));
-        }
+        check_append(&entries)?;
         let trees = &self.inner.entry_trees;
         let key = cassette_key(ns, cassette);
         let mut seqs = Vec::with_capacity(entries.len());

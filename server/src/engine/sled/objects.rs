@@ -4,11 +4,7 @@
 //!
 //! Never imports tonic; never awaits inside a sled transaction.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
 use async_trait::async_trait;
-use futures::StreamExt;
 use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo};
 use trove_proto::types::{
     clamp_page_size, encode_page_token, now_micros, ByteStream, ListPage, Name, Namespace, Page,
@@ -17,9 +13,11 @@ use trove_proto::{Error, ObjectStore};
 
 use super::schema::*;
 use super::{blocking, keys, scan_after, sled_error, SledStore};
-use crate::engine::chunks::{decode_chunks, encode_chunk};
+use crate::engine::chunks::{decode_chunks, encode_stream};
 use crate::engine::record::{self, ValueRecord};
-use crate::engine::values::{check_find_missing, object_info, stream_info, verify_content};
+use crate::engine::values::{
+    check_find_missing, object_info, object_record, stream_info, stream_record, verify_content,
+};
 
 #[async_trait]
 impl ObjectStore for SledStore {
@@ -36,16 +34,12 @@ impl ObjectStore for SledStore {
         let now = now_micros();
         let key = object_key(ns, hash, KIND_OBJECT);
         let record = self
-            .publish_and_commit(&self.inner.objects, &key, staged, move |old, body| {
-                // A verified hash names its content: an existing copy is identical.
-                if verified && old.is_some() {
-                    return None;
-                }
-                Some(ValueRecord {
-                    verified,
-                    ..ValueRecord::replacing(old, now, size, size, sha256, body)
-                })
-            })
+            .publish_and_commit(
+                &self.inner.objects,
+                &key,
+                staged,
+                object_record(verified, now, size, sha256),
+            )
             .await?;
         Ok(object_info(hash, &record))
     }
@@ -169,29 +163,19 @@ impl ObjectStore for SledStore {
         hash: &Name,
         chunks: ChunkStream,
     ) -> Result<StreamInfo, Error> {
-        let count = Arc::new(AtomicU64::new(0));
-        let total = Arc::new(AtomicU64::new(0));
-        let (c, t) = (Arc::clone(&count), Arc::clone(&total));
-        let body = chunks
-            .map(move |chunk| {
-                let chunk = chunk?;
-                c.fetch_add(1, Ordering::Relaxed);
-                t.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
-                encode_chunk(&chunk)
-            })
-            .boxed();
+        let (body, tally) = encode_stream(chunks);
         let staged = self.stage(body, None).await?;
-        let (chunk_count, size) = (count.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+        let (chunk_count, size) = tally.totals();
         let (body_len, sha256) = (staged.len, staged.sha256);
         let now = now_micros();
         let key = object_key(ns, hash, KIND_STREAM);
         let record = self
-            .publish_and_commit(&self.inner.objects, &key, staged, move |old, body| {
-                Some(ValueRecord {
-                    chunk_count,
-                    ..ValueRecord::replacing(old, now, size, body_len, sha256, body)
-                })
-            })
+            .publish_and_commit(
+                &self.inner.objects,
+                &key,
+                staged,
+                stream_record(chunk_count, now, size, body_len, sha256),
+            )
             .await?;
         Ok(stream_info(hash, &record))
     }
