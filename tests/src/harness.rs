@@ -303,6 +303,62 @@ pub async fn scrape(addr: SocketAddr) -> String {
     body.to_owned()
 }
 
+/// The store gauges a server exports: items by kind, and the logical and
+/// on-disk bytes when the engine reports them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreGauges {
+    /// `trove_store_items` by its `kind` label.
+    pub items: std::collections::BTreeMap<String, f64>,
+    /// `trove_store_logical_bytes`, when exported.
+    pub logical_bytes: Option<f64>,
+    /// `trove_store_disk_bytes`, when exported.
+    pub disk_bytes: Option<f64>,
+}
+
+/// Reads the store gauges from a server's `/metrics`.
+pub async fn store_gauges(metrics: SocketAddr) -> StoreGauges {
+    let text = scrape(metrics).await;
+    let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid Prometheus text");
+    let mut gauges = StoreGauges::default();
+    for sample in parsed.samples {
+        let prometheus_parse::Value::Gauge(value) = sample.value else {
+            continue;
+        };
+        match sample.metric.as_str() {
+            "trove_store_items" => {
+                let kind = sample.labels.get("kind").unwrap_or_default().to_owned();
+                gauges.items.insert(kind, value);
+            }
+            "trove_store_logical_bytes" => gauges.logical_bytes = Some(value),
+            "trove_store_disk_bytes" => gauges.disk_bytes = Some(value),
+            _ => {}
+        }
+    }
+    gauges
+}
+
+/// Polls the store gauges until `ready` accepts them (they are refreshed in
+/// the background); panics with the last reading after `timeout`.
+pub async fn wait_store_gauges(
+    metrics: SocketAddr,
+    timeout: Duration,
+    ready: impl Fn(&StoreGauges) -> bool,
+) -> StoreGauges {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let gauges = store_gauges(metrics).await;
+        if ready(&gauges) {
+            return gauges;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store gauges never showed what was stored: {gauges:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Polls the gRPC health check until the server reports SERVING.
 pub async fn wait_serving(addr: SocketAddr) {
     let deadline = Instant::now() + START_TIMEOUT;

@@ -92,3 +92,90 @@ pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+/// Stores one item of every kind through any implementation: two artifacts,
+/// an object, a stream of two chunks, a cassette of three entries and a
+/// cache archive, all in `ns`. Returns their payload bytes (what a store's
+/// logical-bytes gauge counts: values, chunk data, entry JSON, archives).
+pub async fn store_one_of_each<S>(store: &S, ns: &trove_proto::types::Namespace) -> u64
+where
+    S: trove_proto::ObjectStore
+        + trove_proto::ArtifactStore
+        + trove_proto::EntryStore
+        + trove_proto::CacheStore,
+{
+    use trove_proto::types::Name;
+    let name = |field: &str, value: &str| Name::new(field, value).expect("valid name");
+    let mut payload = 0u64;
+    for (key, value) in [("a/one", &b"one"[..]), ("a/two", b"three")] {
+        store
+            .put_artifact(
+                ns,
+                &name("key", key),
+                trove_proto::artifacts::PutOptions::default(),
+                bytes_stream(vec![Bytes::copy_from_slice(value)]),
+            )
+            .await
+            .expect("put artifact");
+        payload += value.len() as u64;
+    }
+    let object = b"hello";
+    store
+        .put_object(
+            ns,
+            &name("hash", &sha256_hex(object)),
+            None,
+            bytes_stream(vec![Bytes::from_static(object)]),
+        )
+        .await
+        .expect("put object");
+    payload += object.len() as u64;
+    let chunks = [&b"ab"[..], b"c"].map(|data| {
+        Ok(trove_proto::objects::StreamChunk {
+            data: Bytes::copy_from_slice(data),
+            timestamp: None,
+        })
+    });
+    store
+        .put_stream(
+            ns,
+            &name("hash", "a-stream"),
+            futures::stream::iter(chunks).boxed(),
+        )
+        .await
+        .expect("put stream");
+    payload += 3;
+    let entries: Vec<_> = (1..=3)
+        .map(|n| {
+            let json = format!("{{\"n\":{n}}}");
+            payload += json.len() as u64;
+            trove_proto::entries::NewEntry::parse("entry", json.into(), None).expect("entry")
+        })
+        .collect();
+    store
+        .append_entries(
+            ns,
+            &name("cassette", "c"),
+            entries,
+            trove_proto::entries::AppendOptions::default(),
+        )
+        .await
+        .expect("append");
+    let scope = trove_proto::cache::CacheScope {
+        namespace: ns.clone(),
+        prefix: String::new(),
+        branch: name("branch", "main"),
+        default_branch: name("default_branch", "main"),
+        test_suite_id: String::new(),
+    };
+    store
+        .upload(
+            &scope,
+            &name("ref", "sha1"),
+            trove_proto::cache::UploadOptions::default(),
+            bytes_stream(vec![Bytes::from_static(b"zip!")]),
+        )
+        .await
+        .expect("upload");
+    payload + 4
+}

@@ -16,10 +16,12 @@ use trove_proto::cache::{CacheScope, PruneOptions, UploadOptions};
 use trove_proto::entries::{AppendOptions, NewEntry, ReadOptions};
 use trove_proto::types::{Name, Namespace};
 use trove_proto::{ArtifactStore, CacheStore, EntryStore, Error, ObjectStore};
-use trove_tests::harness::ServerProcess;
+use trove_tests::harness::{wait_store_gauges, ServerProcess};
 use trove_tests::seaweedfs::Cluster;
 use trove_tests::target::{s3_cluster, s3_test_url};
-use trove_tests::{bytes_stream, collect_bytes, generated_sha256, generated_stream, sha256_hex};
+use trove_tests::{
+    bytes_stream, collect_bytes, generated_sha256, generated_stream, sha256_hex, store_one_of_each,
+};
 
 fn name(s: &str) -> Name {
     Name::new("name", s).expect("valid name")
@@ -468,4 +470,39 @@ async fn volume_server_loss_loses_no_acknowledged_write() {
     );
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     assert!(!server.log().contains("panicked"), "server panicked");
+}
+
+/// `/metrics` shows the store gauges on the object-storage engine too: a
+/// server started on a bucket root counts what another server stored there,
+/// by kind, and the bytes under the root. Entries and logical bytes would
+/// take reading every record, so the engine leaves them out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_gauges_on_object_storage() {
+    let Some((endpoint, bucket)) = s3_cluster() else {
+        return;
+    };
+    let url = s3_test_url(&bucket, "gauges");
+    let args = ["--store", url.as_str(), "--s3-endpoint", endpoint.as_str()];
+    let a = ServerProcess::start_with(&args).await;
+    let ns = Namespace::new("gauges").expect("valid namespace");
+    store_one_of_each(&a.client().await, &ns).await;
+    // A second server on the same root measures at start.
+    let b = ServerProcess::start_with(&args).await;
+    let metrics = b.metrics_addr.expect("metrics enabled");
+    let gauges = wait_store_gauges(metrics, Duration::from_secs(30), |g| {
+        g.items.get("artifact") == Some(&2.0)
+    })
+    .await;
+    for (kind, count) in [
+        ("object", 1.0),
+        ("stream", 1.0),
+        ("artifact", 2.0),
+        ("cassette", 1.0),
+        ("cache_archive", 1.0),
+    ] {
+        assert_eq!(gauges.items.get(kind), Some(&count), "{kind}: {gauges:?}");
+    }
+    assert_eq!(gauges.items.get("entry"), None, "{gauges:?}");
+    assert_eq!(gauges.logical_bytes, None, "{gauges:?}");
+    assert!(gauges.disk_bytes.is_some_and(|b| b > 0.0), "{gauges:?}");
 }

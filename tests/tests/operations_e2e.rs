@@ -10,7 +10,11 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use trove_proto::pb;
 use trove_proto::pb::artifacts_client::ArtifactsClient;
-use trove_tests::harness::{health_status, scrape, server_binary, ServerProcess};
+use trove_proto::types::Namespace;
+use trove_tests::harness::{
+    health_status, scrape, server_binary, wait_store_gauges, ServerProcess,
+};
+use trove_tests::store_one_of_each;
 
 fn header(key: &str, data: Bytes, finish: bool) -> pb::PutArtifactRequest {
     pb::PutArtifactRequest {
@@ -668,4 +672,33 @@ async fn startup_reports_not_serving() {
         0,
         "leftovers reclaimed"
     );
+}
+
+/// `/metrics` shows what the sled engine holds, exactly: items by kind,
+/// payload bytes and bytes on disk, measured at start (and every minute).
+#[tokio::test]
+async fn store_gauges_on_sled() {
+    let mut server = ServerProcess::start().await;
+    let ns = Namespace::new("gauges").expect("valid namespace");
+    let payload = store_one_of_each(&server.client().await, &ns).await;
+    server.restart().await;
+    let metrics = server.metrics_addr.expect("metrics enabled");
+    let gauges = wait_store_gauges(metrics, Duration::from_secs(30), |g| {
+        g.items.get("artifact") == Some(&2.0)
+    })
+    .await;
+    for (kind, count) in [
+        ("object", 1.0),
+        ("stream", 1.0),
+        ("artifact", 2.0),
+        ("cassette", 1.0),
+        ("entry", 3.0),
+        ("cache_archive", 1.0),
+    ] {
+        assert_eq!(gauges.items.get(kind), Some(&count), "{kind}: {gauges:?}");
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let payload = payload as f64;
+    assert_eq!(gauges.logical_bytes, Some(payload), "{gauges:?}");
+    assert!(gauges.disk_bytes.is_some_and(|b| b > 0.0), "{gauges:?}");
 }
