@@ -7,7 +7,7 @@
 //! Life of the process:
 //! 1. Starting: only health (NOT_SERVING) and reflection answer while the
 //!    store opens and reclaims what a crash left.
-//! 2. Serving: every service, behind the [`ObserveLayer`] (load shedding,
+//! 2. Serving: every service, behind the [`CallLayer`] (load shedding,
 //!    deadlines, metrics, request logs); health reports SERVING.
 //! 3. Draining, on the shutdown signal: health reports NOT_SERVING at once and
 //!    the server keeps serving for `drain_grace_secs`, then stops accepting
@@ -37,7 +37,7 @@ use crate::grpc::cache::CacheService;
 use crate::grpc::entries::EntriesService;
 use crate::grpc::objects::ObjectsService;
 use crate::grpc::Limits;
-use crate::telemetry::calls::ObserveLayer;
+use crate::telemetry::calls::CallLayer;
 use crate::telemetry::metrics;
 
 /// Names of the services reported by the health check.
@@ -214,7 +214,7 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
         };
         // tonic enforces the limit while decoding; its OUT_OF_RANGE becomes
         // RESOURCE_EXHAUSTED naming the limit (in the adapters for streamed
-        // messages, in the observe layer for unary ones).
+        // messages, in the call layer for unary ones).
         let decode_limit = limits.max_message_bytes;
         macro_rules! grpc_service {
             ($server:ident, $service:expr) => {
@@ -243,7 +243,7 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
 
         let timeout = (config.request_timeout_secs > 0)
             .then(|| Duration::from_secs(config.request_timeout_secs));
-        let observe = ObserveLayer::new(
+        let calls = CallLayer::new(
             usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX),
             timeout,
             limits.max_message_bytes,
@@ -256,7 +256,7 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .max_concurrent_streams(config.max_concurrent_streams)
             .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
-            .layer(observe)
+            .layer(calls)
             .add_service(health_service)
             .add_service(objects)
             .add_service(artifacts)

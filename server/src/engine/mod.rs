@@ -20,11 +20,11 @@
 //! the import rules.
 
 pub mod bucket;
-pub mod chunks;
-pub mod record;
-pub mod retention;
+pub(crate) mod chunks;
+pub(crate) mod record;
+pub(crate) mod retention;
 pub mod sled;
-pub mod values;
+pub(crate) mod values;
 
 use std::future::Future;
 use std::sync::Arc;

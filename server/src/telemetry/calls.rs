@@ -31,17 +31,17 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Settings of the layer.
 #[derive(Debug, Clone)]
-pub struct ObserveLayer {
+pub struct CallLayer {
     limiter: Arc<Semaphore>,
     max_concurrent: usize,
     timeout: Option<Duration>,
     max_message_bytes: usize,
 }
 
-impl ObserveLayer {
+impl CallLayer {
     /// A layer admitting `max_concurrent` calls, each bounded by `timeout`.
     pub fn new(max_concurrent: usize, timeout: Option<Duration>, max_message_bytes: usize) -> Self {
-        ObserveLayer {
+        CallLayer {
             limiter: Arc::new(Semaphore::new(max_concurrent)),
             max_concurrent,
             timeout,
@@ -50,21 +50,21 @@ impl ObserveLayer {
     }
 }
 
-impl<S> Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
+impl<S> Layer<S> for CallLayer {
+    type Service = CallService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Observe {
+        CallService {
             inner,
             settings: self.clone(),
         }
     }
 }
 
-/// The service produced by [`ObserveLayer`].
+/// The service produced by [`CallLayer`].
 #[derive(Debug, Clone)]
-pub struct Observe<S> {
+pub struct CallService<S> {
     inner: S,
-    settings: ObserveLayer,
+    settings: CallLayer,
 }
 
 /// What the finished-call record needs.
@@ -256,7 +256,7 @@ fn oversize_is_resource_exhausted(headers: &mut http::HeaderMap, limit: usize) {
     }
 }
 
-impl<S> Service<http::Request<Body>> for Observe<S>
+impl<S> Service<http::Request<Body>> for CallService<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -366,7 +366,7 @@ where
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let body = ObservedBody {
+            let body = CountedBody {
                 inner: body,
                 record: Some(record),
                 deadline: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
@@ -411,7 +411,7 @@ impl HttpBody for CountingBody {
 
 /// Watches a response body: bytes out, the final status, and the end of the
 /// call (normal, or the caller went away).
-struct ObservedBody {
+struct CountedBody {
     inner: Body,
     record: Option<CallRecord>,
     /// The call's deadline also bounds a streamed response: a download whose
@@ -420,7 +420,7 @@ struct ObservedBody {
     expired: bool,
 }
 
-impl HttpBody for ObservedBody {
+impl HttpBody for CountedBody {
     type Data = Bytes;
     type Error = tonic::Status;
 

@@ -19,17 +19,30 @@
 //! through any servers serialise on them and readers never see a torn state:
 //! a body is complete before the record that points at it is published.
 //!
-//! Never imports tonic.
+//! # Layout
+//! - this file: options, the store handle, opening, error mapping.
+//! - `layout`: the key encoding and every path builder.
+//! - `records`: conditional record I/O and the backoff between lost races.
+//! - `staging`: staging bodies (inline or a blob under a pending marker) and
+//!   retiring replaced blobs.
+//! - `bodies`: opening, reading, publishing and removing values.
+//! - `formats`: the cassette head and cache ref record formats.
+//! - `reclaim`: reclaiming abandoned writes, the census, the engine lifecycle.
+//! - `probe`: the start-up check that conditional writes are enforced.
+//! - `blob_cache`: the optional local cache of blob bodies.
+//! - `objects`, `artifacts`, `entries`, `cache`: the trait implementations.
+//!
+//! Never imports tonic, nor the sled engine.
 
-pub mod artifacts;
-pub mod blob_cache;
+mod artifacts;
+mod blob_cache;
 mod bodies;
-pub mod cache;
-pub mod connect;
-pub mod entries;
+mod cache;
+mod connect;
+mod entries;
 mod formats;
-pub mod layout;
-pub mod objects;
+mod layout;
+mod objects;
 mod probe;
 mod reclaim;
 mod records;

@@ -15,19 +15,25 @@
 //!   read and write sled and never await.
 //!
 //! # Layout
-//! - `keys`: byte layout of every sled key.
-//! - `record`: the metadata record stored for each value.
+//! - this file: options, fault hooks, opening, staging and committing values.
+//! - `schema`: every tree and every key (which parts make which key).
+//! - `keys`: the byte encoding of key parts (dependency-free, fuzzed).
 //! - `blob`: staging, publishing and reclaiming blob files.
 //! - `flusher`: group commit.
+//! - `usage`: the usage scan and the [`crate::engine::Engine`] lifecycle.
 //! - `objects`, `artifacts`, `entries`, `cache`: the trait implementations.
+//!
+//! The value record it persists, the value checks, the chunk codec and
+//! retention planning are shared with the bucket engine from
+//! `crate::engine`; this engine never imports the bucket engine.
 
-pub(crate) mod artifacts;
-pub mod blob;
-pub(crate) mod cache;
+mod artifacts;
+mod blob;
+mod cache;
 mod entries;
 mod flusher;
-pub mod keys;
-pub(crate) mod objects;
+mod keys;
+mod objects;
 mod schema;
 mod usage;
 
