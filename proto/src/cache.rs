@@ -71,6 +71,20 @@ impl CacheScope {
         }
     }
 
+    /// The PR branch of the scope's own tier; `None` for the main tier.
+    pub fn own_branch(&self) -> Option<&str> {
+        self.is_pr().then(|| self.branch.as_str())
+    }
+
+    /// The tiers a download tries, in order, as PR branches (`None` is
+    /// main): the scope's own tier, then main for a PR scope.
+    pub fn download_tiers(&self) -> Vec<Option<&str>> {
+        match self.own_branch() {
+            Some(branch) => vec![Some(branch), None],
+            None => vec![None],
+        }
+    }
+
     /// True when this scope writes to and reads first from a PR tier.
     pub fn is_pr(&self) -> bool {
         self.branch != self.default_branch

@@ -1,5 +1,11 @@
-//! The metadata record stored in sled for every value (object, stream,
-//! artifact, cache archive), and its versioned binary encoding.
+//! The value record both engines persist for every value (object, stream,
+//! artifact, cache archive; on object storage also inside cassette heads and
+//! cache ref records), and its versioned binary encoding.
+//!
+//! This is a storage format: sled keeps it in its trees and the bucket
+//! engine in objects, so a change here changes both engines' data. Add
+//! fields only behind a new version byte, and keep every older version
+//! readable.
 
 use serde::{Deserialize, Serialize};
 use trove_proto::Error;

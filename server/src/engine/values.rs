@@ -202,3 +202,12 @@ pub fn stream_record(
         })
     }
 }
+
+/// A download's ref: empty is a miss (the tool's contract), anything else
+/// must be a valid name.
+pub fn check_download_ref(reference: &str) -> Result<(), Error> {
+    if !reference.is_empty() {
+        Name::new("ref", reference)?;
+    }
+    Ok(())
+}

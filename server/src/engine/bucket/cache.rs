@@ -29,7 +29,9 @@ use super::layout::{self, *};
 use super::{Backoff, BucketStore, Expect, Written};
 use crate::engine::record::ValueRecord;
 use crate::engine::retention::{self, PrunePlan};
-use crate::engine::values::{branch_refs_to_json, describe_archive, parse_branch_refs};
+use crate::engine::values::{
+    branch_refs_to_json, check_download_ref, describe_archive, parse_branch_refs,
+};
 
 /// Ref records read at once.
 const PARALLEL_READS: usize = 32;
@@ -287,13 +289,12 @@ impl CacheStore for BucketStore {
         reference: &str,
         tree_sha: Option<&Name>,
     ) -> Result<Option<(CachedRef, ByteStream)>, Error> {
-        if !reference.is_empty() {
-            Name::new("ref", reference)?;
-        }
-        let mut tiers = vec![own_tier(scope)];
-        if scope.is_pr() {
-            tiers.push(tier_dir(&scope.namespace, &scope.prefix, None));
-        }
+        check_download_ref(reference)?;
+        let tiers: Vec<_> = scope
+            .download_tiers()
+            .into_iter()
+            .map(|branch| tier_dir(&scope.namespace, &scope.prefix, branch))
+            .collect();
         let mut candidates: Vec<(&TierDir, String)> = Vec::new();
         if let Some(tree) = tree_sha {
             for tier in &tiers {

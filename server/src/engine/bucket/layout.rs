@@ -311,8 +311,7 @@ pub(super) fn tier_dir(ns: &Namespace, prefix: &str, pr_branch: Option<&str>) ->
 }
 
 pub(super) fn own_tier(scope: &CacheScope) -> TierDir {
-    let branch = scope.is_pr().then(|| scope.branch.as_str());
-    tier_dir(&scope.namespace, &scope.prefix, branch)
+    tier_dir(&scope.namespace, &scope.prefix, scope.own_branch())
 }
 
 /// Kind letter of an object's record.

@@ -31,7 +31,9 @@ use super::schema::{self, *};
 use super::{blocking, keys, sled_error, tx_error, Committed, SledStore};
 use crate::engine::record::{self, ValueRecord};
 use crate::engine::retention::{self, PrunePlan};
-use crate::engine::values::{branch_refs_to_json, describe_archive, parse_branch_refs};
+use crate::engine::values::{
+    branch_refs_to_json, check_download_ref, describe_archive, parse_branch_refs,
+};
 
 /// The sled trees of the cache group.
 pub struct CacheTrees {
@@ -298,13 +300,12 @@ impl CacheStore for SledStore {
         reference: &str,
         tree_sha: Option<&Name>,
     ) -> Result<Option<(CachedRef, ByteStream)>, Error> {
-        if !reference.is_empty() {
-            Name::new("ref", reference)?;
-        }
-        let mut tiers = vec![own_tier(scope)];
-        if scope.is_pr() {
-            tiers.push(tier_key(&scope.namespace, &scope.prefix, None));
-        }
+        check_download_ref(reference)?;
+        let tiers: Vec<_> = scope
+            .download_tiers()
+            .into_iter()
+            .map(|branch| tier_key(&scope.namespace, &scope.prefix, branch))
+            .collect();
         let cache = &self.inner.cache;
         let mut candidates: Vec<(&TierKey, String)> = Vec::new();
         if let Some(tree) = tree_sha {

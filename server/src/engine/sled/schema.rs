@@ -144,8 +144,7 @@ pub(super) fn tier_key(ns: &Namespace, prefix: &str, pr_branch: Option<&str>) ->
 }
 
 pub(super) fn own_tier(scope: &CacheScope) -> TierKey {
-    let branch = scope.is_pr().then(|| scope.branch.as_str());
-    tier_key(&scope.namespace, &scope.prefix, branch)
+    tier_key(&scope.namespace, &scope.prefix, scope.own_branch())
 }
 
 pub(super) fn with_parts(base: &[u8], parts: &[&[u8]]) -> Vec<u8> {
