@@ -8,17 +8,25 @@
 //! server sees a reset, not a clean end), so a failed body can never be stored
 //! truncated.
 //!
+//! Connections may use TLS (a custom CA, a client certificate for mutual
+//! TLS) and send a bearer token on every call: see [`ClientOptions`], whose
+//! [`ClientOptions::from_env`] reads `TROVE_TOKEN`, `TROVE_CA`,
+//! `TROVE_CLIENT_CERT` and `TROVE_CLIENT_KEY`.
+//!
 //! # Layout
 //! - this file: connection setup and the shared upload machinery.
+//! - `auth`: the transport that adds the bearer token.
 //! - `objects`, `artifacts`, `entries`, `cache`: the trait implementations.
 //! - [`writer`]: the buffered cassette writer for recorders.
 
 mod artifacts;
+mod auth;
 mod cache;
 mod entries;
 mod objects;
 pub mod writer;
 
+pub use auth::Authenticated;
 pub use writer::{CassetteWriter, WriterConfig};
 
 use std::time::Duration;
@@ -26,7 +34,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 pub use tonic::codec::CompressionEncoding;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use trove_proto::pb::artifacts_client::ArtifactsClient;
 use trove_proto::pb::cache_client::CacheClient;
 use trove_proto::pb::entries_client::EntriesClient;
@@ -41,38 +49,116 @@ pub const DEFAULT_CHUNK_BYTES: usize = 1024 * 1024;
 /// Largest message the client accepts: the most a server can be configured to send.
 const MAX_DECODE_BYTES: usize = 1024 * 1024 * 1024 + 1024 * 1024;
 
+/// How to reach a server: TLS settings and a bearer token.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Sent as `authorization: Bearer <token>` on every call.
+    pub token: Option<String>,
+    /// PEM bundle of the CAs to trust for the server's certificate; with it
+    /// (or an `https://` address) the connection uses TLS.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM certificate and key to present to a server requiring mutual TLS.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the server's certificate must carry, when it differs from
+    /// the address's host.
+    pub domain: Option<String>,
+}
+
+impl ClientOptions {
+    /// Options from the environment: `TROVE_TOKEN` (the token), `TROVE_CA`,
+    /// `TROVE_CLIENT_CERT` and `TROVE_CLIENT_KEY` (PEM file paths) and
+    /// `TROVE_TLS_DOMAIN`. Unset or empty variables are left out.
+    pub fn from_env() -> Result<Self, Error> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let read = |name: &str| -> Result<Option<Vec<u8>>, Error> {
+            var(name)
+                .map(|path| {
+                    std::fs::read(&path)
+                        .map_err(|e| Error::invalid(name, format!("cannot read {path}: {e}")))
+                })
+                .transpose()
+        };
+        let identity_pem = match (read("TROVE_CLIENT_CERT")?, read("TROVE_CLIENT_KEY")?) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::invalid(
+                    "TROVE_CLIENT_CERT",
+                    "set both TROVE_CLIENT_CERT and TROVE_CLIENT_KEY, or neither",
+                ))
+            }
+        };
+        Ok(ClientOptions {
+            token: var("TROVE_TOKEN"),
+            ca_pem: read("TROVE_CA")?,
+            identity_pem,
+            domain: var("TROVE_TLS_DOMAIN"),
+        })
+    }
+}
+
 /// A connection to a Trove server. Cheap to clone; clones share the channel.
 #[derive(Debug, Clone)]
 pub struct TroveClient {
-    objects: ObjectsClient<Channel>,
-    artifacts: ArtifactsClient<Channel>,
-    entries: EntriesClient<Channel>,
-    cache: CacheClient<Channel>,
+    objects: ObjectsClient<Authenticated>,
+    artifacts: ArtifactsClient<Authenticated>,
+    entries: EntriesClient<Authenticated>,
+    cache: CacheClient<Authenticated>,
     chunk_bytes: usize,
+    transport: Authenticated,
     channel: Channel,
 }
 
 impl TroveClient {
-    /// Connects to `addr` (`host:port` or a full `http://` URI).
+    /// Connects to `addr` (`host:port` or a full `http://` URI) without TLS
+    /// or token.
     pub async fn connect(addr: &str) -> Result<Self, Error> {
-        let uri = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
+        Self::connect_with(addr, &ClientOptions::default()).await
+    }
+
+    /// Connects to `addr` with `options`. TLS is used for an `https://`
+    /// address or when a CA or client identity is given; a bare
+    /// `host:port` then means `https://host:port`.
+    pub async fn connect_with(addr: &str, options: &ClientOptions) -> Result<Self, Error> {
+        let tls = addr.starts_with("https://")
+            || options.ca_pem.is_some()
+            || options.identity_pem.is_some();
+        let uri = match (addr.contains("://"), tls) {
+            (true, _) => addr.to_owned(),
+            (false, true) => format!("https://{addr}"),
+            (false, false) => format!("http://{addr}"),
         };
-        let endpoint = Endpoint::from_shared(uri.clone())
+        let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| Error::invalid("addr", format!("{uri:?} is not a valid address: {e}")))?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true);
+        if tls {
+            let mut config = ClientTlsConfig::new();
+            config = match &options.ca_pem {
+                Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+                None => config.with_webpki_roots(),
+            };
+            if let Some((cert, key)) = &options.identity_pem {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &options.domain {
+                config = config.domain_name(domain.clone());
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| Error::invalid("tls", format!("unusable TLS settings: {e}")))?;
+        }
         let channel = endpoint.connect().await.map_err(|e| Error::Unavailable {
-            message: format!("cannot connect to {uri}: {e}"),
+            message: format!("cannot connect to {uri}: {}", error_chain(&e)),
         })?;
-        Ok(Self::from_channel(channel))
+        let transport = Authenticated::new(channel.clone(), options.token.as_deref())?;
+        Ok(Self::build(channel, transport, None))
     }
 
     /// Uses an existing channel (for custom TLS, timeouts or load balancing).
     pub fn from_channel(channel: Channel) -> Self {
-        Self::build(channel, None)
+        let transport = Authenticated::plain(channel.clone());
+        Self::build(channel, transport, None)
     }
 
     /// Compresses requests with `encoding` (gzip or zstd) and asks the server
@@ -81,15 +167,19 @@ impl TroveClient {
     /// more time than it saves.
     #[must_use]
     pub fn with_compression(self, encoding: CompressionEncoding) -> Self {
-        let channel = self.channel.clone();
-        Self::build(channel, Some(encoding)).with_chunk_bytes(self.chunk_bytes)
+        let (channel, transport) = (self.channel.clone(), self.transport.clone());
+        Self::build(channel, transport, Some(encoding)).with_chunk_bytes(self.chunk_bytes)
     }
 
-    fn build(channel: Channel, compression: Option<CompressionEncoding>) -> Self {
+    fn build(
+        channel: Channel,
+        transport: Authenticated,
+        compression: Option<CompressionEncoding>,
+    ) -> Self {
         macro_rules! client {
             ($client:ident) => {{
                 let client =
-                    $client::new(channel.clone()).max_decoding_message_size(MAX_DECODE_BYTES);
+                    $client::new(transport.clone()).max_decoding_message_size(MAX_DECODE_BYTES);
                 match compression {
                     Some(encoding) => client.send_compressed(encoding).accept_compressed(encoding),
                     None => client,
@@ -102,6 +192,7 @@ impl TroveClient {
             entries: client!(EntriesClient),
             cache: client!(CacheClient),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            transport,
             channel,
         }
     }
@@ -118,6 +209,18 @@ impl TroveClient {
         self.chunk_bytes = chunk_bytes.max(1);
         self
     }
+}
+
+/// A connection error with its causes: "transport error" alone says little.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Splits `data` into pieces of at most `chunk` bytes without copying.

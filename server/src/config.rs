@@ -11,6 +11,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use serde::Serialize;
 
+use crate::access::tls::TlsVersion;
 use crate::engine::sled::{Durability, StoreOptions};
 
 /// When writes are acknowledged.
@@ -172,6 +173,54 @@ pub struct Config {
     /// Longest wait for in-flight calls at shutdown, in seconds.
     #[arg(long, env = "TROVE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+
+    /// Serve gRPC over TLS with this PEM certificate chain (with --tls-key).
+    /// Reloaded when the file changes or on SIGHUP.
+    #[arg(long, env = "TROVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "TROVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by a CA in this PEM bundle (mutual
+    /// TLS); `[[client]]` entries of --auth-tokens map them to grants.
+    #[arg(long, env = "TROVE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Lowest TLS version accepted.
+    #[arg(long, env = "TROVE_TLS_MIN_VERSION", value_enum, default_value = "1.2")]
+    pub tls_min_version: TlsVersion,
+
+    /// Grants file (TOML) of bearer tokens, stored as SHA-256 hashes, and
+    /// client-certificate mappings, each with namespaces and permissions.
+    /// Reloaded when the file changes or on SIGHUP.
+    #[arg(long, env = "TROVE_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// Serve a non-loopback address without tokens or client certificates:
+    /// anyone who reaches the port may read, write and delete everything.
+    #[arg(long, env = "TROVE_ALLOW_UNAUTHENTICATED", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_unauthenticated: bool,
+
+    /// SHA-256 (64 lowercase hex) of a bearer token that `/metrics` requires;
+    /// empty leaves it open (it binds to loopback by default).
+    #[arg(long, env = "TROVE_METRICS_TOKEN_SHA256", default_value = "",
+          value_parser = parse_token_hash)]
+    pub metrics_token_sha256: String,
+}
+
+fn parse_token_hash(raw: &str) -> Result<String, String> {
+    let ok = raw.is_empty()
+        || (raw.len() == 64
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    if ok {
+        Ok(raw.to_owned())
+    } else {
+        Err("expected 64 lowercase hex characters: the SHA-256 of the token".into())
+    }
 }
 
 /// Why settings could not be loaded.
@@ -225,6 +274,33 @@ impl Config {
     /// The effective settings as TOML (what `--print-config` shows).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
+    }
+
+    /// Refuses settings that would expose every namespace to anyone who can
+    /// reach the port: a non-loopback address with neither tokens nor client
+    /// certificates, unless --allow-unauthenticated says the operator means it.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        let protected = self.auth_tokens.is_some() || self.tls_client_ca.is_some();
+        if self.listen.ip().is_loopback() || protected || self.allow_unauthenticated {
+            return Ok(());
+        }
+        Err(format!(
+            "refusing to serve {} without access control: anyone reaching it could read, write \
+             and delete every namespace. Give --auth-tokens FILE (bearer tokens) or \
+             --tls-client-ca FILE (client certificates), or pass --allow-unauthenticated if \
+             the network around it is the protection",
+            self.listen
+        ))
+    }
+
+    /// The TLS settings, when TLS is on.
+    pub fn tls(&self) -> Option<crate::access::tls::TlsSettings> {
+        Some(crate::access::tls::TlsSettings {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+            min_version: self.tls_min_version,
+        })
     }
 
     /// The bucket engine settings these flags describe.

@@ -10,12 +10,15 @@
 //!   nothing of tonic; the two engines never import each other.
 //! - [`grpc`]: thin adapters, one per service, generic over the trait served;
 //!   they import only `trove-proto`.
+//! - [`access`]: TLS, bearer tokens and client certificates, and the
+//!   authorization policy the adapters ask.
 //! - [`config`]: flags, `TROVE_*` environment variables and the TOML file.
 //! - [`telemetry`]: logs, the Prometheus endpoint and store gauges, and the
 //!   per-call layer (limits, shedding, deadlines, metrics, request logs).
 //! - [`server`]: [`server::run`] wires everything and handles startup and
 //!   shutdown.
 
+pub mod access;
 pub mod config;
 pub mod engine;
 pub mod grpc;

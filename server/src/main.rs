@@ -21,6 +21,10 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
+    if let Err(refusal) = config.check_exposure() {
+        eprintln!("error: {refusal}");
+        std::process::exit(2);
+    }
     trove_server::telemetry::init(&config)?;
     // Registered before anything slow happens, so a SIGTERM during start-up
     // is held and honoured (gracefully) instead of killing the process.

@@ -19,8 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::Stream;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
@@ -30,13 +29,15 @@ use trove_proto::pb::cache_server::CacheServer;
 use trove_proto::pb::entries_server::EntriesServer;
 use trove_proto::pb::objects_server::ObjectsServer;
 
+use crate::access::tls::{self, CertStore};
+use crate::access::{AccessControl, AuthLayer, Policy};
 use crate::config::Config;
 use crate::engine::{self, Background, Engine};
 use crate::grpc::artifacts::ArtifactsService;
 use crate::grpc::cache::CacheService;
 use crate::grpc::entries::EntriesService;
 use crate::grpc::objects::ObjectsService;
-use crate::grpc::Limits;
+use crate::grpc::{Access, Limits};
 use crate::telemetry::calls::CallLayer;
 use crate::telemetry::metrics;
 
@@ -58,18 +59,6 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Prometheus `/metrics`, when enabled.
     pub metrics: Option<TcpListener>,
-}
-
-/// Accepts connections from a shared listener, so the startup server and
-/// the full server can take turns on one socket.
-fn incoming(listener: Arc<TcpListener>) -> impl Stream<Item = std::io::Result<TcpStream>> {
-    futures::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(stream, _)| {
-            let _ = stream.set_nodelay(true);
-            stream
-        });
-        Some((accepted, listener))
-    })
 }
 
 #[allow(clippy::type_complexity)]
@@ -108,6 +97,26 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Access control and TLS load before anything answers, so a bad grants
+    // file or certificate stops the server instead of serving openly.
+    let access = AccessControl::open(config.auth_tokens.clone(), config.tls_client_ca.is_some())
+        .map_err(anyhow::Error::msg)?;
+    let tls = match config.tls() {
+        Some(settings) => {
+            let certs = CertStore::open(&settings).map_err(anyhow::Error::msg)?;
+            let acceptor =
+                tls::acceptor(&settings, Arc::clone(&certs)).map_err(anyhow::Error::msg)?;
+            Some((certs, acceptor))
+        }
+        None => None,
+    };
+    let acceptor = tls.as_ref().map(|(_, acceptor)| acceptor.clone());
+    let mut reloading = Background::default();
+    let (certs, grants) = (
+        tls.as_ref().map(|(c, _)| Arc::clone(c)),
+        Arc::clone(&access),
+    );
+    reloading.spawn(|stop| reload_on_change(certs, grants, stop));
     let (health, health_service) = tonic_health::server::health_reporter();
     set_all(&health, ServingStatus::NotServing).await;
     let grpc = Arc::new(listeners.grpc);
@@ -121,8 +130,10 @@ pub async fn run(
         let handle = metrics::handle()?;
         let addr = listener.local_addr().context("metrics listener address")?;
         tracing::info!(%addr, "metrics at /metrics");
+        let token = config.metrics_token_sha256.clone();
         endpoint.spawn(|stop| async move {
-            if let Err(err) = metrics::serve(listener, handle, stop.cancelled_owned()).await {
+            if let Err(err) = metrics::serve(listener, handle, token, stop.cancelled_owned()).await
+            {
                 tracing::warn!(error = %err, "the metrics endpoint failed");
             }
         });
@@ -141,10 +152,14 @@ pub async fn run(
     });
     let starting = tokio::spawn(
         Server::builder()
+            .layer(AuthLayer::new(Arc::clone(&access)))
             .add_routes(tonic::service::Routes::from(starting))
-            .serve_with_incoming_shutdown(incoming(Arc::clone(&grpc)), async {
-                let _ = opened_rx.await;
-            }),
+            .serve_with_incoming_shutdown(
+                tls::incoming(Arc::clone(&grpc), acceptor.clone()),
+                async {
+                    let _ = opened_rx.await;
+                },
+            ),
     );
 
     let started = std::time::Instant::now();
@@ -160,6 +175,8 @@ pub async fn run(
     }
     let serving = Serving {
         config: &config,
+        access: Arc::clone(&access),
+        acceptor,
         health,
         health_service,
         grpc,
@@ -181,6 +198,7 @@ pub async fn run(
     // Whatever ended the server, the store is flushed before returning.
     engine.flush().await.context("final flush")?;
     tracing::info!("store flushed");
+    reloading.stop().await;
     endpoint.stop().await;
     tracing::info!("bye");
     served
@@ -189,6 +207,8 @@ pub async fn run(
 /// Everything needed to serve an opened store.
 struct Serving<'a, H> {
     config: &'a Config,
+    access: Arc<AccessControl>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     health: HealthReporter,
     health_service: tonic_health::pb::health_server::HealthServer<H>,
     grpc: Arc<TcpListener>,
@@ -204,6 +224,8 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
     ) -> anyhow::Result<()> {
         let Serving {
             config,
+            access,
+            acceptor,
             health,
             health_service,
             grpc,
@@ -227,19 +249,23 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
                     .send_compressed(CompressionEncoding::Zstd)
             };
         }
+        let policy: Access = Arc::new(Policy::new(Arc::clone(&access)));
         let objects = grpc_service!(
             ObjectsServer,
-            ObjectsService::new(Arc::clone(&store), limits)
+            ObjectsService::new(Arc::clone(&store), limits).with_access(Arc::clone(&policy))
         );
         let artifacts = grpc_service!(
             ArtifactsServer,
-            ArtifactsService::new(Arc::clone(&store), limits)
+            ArtifactsService::new(Arc::clone(&store), limits).with_access(Arc::clone(&policy))
         );
         let entries = grpc_service!(
             EntriesServer,
-            EntriesService::new(Arc::clone(&store), limits)
+            EntriesService::new(Arc::clone(&store), limits).with_access(Arc::clone(&policy))
         );
-        let cache = grpc_service!(CacheServer, CacheService::new(Arc::clone(&store), limits));
+        let cache = grpc_service!(
+            CacheServer,
+            CacheService::new(Arc::clone(&store), limits).with_access(Arc::clone(&policy))
+        );
 
         let timeout = (config.request_timeout_secs > 0)
             .then(|| Duration::from_secs(config.request_timeout_secs));
@@ -257,6 +283,7 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             .max_concurrent_streams(config.max_concurrent_streams)
             .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
             .layer(calls)
+            .layer(AuthLayer::new(access))
             .add_service(health_service)
             .add_service(objects)
             .add_service(artifacts)
@@ -283,7 +310,7 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             tracing::info!("draining in-flight calls");
             let _ = drain_started_tx.send(());
         };
-        let serve = router.serve_with_incoming_shutdown(incoming(grpc), signal);
+        let serve = router.serve_with_incoming_shutdown(tls::incoming(grpc, acceptor), signal);
         tokio::pin!(serve);
         let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
         let served = tokio::select! {
@@ -307,5 +334,38 @@ async fn set_all(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     for service in SERVICES {
         health.set_service_status(service, status).await;
+    }
+}
+
+/// Reloads the TLS certificate and the grants file when they change on
+/// disk (checked every [`tls::RELOAD_PERIOD`]) and at once on SIGHUP.
+async fn reload_on_change(
+    certs: Option<Arc<CertStore>>,
+    grants: Arc<AccessControl>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGHUP; files are still watched");
+            None
+        }
+    };
+    let mut ticker = tokio::time::interval(tls::RELOAD_PERIOD);
+    loop {
+        let force = tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => false,
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+        };
+        if let Some(certs) = &certs {
+            certs.reload(force);
+        }
+        grants.reload(force);
     }
 }

@@ -17,7 +17,7 @@ use tempfile::TempDir;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use trove_client::TroveClient;
+use trove_client::{ClientOptions, TroveClient};
 
 /// Longest wait for the server to start answering.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -56,6 +56,8 @@ pub struct ServerProcess {
     pub log_path: PathBuf,
     extra_args: Vec<String>,
     envs: Vec<(String, String)>,
+    /// How clients (and the readiness check) reach it: TLS and token.
+    pub connect: ClientOptions,
     _temp: Option<TempDir>,
 }
 
@@ -96,8 +98,16 @@ impl ServerProcess {
     ) -> Self {
         let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
         let log_path = data_dir.with_extension("log");
-        let (child, addr, metrics_addr) =
-            spawn(data_dir, "127.0.0.1:0", &extra_args, envs, &log_path).await;
+        let connect = ClientOptions::default();
+        let (child, addr, metrics_addr) = spawn(
+            data_dir,
+            "127.0.0.1:0",
+            &extra_args,
+            envs,
+            &log_path,
+            &connect,
+        )
+        .await;
         ServerProcess {
             child: Some(child),
             addr,
@@ -106,13 +116,37 @@ impl ServerProcess {
             log_path,
             extra_args,
             envs: envs.to_vec(),
+            connect,
             _temp: None,
+        }
+    }
+
+    /// Starts a server on a fresh temporary data directory with extra flags
+    /// (TLS, tokens) that clients reach with `connect`; readiness is polled
+    /// through the same TLS settings and token.
+    pub async fn start_secure(extra_args: &[&str], connect: ClientOptions) -> Self {
+        let temp = tempfile::tempdir().expect("create temp dir");
+        let data_dir = temp.path().join("data");
+        let extra: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        let log_path = data_dir.with_extension("log");
+        let (child, addr, metrics_addr) =
+            spawn(&data_dir, "127.0.0.1:0", &extra, &[], &log_path, &connect).await;
+        ServerProcess {
+            child: Some(child),
+            addr,
+            metrics_addr,
+            data_dir,
+            log_path,
+            extra_args: extra,
+            envs: Vec::new(),
+            connect,
+            _temp: Some(temp),
         }
     }
 
     /// A client connected to this server.
     pub async fn client(&self) -> TroveClient {
-        TroveClient::connect(&self.addr.to_string())
+        TroveClient::connect_with(&self.addr.to_string(), &self.connect)
             .await
             .expect("connect to trove-server")
     }
@@ -174,6 +208,7 @@ impl ServerProcess {
             &self.extra_args,
             &self.envs,
             &self.log_path,
+            &self.connect,
         )
         .await;
         self.child = Some(child);
@@ -192,6 +227,7 @@ impl ServerProcess {
             &self.extra_args,
             &self.envs,
             &self.log_path,
+            &self.connect,
         )
         .await;
         self.child = Some(child);
@@ -225,6 +261,7 @@ async fn spawn(
     extra_args: &[String],
     envs: &[(String, String)],
     log_path: &Path,
+    connect: &ClientOptions,
 ) -> (Child, SocketAddr, Option<SocketAddr>) {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -274,7 +311,7 @@ async fn spawn(
             );
         }
     };
-    wait_serving(addr).await;
+    wait_serving_with(addr, connect).await;
     (child, addr, metrics_addr)
 }
 
@@ -361,9 +398,15 @@ pub async fn wait_store_gauges(
 
 /// Polls the gRPC health check until the server reports SERVING.
 pub async fn wait_serving(addr: SocketAddr) {
+    wait_serving_with(addr, &ClientOptions::default()).await;
+}
+
+/// Polls the gRPC health check, reached with `connect`, until the server
+/// reports SERVING.
+pub async fn wait_serving_with(addr: SocketAddr, connect: &ClientOptions) {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if health_status(addr, "").await == Some(ServingStatus::Serving) {
+        if health_status_with(addr, "", connect).await == Some(ServingStatus::Serving) {
             return;
         }
         assert!(
@@ -372,6 +415,32 @@ pub async fn wait_serving(addr: SocketAddr) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The health status of `service` reached with `connect` (TLS, token), or
+/// `None` when the server cannot be reached.
+pub async fn health_status_with(
+    addr: SocketAddr,
+    service: &str,
+    connect: &ClientOptions,
+) -> Option<ServingStatus> {
+    if connect.ca_pem.is_none() && connect.identity_pem.is_none() {
+        return health_status(addr, service).await;
+    }
+    let client = tokio::time::timeout(
+        Duration::from_secs(2),
+        TroveClient::connect_with(&addr.to_string(), connect),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let reply = HealthClient::new(client.channel())
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(reply.into_inner().status).ok()
 }
 
 /// The health status of `service` ("" for the whole server), or `None` when

@@ -12,6 +12,7 @@
 
 pub mod conformance;
 pub mod harness;
+pub mod pki;
 pub mod seaweedfs;
 pub mod target;
 

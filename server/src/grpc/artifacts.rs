@@ -10,19 +10,34 @@ use trove_proto::pb::{self, artifacts_server::Artifacts};
 use trove_proto::types::{ListPage, Name, Namespace};
 use trove_proto::ArtifactStore;
 
-use super::{first_message, require_header, status, upload_parts, Limits, Part, ResponseStream};
+use super::{
+    first_message, require_header, split, status, upload_parts, Access, Limits, OpenAccess, Part,
+    Permission, ResponseStream,
+};
 
 /// Serves `trove.v1.Artifacts` from any [`ArtifactStore`].
 #[derive(Debug)]
 pub struct ArtifactsService<S: ?Sized> {
     store: Arc<S>,
     limits: Limits,
+    access: Access,
 }
 
 impl<S: ?Sized> ArtifactsService<S> {
     /// Wraps a store.
     pub fn new(store: Arc<S>, limits: Limits) -> Self {
-        ArtifactsService { store, limits }
+        ArtifactsService {
+            store,
+            limits,
+            access: Arc::new(OpenAccess),
+        }
+    }
+
+    /// Consults `access` on every call (by default everything is allowed).
+    #[must_use]
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
     }
 }
 
@@ -43,12 +58,14 @@ impl<S: ArtifactStore + ?Sized> Artifacts for ArtifactsService<S> {
         &self,
         request: Request<Streaming<pb::PutArtifactRequest>>,
     ) -> Result<Response<pb::PutArtifactResponse>, Status> {
-        let mut stream = request.into_inner();
+        let (extensions, mut stream) = split(request);
         let first = first_message(&mut stream, &self.limits)
             .await
             .map_err(status)?;
         let header = require_header(first.header)?;
         let ns = namespace(&header.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Write])?;
         let key = key("header.key", header.key)?;
         tracing::Span::current()
             .record("ns", ns.as_str())
@@ -77,8 +94,10 @@ impl<S: ArtifactStore + ?Sized> Artifacts for ArtifactsService<S> {
         &self,
         request: Request<pb::GetArtifactRequest>,
     ) -> Result<Response<Self::GetStream>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let key = key("key", request.key)?;
         let (info, data) = self.store.get_artifact(&ns, &key).await.map_err(status)?;
         let head = futures::stream::once(async move {
@@ -100,8 +119,10 @@ impl<S: ArtifactStore + ?Sized> Artifacts for ArtifactsService<S> {
         &self,
         request: Request<pb::DeleteArtifactRequest>,
     ) -> Result<Response<pb::DeleteArtifactResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Delete])?;
         let key = key("key", request.key)?;
         let existed = self
             .store
@@ -116,8 +137,10 @@ impl<S: ArtifactStore + ?Sized> Artifacts for ArtifactsService<S> {
         &self,
         request: Request<pb::StatArtifactRequest>,
     ) -> Result<Response<pb::StatArtifactResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let key = key("key", request.key)?;
         let info = self.store.stat_artifact(&ns, &key).await.map_err(status)?;
         Ok(Response::new(pb::StatArtifactResponse { info: Some(info) }))
@@ -128,8 +151,10 @@ impl<S: ArtifactStore + ?Sized> Artifacts for ArtifactsService<S> {
         &self,
         request: Request<pb::ListArtifactsRequest>,
     ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let page = ListPage::new(&request.prefix, request.page_size, &request.page_token)
             .map_err(status)?;
         let page = self

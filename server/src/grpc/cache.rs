@@ -10,19 +10,34 @@ use trove_proto::pb::{self, cache_server::Cache};
 use trove_proto::types::{Name, Namespace};
 use trove_proto::CacheStore;
 
-use super::{first_message, require_header, status, upload_parts, Limits, Part, ResponseStream};
+use super::{
+    first_message, require_header, split, status, upload_parts, Access, Limits, OpenAccess, Part,
+    Permission, ResponseStream,
+};
 
 /// Serves `trove.v1.Cache` from any [`CacheStore`].
 #[derive(Debug)]
 pub struct CacheService<S: ?Sized> {
     store: Arc<S>,
     limits: Limits,
+    access: Access,
 }
 
 impl<S: ?Sized> CacheService<S> {
     /// Wraps a store.
     pub fn new(store: Arc<S>, limits: Limits) -> Self {
-        CacheService { store, limits }
+        CacheService {
+            store,
+            limits,
+            access: Arc::new(OpenAccess),
+        }
+    }
+
+    /// Consults `access` on every call (by default everything is allowed).
+    #[must_use]
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
     }
 }
 
@@ -50,12 +65,14 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
         &self,
         request: Request<Streaming<pb::UploadRequest>>,
     ) -> Result<Response<pb::UploadResponse>, Status> {
-        let mut stream = request.into_inner();
+        let (extensions, mut stream) = split(request);
         let first = first_message(&mut stream, &self.limits)
             .await
             .map_err(status)?;
         let header = require_header(first.header)?;
         let scope = scope("header.scope", header.scope.as_ref())?;
+        self.access
+            .authorize(&extensions, &scope.namespace, &[Permission::Write])?;
         let reference = Name::new("header.ref", header.r#ref).map_err(status)?;
         tracing::Span::current()
             .record("ns", scope.namespace.as_str())
@@ -90,8 +107,10 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
         &self,
         request: Request<pb::DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let scope = scope("scope", request.scope.as_ref())?;
+        self.access
+            .authorize(&extensions, &scope.namespace, &[Permission::Read])?;
         let tree_sha = optional_name("tree_sha", request.tree_sha)?;
         let found = self
             .store
@@ -132,8 +151,10 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
         &self,
         request: Request<pb::BranchRefsRequest>,
     ) -> Result<Response<pb::BranchRefsResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let key = BranchRefsKey::new(ns, &request.prefix, &request.branch).map_err(status)?;
         let refs = self.store.branch_refs(&key).await.map_err(status)?;
         Ok(Response::new(pb::BranchRefsResponse {
@@ -146,8 +167,10 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
         &self,
         request: Request<pb::WriteBranchRefsRequest>,
     ) -> Result<Response<pb::WriteBranchRefsResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Write])?;
         let write = BranchRefsWrite::new(
             ns,
             &request.prefix,
@@ -165,8 +188,10 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
         &self,
         request: Request<pb::PruneRequest>,
     ) -> Result<Response<pb::PruneResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let scope = scope("scope", request.scope.as_ref())?;
+        self.access
+            .authorize(&extensions, &scope.namespace, &[Permission::Delete])?;
         let options = PruneOptions {
             count: request.count,
             duration_seconds: request.duration_seconds,
@@ -181,8 +206,10 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
         &self,
         request: Request<pb::PruneAllRequest>,
     ) -> Result<Response<pb::PruneAllResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Delete])?;
         let removed = self
             .store
             .prune_all(&ns, &request.prefix, request.pr_branch_ttl_seconds)
@@ -196,8 +223,10 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
         &self,
         request: Request<pb::ListRefsRequest>,
     ) -> Result<Response<pb::ListRefsResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let scope = scope("scope", request.scope.as_ref())?;
+        self.access
+            .authorize(&extensions, &scope.namespace, &[Permission::Read])?;
         let page = self
             .store
             .list_refs(&scope, request.page_size, &request.page_token)

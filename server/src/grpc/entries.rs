@@ -9,19 +9,34 @@ use trove_proto::pb::{self, entries_server::Entries};
 use trove_proto::types::{ListPage, Name, Namespace};
 use trove_proto::{EntryStore, Error};
 
-use super::{first_message, require_header, status, upload_parts, Limits, Part, ResponseStream};
+use super::{
+    first_message, require_header, split, status, upload_parts, Access, Limits, OpenAccess, Part,
+    Permission, ResponseStream,
+};
 
 /// Serves `trove.v1.Entries` from any [`EntryStore`].
 #[derive(Debug)]
 pub struct EntriesService<S: ?Sized> {
     store: Arc<S>,
     limits: Limits,
+    access: Access,
 }
 
 impl<S: ?Sized> EntriesService<S> {
     /// Wraps a store.
     pub fn new(store: Arc<S>, limits: Limits) -> Self {
-        EntriesService { store, limits }
+        EntriesService {
+            store,
+            limits,
+            access: Arc::new(OpenAccess),
+        }
+    }
+
+    /// Consults `access` on every call (by default everything is allowed).
+    #[must_use]
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
     }
 }
 
@@ -54,8 +69,10 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         &self,
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Write])?;
         let name = cassette("cassette", request.cassette)?;
         let entries = parse_entries(request.entries, 0).map_err(status)?;
         let options = AppendOptions {
@@ -77,8 +94,10 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         &self,
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let name = cassette("cassette", request.cassette)?;
         let after = if request.after.is_empty() {
             None
@@ -127,12 +146,14 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         &self,
         request: Request<Streaming<pb::ReplaceRequest>>,
     ) -> Result<Response<pb::ReplaceResponse>, Status> {
-        let mut stream = request.into_inner();
+        let (extensions, mut stream) = split(request);
         let first = first_message(&mut stream, &self.limits)
             .await
             .map_err(status)?;
         let header = require_header(first.header)?;
         let ns = namespace(&header.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Write, Permission::Delete])?;
         let name = cassette("header.cassette", header.cassette)?;
         tracing::Span::current()
             .record("ns", ns.as_str())
@@ -175,8 +196,10 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         &self,
         request: Request<pb::DeleteCassetteRequest>,
     ) -> Result<Response<pb::DeleteCassetteResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Delete])?;
         let name = cassette("cassette", request.cassette)?;
         let existed = self
             .store
@@ -191,8 +214,10 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         &self,
         request: Request<pb::ExistsRequest>,
     ) -> Result<Response<pb::ExistsResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let name = cassette("cassette", request.cassette)?;
         let exists = self
             .store
@@ -207,8 +232,10 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         &self,
         request: Request<pb::EnsureRequest>,
     ) -> Result<Response<pb::EnsureResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let name = cassette("cassette", request.cassette)?;
         self.store
             .ensure_cassette(&ns, &name)
@@ -222,8 +249,10 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         &self,
         request: Request<pb::ListCassettesRequest>,
     ) -> Result<Response<pb::ListCassettesResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let page = ListPage::new(&request.prefix, request.page_size, &request.page_token)
             .map_err(status)?;
         let page = self

@@ -1,8 +1,10 @@
 //! Thin gRPC adapters: each method converts the wire request into validated
-//! domain types, calls the trait, and maps the result back. No storage logic
-//! and no sled types live here; each adapter is generic over the trait it
-//! serves, so any implementation (the sled store, a remote client) can sit
-//! behind it.
+//! domain types, asks the access policy ([`Authorize`]) as soon as it knows
+//! the namespace, calls the trait, and maps the result back. No storage
+//! logic and no sled types live here; each adapter is generic over the trait
+//! it serves, so any implementation (the sled store, a remote client) can sit
+//! behind it. This module imports only `trove-proto` of the workspace: the
+//! policy is a trait here, implemented by the server's access module.
 
 pub mod artifacts;
 pub mod cache;
@@ -10,14 +12,67 @@ pub mod entries;
 pub mod objects;
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
-use tonic::{Status, Streaming};
+use tonic::{Request, Status, Streaming};
+use trove_proto::types::Namespace;
 use trove_proto::Error;
 
 /// A boxed response stream, as tonic's server traits expect.
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A permission a call needs on its namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Permission {
+    /// Read, stat, list, find, download.
+    Read,
+    /// Put, append, upload, write a branch map.
+    Write,
+    /// Delete, prune, or replace a cassette's whole content away.
+    Delete,
+    /// Operator calls.
+    Admin,
+}
+
+/// The server's access policy. Every method asks it once it knows the
+/// namespace and before the store is touched, so a denied call changes
+/// nothing and answers the same whether or not the item exists.
+pub trait Authorize: Send + Sync + std::fmt::Debug {
+    /// `Ok` when the caller (known from the call's extensions) holds every
+    /// permission in `needed` on `ns`; otherwise the status to answer.
+    fn authorize(
+        &self,
+        extensions: &tonic::Extensions,
+        ns: &Namespace,
+        needed: &[Permission],
+    ) -> Result<(), Status>;
+}
+
+/// The policy of a server without access control: everything is allowed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OpenAccess;
+
+impl Authorize for OpenAccess {
+    fn authorize(
+        &self,
+        _: &tonic::Extensions,
+        _: &Namespace,
+        _: &[Permission],
+    ) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+/// A shared access policy.
+pub type Access = Arc<dyn Authorize>;
+
+/// A request's extensions (where the caller's identity travels) and message.
+pub fn split<T>(request: Request<T>) -> (tonic::Extensions, T) {
+    let (_, extensions, message) = request.into_parts();
+    (extensions, message)
+}
 
 /// Limits the adapters enforce on incoming messages.
 #[derive(Debug, Clone, Copy)]

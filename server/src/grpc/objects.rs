@@ -10,19 +10,34 @@ use trove_proto::pb::{self, objects_server::Objects};
 use trove_proto::types::{ListPage, Name, Namespace};
 use trove_proto::{Error, ObjectStore};
 
-use super::{first_message, require_header, status, upload_parts, Limits, Part, ResponseStream};
+use super::{
+    first_message, require_header, split, status, upload_parts, Access, Limits, OpenAccess, Part,
+    Permission, ResponseStream,
+};
 
 /// Serves `trove.v1.Objects` from any [`ObjectStore`].
 #[derive(Debug)]
 pub struct ObjectsService<S: ?Sized> {
     store: Arc<S>,
     limits: Limits,
+    access: Access,
 }
 
 impl<S: ?Sized> ObjectsService<S> {
     /// Wraps a store.
     pub fn new(store: Arc<S>, limits: Limits) -> Self {
-        ObjectsService { store, limits }
+        ObjectsService {
+            store,
+            limits,
+            access: Arc::new(OpenAccess),
+        }
+    }
+
+    /// Consults `access` on every call (by default everything is allowed).
+    #[must_use]
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
     }
 }
 
@@ -44,12 +59,14 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         &self,
         request: Request<Streaming<pb::PutObjectRequest>>,
     ) -> Result<Response<pb::PutObjectResponse>, Status> {
-        let mut stream = request.into_inner();
+        let (extensions, mut stream) = split(request);
         let first = first_message(&mut stream, &self.limits)
             .await
             .map_err(status)?;
         let header = require_header(first.header)?;
         let ns = namespace(&header.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Write])?;
         let hash = hash("header.hash", header.hash)?;
         tracing::Span::current()
             .record("ns", ns.as_str())
@@ -77,8 +94,10 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         &self,
         request: Request<pb::GetObjectRequest>,
     ) -> Result<Response<Self::GetStream>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let hash = hash("hash", request.hash)?;
         let (info, data) = self.store.get_object(&ns, &hash).await.map_err(status)?;
         let head = futures::stream::once(async move {
@@ -100,8 +119,10 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         &self,
         request: Request<pb::DeleteObjectRequest>,
     ) -> Result<Response<pb::DeleteObjectResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Delete])?;
         let hash = hash("hash", request.hash)?;
         let existed = self.store.delete_object(&ns, &hash).await.map_err(status)?;
         Ok(Response::new(pb::DeleteObjectResponse { existed }))
@@ -112,8 +133,10 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         &self,
         request: Request<pb::StatObjectRequest>,
     ) -> Result<Response<pb::StatObjectResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let hash = hash("hash", request.hash)?;
         let info = self.store.stat_object(&ns, &hash).await.map_err(status)?;
         Ok(Response::new(pb::StatObjectResponse { info: Some(info) }))
@@ -124,8 +147,10 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         &self,
         request: Request<pb::ListObjectsRequest>,
     ) -> Result<Response<pb::ListObjectsResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let page = ListPage::new(&request.prefix, request.page_size, &request.page_token)
             .map_err(status)?;
         let page = self.store.list_objects(&ns, &page).await.map_err(status)?;
@@ -140,8 +165,10 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         &self,
         request: Request<pb::FindMissingRequest>,
     ) -> Result<Response<pb::FindMissingResponse>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let hashes = request
             .hashes
             .into_iter()
@@ -163,12 +190,14 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         &self,
         request: Request<Streaming<pb::PutStreamRequest>>,
     ) -> Result<Response<pb::PutStreamResponse>, Status> {
-        let mut stream = request.into_inner();
+        let (extensions, mut stream) = split(request);
         let first = first_message(&mut stream, &self.limits)
             .await
             .map_err(status)?;
         let header = require_header(first.header)?;
         let ns = namespace(&header.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Write])?;
         let hash = hash("header.hash", header.hash)?;
         tracing::Span::current()
             .record("ns", ns.as_str())
@@ -202,8 +231,10 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         &self,
         request: Request<pb::GetStreamRequest>,
     ) -> Result<Response<Self::GetStreamStream>, Status> {
-        let request = request.into_inner();
+        let (extensions, request) = split(request);
         let ns = namespace(&request.namespace)?;
+        self.access
+            .authorize(&extensions, &ns, &[Permission::Read])?;
         let hash = hash("hash", request.hash)?;
         let (info, chunks) = self.store.get_stream(&ns, &hash).await.map_err(status)?;
         let head = futures::stream::once(async move {

@@ -60,6 +60,36 @@ impl<S> Layer<S> for CallLayer {
     }
 }
 
+/// What the layers and adapters below this one learn about a call (who
+/// made it, in which namespace, whether it writes or deletes), for its audit
+/// line and the per-principal metrics. Travels in the request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct CallNote(Arc<std::sync::Mutex<NoteFields>>);
+
+/// The fields of a [`CallNote`].
+#[derive(Debug, Clone, Default)]
+pub struct NoteFields {
+    /// The authenticated principal.
+    pub principal: Option<String>,
+    /// The namespace the call addressed.
+    pub namespace: Option<String>,
+    /// The call writes or deletes, or was denied: it gets an audit line.
+    pub audited: bool,
+}
+
+impl CallNote {
+    /// Updates the note.
+    pub fn update(&self, change: impl FnOnce(&mut NoteFields)) {
+        if let Ok(mut fields) = self.0.lock() {
+            change(&mut fields);
+        }
+    }
+
+    fn read(&self) -> NoteFields {
+        self.0.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+}
+
 /// The service produced by [`CallLayer`].
 #[derive(Debug, Clone)]
 pub struct CallService<S> {
@@ -75,6 +105,8 @@ struct CallRecord {
     bytes_in: Arc<AtomicU64>,
     bytes_out: u64,
     status: Option<String>,
+    /// What the layers below learnt about the call.
+    note: CallNote,
     /// The response body reached its end (or an error) rather than being dropped.
     ended: bool,
     /// The concurrency slot; shared with the deadline timer, which gives it
@@ -116,6 +148,27 @@ impl CallRecord {
         metrics::counter!("trove_request_bytes_total", &by_method).increment(bytes_in);
         metrics::counter!("trove_response_bytes_total", &by_method).increment(self.bytes_out);
         metrics::gauge!("trove_requests_in_flight").decrement(1.0);
+        let note = self.note.read();
+        if let Some(principal) = &note.principal {
+            metrics::counter!(
+                "trove_requests_by_principal_total",
+                "principal" => principal.clone(),
+                "code" => code
+            )
+            .increment(1);
+        }
+        let denied = matches!(code, "UNAUTHENTICATED" | "PERMISSION_DENIED");
+        if note.audited || denied {
+            tracing::info!(
+                target: "trove_server::audit",
+                principal = note.principal.as_deref().unwrap_or("-"),
+                namespace = note.namespace.as_deref().unwrap_or("-"),
+                service = %self.service,
+                method = %self.method,
+                status = code,
+                "audit"
+            );
+        }
         tracing::info!(
             target: "trove_server::request",
             service = %self.service,
@@ -292,6 +345,7 @@ where
                         bytes_in: Arc::new(AtomicU64::new(0)),
                         bytes_out: 0,
                         status: Some((tonic::Code::ResourceExhausted as i32).to_string()),
+                        note: CallNote::default(),
                         ended: true,
                         _permit: Arc::new(std::sync::Mutex::new(None)),
                     });
@@ -313,6 +367,9 @@ where
             (a, b) => a.or(b),
         };
         let bytes_in = Arc::new(AtomicU64::new(0));
+        let note = CallNote::default();
+        let mut request = request;
+        request.extensions_mut().insert(note.clone());
         let request = request.map(|body| {
             Body::new(CountingBody {
                 inner: body,
@@ -327,6 +384,7 @@ where
             bytes_in,
             bytes_out: 0,
             status: None,
+            note,
             ended: false,
             _permit: Arc::new(std::sync::Mutex::new(permit)),
         };

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
@@ -56,6 +57,10 @@ fn describe() {
     );
     metrics::describe_gauge!("trove_requests_in_flight", "Calls being served right now.");
     metrics::describe_counter!(
+        "trove_requests_by_principal_total",
+        "Calls finished by authenticated callers, by principal (from the grants file) and gRPC status code."
+    );
+    metrics::describe_counter!(
         "trove_requests_shed_total",
         "Calls refused because max_concurrent_requests was reached."
     );
@@ -70,15 +75,34 @@ fn describe() {
     );
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` resolves.
+/// Serves `/metrics` on `listener` until `shutdown` resolves. With a
+/// `token_sha256` (hex), a scrape must send `authorization: Bearer <token>`
+/// for a token with that SHA-256, else it gets 401.
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
+    token_sha256: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let render = move || {
+    let expected: Option<[u8; 32]> = {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(&token_sha256, &mut digest)
+            .ok()
+            .map(|()| digest)
+    };
+    let render = move |headers: axum::http::HeaderMap| {
         let handle = handle.clone();
         async move {
+            if let Some(expected) = expected {
+                if !scrape_allowed(&headers, &expected) {
+                    return (
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                        "send `authorization: Bearer <token>` with the metrics token\n".to_owned(),
+                    )
+                        .into_response();
+                }
+            }
             (
                 [(
                     axum::http::header::CONTENT_TYPE,
@@ -86,12 +110,35 @@ pub async fn serve(
                 )],
                 handle.render(),
             )
+                .into_response()
         }
     };
     let app = axum::Router::new().route("/metrics", axum::routing::get(render));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Whether a scrape carries the one bearer token whose SHA-256 is `expected`
+/// (compared in constant time).
+fn scrape_allowed(headers: &axum::http::HeaderMap, expected: &[u8; 32]) -> bool {
+    use sha2::Digest;
+    use subtle::ConstantTimeEq;
+    let mut values = headers.get_all(axum::http::header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let Some(token) = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+    else {
+        return false;
+    };
+    let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+    bool::from(digest.ct_eq(expected))
 }
 
 /// Refreshes the store gauges from [`Engine::usage`] now and every `every`,
