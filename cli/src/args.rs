@@ -46,6 +46,39 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Bearer token sent on every call.
+    #[arg(long, env = "TROVE_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+
+    /// PEM bundle of the CAs to trust for the server's certificate; turns TLS
+    /// on (so does an `https://` address).
+    #[arg(long, env = "TROVE_CA", value_name = "FILE", global = true)]
+    pub ca: Option<PathBuf>,
+
+    /// PEM client certificate, for servers that require mutual TLS.
+    #[arg(
+        long,
+        env = "TROVE_CLIENT_CERT",
+        value_name = "FILE",
+        global = true,
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+
+    /// PEM key of --client-cert.
+    #[arg(
+        long,
+        env = "TROVE_CLIENT_KEY",
+        value_name = "FILE",
+        global = true,
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
+
+    /// The name the server's certificate must carry, when the address differs.
+    #[arg(long, env = "TROVE_TLS_DOMAIN", value_name = "NAME", global = true)]
+    pub tls_domain: Option<String>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

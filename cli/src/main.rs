@@ -29,7 +29,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use trove_client::trove_proto::types::Namespace;
-use trove_client::TroveClient;
+use trove_client::{ClientOptions, TroveClient};
 
 use crate::args::{Cli, Command};
 use crate::report::out;
@@ -80,7 +80,7 @@ async fn run(cli: Cli) -> Outcome {
         _ => {}
     }
     let ns = Namespace::new(&cli.namespace)?;
-    let client = TroveClient::connect(&cli.addr).await?;
+    let client = TroveClient::connect_with(&cli.addr, &client_options(&cli)?).await?;
     match cli.command {
         Command::Objects(cmd) => objects::run(&client, &ns, json, cmd).await,
         Command::Streams(cmd) => objects::run_streams(&client, &ns, json, cmd).await,
@@ -103,6 +103,23 @@ async fn run(cli: Cli) -> Outcome {
         }
         Command::Completions { .. } | Command::Man { .. } => Ok(()),
     }
+}
+
+/// TLS and token settings from the flags (and their environment variables).
+fn client_options(cli: &Cli) -> Outcome<ClientOptions> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| Failure::io(&path.display().to_string(), &e))
+    };
+    let identity_pem = match (&cli.client_cert, &cli.client_key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
+    Ok(ClientOptions {
+        token: cli.token.clone().filter(|t| !t.is_empty()),
+        ca_pem: cli.ca.as_deref().map(read).transpose()?,
+        identity_pem,
+        domain: cli.tls_domain.clone(),
+    })
 }
 
 /// Asks the standard health check; anything but SERVING is [`Exit::Unavailable`].

@@ -39,7 +39,12 @@ fn command(server: &ServerProcess, args: &[&str]) -> Command {
         .arg(server.addr.to_string())
         .args(args)
         .env_remove("TROVE_NAMESPACE")
-        .env_remove("TROVE_ADDR");
+        .env_remove("TROVE_ADDR")
+        .env_remove("TROVE_TOKEN")
+        .env_remove("TROVE_CA")
+        .env_remove("TROVE_CLIENT_CERT")
+        .env_remove("TROVE_CLIENT_KEY")
+        .env_remove("TROVE_TLS_DOMAIN");
     command
 }
 
@@ -898,4 +903,88 @@ async fn devices_and_pipes_named_as_files_upload_whole() {
         b"archive",
     );
     assert_eq!(archive["size"], 7);
+}
+
+/// Against a server with TLS and tokens: `--ca` and `--token` (or their
+/// variables) get in; a missing token is exit 5; an untrusted server is 6.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_token_flags() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = trove_tests::pki::TestCa::new("cli test CA");
+    let (cert, key) = ca.server(&["127.0.0.1"], false).write(dir.path(), "server");
+    let ca_file = ca.write(dir.path(), "ca");
+    let grants = dir.path().join("grants.toml");
+    let hash: String = Sha256::digest(b"cli-token")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(
+        &grants,
+        format!("[[token]]\nname = \"cli\"\nsha256 = \"{hash}\"\nnamespaces = [\"*\"]\npermissions = [\"read\", \"write\"]\n"),
+    )
+    .expect("grants");
+    let connect = trove_client::ClientOptions {
+        ca_pem: Some(ca.pem.clone().into_bytes()),
+        token: Some("cli-token".into()),
+        ..Default::default()
+    };
+    let server = ServerProcess::start_secure(
+        &[
+            "--tls-cert",
+            path_str(&cert),
+            "--tls-key",
+            path_str(&key),
+            "--auth-tokens",
+            path_str(&grants),
+        ],
+        connect,
+    )
+    .await;
+    let secure = |extra: &[&str], stdin: &[u8]| {
+        let mut args = vec!["--ca", path_str(&ca_file)];
+        args.extend_from_slice(extra);
+        trove(&server, &args, stdin)
+    };
+    let put = secure(
+        &["--token", "cli-token", "artifacts", "put", "k"],
+        b"secret",
+    );
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let get = command(
+        &server,
+        &["--ca", path_str(&ca_file), "artifacts", "get", "k"],
+    )
+    .env("TROVE_TOKEN", "cli-token")
+    .output()
+    .expect("run trove");
+    assert_eq!(
+        get.stdout,
+        b"secret",
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    let denied = secure(&["artifacts", "get", "k"], b"");
+    assert_eq!(
+        denied.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let other = trove_tests::pki::TestCa::new("not the server's CA").write(dir.path(), "other");
+    let untrusted = trove(
+        &server,
+        &["--ca", path_str(&other), "--token", "cli-token", "health"],
+        b"",
+    );
+    assert_eq!(
+        untrusted.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
 }

@@ -952,3 +952,86 @@ async fn thousands_of_aborted_uploads() {
     assert_nothing_written(&server).await;
     assert!(!server.log().contains("panicked"), "{}", server.log());
 }
+
+/// Hostile `authorization` headers on a server with tokens: malformed,
+/// oversized and repeated ones are UNAUTHENTICATED (never a panic, never
+/// another principal), an enormous one is refused without harm, the health
+/// check ignores them all, and the real token still works afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_authorization_headers() {
+    use sha2::Digest;
+    use tonic::metadata::MetadataValue;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let grants = dir.path().join("grants.toml");
+    std::fs::write(
+        &grants,
+        format!(
+            "[[token]]\nname = \"good\"\nsha256 = \"{}\"\nnamespaces = [\"*\"]\npermissions = [\"read\"]\n",
+            hex::encode(sha2::Sha256::digest(b"good-token"))
+        ),
+    )
+    .expect("grants");
+    let server =
+        ServerProcess::start_with(&["--auth-tokens", grants.to_str().expect("path")]).await;
+    // A fresh connection per call: the server may reset one that sent a
+    // header past the HTTP/2 limits.
+    let stat = |headers: Vec<String>| {
+        let server = &server;
+        async move {
+            let mut client = pb::artifacts_client::ArtifactsClient::new(server.channel().await);
+            let mut request = tonic::Request::new(pb::StatArtifactRequest {
+                namespace: "n".into(),
+                key: "k".into(),
+            });
+            for header in headers {
+                let value: MetadataValue<_> = header.parse().expect("ASCII header");
+                request.metadata_mut().append("authorization", value);
+            }
+            match client.stat(request).await {
+                Ok(_) => Code::Ok,
+                Err(status) => status.code(),
+            }
+        }
+    };
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("no scheme", vec!["good-token".into()]),
+        ("basic auth", vec!["Basic Z29vZDp0b2tlbg==".into()]),
+        ("scheme only", vec!["Bearer".into()]),
+        ("empty token", vec!["Bearer ".into()]),
+        ("two words", vec!["Bearer good-token extra".into()]),
+        ("other scheme", vec!["Token good-token".into()]),
+        ("unknown token", vec!["Bearer bad-token".into()]),
+        (
+            "repeated, both good",
+            vec!["Bearer good-token".into(), "Bearer good-token".into()],
+        ),
+        (
+            "repeated, one good",
+            vec!["Bearer bad".into(), "Bearer good-token".into()],
+        ),
+        ("oversized", vec![format!("Bearer {}", "x".repeat(5000))]),
+        (
+            "oversized, good prefix",
+            vec![format!("Bearer good-token{}", "x".repeat(5000))],
+        ),
+    ];
+    for (what, headers) in cases {
+        assert_eq!(stat(headers).await, Code::Unauthenticated, "{what}");
+    }
+    // Far past any header limit: refused one way or another, harmlessly.
+    let enormous = stat(vec![format!("Bearer {}", "y".repeat(200_000))]).await;
+    assert_ne!(
+        enormous,
+        Code::Ok,
+        "an enormous header must not be accepted"
+    );
+    // Health ignores credentials; the good token, any case of the scheme, works.
+    assert_eq!(
+        health_status(server.addr, "").await,
+        Some(ServingStatus::Serving)
+    );
+    assert_eq!(stat(vec!["bearer good-token".into()]).await, Code::NotFound);
+    assert_eq!(stat(vec!["Bearer good-token".into()]).await, Code::NotFound);
+    let log = server.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
