@@ -192,6 +192,12 @@ pub struct Config {
     #[arg(long, env = "TROVE_TLS_MIN_VERSION", value_enum, default_value = "1.2")]
     pub tls_min_version: TlsVersion,
 
+    /// Plaintext, unauthenticated listener answering only the standard gRPC
+    /// health check, for probes that cannot do TLS or send tokens (the
+    /// kubelet's), or "off".
+    #[arg(long, env = "TROVE_HEALTH_LISTEN", default_value = "off")]
+    pub health_listen: MetricsListen,
+
     /// Grants file (TOML) of bearer tokens, stored as SHA-256 hashes, and
     /// client-certificate mappings, each with namespaces and permissions.
     /// Reloaded when the file changes or on SIGHUP.

@@ -38,8 +38,22 @@ async fn main() -> anyhow::Result<()> {
         })?),
         None => None,
     };
+    let health = match config.health_listen.0 {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} (--health-listen; \"off\" disables it)")
+        })?),
+        None => None,
+    };
     // Scripts and tests read the bound addresses (useful with port 0) here.
     let mut stdout = std::io::stdout();
+    if let Some(health) = &health {
+        writeln!(
+            stdout,
+            "health on {}",
+            health.local_addr().context("health address")?
+        )
+        .context("write to stdout")?;
+    }
     if let Some(metrics) = &metrics {
         writeln!(
             stdout,
@@ -55,7 +69,16 @@ async fn main() -> anyhow::Result<()> {
     )
     .context("write to stdout")?;
     stdout.flush().context("flush stdout")?;
-    trove_server::server::run(config, Listeners { grpc, metrics }, shutdown).await
+    trove_server::server::run(
+        config,
+        Listeners {
+            grpc,
+            metrics,
+            health,
+        },
+        shutdown,
+    )
+    .await
 }
 
 /// A future resolving on the first SIGTERM or SIGINT; the handlers are

@@ -59,6 +59,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Prometheus `/metrics`, when enabled.
     pub metrics: Option<TcpListener>,
+    /// The health check alone, plaintext and open, when enabled.
+    pub health: Option<TcpListener>,
 }
 
 #[allow(clippy::type_complexity)]
@@ -135,6 +137,24 @@ pub async fn run(
             if let Err(err) = metrics::serve(listener, handle, token, stop.cancelled_owned()).await
             {
                 tracing::warn!(error = %err, "the metrics endpoint failed");
+            }
+        });
+    }
+
+    if let Some(listener) = listeners.health {
+        let probes = health_service.clone();
+        let addr = listener.local_addr().context("health listener address")?;
+        tracing::info!(%addr, "health check for probes");
+        endpoint.spawn(|stop| async move {
+            let served = Server::builder()
+                .add_service(probes)
+                .serve_with_incoming_shutdown(
+                    tls::incoming(Arc::new(listener), None),
+                    stop.cancelled_owned(),
+                )
+                .await;
+            if let Err(err) = served {
+                tracing::warn!(error = %err, "the health listener failed");
             }
         });
     }

@@ -50,6 +50,8 @@ pub struct ServerProcess {
     pub addr: SocketAddr,
     /// Address of the Prometheus endpoint.
     pub metrics_addr: Option<SocketAddr>,
+    /// Address of the plaintext health listener, when one was asked for.
+    pub health_addr: Option<SocketAddr>,
     /// Data directory of the server.
     pub data_dir: PathBuf,
     /// File receiving the server's standard error (its logs).
@@ -99,7 +101,7 @@ impl ServerProcess {
         let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
         let log_path = data_dir.with_extension("log");
         let connect = ClientOptions::default();
-        let (child, addr, metrics_addr) = spawn(
+        let (child, addr, metrics_addr, health_addr) = spawn(
             data_dir,
             "127.0.0.1:0",
             &extra_args,
@@ -112,6 +114,7 @@ impl ServerProcess {
             child: Some(child),
             addr,
             metrics_addr,
+            health_addr,
             data_dir: data_dir.to_path_buf(),
             log_path,
             extra_args,
@@ -129,12 +132,13 @@ impl ServerProcess {
         let data_dir = temp.path().join("data");
         let extra: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
         let log_path = data_dir.with_extension("log");
-        let (child, addr, metrics_addr) =
+        let (child, addr, metrics_addr, health_addr) =
             spawn(&data_dir, "127.0.0.1:0", &extra, &[], &log_path, &connect).await;
         ServerProcess {
             child: Some(child),
             addr,
             metrics_addr,
+            health_addr,
             data_dir,
             log_path,
             extra_args: extra,
@@ -202,7 +206,7 @@ impl ServerProcess {
     /// Starts the server again on the same data directory (after a kill).
     pub async fn restart(&mut self) {
         self.kill9();
-        let (child, addr, metrics_addr) = spawn(
+        let (child, addr, metrics_addr, health_addr) = spawn(
             &self.data_dir,
             "127.0.0.1:0",
             &self.extra_args,
@@ -214,6 +218,7 @@ impl ServerProcess {
         self.child = Some(child);
         self.addr = addr;
         self.metrics_addr = metrics_addr;
+        self.health_addr = health_addr;
     }
 
     /// Starts the server again on the same data directory and the same
@@ -221,7 +226,7 @@ impl ServerProcess {
     pub async fn restart_same_address(&mut self) {
         self.kill9();
         let listen = self.addr.to_string();
-        let (child, addr, metrics_addr) = spawn(
+        let (child, addr, metrics_addr, health_addr) = spawn(
             &self.data_dir,
             &listen,
             &self.extra_args,
@@ -233,6 +238,7 @@ impl ServerProcess {
         self.child = Some(child);
         self.addr = addr;
         self.metrics_addr = metrics_addr;
+        self.health_addr = health_addr;
     }
 
     /// The server's log so far.
@@ -262,7 +268,7 @@ async fn spawn(
     envs: &[(String, String)],
     log_path: &Path,
     connect: &ClientOptions,
-) -> (Child, SocketAddr, Option<SocketAddr>) {
+) -> (Child, SocketAddr, Option<SocketAddr>, Option<SocketAddr>) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -290,18 +296,25 @@ async fn spawn(
     let log_copy = log_path.to_path_buf();
     let addr = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stdout).lines();
-        let mut metrics = None;
+        let (mut metrics, mut health) = (None, None);
         while let Some(Ok(line)) = lines.next() {
             if let Some(addr) = line.strip_prefix("metrics on ") {
                 metrics = addr.trim().parse::<SocketAddr>().ok();
             }
+            if let Some(addr) = line.strip_prefix("health on ") {
+                health = addr.trim().parse::<SocketAddr>().ok();
+            }
             if let Some(addr) = line.strip_prefix("listening on ") {
-                return addr.trim().parse::<SocketAddr>().ok().map(|a| (a, metrics));
+                return addr
+                    .trim()
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .map(|a| (a, metrics, health));
             }
         }
         None
     });
-    let (addr, metrics_addr) = match tokio::time::timeout(START_TIMEOUT, addr).await {
+    let (addr, metrics_addr, health_addr) = match tokio::time::timeout(START_TIMEOUT, addr).await {
         Ok(Ok(Some(addrs))) => addrs,
         _ => {
             let _ = child.kill();
@@ -312,7 +325,7 @@ async fn spawn(
         }
     };
     wait_serving_with(addr, connect).await;
-    (child, addr, metrics_addr)
+    (child, addr, metrics_addr, health_addr)
 }
 
 /// Fetches `/metrics` from `addr` with a plain HTTP/1.1 request.

@@ -94,11 +94,19 @@ async fn tls_handshakes_and_certificate_reload() {
             cert.to_str().expect("path"),
             "--tls-key",
             key.to_str().expect("path"),
+            "--health-listen",
+            "127.0.0.1:0",
         ],
         trusted.clone(),
     )
     .await;
     let addr = server.addr.to_string();
+    // Probes that speak neither TLS nor tokens use the health listener.
+    let probe = server.health_addr.expect("health listener");
+    assert_eq!(
+        trove_tests::harness::health_status(probe, "").await,
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
+    );
 
     let client = TroveClient::connect_with(&addr, &trusted)
         .await

@@ -145,12 +145,8 @@ async fn python_client_exercises_every_service() {
     assert!(stdout.contains("7 passed, 0 failed"), "{stdout}");
 }
 
-/// The README's Python snippet runs as shown.
-#[tokio::test]
-async fn python_readme_snippet_runs() {
-    let Some(python) = python() else { return };
-    let snippet = workspace().join("tests/python/readme_snippet.py");
-    assert_in_readme(&snippet);
+/// Python stubs for the four services, generated from proto/.
+async fn python_stubs(python: &Path) -> tempfile::TempDir {
     let stubs = tempfile::tempdir().expect("dir");
     let mut protoc = Command::new(&python);
     protoc
@@ -162,6 +158,16 @@ async fn python_readme_snippet_runs() {
         protoc.arg(proto_root().join(format!("trove/v1/{file}.proto")));
     }
     assert_ran(&run(protoc).await, "grpc_tools.protoc");
+    stubs
+}
+
+/// The README's Python snippet runs as shown.
+#[tokio::test]
+async fn python_readme_snippet_runs() {
+    let Some(python) = python() else { return };
+    let snippet = workspace().join("tests/python/readme_snippet.py");
+    assert_in_readme(&snippet);
+    let stubs = python_stubs(&python).await;
     let server = ServerProcess::start().await;
     let mut command = Command::new(python);
     command
@@ -271,4 +277,110 @@ fn renumbered_field_is_a_breaking_change() {
     );
     assert!(report.contains("PutObjectHeader"), "{report}");
     println!("buf breaking output for the renumbered field:\n{report}");
+}
+
+/// A server with TLS and a token for the TLS snippets: its address, the CA
+/// file, and the token.
+struct SecureServer {
+    server: ServerProcess,
+    ca: PathBuf,
+    token: &'static str,
+    _dir: tempfile::TempDir,
+}
+
+async fn secure_server() -> SecureServer {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = trove_tests::pki::TestCa::new("polyglot test CA");
+    let (cert, key) = ca
+        .server(&["127.0.0.1", "localhost"], false)
+        .write(dir.path(), "server");
+    let ca_file = ca.write(dir.path(), "ca");
+    let token = "polyglot-token";
+    let grants = dir.path().join("grants.toml");
+    std::fs::write(
+        &grants,
+        format!(
+            "[[token]]\nname = \"polyglot\"\nsha256 = \"{}\"\nnamespaces = [\"demo\"]\npermissions = [\"read\", \"write\"]\n",
+            hex::encode(sha2::Sha256::digest(token.as_bytes()))
+        ),
+    )
+    .expect("grants");
+    let connect = trove_client::ClientOptions {
+        ca_pem: Some(ca.pem.clone().into_bytes()),
+        token: Some(token.to_owned()),
+        ..Default::default()
+    };
+    let server = ServerProcess::start_secure(
+        &[
+            "--tls-cert",
+            &cert.to_string_lossy(),
+            "--tls-key",
+            &key.to_string_lossy(),
+            "--auth-tokens",
+            &grants.to_string_lossy(),
+        ],
+        connect,
+    )
+    .await;
+    SecureServer {
+        server,
+        ca: ca_file,
+        token,
+        _dir: dir,
+    }
+}
+
+/// The README's Python snippet for TLS with a token runs as shown; with a
+/// wrong token the server answers UNAUTHENTICATED.
+#[tokio::test]
+async fn python_tls_token_snippet_runs() {
+    let Some(python) = python() else { return };
+    let snippet = workspace().join("tests/python/readme_snippet_tls.py");
+    assert_in_readme(&snippet);
+    let stubs = python_stubs(&python).await;
+    let secure = secure_server().await;
+    let command = |token: &str| {
+        let mut command = Command::new(&python);
+        command
+            .arg(&snippet)
+            .arg(secure.server.addr.to_string())
+            .env("PYTHONPATH", stubs.path())
+            .env("TROVE_CA", &secure.ca)
+            .env("TROVE_TOKEN", token);
+        command
+    };
+    let stdout = assert_ran(&run(command(secure.token)).await, "the Python TLS snippet");
+    assert_eq!(stdout.trim(), "hello over TLS from Python");
+    let refused = run(command("wrong-token")).await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("UNAUTHENTICATED"));
+}
+
+/// The README's Node snippet for TLS with a token runs as shown; with a
+/// wrong token the server answers UNAUTHENTICATED.
+#[tokio::test]
+async fn node_tls_token_snippet_runs() {
+    let Some((node, modules)) = node() else {
+        return;
+    };
+    let snippet = workspace().join("tests/node/readme_snippet_tls.js");
+    assert_in_readme(&snippet);
+    let secure = secure_server().await;
+    let command = |token: &str| {
+        let mut command = Command::new(&node);
+        command
+            .arg(&snippet)
+            .arg(proto_root())
+            .arg(secure.server.addr.to_string())
+            .env("NODE_PATH", &modules)
+            .env("TROVE_CA", &secure.ca)
+            .env("TROVE_TOKEN", token);
+        command
+    };
+    let stdout = assert_ran(&run(command(secure.token)).await, "the Node TLS snippet");
+    assert_eq!(stdout.trim(), "hello over TLS from Node");
+    let refused = run(command("wrong-token")).await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("UNAUTHENTICATED"));
 }
