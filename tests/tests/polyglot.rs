@@ -148,7 +148,7 @@ async fn python_client_exercises_every_service() {
 /// Python stubs for the four services, generated from proto/.
 async fn python_stubs(python: &Path) -> tempfile::TempDir {
     let stubs = tempfile::tempdir().expect("dir");
-    let mut protoc = Command::new(&python);
+    let mut protoc = Command::new(python);
     protoc
         .args(["-m", "grpc_tools.protoc"])
         .arg(format!("-I{}", proto_root().display()));
