@@ -46,6 +46,8 @@ fn tiny_run_reports_every_ratio_and_chart() {
         "cache upload",
         "cache download with fallback",
         "get p99 with 300 items stored",
+        "small get over TLS with a token",
+        "bulk get 2 MiB over TLS with a token",
     ] {
         assert!(
             figures.contains(&expected),

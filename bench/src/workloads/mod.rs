@@ -36,6 +36,7 @@ mod find_missing;
 mod params;
 mod scaling;
 mod small_values;
+mod tls;
 
 pub use params::Params;
 pub use scaling::prefill;
@@ -162,6 +163,7 @@ impl Bench {
         self.cassette_reads().await.context("cassette reads")?;
         self.bulk().await.context("bulk objects")?;
         self.cache().await.context("cache archives")?;
+        self.tls().await.context("TLS with a token")?;
         self.concurrency_curve()
             .await
             .context("concurrency scaling")?;
