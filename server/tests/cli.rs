@@ -14,17 +14,41 @@ fn help_documents_every_setting() {
     let out = server().arg("--help").output().expect("run --help");
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for (flag, env) in [
-        ("--listen", "TROVE_LISTEN"),
-        ("--data-dir", "TROVE_DATA_DIR"),
-        ("--max-message-bytes", "TROVE_MAX_MESSAGE_BYTES"),
-        ("--chunk-bytes", "TROVE_CHUNK_BYTES"),
-        ("--durability", "TROVE_DURABILITY"),
-        ("--log-format", "TROVE_LOG_FORMAT"),
-        ("--reflection", "TROVE_REFLECTION"),
-    ] {
-        assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
-        assert!(help.contains(env), "{env} missing from --help:\n{help}");
+    // Every setting the server has, from its own effective configuration.
+    // Optional settings are printed only when set: set them all.
+    let config = server()
+        .args(["--print-config", "--s3-endpoint", "http://s3.invalid"])
+        .args([
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+        ])
+        .args(["--auth-tokens", "grants.toml"])
+        .output()
+        .expect("run --print-config");
+    assert!(config.status.success());
+    let settings: Vec<String> = String::from_utf8_lossy(&config.stdout)
+        .lines()
+        .filter_map(|line| line.split_once(" = ").map(|(key, _)| key.trim().to_owned()))
+        .collect();
+    assert!(
+        settings.len() >= 27,
+        "too few settings printed: {settings:?}"
+    );
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    for key in &settings {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let env = format!("TROVE_{}", key.to_uppercase());
+        assert!(help.contains(&flag), "{flag} missing from --help:\n{help}");
+        assert!(help.contains(&env), "{env} missing from --help:\n{help}");
+        assert!(
+            readme.contains(&format!("`{flag}`")),
+            "{flag} missing from the README's settings table"
+        );
     }
 }
 
