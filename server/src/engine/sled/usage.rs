@@ -18,6 +18,9 @@ pub struct StoreStats {
     pub blob_files: u64,
     /// Blob files referenced by metadata.
     pub referenced_blobs: u64,
+    /// Keys in every tree of the database together: zero for a store that
+    /// holds nothing at all.
+    pub keys: u64,
 }
 
 impl SledStore {
@@ -31,10 +34,16 @@ impl SledStore {
             .blobs
             .published_ids()
             .map_err(|e| io_error("read blob folders", &e))?;
+        let mut keys = 0u64;
+        for name in self.inner.db.tree_names() {
+            let tree = self.inner.db.open_tree(name).map_err(sled_error)?;
+            keys += tree.len() as u64;
+        }
         Ok(StoreStats {
             staged_files: staged as u64,
             blob_files: published.len() as u64,
             referenced_blobs: self.inner.blob_refs.len() as u64,
+            keys,
         })
     }
 
