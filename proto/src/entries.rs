@@ -74,7 +74,13 @@ impl EntryCursor {
             )
         };
         let body = token.strip_prefix(CURSOR_PREFIX).ok_or_else(bad)?;
-        if body.len() != 32 || !body.is_ascii() {
+        // Only what `encode` writes: 32 lowercase hex digits, so that every
+        // cursor has exactly one spelling.
+        if body.len() != 32
+            || !body
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(bad());
         }
         let (ts, seq) = body.split_at(16);
@@ -204,6 +210,18 @@ mod tests {
         }
         for bad in ["", "c1.", "c1.zz", "x"] {
             assert!(EntryCursor::decode("after", bad).is_err());
+        }
+        // One spelling per cursor: no upper case, no sign.
+        let canonical = EntryCursor {
+            recorded_at: 10,
+            seq: 11,
+        }
+        .encode();
+        for other in [
+            canonical.to_uppercase().replacen("C1.", "c1.", 1),
+            canonical.replacen("c1.0", "c1.+", 1),
+        ] {
+            assert!(EntryCursor::decode("after", &other).is_err(), "{other}");
         }
     }
 }

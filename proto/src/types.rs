@@ -220,6 +220,13 @@ pub fn decode_page_token(token: &str) -> Result<String> {
         )
     };
     let body = token.strip_prefix(PAGE_TOKEN_PREFIX).ok_or_else(bad)?;
+    // Only what `encode_page_token` writes (lowercase hex): one spelling per token.
+    if !body
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(bad());
+    }
     let bytes = hex::decode(body).map_err(|_| bad())?;
     let name = String::from_utf8(bytes).map_err(|_| bad())?;
     if name.is_empty() || name.len() > MAX_NAME_BYTES || name.contains('\0') {
@@ -317,7 +324,7 @@ mod tests {
                 Some(name)
             );
         }
-        for bad in ["", "zz", "p1.zz", "p1.", "p1.00"] {
+        for bad in ["", "zz", "p1.zz", "p1.", "p1.00", "p1.6A"] {
             assert!(decode_page_token(bad).is_err(), "{bad:?}");
         }
         assert_eq!(clamp_page_size(0), DEFAULT_PAGE_SIZE);

@@ -167,8 +167,7 @@ async fn bad_cache_input_is_rejected_and_changes_nothing() {
     server.kill9();
     let data_dir = server.data_dir.clone();
     let stats = tokio::task::spawn_blocking(move || {
-        trove_server::SledStore::open(&data_dir, Default::default())
-            .and_then(|store| store.stats())
+        trove_server::SledStore::open(&data_dir, Default::default()).and_then(|store| store.stats())
     })
     .await
     .expect("join")

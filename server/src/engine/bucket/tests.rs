@@ -77,6 +77,8 @@ impl Bucket for IgnoresConditions {
 struct LandsThenFails {
     inner: InMemory,
     armed: std::sync::atomic::AtomicBool,
+    /// How many writes landed and were reported lost.
+    fired: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Display for LandsThenFails {
@@ -97,6 +99,7 @@ impl Bucket for LandsThenFails {
         let result = self.inner.put_opts(location, payload, opts).await?;
         let is_record = location.as_ref().starts_with("r/n/");
         if conditional && is_record && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.fired.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             return Err(object_store::Error::Precondition {
                 path: location.to_string(),
                 source: "the retried request found the first one's write".into(),
@@ -165,14 +168,30 @@ async fn writes_that_landed_unseen_are_not_lost_or_doubled() {
         )
         .await
         .expect("put");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fired = |n| {
+        assert_eq!(
+            bucket.fired.load(std::sync::atomic::Ordering::SeqCst),
+            n,
+            "the injected lost reply must have happened"
+        );
+    };
+    fired(1);
     let (_, stream) = store.get_artifact(&ns, &key).await.expect("get");
     let data: Vec<Bytes> = stream.try_collect().await.expect("read");
     assert_eq!(data.concat(), big.to_vec());
-    assert_eq!(
-        store.count_pending_and_blobs().await.expect("count"),
-        (0, 1)
-    );
+    // The published blob's marker is removed in the background: poll for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts = store.count_pending_and_blobs().await.expect("count");
+        if counts == (0, 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "markers and blobs never settled at (0, 1): {counts:?}"
+        );
+        tokio::task::yield_now().await;
+    }
 
     let cassette = Name::new("cassette", "c").expect("name");
     let entry = NewEntry::parse("e", Bytes::from_static(br#"{"n":1}"#), None).expect("entry");
@@ -183,6 +202,7 @@ async fn writes_that_landed_unseen_are_not_lost_or_doubled() {
         .append_entries(&ns, &cassette, vec![entry], Default::default())
         .await
         .expect("append");
+    fired(2);
     let read: Vec<_> = store
         .read_entries(&ns, &cassette, ReadOptions::default())
         .await
