@@ -123,11 +123,25 @@ impl TroveClient {
         let tls = addr.starts_with("https://")
             || options.ca_pem.is_some()
             || options.identity_pem.is_some();
+        if addr.starts_with("http://")
+            && (options.ca_pem.is_some() || options.identity_pem.is_some())
+        {
+            return Err(Error::invalid(
+                "addr",
+                format!("{addr} is plaintext but TLS settings were given; use https://"),
+            ));
+        }
         let uri = match (addr.contains("://"), tls) {
             (true, _) => addr.to_owned(),
             (false, true) => format!("https://{addr}"),
             (false, false) => format!("http://{addr}"),
         };
+        if !tls && options.token.is_some() && !is_loopback(&uri) {
+            tracing::warn!(
+                addr = %uri,
+                "sending a bearer token without TLS: anyone on the path can read it"
+            );
+        }
         let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| Error::invalid("addr", format!("{uri:?} is not a valid address: {e}")))?
             .connect_timeout(Duration::from_secs(10))
@@ -209,6 +223,23 @@ impl TroveClient {
         self.chunk_bytes = chunk_bytes.max(1);
         self
     }
+}
+
+/// Whether a URI's host is a loopback name or address.
+fn is_loopback(uri: &str) -> bool {
+    let host = uri
+        .split("://")
+        .nth(1)
+        .unwrap_or(uri)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A connection error with its causes: "transport error" alone says little.

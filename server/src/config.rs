@@ -299,6 +299,30 @@ impl Config {
         ))
     }
 
+    /// Settings that work but expose something, for a warning at start:
+    /// tokens sent in plaintext beyond loopback, an open `/metrics` beyond
+    /// loopback.
+    pub fn exposure_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if !self.listen.ip().is_loopback() && self.auth_tokens.is_some() && self.tls_cert.is_none()
+        {
+            warnings.push(format!(
+                "bearer tokens travel in plaintext to {}: give --tls-cert and --tls-key unless \
+                 something in front (a mesh, a proxy) encrypts the connections",
+                self.listen
+            ));
+        }
+        if let Some(addr) = self.metrics_listen.0 {
+            if !addr.ip().is_loopback() && self.metrics_token_sha256.is_empty() {
+                warnings.push(format!(
+                    "/metrics on {addr} is open to anyone who reaches it (it names principals \
+                     and shows traffic); give --metrics-token-sha256 or keep it on loopback"
+                ));
+            }
+        }
+        warnings
+    }
+
     /// The TLS settings, when TLS is on.
     pub fn tls(&self) -> Option<crate::access::tls::TlsSettings> {
         Some(crate::access::tls::TlsSettings {

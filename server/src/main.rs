@@ -26,6 +26,9 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(2);
     }
     trove_server::telemetry::init(&config)?;
+    for warning in config.exposure_warnings() {
+        tracing::warn!("{warning}");
+    }
     // Registered before anything slow happens, so a SIGTERM during start-up
     // is held and honoured (gracefully) instead of killing the process.
     let shutdown = shutdown_signal()?;

@@ -190,7 +190,8 @@ async fn mutual_tls_requires_a_known_client_certificate() {
     let grants = dir.path().join("grants.toml");
     std::fs::write(
         &grants,
-        "[[client]]\nname = \"runner\"\nsan = \"runner.ci\"\nnamespaces = [\"ci\"]\npermissions = [\"read\", \"write\"]\n",
+        "[[client]]\nname = \"runner\"\nsan = \"runner.ci\"\nnamespaces = [\"ci\"]\npermissions = [\"read\", \"write\"]\n\n\
+         [[client]]\nname = \"auditor\"\nsubject = \"CN=auditor\"\nnamespaces = [\"ci\"]\npermissions = [\"read\"]\n",
     )
     .expect("grants");
     let runner = ca.client("runner", "runner.ci");
@@ -226,6 +227,39 @@ async fn mutual_tls_requires_a_known_client_certificate() {
         }
         other => panic!("outside the grant: {other:?}"),
     }
+
+    // A certificate mapped by its subject gets that principal's grant.
+    let auditor = ca.client("auditor", "somewhere.else");
+    let as_auditor = ClientOptions {
+        identity_pem: Some((auditor.cert.into_bytes(), auditor.key.into_bytes())),
+        ..with_cert.clone()
+    };
+    let auditor = TroveClient::connect_with(&addr, &as_auditor)
+        .await
+        .expect("connect");
+    assert_eq!(
+        get_artifact(&auditor, "ci", "k").await.expect("read"),
+        b"mtls"
+    );
+    match put_artifact(&auditor, "ci", "k", b"x").await {
+        Err(Error::PermissionDenied { message }) => {
+            assert!(message.contains("auditor"), "{message}")
+        }
+        other => panic!("a read-only subject wrote: {other:?}"),
+    }
+    // A certificate from the CA that the grants file does not map is not a principal.
+    let unmapped = ca.client("nobody", "nobody.ci");
+    let as_nobody = ClientOptions {
+        identity_pem: Some((unmapped.cert.into_bytes(), unmapped.key.into_bytes())),
+        ..with_cert.clone()
+    };
+    let nobody = TroveClient::connect_with(&addr, &as_nobody)
+        .await
+        .expect("connect");
+    assert!(matches!(
+        get_artifact(&nobody, "ci", "k").await,
+        Err(Error::Unauthenticated { .. })
+    ));
 
     let no_cert = ClientOptions {
         identity_pem: None,
@@ -733,6 +767,16 @@ async fn tokens_rotate_without_restart() {
             )
             .await
     });
+    // The upload has reached the server (and been let in) before the rotation.
+    let metrics = server.metrics_addr.expect("metrics");
+    wait_until("the upload to be in flight", || async {
+        trove_tests::harness::scrape(metrics)
+            .await
+            .lines()
+            .filter_map(|l| l.strip_prefix("trove_requests_in_flight "))
+            .any(|v| v.trim().parse::<f64>().is_ok_and(|n| n >= 1.0))
+    })
+    .await;
     std::fs::write(
         &grants,
         token_entry("new", "token-new", &["*"], &["read", "write"]),

@@ -79,17 +79,89 @@ impl Pattern {
 /// What a client certificate must show to be a principal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum CertMatch {
-    Subject(String),
-    San(String),
+    /// Exactly these subject attributes (order aside).
+    Subject(Vec<(String, String)>),
+    /// A DNS name (case-insensitive), IP address or URI among the SANs.
+    San(San),
+}
+
+/// One subject alternative name, with its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum San {
+    /// A DNS name, lower-cased.
+    Dns(String),
+    /// An IP address.
+    Ip(std::net::IpAddr),
+    /// A URI, as written.
+    Uri(String),
+}
+
+impl San {
+    /// A SAN as written in the grants file: `uri:...`, `ip:...`, `dns:...`,
+    /// or bare (an IP address if it parses as one, else a DNS name).
+    fn parse(raw: &str) -> Result<Self, String> {
+        if let Some(uri) = raw.strip_prefix("uri:") {
+            return Ok(San::Uri(uri.to_owned()));
+        }
+        if let Some(ip) = raw.strip_prefix("ip:") {
+            return ip
+                .parse()
+                .map(San::Ip)
+                .map_err(|_| format!("{ip:?} is not an IP address"));
+        }
+        let dns = raw.strip_prefix("dns:").unwrap_or(raw);
+        Ok(match dns.parse() {
+            Ok(ip) => San::Ip(ip),
+            Err(_) => San::Dns(dns.to_ascii_lowercase()),
+        })
+    }
+}
+
+/// Parses `CN=runner,O=ci` into attribute pairs (`\,` escapes a comma);
+/// attribute names are compared upper-cased.
+fn parse_subject(raw: &str) -> Result<Vec<(String, String)>, String> {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => current.extend(chars.next()),
+            ',' => parts.push(std::mem::take(&mut current)),
+            _ => current.push(c),
+        }
+    }
+    parts.push(current);
+    let mut pairs: Vec<(String, String)> = parts
+        .iter()
+        .map(|part| {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("subject part {part:?} is not NAME=VALUE"))?;
+            Ok((key.trim().to_ascii_uppercase(), value.trim().to_owned()))
+        })
+        .collect::<Result<_, String>>()?;
+    pairs.sort();
+    Ok(pairs)
 }
 
 /// The identity a client certificate presented during the TLS handshake.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientIdentity {
-    /// The subject, as RFC 4514 text (`CN=runner,O=ci`).
-    pub subject: String,
-    /// DNS names, IP addresses and URIs from the subject alternative names.
-    pub sans: Vec<String>,
+    /// The subject's attributes as (upper-cased short name, value), sorted.
+    pub subject: Vec<(String, String)>,
+    /// The subject alternative names.
+    pub sans: Vec<San>,
+}
+
+impl ClientIdentity {
+    /// The subject as text, for messages.
+    pub fn subject_text(&self) -> String {
+        self.subject
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// Every principal the server knows, as loaded from one grants file.
@@ -195,8 +267,12 @@ impl Grants {
                 return Err(format!("principal name {:?} is used twice", entry.name));
             }
             let matcher = match (&entry.subject, &entry.san) {
-                (Some(subject), None) if !subject.is_empty() => CertMatch::Subject(subject.clone()),
-                (None, Some(san)) if !san.is_empty() => CertMatch::San(san.clone()),
+                (Some(subject), None) if !subject.is_empty() => CertMatch::Subject(
+                    parse_subject(subject).map_err(|e| format!("{}: {e}", entry.name))?,
+                ),
+                (None, Some(san)) if !san.is_empty() => {
+                    CertMatch::San(San::parse(san).map_err(|e| format!("{}: {e}", entry.name))?)
+                }
                 _ => {
                     return Err(format!(
                         "{}: a [[client]] names exactly one of subject or san",
@@ -204,6 +280,12 @@ impl Grants {
                     ))
                 }
             };
+            if grants.clients.iter().any(|(m, _)| *m == matcher) {
+                return Err(format!(
+                    "{}: another [[client]] already maps the same certificate",
+                    entry.name
+                ));
+            }
             grants.clients.push((matcher, Arc::new(who)));
         }
         Ok(grants)
@@ -234,7 +316,7 @@ impl Grants {
         self.clients.iter().find_map(|(matcher, who)| {
             let hit = match matcher {
                 CertMatch::Subject(subject) => identity.subject == *subject,
-                CertMatch::San(san) => identity.sans.iter().any(|s| s == san),
+                CertMatch::San(san) => identity.sans.contains(san),
             };
             hit.then(|| Arc::clone(who))
         })
@@ -328,15 +410,15 @@ mod tests {
         )
         .expect("valid file");
         let runner = ClientIdentity {
-            subject: "CN=someone".into(),
-            sans: vec!["x".into(), "runner.ci".into()],
+            subject: vec![("CN".into(), "someone".into())],
+            sans: vec![San::Dns("x".into()), San::Dns("runner.ci".into())],
         };
         assert_eq!(
             grants.by_client(&runner).map(|p| p.name.clone()).as_deref(),
             Some("by-san")
         );
         let ops = ClientIdentity {
-            subject: "CN=ops,O=trove".into(),
+            subject: parse_subject("O=trove, CN=ops").expect("subject"),
             sans: vec![],
         };
         assert_eq!(
@@ -344,6 +426,18 @@ mod tests {
             Some("by-subject")
         );
         assert!(grants.by_client(&ClientIdentity::default()).is_none());
+        // A single CN that reads like two attributes is one attribute.
+        let forged = ClientIdentity {
+            subject: vec![("CN".into(), "ops, O=trove".into())],
+            sans: vec![],
+        };
+        assert!(grants.by_client(&forged).is_none());
+        // An IP SAN is not a DNS name that happens to look the same.
+        assert_eq!(San::parse("10.0.0.1"), Ok(San::Ip([10, 0, 0, 1].into())));
+        assert_eq!(
+            San::parse("dns:Runner.CI"),
+            Ok(San::Dns("runner.ci".into()))
+        );
     }
 
     /// Every malformed entry is refused with a message naming it.
@@ -359,6 +453,8 @@ mod tests {
             (format!("[[token]]\nname = \"t\"\nsha256 = \"{0}\"\n{valid}[[token]]\nname = \"t\"\nsha256 = \"{1}\"\n{valid}", sha("x"), sha("y")), "twice"),
             (format!("[[token]]\nname = \"t\"\nsha256 = \"{0}\"\n{valid}[[token]]\nname = \"u\"\nsha256 = \"{0}\"\n{valid}", sha("x")), "twice"),
             (format!("[[client]]\nname = \"c\"\n{valid}"), "subject or san"),
+            (format!("[[client]]\nname = \"c\"\nsan = \"a\"\n{valid}[[client]]\nname = \"d\"\nsan = \"A\"\n{valid}"), "same certificate"),
+            (format!("[[client]]\nname = \"c\"\nsubject = \"CN\"\n{valid}"), "NAME=VALUE"),
             (format!("[[token]]\nname = \"t\"\nsha256 = \"{}\"\nsecret = \"x\"\n{valid}", sha("x")), "secret"),
             ("not toml [".to_owned(), ""),
         ] {

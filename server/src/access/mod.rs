@@ -22,7 +22,6 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
 
 use tonic::body::Body;
 use tonic::codegen::http;
@@ -48,12 +47,21 @@ pub struct Caller(pub Arc<Principal>);
 pub struct AccessControl {
     grants: RwLock<Arc<Grants>>,
     file: Option<PathBuf>,
-    stamp: RwLock<Option<SystemTime>>,
+    /// SHA-256 of the file's content when it was last read, loaded or not:
+    /// a change of content (not of a timestamp, which can miss a quick
+    /// rewrite) is what triggers a reload.
+    seen: RwLock<Option<[u8; 32]>>,
     client_certs: bool,
 }
 
-fn modified(path: &std::path::Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// SHA-256 of a file's content, or `None` when it cannot be read.
+pub(crate) fn content_hash(paths: &[&std::path::Path]) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for path in paths {
+        hasher.update(std::fs::read(path).ok()?);
+    }
+    Some(hasher.finalize().into())
 }
 
 impl AccessControl {
@@ -61,15 +69,17 @@ impl AccessControl {
     /// client certificates are required (mutual TLS). With neither, every
     /// caller may do everything.
     pub fn open(file: Option<PathBuf>, client_certs: bool) -> Result<Arc<Self>, String> {
+        // The hash is taken before the load, so a file replaced in between
+        // differs from it and is read again at the next check.
+        let seen = file.as_deref().and_then(|f| content_hash(&[f]));
         let grants = match &file {
             Some(path) => Grants::load(path)?,
             None => Grants::default(),
         };
-        let stamp = file.as_deref().and_then(modified);
         Ok(Arc::new(AccessControl {
             grants: RwLock::new(Arc::new(grants)),
             file,
-            stamp: RwLock::new(stamp),
+            seen: RwLock::new(seen),
             client_certs,
         }))
     }
@@ -92,13 +102,13 @@ impl AccessControl {
         let Some(path) = &self.file else {
             return;
         };
-        let stamp = modified(path);
-        let unchanged = self.stamp.read().map(|s| *s == stamp).unwrap_or(false);
+        let hash = content_hash(&[path]);
+        let unchanged = self.seen.read().map(|s| *s == hash).unwrap_or(false);
         if unchanged && !force {
             return;
         }
-        if let Ok(mut seen) = self.stamp.write() {
-            *seen = stamp;
+        if let Ok(mut seen) = self.seen.write() {
+            *seen = hash;
         }
         match Grants::load(path) {
             Ok(grants) => {
@@ -144,7 +154,7 @@ impl AccessControl {
             return grants.by_client(identity).map(Some).ok_or_else(|| {
                 Status::unauthenticated(format!(
                     "the client certificate ({}) is not mapped to a principal in the grants file",
-                    identity.subject
+                    identity.subject_text()
                 ))
             });
         }

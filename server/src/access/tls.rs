@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -25,10 +25,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
 
-use super::grants::ClientIdentity;
+use super::grants::{ClientIdentity, San};
 
 /// Longest a client may take to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most TLS handshakes in progress at once; further connections wait to be
+/// accepted, so a flood of silent sockets cannot use every descriptor.
+const MAX_HANDSHAKES: usize = 512;
+/// Pause after a failed accept (out of descriptors, for instance), so the
+/// loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// How often the certificate and key files are checked for changes.
 pub const RELOAD_PERIOD: Duration = Duration::from_secs(2);
 
@@ -91,21 +97,20 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Strin
 pub struct CertStore {
     current: RwLock<Arc<CertifiedKey>>,
     files: (PathBuf, PathBuf),
-    stamp: RwLock<Option<(SystemTime, SystemTime)>>,
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    /// SHA-256 of both files when last read: content, not timestamps,
+    /// decides a reload.
+    seen: RwLock<Option<[u8; 32]>>,
 }
 
 impl CertStore {
     /// Loads the certificate and key named in `settings`.
     pub fn open(settings: &TlsSettings) -> Result<Arc<Self>, String> {
+        let seen = super::content_hash(&[&settings.cert, &settings.key]);
         let key = load_certified_key(&settings.cert, &settings.key)?;
         Ok(Arc::new(CertStore {
             current: RwLock::new(Arc::new(key)),
             files: (settings.cert.clone(), settings.key.clone()),
-            stamp: RwLock::new(modified(&settings.cert).zip(modified(&settings.key))),
+            seen: RwLock::new(seen),
         }))
     }
 
@@ -113,27 +118,23 @@ impl CertStore {
     /// A pair that does not load keeps the current one in service.
     pub fn reload(&self, force: bool) {
         let (cert, key) = &self.files;
-        let stamp = modified(cert).zip(modified(key));
-        let unchanged = self.stamp.read().map(|s| *s == stamp).unwrap_or(false);
+        let hash = super::content_hash(&[cert, key]);
+        let unchanged = self.seen.read().map(|s| *s == hash).unwrap_or(false);
         if unchanged && !force {
             return;
+        }
+        if let Ok(mut seen) = self.seen.write() {
+            *seen = hash;
         }
         match load_certified_key(cert, key) {
             Ok(loaded) => {
                 if let Ok(mut current) = self.current.write() {
                     *current = Arc::new(loaded);
                 }
-                if let Ok(mut seen) = self.stamp.write() {
-                    *seen = stamp;
-                }
                 tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
             }
             Err(err) => {
-                // Remember the stamp so a broken file is reported once, not
-                // every period; the next change is tried again.
-                if let Ok(mut seen) = self.stamp.write() {
-                    *seen = stamp;
-                }
+                // Reported once per content: the next change is tried again.
                 tracing::error!(error = %err, "TLS certificate not reloaded; the previous one stays in use");
             }
         }
@@ -272,10 +273,21 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// The identity in a DER client certificate: its subject and SANs.
+/// The identity in a DER client certificate: its subject attributes and
+/// its SANs, each with its kind.
 fn identity_of(cert: &CertificateDer<'_>) -> Option<ClientIdentity> {
     use x509_parser::extensions::GeneralName;
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let mut subject: Vec<(String, String)> = parsed
+        .subject()
+        .iter_attributes()
+        .filter_map(|attr| {
+            let oid = attr.attr_type().to_id_string();
+            let value = attr.as_str().ok()?.to_owned();
+            Some((attribute_name(&oid), value))
+        })
+        .collect();
+    subject.sort();
     let sans = parsed
         .subject_alternative_name()
         .ok()
@@ -285,15 +297,15 @@ fn identity_of(cert: &CertificateDer<'_>) -> Option<ClientIdentity> {
                 .general_names
                 .iter()
                 .filter_map(|name| match name {
-                    GeneralName::DNSName(dns) => Some((*dns).to_owned()),
-                    GeneralName::URI(uri) => Some((*uri).to_owned()),
+                    GeneralName::DNSName(dns) => Some(San::Dns(dns.to_ascii_lowercase())),
+                    GeneralName::URI(uri) => Some(San::Uri((*uri).to_owned())),
                     GeneralName::IPAddress(bytes) => match bytes.len() {
                         4 => <[u8; 4]>::try_from(*bytes)
                             .ok()
-                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                            .map(|b| San::Ip(std::net::IpAddr::from(b))),
                         16 => <[u8; 16]>::try_from(*bytes)
                             .ok()
-                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                            .map(|b| San::Ip(std::net::IpAddr::from(b))),
                         _ => None,
                     },
                     _ => None,
@@ -301,10 +313,27 @@ fn identity_of(cert: &CertificateDer<'_>) -> Option<ClientIdentity> {
                 .collect()
         })
         .unwrap_or_default();
-    Some(ClientIdentity {
-        subject: parsed.subject().to_string(),
-        sans,
-    })
+    Some(ClientIdentity { subject, sans })
+}
+
+/// The RFC 4514 short name of a subject attribute type (what grants files
+/// write: `CN=runner,O=ci`); other types keep their dotted OID.
+fn attribute_name(oid: &str) -> String {
+    match oid {
+        "2.5.4.3" => "CN",
+        "2.5.4.5" => "SERIALNUMBER",
+        "2.5.4.6" => "C",
+        "2.5.4.7" => "L",
+        "2.5.4.8" => "ST",
+        "2.5.4.9" => "STREET",
+        "2.5.4.10" => "O",
+        "2.5.4.11" => "OU",
+        "0.9.2342.19200300.100.1.1" => "UID",
+        "0.9.2342.19200300.100.1.25" => "DC",
+        "1.2.840.113549.1.9.1" => "EMAILADDRESS",
+        other => other,
+    }
+    .to_owned()
 }
 
 /// Accepts connections from `listener`: plain ones as they come, TLS ones
@@ -320,25 +349,34 @@ pub fn incoming(
                 let _ = stream.set_nodelay(true);
                 Conn::Plain(stream)
             });
+            if accepted.is_err() {
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
             Some((accepted, listener))
         })
         .boxed();
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let accepting = tokio::spawn(async move {
         loop {
+            let Ok(slot) = Arc::clone(&handshakes).acquire_owned().await else {
+                return;
+            };
             let (stream, remote) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     if tx.send(Err(err)).await.is_err() {
                         return;
                     }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             };
             let _ = stream.set_nodelay(true);
             let (tx, acceptor) = (tx.clone(), acceptor.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         let client = tls

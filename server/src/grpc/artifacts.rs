@@ -89,7 +89,7 @@ impl<S: ArtifactStore + ?Sized> Artifacts for ArtifactsService<S> {
         Ok(Response::new(pb::PutArtifactResponse { info: Some(info) }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, key = %request.get_ref().key))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, key = ?request.get_ref().key))]
     async fn get(
         &self,
         request: Request<pb::GetArtifactRequest>,
@@ -114,7 +114,7 @@ impl<S: ArtifactStore + ?Sized> Artifacts for ArtifactsService<S> {
         Ok(Response::new(head.chain(tail).boxed()))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, key = %request.get_ref().key))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, key = ?request.get_ref().key))]
     async fn delete(
         &self,
         request: Request<pb::DeleteArtifactRequest>,
@@ -132,7 +132,7 @@ impl<S: ArtifactStore + ?Sized> Artifacts for ArtifactsService<S> {
         Ok(Response::new(pb::DeleteArtifactResponse { existed }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, key = %request.get_ref().key))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, key = ?request.get_ref().key))]
     async fn stat(
         &self,
         request: Request<pb::StatArtifactRequest>,
@@ -146,7 +146,7 @@ impl<S: ArtifactStore + ?Sized> Artifacts for ArtifactsService<S> {
         Ok(Response::new(pb::StatArtifactResponse { info: Some(info) }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace))]
     async fn list(
         &self,
         request: Request<pb::ListArtifactsRequest>,

@@ -102,7 +102,7 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(reference = %request.get_ref().r#ref))]
+    #[tracing::instrument(skip_all, fields(reference = ?request.get_ref().r#ref))]
     async fn download(
         &self,
         request: Request<pb::DownloadRequest>,
@@ -146,7 +146,7 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
         Ok(Response::new(head.chain(tail).boxed()))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace))]
     async fn branch_refs(
         &self,
         request: Request<pb::BranchRefsRequest>,
@@ -162,7 +162,7 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, count = request.get_ref().refs.len()))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, count = request.get_ref().refs.len()))]
     async fn write_branch_refs(
         &self,
         request: Request<pb::WriteBranchRefsRequest>,
@@ -201,7 +201,7 @@ impl<S: CacheStore + ?Sized> Cache for CacheService<S> {
         Ok(Response::new(pb::PruneResponse { removed }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace))]
     async fn prune_all(
         &self,
         request: Request<pb::PruneAllRequest>,

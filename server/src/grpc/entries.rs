@@ -64,7 +64,7 @@ const READ_MESSAGE_BUDGET: usize = 1024 * 1024;
 impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
     type ReadStream = ResponseStream<pb::ReadResponse>;
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, cassette = %request.get_ref().cassette, count = request.get_ref().entries.len()))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, cassette = ?request.get_ref().cassette, count = request.get_ref().entries.len()))]
     async fn append(
         &self,
         request: Request<pb::AppendRequest>,
@@ -89,7 +89,7 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         Ok(Response::new(pb::AppendResponse { appended }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, cassette = %request.get_ref().cassette))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, cassette = ?request.get_ref().cassette))]
     async fn read(
         &self,
         request: Request<pb::ReadRequest>,
@@ -191,7 +191,7 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         Ok(Response::new(pb::ReplaceResponse { count }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, cassette = %request.get_ref().cassette))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, cassette = ?request.get_ref().cassette))]
     async fn delete(
         &self,
         request: Request<pb::DeleteCassetteRequest>,
@@ -209,7 +209,7 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         Ok(Response::new(pb::DeleteCassetteResponse { existed }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, cassette = %request.get_ref().cassette))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, cassette = ?request.get_ref().cassette))]
     async fn exists(
         &self,
         request: Request<pb::ExistsRequest>,
@@ -227,7 +227,7 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         Ok(Response::new(pb::ExistsResponse { exists }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, cassette = %request.get_ref().cassette))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, cassette = ?request.get_ref().cassette))]
     async fn ensure(
         &self,
         request: Request<pb::EnsureRequest>,
@@ -244,7 +244,7 @@ impl<S: EntryStore + ?Sized> Entries for EntriesService<S> {
         Ok(Response::new(pb::EnsureResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace))]
     async fn list(
         &self,
         request: Request<pb::ListCassettesRequest>,

@@ -89,7 +89,7 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         Ok(Response::new(pb::PutObjectResponse { info: Some(info) }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, hash = %request.get_ref().hash))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, hash = ?request.get_ref().hash))]
     async fn get(
         &self,
         request: Request<pb::GetObjectRequest>,
@@ -114,7 +114,7 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         Ok(Response::new(head.chain(tail).boxed()))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, hash = %request.get_ref().hash))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, hash = ?request.get_ref().hash))]
     async fn delete(
         &self,
         request: Request<pb::DeleteObjectRequest>,
@@ -128,7 +128,7 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         Ok(Response::new(pb::DeleteObjectResponse { existed }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, hash = %request.get_ref().hash))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, hash = ?request.get_ref().hash))]
     async fn stat(
         &self,
         request: Request<pb::StatObjectRequest>,
@@ -142,7 +142,7 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         Ok(Response::new(pb::StatObjectResponse { info: Some(info) }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace))]
     async fn list(
         &self,
         request: Request<pb::ListObjectsRequest>,
@@ -160,7 +160,7 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, count = request.get_ref().hashes.len()))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, count = request.get_ref().hashes.len()))]
     async fn find_missing(
         &self,
         request: Request<pb::FindMissingRequest>,
@@ -226,7 +226,7 @@ impl<S: ObjectStore + ?Sized> Objects for ObjectsService<S> {
         Ok(Response::new(pb::PutStreamResponse { info: Some(info) }))
     }
 
-    #[tracing::instrument(skip_all, fields(ns = %request.get_ref().namespace, hash = %request.get_ref().hash))]
+    #[tracing::instrument(skip_all, fields(ns = ?request.get_ref().namespace, hash = ?request.get_ref().hash))]
     async fn get_stream(
         &self,
         request: Request<pb::GetStreamRequest>,
