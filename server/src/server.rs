@@ -49,6 +49,20 @@ const SERVICES: [&str; 4] = [
     "trove.v1.Cache",
 ];
 
+/// The health service name that turns NOT_SERVING once stored data was
+/// found damaged (a DATA_LOSS answer), while the server goes on serving
+/// everything else: probes keep routing traffic, alerts can page.
+pub const INTEGRITY_SERVICE: &str = "trove.integrity";
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How often the store gauges are refreshed (each refresh scans the store).
 const STORE_GAUGE_PERIOD: Duration = Duration::from_secs(60);
 
@@ -289,11 +303,27 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
 
         let timeout = (config.request_timeout_secs > 0)
             .then(|| Duration::from_secs(config.request_timeout_secs));
+        let (damage, mut damaged) = tokio::sync::watch::channel(0u64);
+        let integrity = health.clone();
+        integrity
+            .set_service_status(INTEGRITY_SERVICE, ServingStatus::Serving)
+            .await;
+        let watching = tokio::spawn(async move {
+            // The first damage found turns the integrity status NOT_SERVING
+            // for the life of the process; everything else keeps serving.
+            if damaged.changed().await.is_ok() {
+                integrity
+                    .set_service_status(INTEGRITY_SERVICE, ServingStatus::NotServing)
+                    .await;
+            }
+        });
+        let _watching = AbortOnDrop(watching);
         let calls = CallLayer::new(
             usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX),
             timeout,
             limits.max_message_bytes,
-        );
+        )
+        .with_damage_signal(Arc::new(damage));
         let full_reflection = reflection(config)?;
         let mut router = Server::builder()
             // Without keepalives a client that vanishes (host down, partition)

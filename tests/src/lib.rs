@@ -21,6 +21,42 @@ use futures::StreamExt;
 use trove_proto::types::ByteStream;
 use trove_proto::Error;
 
+/// Whether this run is under CI: `CI` set to anything but empty, `0` or
+/// `false`. The one rule every environment-dependent test follows.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// The file every skip is written to, one line each, so that a run can
+/// count them (`.ci/run` prints the count): `target/test-skips.log`.
+pub fn skip_log() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("test-skips.log")
+}
+
+/// Records that the calling test is skipped because of `why` (a missing
+/// tool or cluster). Outside CI it prints the reason and the test returns;
+/// under CI a skip is a failure: CI must run everything.
+#[track_caller]
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_owned();
+    if let Ok(mut log) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skip_log())
+    {
+        let _ = writeln!(log, "{test}: {why}");
+    }
+    assert!(!under_ci(), "CI must not skip {test}: {why}");
+    eprintln!("SKIPPED {test}: {why}");
+}
+
 /// A byte stream over in-memory pieces.
 pub fn bytes_stream(pieces: Vec<Bytes>) -> ByteStream {
     futures::stream::iter(pieces.into_iter().map(Ok)).boxed()

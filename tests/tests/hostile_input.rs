@@ -558,7 +558,73 @@ fn cases() -> Vec<(String, Kind, &'static str, Vec<Bytes>, Code)> {
         vec![Bytes::from_static(&[0xFF; 16])],
         Code::Internal,
     ));
-    // Extreme numbers: capped or ignored, never an error or a write.
+    // Bad namespaces, in unary calls and in upload headers.
+    for (namespace, code) in [
+        ("a\0b".to_owned(), Code::InvalidArgument),
+        ("n".repeat(1025), Code::InvalidArgument),
+    ] {
+        let shown = if namespace.len() > 20 {
+            format!("{} bytes", namespace.len())
+        } else {
+            format!("{namespace:?}")
+        };
+        cases.push((
+            format!("Objects.Stat in namespace {shown}"),
+            Unary,
+            "/trove.v1.Objects/Stat",
+            vec![enc(pb::StatObjectRequest {
+                namespace: namespace.clone(),
+                hash: "h".into(),
+            })],
+            code,
+        ));
+        cases.push((
+            format!("Entries.Exists in namespace {shown}"),
+            Unary,
+            "/trove.v1.Entries/Exists",
+            vec![enc(pb::ExistsRequest {
+                namespace: namespace.clone(),
+                cassette: "c".into(),
+            })],
+            code,
+        ));
+        cases.push((
+            format!("Cache.BranchRefs in namespace {shown}"),
+            Unary,
+            "/trove.v1.Cache/BranchRefs",
+            vec![enc(pb::BranchRefsRequest {
+                namespace: namespace.clone(),
+                prefix: "p".into(),
+                branch: "b".into(),
+            })],
+            code,
+        ));
+        cases.push((
+            format!("Artifacts.Put in namespace {shown}"),
+            ClientStream,
+            "/trove.v1.Artifacts/Put",
+            vec![enc(pb::PutArtifactRequest {
+                header: Some(pb::PutArtifactHeader {
+                    namespace: namespace.clone(),
+                    key: "k".into(),
+                    content_type: String::new(),
+                    size: None,
+                }),
+                data: Bytes::from_static(b"x"),
+                finish: true,
+            })],
+            code,
+        ));
+    }
+    cases.push((
+        "Artifacts.Get in a non-UTF-8 namespace".into(),
+        ServerStream,
+        "/trove.v1.Artifacts/Get",
+        vec![non_utf8(1)],
+        Code::Internal,
+    ));
+    // Extreme numbers: capped or ignored, never an error or a write. They
+    // run on a store holding data (see `seed`), which must stay as it was.
     cases.push((
         "List with page_size u32::MAX".into(),
         Unary,
@@ -807,7 +873,9 @@ fn cases() -> Vec<(String, Kind, &'static str, Vec<Bytes>, Code)> {
 /// Every hostile case gets its documented status; the server stays healthy and nothing is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_rejects_hostile_input() {
-    let server = ServerProcess::start_with(&["--max-message-bytes", "1048576"]).await;
+    let mut server = ServerProcess::start_with(&["--max-message-bytes", "1048576"]).await;
+    seed(&server).await;
+    let before = (snapshot(&server).await, store_stats(&mut server).await);
     let channel = server.channel().await;
     let cases = cases();
     let mut failures = Vec::new();
@@ -832,8 +900,108 @@ async fn every_rpc_rejects_hostile_input() {
         health_status(server.addr, "").await,
         Some(ServingStatus::Serving)
     );
-    assert_nothing_written(&server).await;
     assert!(!server.log().contains("panicked"), "{}", server.log());
+    let after = (snapshot(&server).await, store_stats(&mut server).await);
+    assert_eq!(before, after, "the hostile calls changed what is stored");
+}
+
+/// Stores one item of every kind in [`NS`], where the hostile cases aim:
+/// an artifact, an object, the cassette `c`, refs on main and on the PR
+/// branch `feature` under prefix `p`, and `feature`'s branch ref map.
+async fn seed(server: &ServerProcess) {
+    let client = server.client().await;
+    let ns = trove_proto::types::Namespace::new(NS).expect("ns");
+    trove_tests::store_one_of_each(&client, &ns).await;
+    let mut cache = pb::cache_client::CacheClient::new(server.channel().await);
+    for branch in ["main", "feature"] {
+        let upload = pb::UploadRequest {
+            header: Some(pb::UploadHeader {
+                scope: scope(branch),
+                r#ref: format!("seed-{branch}"),
+                tree_sha: None,
+                uploaded_at: None,
+                size: None,
+            }),
+            data: Bytes::from_static(b"seed archive"),
+            finish: true,
+        };
+        cache
+            .upload(futures::stream::iter([upload]))
+            .await
+            .expect("seed upload");
+    }
+    cache
+        .write_branch_refs(pb::WriteBranchRefsRequest {
+            namespace: NS.into(),
+            prefix: "p".into(),
+            branch: "feature".into(),
+            default_branch: "main".into(),
+            refs: [("seed".to_owned(), 1)].into(),
+        })
+        .await
+        .expect("seed branch refs");
+}
+
+/// What the server shows of [`NS`]: every listing, the cassette's entries,
+/// both tiers' refs and the branch map.
+async fn snapshot(server: &ServerProcess) -> String {
+    use futures::TryStreamExt;
+    use trove_proto::types::{ListPage, Name, Namespace};
+    use trove_proto::{ArtifactStore, EntryStore, ObjectStore};
+    let client = server.client().await;
+    let ns = Namespace::new(NS).expect("ns");
+    let page = ListPage::first("");
+    let artifacts = client.list_artifacts(&ns, &page, true).await.expect("list");
+    let objects = client.list_objects(&ns, &page).await.expect("list");
+    let cassettes = client.list_cassettes(&ns, &page).await.expect("list");
+    let entries: Vec<_> = client
+        .read_entries(&ns, &Name::new("c", "c").expect("name"), Default::default())
+        .await
+        .expect("read")
+        .try_collect()
+        .await
+        .expect("entries");
+    let mut cache = pb::cache_client::CacheClient::new(server.channel().await);
+    let mut refs = Vec::new();
+    for branch in ["main", "feature"] {
+        let listed = cache
+            .list_refs(pb::ListRefsRequest {
+                scope: scope(branch),
+                page_size: 0,
+                page_token: String::new(),
+            })
+            .await
+            .expect("list refs")
+            .into_inner();
+        refs.push(listed.refs);
+    }
+    let map = cache
+        .branch_refs(pb::BranchRefsRequest {
+            namespace: NS.into(),
+            prefix: "p".into(),
+            branch: "feature".into(),
+        })
+        .await
+        .expect("branch refs")
+        .into_inner();
+    let mut map: Vec<_> = map.refs.into_iter().collect();
+    map.sort();
+    format!("{artifacts:?}\n{objects:?}\n{cassettes:?}\n{entries:?}\n{refs:?}\n{map:?}")
+}
+
+/// Every key, blob and staged file of the data directory, counted with the
+/// server stopped (then started again on the same data).
+async fn store_stats(server: &mut ServerProcess) -> (u64, u64, u64) {
+    server.kill9();
+    let data_dir = server.data_dir.clone();
+    let stats = tokio::task::spawn_blocking(move || {
+        trove_server::SledStore::open(&data_dir, Default::default()).and_then(|s| s.stats())
+    })
+    .await
+    .expect("join")
+    .expect("open the data directory");
+    server.restart().await;
+    (stats.keys, stats.blob_files, stats.staged_files)
 }
 
 async fn assert_nothing_written(server: &ServerProcess) {
@@ -896,61 +1064,142 @@ async fn assert_nothing_written(server: &ServerProcess) {
     }
 }
 
-/// Two thousand uploads cancelled midway leave a healthy server, nothing stored and nothing staged.
+/// Two thousand uploads cancelled midway, over sixteen connections, in
+/// rounds of 250 held open until the server counts them in flight: every
+/// one reached the server (it records 2,000 cancelled Puts), and the server
+/// stays healthy with nothing stored and nothing staged anywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_aborted_uploads() {
-    let server = ServerProcess::start().await;
-    let channel = server.channel().await;
-    let uploads: Vec<_> = (0..2000)
-        .map(|i| {
-            let channel = channel.clone();
-            tokio::spawn(async move {
-                let header = enc(pb::PutArtifactRequest {
-                    header: Some(pb::PutArtifactHeader {
-                        namespace: NS.into(),
-                        key: format!("aborted-{i}"),
-                        content_type: String::new(),
-                        size: None,
-                    }),
-                    data: Bytes::from(vec![7u8; 100_000]),
-                    finish: false,
-                });
-                let body = futures::StreamExt::chain(
-                    futures::stream::iter(vec![header]),
-                    futures::stream::pending(),
-                );
-                let mut grpc = tonic::client::Grpc::new(channel);
-                if grpc.ready().await.is_err() {
-                    return;
-                }
-                let call = grpc.client_streaming(
-                    tonic::Request::new(body),
-                    tonic::codegen::http::uri::PathAndQuery::from_static("/trove.v1.Artifacts/Put"),
-                    RawCodec,
-                );
-                // Give the upload a moment in flight, then cancel it by dropping the call.
-                let _ = tokio::time::timeout(Duration::from_millis(50), call).await;
+    const ROUNDS: usize = 8;
+    const PER_ROUND: usize = 250;
+    let mut server = ServerProcess::start().await;
+    let metrics = server.metrics_addr.expect("metrics");
+    let mut channels = Vec::new();
+    for _ in 0..16 {
+        channels.push(server.channel().await);
+    }
+    let in_flight = |text: &str| -> f64 {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("trove_requests_in_flight "))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum()
+    };
+    for round in 0..ROUNDS {
+        // The previous round's calls have all ended on the server, so this
+        // round never meets the concurrency limit.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let held = in_flight(&trove_tests::harness::scrape(metrics).await);
+            if held < 1.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {held} calls still in flight"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (cancel, cancelled) = tokio::sync::watch::channel(false);
+        let uploads: Vec<_> = (0..PER_ROUND)
+            .map(|i| {
+                let channel = channels[i % channels.len()].clone();
+                let mut cancelled = cancelled.clone();
+                tokio::spawn(async move {
+                    let header = enc(pb::PutArtifactRequest {
+                        header: Some(pb::PutArtifactHeader {
+                            namespace: NS.into(),
+                            key: format!("aborted-{round}-{i}"),
+                            content_type: String::new(),
+                            size: None,
+                        }),
+                        data: Bytes::from(vec![7u8; 100_000]),
+                        finish: false,
+                    });
+                    let body = futures::StreamExt::chain(
+                        futures::stream::iter(vec![header]),
+                        futures::stream::pending(),
+                    );
+                    let mut grpc = tonic::client::Grpc::new(channel);
+                    grpc.ready().await.map_err(|e| format!("not ready: {e}"))?;
+                    let call = grpc.client_streaming(
+                        tonic::Request::new(body),
+                        tonic::codegen::http::uri::PathAndQuery::from_static(
+                            "/trove.v1.Artifacts/Put",
+                        ),
+                        RawCodec,
+                    );
+                    // Held until the test cancels it by dropping the call.
+                    tokio::select! {
+                        outcome = call => Err(format!("the server ended an unfinished upload: {outcome:?}")),
+                        _ = cancelled.wait_for(|c| *c) => Ok(()),
+                    }
+                })
             })
-        })
-        .collect();
-    for upload in uploads {
-        upload.await.expect("join");
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let held = in_flight(&trove_tests::harness::scrape(metrics).await);
+            if held >= PER_ROUND as f64 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: only {held} uploads reached the server"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cancel.send(true).expect("cancel");
+        for upload in uploads {
+            upload
+                .await
+                .expect("join")
+                .expect("an upload held until cancelled");
+        }
+    }
+    // Every upload reached the server and ended unstored: each is recorded
+    // once it ends (as CANCELLED, or INVALID_ARGUMENT when the reset shows
+    // up as an end of stream without `finish`), and none as OK.
+    let total = ROUNDS * PER_ROUND;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = trove_tests::harness::scrape(metrics).await;
+        let puts: Vec<(String, f64)> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("trove_requests_total{")
+                    && l.contains("service=\"trove.v1.Artifacts\"")
+                    && l.contains("method=\"Put\"")
+            })
+            .filter_map(|l| {
+                let code = l.split("code=\"").nth(1)?.split('"').next()?.to_owned();
+                Some((code, l.rsplit(' ').next()?.parse::<f64>().ok()?))
+            })
+            .collect();
+        let ended: f64 = puts.iter().map(|(_, n)| n).sum();
+        if ended >= total as f64 {
+            assert!((ended - total as f64).abs() < f64::EPSILON, "{puts:?}");
+            assert!(puts.iter().all(|(code, _)| code != "OK"), "{puts:?}");
+            println!("aborted uploads as the server recorded them: {puts:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ended} of {total} uploads recorded: {puts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
         health_status(server.addr, "").await,
         Some(ServingStatus::Serving)
     );
-    let staging = server.data_dir.join("staging");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "staged files from aborted uploads were not reclaimed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_nothing_written(&server).await;
     assert!(!server.log().contains("panicked"), "{}", server.log());
+    assert_nothing_written(&server).await;
+    let (keys, blobs, staged) = store_stats(&mut server).await;
+    assert_eq!(
+        (keys, blobs, staged),
+        (0, 0, 0),
+        "keys, blobs and staged files left"
+    );
 }
 
 /// Hostile `authorization` headers on a server with tokens: malformed,

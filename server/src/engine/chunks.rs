@@ -121,3 +121,59 @@ pub fn encode_stream(chunks: ChunkStream) -> (trove_proto::types::ByteStream, St
         .boxed();
     (body, tally)
 }
+
+/// Reads a stored body while hashing it, and fails at its end (with
+/// `InvalidData`, which readers report as DATA_LOSS) when the bytes do not
+/// hash to the SHA-256 recorded when they were written: a flipped bit on
+/// disk is refused instead of served.
+pub struct VerifyingReader<R> {
+    inner: R,
+    hasher: Option<sha2::Sha256>,
+    expected: [u8; 32],
+}
+
+impl<R> VerifyingReader<R> {
+    /// Verifies `inner` against `expected`.
+    pub fn new(inner: R, expected: [u8; 32]) -> Self {
+        use sha2::Digest;
+        VerifyingReader {
+            inner,
+            hasher: Some(sha2::Sha256::new()),
+            expected,
+        }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for VerifyingReader<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use sha2::Digest;
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            let read = &buf.filled()[before..];
+            if read.is_empty() {
+                // The end: compare once.
+                if let Some(hasher) = self.hasher.take() {
+                    let actual: [u8; 32] = hasher.finalize().into();
+                    if actual != self.expected {
+                        return std::task::Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!(
+                                "the stored bytes hash to {}, not to the recorded {}",
+                                hex::encode(actual),
+                                hex::encode(self.expected)
+                            ),
+                        )));
+                    }
+                }
+            } else if let Some(hasher) = self.hasher.as_mut() {
+                hasher.update(read);
+            }
+        }
+        polled
+    }
+}

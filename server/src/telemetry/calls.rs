@@ -36,6 +36,8 @@ pub struct CallLayer {
     max_concurrent: usize,
     timeout: Option<Duration>,
     max_message_bytes: usize,
+    /// Told when a call is answered DATA_LOSS (stored data found damaged).
+    damage: Option<Arc<tokio::sync::watch::Sender<u64>>>,
 }
 
 impl CallLayer {
@@ -46,7 +48,16 @@ impl CallLayer {
             max_concurrent,
             timeout,
             max_message_bytes,
+            damage: None,
         }
+    }
+
+    /// Counts every DATA_LOSS answer on `damage` (the server turns it into
+    /// a health status).
+    #[must_use]
+    pub fn with_damage_signal(mut self, damage: Arc<tokio::sync::watch::Sender<u64>>) -> Self {
+        self.damage = Some(damage);
+        self
     }
 }
 
@@ -107,6 +118,8 @@ struct CallRecord {
     status: Option<String>,
     /// What the layers below learnt about the call.
     note: CallNote,
+    /// Where DATA_LOSS answers are counted.
+    damage: Option<Arc<tokio::sync::watch::Sender<u64>>>,
     /// The response body reached its end (or an error) rather than being dropped.
     ended: bool,
     /// The concurrency slot; shared with the deadline timer, which gives it
@@ -156,6 +169,22 @@ impl CallRecord {
                 "code" => code
             )
             .increment(1);
+        }
+        if code == "DATA_LOSS" {
+            metrics::counter!(
+                "trove_data_loss_total",
+                "service" => self.service.clone(),
+                "method" => self.method.clone()
+            )
+            .increment(1);
+            tracing::error!(
+                service = %self.service,
+                method = %self.method,
+                "stored data found damaged; the call was answered DATA_LOSS"
+            );
+            if let Some(damage) = &self.damage {
+                damage.send_modify(|seen| *seen += 1);
+            }
         }
         let denied = matches!(code, "UNAUTHENTICATED" | "PERMISSION_DENIED");
         if note.audited || denied {
@@ -346,6 +375,7 @@ where
                         bytes_out: 0,
                         status: Some((tonic::Code::ResourceExhausted as i32).to_string()),
                         note: CallNote::default(),
+                        damage: None,
                         ended: true,
                         _permit: Arc::new(std::sync::Mutex::new(None)),
                     });
@@ -385,6 +415,7 @@ where
             bytes_out: 0,
             status: None,
             note,
+            damage: self.settings.damage.clone(),
             ended: false,
             _permit: Arc::new(std::sync::Mutex::new(permit)),
         };

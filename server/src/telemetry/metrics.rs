@@ -57,6 +57,10 @@ fn describe() {
     );
     metrics::describe_gauge!("trove_requests_in_flight", "Calls being served right now.");
     metrics::describe_counter!(
+        "trove_data_loss_total",
+        "Calls answered DATA_LOSS because stored data was found damaged, by service and method."
+    );
+    metrics::describe_counter!(
         "trove_requests_by_principal_total",
         "Calls finished by authenticated callers, by principal (from the grants file) and gRPC status code."
     );

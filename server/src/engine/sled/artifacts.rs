@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use trove_proto::artifacts::{
     ArtifactInfo, ListedArtifact, PutOptions, MAX_LISTED_PAGE_BYTES, MAX_LISTED_VALUE_BYTES,
 };
+use trove_proto::error::shorten;
 use trove_proto::types::{
     clamp_page_size, encode_page_token, now_micros, ByteStream, ListPage, Name, Namespace, Page,
 };
@@ -65,7 +66,7 @@ impl ArtifactStore for SledStore {
             .await?;
         Ok((
             artifact_info(key.as_str(), &record),
-            self.byte_stream(reader),
+            self.byte_stream(reader, format!("artifact {}", shorten(key.as_str()))),
         ))
     }
 

@@ -335,7 +335,8 @@ impl CacheStore for SledStore {
             {
                 Ok((record, reader)) => {
                     let found = cached_ref(tier, &target, &scope.test_suite_id, &record);
-                    return Ok(Some((found, self.byte_stream(reader))));
+                    let what = format!("cache archive {}", trove_proto::error::shorten(&target));
+                    return Ok(Some((found, self.byte_stream(reader, what))));
                 }
                 Err(Error::NotFound { .. }) => continue,
                 Err(err) => return Err(err),

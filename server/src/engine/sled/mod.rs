@@ -46,6 +46,7 @@ use futures::StreamExt;
 use trove_proto::types::ByteStream;
 use trove_proto::Error;
 
+use crate::engine::chunks::VerifyingReader;
 use crate::engine::record::{self, Body, ValueRecord};
 use crate::engine::values::DeclaredSize;
 use blob::{BlobDir, BodyWriter, Published};
@@ -457,7 +458,8 @@ impl SledStore {
                                     ),
                                 });
                             }
-                            return Ok((record, BodyReader::File(file)));
+                            let verified = Box::new(VerifyingReader::new(file, record.sha256));
+                            return Ok((record, BodyReader::File(verified)));
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                         Err(e) => return Err(io_error("open blob", &e)),
@@ -475,11 +477,12 @@ impl SledStore {
         })
     }
 
-    /// Turns an opened body into a chunked byte stream.
-    fn byte_stream(&self, reader: BodyReader) -> ByteStream {
+    /// Turns an opened body into a chunked byte stream. Bytes that fail
+    /// their recorded SHA-256 end the stream with DATA_LOSS naming `what`.
+    fn byte_stream(&self, reader: BodyReader, what: String) -> ByteStream {
         let chunk = self.inner.options.read_chunk_bytes.max(1);
         tokio_util::io::ReaderStream::with_capacity(reader, chunk)
-            .map(|r| r.map_err(|e| io_error("read value", &e)))
+            .map(move |r| r.map_err(|e| read_error(&what, &e)))
             .boxed()
     }
 }
@@ -498,8 +501,8 @@ pub(crate) struct Committed<T> {
 pub enum BodyReader {
     /// Inline bytes.
     Memory(std::io::Cursor<Vec<u8>>),
-    /// A blob file.
-    File(tokio::fs::File),
+    /// A blob file, verified against its recorded SHA-256 as it is read.
+    File(Box<VerifyingReader<tokio::fs::File>>),
 }
 
 impl tokio::io::AsyncRead for BodyReader {
@@ -510,8 +513,20 @@ impl tokio::io::AsyncRead for BodyReader {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             BodyReader::Memory(c) => std::pin::Pin::new(c).poll_read(cx, buf),
-            BodyReader::File(f) => std::pin::Pin::new(f).poll_read(cx, buf),
+            BodyReader::File(f) => std::pin::Pin::new(f.as_mut()).poll_read(cx, buf),
         }
+    }
+}
+
+/// Maps a failed read of a stored body: damage (bytes that fail their
+/// SHA-256) is DATA_LOSS naming the item, anything else an I/O failure.
+pub fn read_error(what: &str, err: &std::io::Error) -> Error {
+    if err.kind() == std::io::ErrorKind::InvalidData {
+        Error::DataLoss {
+            message: format!("{what} is damaged: {err}"),
+        }
+    } else {
+        io_error("read value", err)
     }
 }
 

@@ -5,6 +5,7 @@
 //! Never imports tonic; never awaits inside a sled transaction.
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo};
 use trove_proto::types::{
     clamp_page_size, encode_page_token, now_micros, ByteStream, ListPage, Name, Namespace, Page,
@@ -53,7 +54,8 @@ impl ObjectStore for SledStore {
         let (record, reader) = self
             .open_value(&self.inner.objects, &key, "object", hash.as_str())
             .await?;
-        Ok((object_info(hash, &record), self.byte_stream(reader)))
+        let what = format!("object {}", trove_proto::error::shorten(hash.as_str()));
+        Ok((object_info(hash, &record), self.byte_stream(reader, what)))
     }
 
     async fn delete_object(&self, ns: &Namespace, hash: &Name) -> Result<bool, Error> {
@@ -189,7 +191,17 @@ impl ObjectStore for SledStore {
         let (record, reader) = self
             .open_value(&self.inner.objects, &key, "stream", hash.as_str())
             .await?;
-        let chunks = decode_chunks(reader, record.chunk_count, record.body_len);
+        let what = format!("stream {}", trove_proto::error::shorten(hash.as_str()));
+        let chunks = decode_chunks(reader, record.chunk_count, record.body_len)
+            .map(move |chunk| {
+                chunk.map_err(|e| match e {
+                    Error::DataLoss { message } => Error::DataLoss {
+                        message: format!("{what}: {message}"),
+                    },
+                    other => other,
+                })
+            })
+            .boxed();
         Ok((stream_info(hash, &record), chunks))
     }
 }
