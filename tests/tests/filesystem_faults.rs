@@ -1,0 +1,154 @@
+//! Faults below the server, on the real binary: a small C library loaded with
+//! `LD_PRELOAD` (`tests/faults/trove_faults.c`) makes the C library's
+//! `write`, `fsync`/`fdatasync` or `rename` fail for files whose path matches,
+//! armed and disarmed while the server runs. Each fault gives its documented
+//! status, leaves nothing visible and nothing staged, and once it is gone the
+//! same write succeeds: the server recovers without a restart.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use trove_proto::artifacts::PutOptions;
+use trove_proto::types::{Name, Namespace};
+use trove_proto::{ArtifactStore, Error};
+use trove_tests::harness::ServerProcess;
+use trove_tests::{bytes_stream, collect_bytes};
+
+/// Compiles the fault library into `dir`; `None` (a recorded skip) without
+/// a C compiler.
+fn fault_library(dir: &Path) -> Option<PathBuf> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("faults/trove_faults.c");
+    let library = dir.join("trove_faults.so");
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .status();
+    match built {
+        Ok(status) if status.success() => Some(library),
+        other => {
+            trove_tests::skip(&format!(
+                "cannot build the fault library with cc: {other:?}"
+            ));
+            None
+        }
+    }
+}
+
+fn staged_files(data_dir: &Path) -> usize {
+    std::fs::read_dir(data_dir.join("staging"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// One fault: what it is, the control line that arms it, the status it must give.
+type Case = (&'static str, &'static str, fn(&Error) -> bool);
+
+/// Every fault on the write path of a large value: its status, nothing
+/// visible or staged afterwards, and success once the fault is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_faults_fail_cleanly_and_recover() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let Some(library) = fault_library(dir.path()) else {
+        return;
+    };
+    let control = dir.path().join("faults");
+    std::fs::write(&control, "").expect("control file");
+    let server = ServerProcess::start_with_env(
+        &[],
+        &[
+            (
+                "LD_PRELOAD".to_owned(),
+                library.to_string_lossy().into_owned(),
+            ),
+            (
+                "TROVE_FAULT_CONTROL".to_owned(),
+                control.to_string_lossy().into_owned(),
+            ),
+        ],
+    )
+    .await;
+    let client = server.client().await;
+    let ns = Namespace::new("faults").expect("ns");
+    // Larger than the inline limit: staged in a file, fsynced, renamed into blobs/.
+    let value = Bytes::from(vec![9u8; 300_000]);
+    let put = |key: String| {
+        let (client, ns, value) = (client.clone(), ns.clone(), value.clone());
+        async move {
+            client
+                .put_artifact(
+                    &ns,
+                    &Name::new("key", key).expect("name"),
+                    PutOptions::default(),
+                    bytes_stream(vec![value]),
+                )
+                .await
+        }
+    };
+    let cases: [Case; 5] = [
+        ("a failing write while staging", "write 5 /staging/", |e| {
+            matches!(e, Error::Unavailable { .. })
+        }),
+        ("a full disk while staging", "write 28 /staging/", |e| {
+            matches!(e, Error::ResourceExhausted { .. })
+        }),
+        (
+            "a failing fsync of the staged file",
+            "fsync 5 /staging/",
+            |e| matches!(e, Error::Unavailable { .. }),
+        ),
+        ("a failing rename into blobs/", "rename 5 /blobs/", |e| {
+            matches!(e, Error::Unavailable { .. })
+        }),
+        (
+            "a failing fsync of the blobs/ folder",
+            "fsync 5 /blobs/",
+            |e| matches!(e, Error::Unavailable { .. }),
+        ),
+    ];
+    for (i, (what, fault, expected)) in cases.into_iter().enumerate() {
+        let key = format!("value-{i}");
+        std::fs::write(&control, fault).expect("arm");
+        let failed = put(key.clone()).await;
+        std::fs::write(&control, "").expect("disarm");
+        match &failed {
+            Err(err) if expected(err) => {}
+            other => panic!("{what}: unexpected outcome {other:?}"),
+        }
+        // Nothing visible, nothing left staged.
+        let read = client
+            .get_artifact(&ns, &Name::new("key", key.clone()).expect("name"))
+            .await;
+        assert!(
+            matches!(read, Err(Error::NotFound { .. })),
+            "{what}: the failed write is visible: {:?}",
+            read.map(|(info, _)| info)
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while staged_files(&server.data_dir) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: staged files left behind"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The fault gone, the same write succeeds and reads back whole.
+        put(key.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{what}: no recovery: {e}"));
+        let (_, body) = client
+            .get_artifact(&ns, &Name::new("key", key).expect("name"))
+            .await
+            .expect("get");
+        assert_eq!(
+            collect_bytes(body).await.expect("read").len(),
+            value.len(),
+            "{what}"
+        );
+        println!("{what}: {:?}", failed.err());
+    }
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}
