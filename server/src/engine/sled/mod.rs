@@ -259,8 +259,13 @@ impl SledStore {
         );
         while let Some(chunk) = data.next().await {
             let chunk = chunk?;
-            let to_file =
-                writer.written() + chunk.len() as u64 > self.inner.options.inline_limit as u64;
+            writer
+                .write(&chunk)
+                .await
+                .map_err(|e| io_error("stage upload", &e))?;
+            // The injected failure comes once the body has spilled into its
+            // staging file, so the cleanup of a real failure is exercised.
+            let spilled = writer.written() > self.inner.options.inline_limit as u64;
             if let Some(err) = self
                 .inner
                 .options
@@ -268,14 +273,10 @@ impl SledStore {
                 .as_ref()
                 .and_then(|f| f.blob_write_error())
             {
-                if to_file {
+                if spilled {
                     return Err(io_error("stage upload", &err));
                 }
             }
-            writer
-                .write(&chunk)
-                .await
-                .map_err(|e| io_error("stage upload", &e))?;
             declared.check_progress(writer.written())?;
         }
         declared.check_end(writer.written())?;
