@@ -1856,8 +1856,16 @@ pub async fn cache_prune_does_not_block_traffic<S: Store + Clone>(t: &Target<S>)
         })
     };
     // Only a round that both started and completed while the prune was
-    // still running counts: a round that waited for the prune to finish (a
-    // global lock) completes after it, and is not counted.
+    // running counts: the rounds start once the prune is visibly under way
+    // (the oldest ref is gone), and a round that waited for the prune to
+    // finish (a global lock) completes after it and is not counted.
+    while !prune.is_finished()
+        && download_bytes(&t.store, &scope, "seed-00000")
+            .await
+            .is_some()
+    {
+        tokio::task::yield_now().await;
+    }
     let mut during = 0u32;
     let mut i = 0u32;
     while !prune.is_finished() {
