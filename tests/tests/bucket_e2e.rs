@@ -50,7 +50,15 @@ async fn two_servers() -> Option<(ServerProcess, ServerProcess)> {
 }
 
 async fn read_artifact(client: &TroveClient, key: &str) -> Result<Vec<u8>, Error> {
-    let (_, stream) = client.get_artifact(&ns(), &name(key)).await?;
+    read_artifact_in(client, &ns(), key).await
+}
+
+async fn read_artifact_in(
+    client: &TroveClient,
+    ns: &Namespace,
+    key: &str,
+) -> Result<Vec<u8>, Error> {
+    let (_, stream) = client.get_artifact(ns, &name(key)).await?;
     collect_bytes(stream).await
 }
 
@@ -505,4 +513,80 @@ async fn store_gauges_on_object_storage() {
     assert_eq!(gauges.items.get("entry"), None, "{gauges:?}");
     assert_eq!(gauges.logical_bytes, None, "{gauges:?}");
     assert!(gauges.disk_bytes.is_some_and(|b| b > 0.0), "{gauges:?}");
+}
+
+/// A damaged record on object storage (its first byte flipped) is DATA_LOSS
+/// naming the item; the other items are served; health's integrity status
+/// reports the damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_record_is_data_loss() {
+    use object_store::ObjectStoreExt;
+    let Some((endpoint, bucket)) = s3_cluster() else {
+        return;
+    };
+    let url = s3_test_url(&bucket, "damage");
+    let server =
+        ServerProcess::start_with(&["--store", url.as_str(), "--s3-endpoint", endpoint.as_str()])
+            .await;
+    let client = server.client().await;
+    let ns = Namespace::new("damage").expect("ns");
+    for key in ["damaged", "healthy"] {
+        client
+            .put_artifact(
+                &ns,
+                &name(key),
+                PutOptions::default(),
+                bytes_stream(vec![Bytes::from_static(b"a small value")]),
+            )
+            .await
+            .expect("put");
+    }
+    // The same bucket and root, opened in the test, to damage one record.
+    let engine = trove_server::engine::bucket::connect(
+        &url,
+        Some(&endpoint),
+        trove_server::engine::bucket::BucketOptions {
+            blob_cache: None,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("open the bucket");
+    let path = engine.path("n/damage/a/damaged!r");
+    let mut record = engine
+        .bucket()
+        .get(&path)
+        .await
+        .expect("the record exists")
+        .bytes()
+        .await
+        .expect("record bytes")
+        .to_vec();
+    record[0] ^= 0xFF;
+    engine
+        .bucket()
+        .put(&path, record.into())
+        .await
+        .expect("write the damaged record");
+
+    match read_artifact_in(&client, &ns, "damaged").await {
+        Err(Error::DataLoss { message }) => {
+            assert!(
+                message.contains("artifact") && message.contains("damaged"),
+                "{message}"
+            )
+        }
+        other => panic!("a damaged record must be DATA_LOSS, got {other:?}"),
+    }
+    assert!(read_artifact_in(&client, &ns, "healthy").await.is_ok());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while trove_tests::harness::health_status(server.addr, "trove.integrity").await
+        != Some(tonic_health::pb::health_check_response::ServingStatus::NotServing)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the integrity status never reported the damage"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

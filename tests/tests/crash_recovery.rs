@@ -583,10 +583,8 @@ async fn drive(run: Drive) {
          check, {total_lost} lost (allowed only when relaxed), 0 torn, slowest restart {} ms",
         slowest_start.as_millis()
     );
-    assert!(
-        slowest_start < Duration::from_secs(10),
-        "a restart took {slowest_start:?}"
-    );
+    // How long restarts take is a figure, not a property: it is printed
+    // above, and start-up time is measured by trove-bench.
 }
 
 /// Drops from the ledger the acknowledged writes a relaxed run lost, so

@@ -150,7 +150,12 @@ impl BucketStore {
             let Some((bytes, _)) = self.read(path).await? else {
                 return Err(Error::not_found(kind, display));
             };
-            let record = crate::engine::record::decode(&bytes)?;
+            let record = crate::engine::record::decode(&bytes).map_err(|e| match e {
+                Error::DataLoss { message } => Error::DataLoss {
+                    message: format!("{kind} {display}: {message}"),
+                },
+                other => other,
+            })?;
             if let Some(stream) = self.open_body(&record).await? {
                 return Ok((record, stream));
             }

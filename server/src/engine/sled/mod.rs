@@ -436,7 +436,15 @@ impl SledStore {
             let Some(bytes) = tree.get(key).map_err(sled_error)? else {
                 return Err(Error::not_found(kind, display_key));
             };
-            let record = record::decode(&bytes)?;
+            let record = record::decode(&bytes).map_err(|e| match e {
+                Error::DataLoss { message } => Error::DataLoss {
+                    message: format!(
+                        "{kind} {}: {message}",
+                        trove_proto::error::shorten(display_key)
+                    ),
+                },
+                other => other,
+            })?;
             match &record.body {
                 Body::Inline(data) => {
                     let reader = BodyReader::Memory(std::io::Cursor::new(data.clone()));
