@@ -10,15 +10,30 @@ root="$PWD"
 
 # A PATH and CARGO_HOME from which `cargo nextest` cannot be reached: the
 # toolchain's own folder first, then every PATH entry that holds no nextest.
+# A folder holding nextest and the system's own tools (sh, cc, python3) stays,
+# shadowed by a stand-in that answers like a missing subcommand.
 real_home="${CARGO_HOME:-$HOME/.cargo}"
 toolchain_bin="$(dirname "$(rustup which cargo)")"
+shadow="$(mktemp -d)"
+printf '#!/bin/sh\necho "error: no such command: nextest" >&2\nexit 101\n' > "$shadow/cargo-nextest"
+chmod +x "$shadow/cargo-nextest"
 bare_path="$toolchain_bin"
+shadowed=false
 IFS=: read -ra path_dirs <<< "$PATH"
 for dir in "${path_dirs[@]}"; do
-    if [ -n "$dir" ] && [ ! -e "$dir/cargo-nextest" ]; then
+    if [ -z "$dir" ]; then
+        continue
+    fi
+    if [ ! -e "$dir/cargo-nextest" ]; then
         bare_path="$bare_path:$dir"
+    elif [ -e "$dir/sh" ]; then
+        bare_path="$bare_path:$dir"
+        shadowed=true
     fi
 done
+if $shadowed; then
+    bare_path="$shadow:$bare_path"
+fi
 bare=(env "PATH=$bare_path")
 if [ -e "$real_home/bin/cargo-nextest" ]; then
     # cargo also looks in CARGO_HOME/bin; lend it the downloaded crates only.
