@@ -31,6 +31,7 @@ mod artifacts;
 mod blob;
 mod cache;
 mod entries;
+mod errors;
 mod flusher;
 mod keys;
 mod objects;
@@ -38,6 +39,8 @@ mod schema;
 mod usage;
 
 pub use usage::StoreStats;
+
+pub(crate) use errors::{io_error, read_error, sled_error, tx_error};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -524,49 +527,6 @@ impl tokio::io::AsyncRead for BodyReader {
             BodyReader::Memory(c) => std::pin::Pin::new(c).poll_read(cx, buf),
             BodyReader::File(f) => std::pin::Pin::new(f.as_mut()).poll_read(cx, buf),
         }
-    }
-}
-
-/// Maps a failed read of a stored body: damage (bytes that fail their
-/// SHA-256) is DATA_LOSS naming the item, anything else an I/O failure.
-pub fn read_error(what: &str, err: &std::io::Error) -> Error {
-    if err.kind() == std::io::ErrorKind::InvalidData {
-        Error::DataLoss {
-            message: format!("{what} is damaged: {err}"),
-        }
-    } else {
-        io_error("read value", err)
-    }
-}
-
-/// Maps a failed sled transaction: an abort carries our own error, anything
-/// else is a storage failure.
-pub fn tx_error(err: sled::transaction::TransactionError<Error>) -> Error {
-    match err {
-        sled::transaction::TransactionError::Abort(err) => err,
-        sled::transaction::TransactionError::Storage(err) => sled_error(err),
-    }
-}
-
-/// Maps a sled failure to the domain error.
-pub fn sled_error(err: sled::Error) -> Error {
-    match err {
-        sled::Error::Io(e) => io_error("storage", &e),
-        sled::Error::Corruption { .. } => Error::DataLoss {
-            message: format!("the database is damaged: {err}"),
-        },
-        other => Error::internal(format!("storage engine: {other}")),
-    }
-}
-
-/// Maps an I/O failure during `what` to the domain error: a full disk is
-/// `ResourceExhausted`, anything else `Unavailable` (retrying may succeed).
-pub fn io_error(what: &str, err: &std::io::Error) -> Error {
-    if err.kind() == std::io::ErrorKind::StorageFull {
-        return Error::exhausted("disk space", format!("{what}: {err}"));
-    }
-    Error::Unavailable {
-        message: format!("{what} failed: {err}"),
     }
 }
 
