@@ -288,3 +288,42 @@ async fn idempotent_append_retries_store_once() {
         "idempotency_key",
     );
 }
+
+/// Idempotency keys are collected with the cassette generation they were
+/// applied to: after many cycles of append-with-key then delete, the data
+/// directory holds no key at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_are_collected_with_their_cassette() {
+    use trove_proto::entries::AppendOptions;
+    let mut server = ServerProcess::start().await;
+    let client = server.client().await;
+    let ns = Namespace::new("keys").expect("ns");
+    let cassette = Name::new("cassette", "cycled").expect("name");
+    for cycle in 0..300 {
+        let entry =
+            NewEntry::parse("entry", bytes::Bytes::from_static(b"{\"n\":1}"), None).expect("entry");
+        let options = AppendOptions {
+            idempotency_key: Some(Name::new("key", format!("batch-{cycle}")).expect("key")),
+        };
+        client
+            .append_entries(&ns, &cassette, vec![entry], options)
+            .await
+            .expect("append");
+        assert!(client
+            .delete_cassette(&ns, &cassette)
+            .await
+            .expect("delete"));
+    }
+    server.kill9();
+    let data_dir = server.data_dir.clone();
+    let stats = tokio::task::spawn_blocking(move || {
+        trove_server::SledStore::open(&data_dir, Default::default()).and_then(|s| s.stats())
+    })
+    .await
+    .expect("join")
+    .expect("open the data directory");
+    assert_eq!(
+        stats.keys, 0,
+        "keys left after every cassette was deleted: {stats:?}"
+    );
+}

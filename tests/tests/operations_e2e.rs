@@ -723,3 +723,42 @@ async fn store_gauges_on_sled() {
     assert_eq!(gauges.logical_bytes, Some(payload), "{gauges:?}");
     assert!(gauges.disk_bytes.is_some_and(|b| b > 0.0), "{gauges:?}");
 }
+
+/// No per-call task outlives its call: after 2,000 calls that each carried
+/// a deadline, the server runs about as many tasks as before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_task_outlives_its_call() {
+    let server = ServerProcess::start().await;
+    let metrics = server.metrics_addr.expect("metrics");
+    let tasks = |text: String| -> f64 {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("trove_runtime_alive_tasks "))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum()
+    };
+    let mut client = ArtifactsClient::new(server.channel().await);
+    let stat = |client: &mut ArtifactsClient<tonic::transport::Channel>| {
+        let mut client = client.clone();
+        async move {
+            // Every call has a deadline (the server's 300 s at least).
+            let _ = client
+                .stat(pb::StatArtifactRequest {
+                    namespace: "ops".into(),
+                    key: "missing".into(),
+                })
+                .await;
+        }
+    };
+    stat(&mut client).await;
+    let before = tasks(scrape(metrics).await);
+    for _ in 0..2_000 {
+        stat(&mut client).await;
+    }
+    let after = tasks(scrape(metrics).await);
+    println!("alive tasks: {before} before 2,000 calls, {after} after");
+    assert!(before > 0.0, "the gauge is exported");
+    assert!(
+        after < before + 100.0,
+        "tasks grew from {before} to {after} over 2,000 finished calls"
+    );
+}

@@ -126,12 +126,18 @@ struct CallRecord {
     /// back when a call outlives its deadline (a stalled reader cannot be
     /// cut while HTTP/2 flow control keeps its response from being polled).
     _permit: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>,
+    /// The task that gives the slot back at the deadline; stopped when the
+    /// call ends, so no per-call task outlives its call.
+    deadline_timer: Option<tokio::task::AbortHandle>,
 }
 
 impl Drop for CallRecord {
     /// Records the call whenever it ends: response finished, caller gone, or
     /// the handler dropped before answering.
     fn drop(&mut self) {
+        if let Some(timer) = self.deadline_timer.take() {
+            timer.abort();
+        }
         let clean = self.ended && self.status.is_none() || self.status.is_some();
         self.finish(clean);
     }
@@ -376,6 +382,7 @@ where
                         status: Some((tonic::Code::ResourceExhausted as i32).to_string()),
                         note: CallNote::default(),
                         damage: None,
+                        deadline_timer: None,
                         ended: true,
                         _permit: Arc::new(std::sync::Mutex::new(None)),
                     });
@@ -416,6 +423,7 @@ where
             status: None,
             note,
             damage: self.settings.damage.clone(),
+            deadline_timer: None,
             ended: false,
             _permit: Arc::new(std::sync::Mutex::new(permit)),
         };
@@ -426,7 +434,7 @@ where
         let expires = deadline.map(|d| tokio::time::Instant::now() + d);
         if let Some(at) = expires {
             let slot = Arc::downgrade(&record._permit);
-            tokio::spawn(async move {
+            let timer = tokio::spawn(async move {
                 tokio::time::sleep_until(at).await;
                 if let Some(slot) = slot.upgrade() {
                     if let Ok(mut permit) = slot.lock() {
@@ -434,6 +442,7 @@ where
                     }
                 }
             });
+            record.deadline_timer = Some(timer.abort_handle());
         }
         Box::pin(async move {
             let call = inner.call(request);

@@ -56,6 +56,10 @@ fn describe() {
         "Response body bytes sent (gRPC framing included)."
     );
     metrics::describe_gauge!("trove_requests_in_flight", "Calls being served right now.");
+    metrics::describe_gauge!(
+        "trove_runtime_alive_tasks",
+        "Tasks alive in the server's async runtime, read at each scrape."
+    );
     metrics::describe_counter!(
         "trove_data_loss_total",
         "Calls answered DATA_LOSS because stored data was found damaged, by service and method."
@@ -107,6 +111,13 @@ pub async fn serve(
                         .into_response();
                 }
             }
+            // Read at each scrape: a count that only grows means tasks leak.
+            #[allow(clippy::cast_precision_loss)]
+            metrics::gauge!("trove_runtime_alive_tasks").set(
+                tokio::runtime::Handle::current()
+                    .metrics()
+                    .num_alive_tasks() as f64,
+            );
             (
                 [(
                     axum::http::header::CONTENT_TYPE,

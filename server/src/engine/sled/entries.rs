@@ -92,25 +92,9 @@ impl EntryTrees {
                 return Ok(0);
             }
         }
-        let mut removed = 0u64;
-        loop {
-            let mut batch = sled::Batch::default();
-            let mut n = 0;
-            for item in self
-                .entries
-                .scan_prefix(gen.to_be_bytes())
-                .keys()
-                .take(DELETE_BATCH)
-            {
-                batch.remove(item.map_err(sled_error)?);
-                n += 1;
-            }
-            if n == 0 {
-                break;
-            }
-            self.entries.apply_batch(batch).map_err(sled_error)?;
-            removed += n;
-        }
+        let removed = remove_prefix(&self.entries, &gen.to_be_bytes())?;
+        // The idempotency keys applied to this generation go with it.
+        remove_prefix(&self.append_keys, &gen.to_be_bytes())?;
         self.gc.remove(gen.to_be_bytes()).map_err(sled_error)?;
         Ok(removed)
     }
@@ -137,6 +121,25 @@ fn header_of(bytes: &[u8]) -> Result<(u64, i64), Error> {
     decode_header(bytes).ok_or_else(|| Error::DataLoss {
         message: "unreadable cassette header".into(),
     })
+}
+
+/// Removes every key of `tree` under `prefix`, a batch at a time; returns
+/// how many. Blocking.
+fn remove_prefix(tree: &sled::Tree, prefix: &[u8]) -> Result<u64, Error> {
+    let mut removed = 0u64;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in tree.scan_prefix(prefix).keys().take(DELETE_BATCH) {
+            batch.remove(item.map_err(sled_error)?);
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(removed);
+        }
+        tree.apply_batch(batch).map_err(sled_error)?;
+        removed += n;
+    }
 }
 
 /// A reader's hold on a generation; releasing the last one lets it be collected.
@@ -297,8 +300,7 @@ impl EntryStore for SledStore {
                     }
                 };
                 if let Some(idempotency) = &idempotency {
-                    let mut applied_key = gen.to_be_bytes().to_vec();
-                    keys::push_part(&mut applied_key, idempotency);
+                    let applied_key = append_key(gen, idempotency);
                     if let Some(previous) = applied.get(&applied_key)? {
                         let previous = keys::take_u64(&previous).map_or(count, |(n, _)| n);
                         return Ok(previous);

@@ -187,3 +187,11 @@ pub(super) fn parse_recency(suffix: &[u8]) -> Option<(i64, u64, String)> {
         String::from_utf8(reference).ok()?,
     ))
 }
+
+/// The key recording that an append with idempotency key `idempotency` was
+/// applied to generation `gen` (so collecting the generation collects it).
+pub(super) fn append_key(gen: u64, idempotency: &[u8]) -> Vec<u8> {
+    let mut key = gen.to_be_bytes().to_vec();
+    keys::push_part(&mut key, idempotency);
+    key
+}
