@@ -299,6 +299,32 @@ impl Config {
         ))
     }
 
+    /// Refuses object-store settings under which an upload still in progress
+    /// could have its staged body reclaimed before it is published: the
+    /// reclaim grace must outlast the longest call, so calls need a limit.
+    pub fn check_reclaim_grace(&self) -> Result<(), String> {
+        if self.store.is_empty() {
+            return Ok(());
+        }
+        if self.request_timeout_secs == 0 {
+            return Err(format!(
+                "--request-timeout-secs 0 (no limit) cannot be used with an object store: an \
+                 upload longer than --reclaim-grace-secs ({}) would have its staged body \
+                 deleted before it is published. Give a request timeout shorter than the grace",
+                self.reclaim_grace_secs
+            ));
+        }
+        if self.reclaim_grace_secs <= self.request_timeout_secs {
+            return Err(format!(
+                "--reclaim-grace-secs ({}) must be longer than --request-timeout-secs ({}): an \
+                 upload that runs to its deadline would have its staged body deleted before it \
+                 is published. Raise the grace or lower the timeout",
+                self.reclaim_grace_secs, self.request_timeout_secs
+            ));
+        }
+        Ok(())
+    }
+
     /// Settings that work but expose something, for a warning at start:
     /// tokens sent in plaintext beyond loopback, an open `/metrics` beyond
     /// loopback.
@@ -447,6 +473,42 @@ mod tests {
             "off",
         ]);
         assert_eq!(ok.map(|c| c.metrics_listen).ok(), Some(MetricsListen(None)));
+    }
+
+    /// On an object store the reclaim grace must outlast every call, so a
+    /// staged upload is never reclaimed while it is still being written.
+    #[test]
+    fn reclaim_grace_must_outlast_the_request_timeout() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["trove-server", "--store", "s3://bucket/prefix"];
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args).expect("parse")
+        };
+        assert_eq!(parse(&[]).check_reclaim_grace(), Ok(()));
+        let unlimited = parse(&["--request-timeout-secs", "0"]).check_reclaim_grace();
+        assert!(
+            unlimited
+                .as_ref()
+                .is_err_and(|m| m.contains("--request-timeout-secs 0")),
+            "{unlimited:?}"
+        );
+        let short = parse(&[
+            "--reclaim-grace-secs",
+            "300",
+            "--request-timeout-secs",
+            "300",
+        ])
+        .check_reclaim_grace();
+        assert!(
+            short
+                .as_ref()
+                .is_err_and(|m| m.contains("--reclaim-grace-secs (300)")),
+            "{short:?}"
+        );
+        let sled = Config::try_parse_from(["trove-server", "--request-timeout-secs", "0"])
+            .expect("parse")
+            .check_reclaim_grace();
+        assert_eq!(sled, Ok(()), "the embedded store stages nothing to reclaim");
     }
 
     /// A config file fills in what flags leave out; flags win; bad keys are named.

@@ -21,7 +21,10 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    if let Err(refusal) = config.check_exposure() {
+    if let Err(refusal) = config
+        .check_exposure()
+        .and_then(|()| config.check_reclaim_grace())
+    {
         eprintln!("error: {refusal}");
         std::process::exit(2);
     }

@@ -570,14 +570,26 @@ async fn stalled_download_gives_back_its_slot() {
         .await
         .expect("put");
     let mut raw = ArtifactsClient::new(server.channel().await);
-    let mut stream = raw
-        .get(pb::GetArtifactRequest {
-            namespace: "ops".into(),
-            key: "big".into(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    // The put's slot is given back when the server drops its response, which
+    // can be just after the caller has read it; until then the only slot is
+    // still taken, so the download is retried until it is admitted.
+    let admitted_by = Instant::now() + Duration::from_secs(20);
+    let mut stream = loop {
+        let get = raw
+            .get(pb::GetArtifactRequest {
+                namespace: "ops".into(),
+                key: "big".into(),
+            })
+            .await;
+        match get {
+            Ok(response) => break response.into_inner(),
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(Instant::now() < admitted_by, "the put kept its slot");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(status) => panic!("unexpected {status:?}"),
+        }
+    };
     stream.message().await.expect("first message");
     // The reader stalls while holding the only slot; after the 1 s deadline
     // another call must get through instead of being shed forever.
@@ -761,4 +773,34 @@ async fn no_task_outlives_its_call() {
         after < before + 100.0,
         "tasks grew from {before} to {after} over 2,000 finished calls"
     );
+}
+
+/// On an object store, a reclaim grace that a call could outlive is refused at
+/// start (exit 2, naming both settings), before the store is even contacted:
+/// otherwise a long upload's staged body could be deleted before publishing.
+#[test]
+fn object_store_refuses_a_grace_shorter_than_the_longest_call() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for extra in [
+        &["--request-timeout-secs", "0"][..],
+        &[
+            "--request-timeout-secs",
+            "600",
+            "--reclaim-grace-secs",
+            "60",
+        ][..],
+    ] {
+        let out = Command::new(server_binary())
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+            .args(["--store", "s3://unreachable-bucket/prefix", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .output()
+            .expect("run trove-server");
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for flag in ["--request-timeout-secs", "--reclaim-grace-secs"] {
+            assert!(stderr.contains(flag), "{flag} missing from: {stderr}");
+        }
+    }
 }
