@@ -143,6 +143,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024))]
     pub chunk_bytes: u64,
 
+    /// Bytes of database pages the embedded store keeps in memory (the
+    /// largest part of its resident memory); size it well under the memory
+    /// limit of the container.
+    #[arg(long, env = "TROVE_DB_CACHE_BYTES", default_value_t = crate::engine::sled::DEFAULT_CACHE_BYTES,
+          value_parser = clap::value_parser!(u64).range(1024 * 1024..))]
+    pub db_cache_bytes: u64,
+
     /// Values up to this size are kept inside the database; larger ones in
     /// separate blob files.
     #[arg(long, env = "TROVE_INLINE_LIMIT_BYTES", default_value_t = 64 * 1024,
@@ -380,6 +387,7 @@ impl Config {
                 DurabilityMode::Strict => Durability::Strict,
                 DurabilityMode::Relaxed => Durability::Relaxed,
             },
+            cache_bytes: self.db_cache_bytes,
             faults: None,
         }
     }
@@ -509,6 +517,23 @@ mod tests {
             .expect("parse")
             .check_reclaim_grace();
         assert_eq!(sled, Ok(()), "the embedded store stages nothing to reclaim");
+    }
+
+    /// The page cache size reaches the store, and a cache too small to work
+    /// is refused by name.
+    #[test]
+    fn database_cache_size_reaches_the_store() {
+        let config = Config::try_parse_from(["trove-server"]).expect("parse");
+        assert_eq!(
+            config.store_options().cache_bytes,
+            crate::engine::sled::DEFAULT_CACHE_BYTES
+        );
+        let config = Config::try_parse_from(["trove-server", "--db-cache-bytes", "134217728"])
+            .expect("parse");
+        assert_eq!(config.store_options().cache_bytes, 128 << 20);
+        let err = Config::try_parse_from(["trove-server", "--db-cache-bytes", "10"])
+            .expect_err("too small");
+        assert!(err.to_string().contains("--db-cache-bytes"), "{err}");
     }
 
     /// A config file fills in what flags leave out; flags win; bad keys are named.

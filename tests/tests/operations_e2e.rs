@@ -804,3 +804,32 @@ fn object_store_refuses_a_grace_shorter_than_the_longest_call() {
         }
     }
 }
+
+/// Every manifest that runs the embedded store sizes its page cache to a
+/// quarter of the container's memory limit at most: sled's own default
+/// (1 GiB) would get the 512Mi sidecar killed for memory under load.
+#[test]
+fn manifests_size_the_database_cache_under_their_memory_limit() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s");
+    for manifest in ["sidecar-pod.yaml", "shared-service.yaml"] {
+        let text = std::fs::read_to_string(deploy.join(manifest)).expect("manifest");
+        let after_setting = text
+            .split_once("TROVE_DB_CACHE_BYTES, value: \"")
+            .map(|(_, rest)| rest)
+            .unwrap_or_else(|| panic!("{manifest} does not set TROVE_DB_CACHE_BYTES"));
+        let (cache, rest) = after_setting.split_once('"').expect("quoted value");
+        let cache: u64 = cache.parse().expect("cache bytes");
+        let (_, limits) = rest.split_once("limits:").expect("a memory limit");
+        let (_, memory) = limits.split_once("memory: ").expect("memory limit");
+        let memory = memory.split(['}', '\n']).next().expect("value").trim();
+        let limit = match memory.split_at(memory.len() - 2) {
+            (n, "Mi") => n.parse::<u64>().expect("MiB") << 20,
+            (n, "Gi") => n.parse::<u64>().expect("GiB") << 30,
+            other => panic!("{manifest}: unexpected memory limit {other:?}"),
+        };
+        assert!(
+            cache <= limit / 4,
+            "{manifest}: a {cache}-byte database cache in a {limit}-byte container"
+        );
+    }
+}

@@ -65,6 +65,9 @@ pub enum Durability {
     Relaxed,
 }
 
+/// sled's own default page cache size, kept so that not setting it changes nothing.
+pub const DEFAULT_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
+
 /// Tuning of a [`SledStore`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -74,6 +77,9 @@ pub struct StoreOptions {
     pub read_chunk_bytes: usize,
     /// When writes are acknowledged.
     pub durability: Durability,
+    /// Bytes of database pages sled may keep in memory; the larger part of a
+    /// sled server's resident memory, so it must fit the process's limit.
+    pub cache_bytes: u64,
     /// Failures to inject at the storage boundary (tests only; `None` in production).
     pub faults: Option<Arc<Faults>>,
 }
@@ -84,6 +90,7 @@ impl Default for StoreOptions {
             inline_limit: 64 * 1024,
             read_chunk_bytes: 1024 * 1024,
             durability: Durability::Strict,
+            cache_bytes: DEFAULT_CACHE_BYTES,
             faults: None,
         }
     }
@@ -153,6 +160,7 @@ impl SledStore {
         let db = sled::Config::new()
             .path(root.join("db"))
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(options.cache_bytes)
             .open()
             .map_err(sled_error)?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_error);
