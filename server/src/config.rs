@@ -133,6 +133,38 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
 
+    /// Most calls one client address may hold at once (0: no cap beyond
+    /// `max_concurrent_requests`), so one caller cannot take every slot.
+    /// Behind a proxy every caller shares its address: raise it or use 0.
+    #[arg(long, env = "TROVE_MAX_CALLS_PER_PEER", default_value_t = 256)]
+    pub max_calls_per_peer: u32,
+
+    /// Most connections one client address may hold open (0: no cap);
+    /// one more is closed as soon as it is accepted.
+    #[arg(long, env = "TROVE_MAX_CONNECTIONS_PER_PEER", default_value_t = 256)]
+    pub max_connections_per_peer: u32,
+
+    /// Bytes of partly received messages the server holds at most, across
+    /// every call: a message whose announced length does not fit is refused
+    /// at once with RESOURCE_EXHAUSTED. At least `max_message_bytes`.
+    #[arg(long, env = "TROVE_MAX_PENDING_MESSAGE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_pending_message_bytes: u64,
+
+    /// Seconds a call may take to start sending its first message (0: no
+    /// limit); past it the call ends with DEADLINE_EXCEEDED.
+    #[arg(long, env = "TROVE_FIRST_MESSAGE_TIMEOUT_SECS", default_value_t = 10)]
+    pub first_message_timeout_secs: u64,
+
+    /// Longest silence, in seconds, while the server waits for the rest of
+    /// a request (0: no limit); past it the call ends with DEADLINE_EXCEEDED.
+    #[arg(long, env = "TROVE_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    pub idle_timeout_secs: u64,
+
+    /// Slowest arrival of a message, in bytes per second (0: no minimum): a
+    /// message of N bytes must arrive within the idle timeout plus N / rate.
+    #[arg(long, env = "TROVE_MIN_UPLOAD_RATE_BYTES", default_value_t = 128 * 1024)]
+    pub min_upload_rate_bytes: u64,
+
     /// Longest time a call may take before DEADLINE_EXCEEDED, in seconds
     /// (0: no limit). A shorter deadline sent by the caller wins.
     #[arg(long, env = "TROVE_REQUEST_TIMEOUT_SECS", default_value_t = 300)]
@@ -304,6 +336,38 @@ impl Config {
              the network around it is the protection",
             self.listen
         ))
+    }
+
+    /// Refuses a configuration whose limits contradict each other: the
+    /// partly-received-message budget must hold at least one message of the
+    /// largest size.
+    pub fn check_limits(&self) -> Result<(), String> {
+        if self.max_pending_message_bytes < self.max_message_bytes {
+            return Err(format!(
+                "--max-pending-message-bytes ({}) is smaller than --max-message-bytes ({}): a \
+                 message of the largest accepted size could never be received. Raise the budget \
+                 or lower the message limit",
+                self.max_pending_message_bytes, self.max_message_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// The guards every call is admitted and read under.
+    pub fn guards(&self) -> crate::guard::Guards {
+        use std::time::Duration;
+        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        crate::guard::Guards {
+            intake: crate::guard::IntakeLimits {
+                budget: crate::guard::Budget::new(self.max_pending_message_bytes),
+                first_message: secs(self.first_message_timeout_secs),
+                idle: secs(self.idle_timeout_secs),
+                min_rate: self.min_upload_rate_bytes,
+            },
+            calls_per_peer: crate::guard::PeerCounter::new(
+                usize::try_from(self.max_calls_per_peer).unwrap_or(usize::MAX),
+            ),
+        }
     }
 
     /// Refuses object-store settings under which an upload still in progress

@@ -12,6 +12,8 @@
 //!   they import only `trove-proto`.
 //! - [`access`]: TLS, bearer tokens and client certificates, and the
 //!   authorization policy the adapters ask.
+//! - [`guard`]: protection against slow, stalled and hostile callers (the
+//!   budget for partly received messages, stall limits, per-peer caps).
 //! - [`config`]: flags, `TROVE_*` environment variables and the TOML file.
 //! - [`telemetry`]: logs, the Prometheus endpoint and store gauges, and the
 //!   per-call layer (limits, shedding, deadlines, metrics, request logs).
@@ -22,6 +24,7 @@ pub mod access;
 pub mod config;
 pub mod engine;
 pub mod grpc;
+pub mod guard;
 pub mod server;
 pub mod telemetry;
 

@@ -24,6 +24,7 @@ async fn main() -> anyhow::Result<()> {
     if let Err(refusal) = config
         .check_exposure()
         .and_then(|()| config.check_reclaim_grace())
+        .and_then(|()| config.check_limits())
     {
         eprintln!("error: {refusal}");
         std::process::exit(2);

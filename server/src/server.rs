@@ -19,8 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
+use tonic::transport::server::Connected;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -38,6 +40,7 @@ use crate::grpc::cache::CacheService;
 use crate::grpc::entries::EntriesService;
 use crate::grpc::objects::ObjectsService;
 use crate::grpc::{Access, Limits};
+use crate::guard::{self, GuardedConn, PeerCounter};
 use crate::telemetry::calls::CallLayer;
 use crate::telemetry::metrics;
 
@@ -156,7 +159,9 @@ pub async fn run(
     }
 
     if let Some(listener) = listeners.health {
-        let probes = health_service.clone();
+        let probes = health_service
+            .clone()
+            .max_decoding_message_size(guard::PROBE_MAX_MESSAGE_BYTES);
         let addr = listener.local_addr().context("health listener address")?;
         tracing::info!(%addr, "health check for probes");
         endpoint.spawn(|stop| async move {
@@ -323,7 +328,8 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             timeout,
             limits.max_message_bytes,
         )
-        .with_damage_signal(Arc::new(damage));
+        .with_damage_signal(Arc::new(damage))
+        .with_guards(config.guards());
         let full_reflection = reflection(config)?;
         let mut router = Server::builder()
             // Without keepalives a client that vanishes (host down, partition)
@@ -334,13 +340,15 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
             .layer(calls)
             .layer(AuthLayer::new(access))
-            .add_service(health_service)
+            .add_service(health_service.max_decoding_message_size(guard::PROBE_MAX_MESSAGE_BYTES))
             .add_service(objects)
             .add_service(artifacts)
             .add_service(entries)
             .add_service(cache);
         if let Some((v1, v1alpha)) = full_reflection {
-            router = router.add_service(v1).add_service(v1alpha);
+            router = router
+                .add_service(v1.max_decoding_message_size(guard::PROBE_MAX_MESSAGE_BYTES))
+                .add_service(v1alpha.max_decoding_message_size(guard::PROBE_MAX_MESSAGE_BYTES));
         }
 
         set_all(&health, ServingStatus::Serving).await;
@@ -360,7 +368,27 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             tracing::info!("draining in-flight calls");
             let _ = drain_started_tx.send(());
         };
-        let serve = router.serve_with_incoming_shutdown(tls::incoming(grpc, acceptor), signal);
+        let connections = PeerCounter::new(
+            usize::try_from(config.max_connections_per_peer).unwrap_or(usize::MAX),
+        );
+        let incoming = tls::incoming(grpc, acceptor).filter_map(move |accepted| {
+            let admitted = match accepted {
+                Ok(conn) => {
+                    let peer = conn.connect_info().remote.map(|addr| addr.ip());
+                    match GuardedConn::admit(conn, peer, &connections) {
+                        Ok(guarded) => Some(Ok(guarded)),
+                        Err(_refused) => {
+                            ::metrics::counter!("trove_connections_refused_total").increment(1);
+                            tracing::debug!(?peer, "connection refused: max_connections_per_peer");
+                            None
+                        }
+                    }
+                }
+                Err(err) => Some(Err(err)),
+            };
+            std::future::ready(admitted)
+        });
+        let serve = router.serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(serve);
         let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
         let served = tokio::select! {

@@ -13,6 +13,7 @@
 pub mod conformance;
 pub mod harness;
 pub mod pki;
+pub mod raw;
 pub mod seaweedfs;
 pub mod target;
 

@@ -805,21 +805,33 @@ fn object_store_refuses_a_grace_shorter_than_the_longest_call() {
     }
 }
 
-/// Every manifest that runs the embedded store sizes its page cache to a
-/// quarter of the container's memory limit at most: sled's own default
-/// (1 GiB) would get the 512Mi sidecar killed for memory under load.
+/// Every manifest that runs the embedded store fits its worst-case memory
+/// (the README's sum: database cache, budget for partly received messages,
+/// per slot one uncharged 64 KiB message and two download chunks, and a
+/// 32 MiB baseline) in its container's limit, and keeps the database cache
+/// to a quarter of it: sled's own default (1 GiB) would get the 512Mi
+/// sidecar killed for memory under load.
 #[test]
-fn manifests_size_the_database_cache_under_their_memory_limit() {
+fn manifests_fit_their_worst_case_memory() {
     let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s");
     for manifest in ["sidecar-pod.yaml", "shared-service.yaml"] {
         let text = std::fs::read_to_string(deploy.join(manifest)).expect("manifest");
-        let after_setting = text
-            .split_once("TROVE_DB_CACHE_BYTES, value: \"")
-            .map(|(_, rest)| rest)
-            .unwrap_or_else(|| panic!("{manifest} does not set TROVE_DB_CACHE_BYTES"));
-        let (cache, rest) = after_setting.split_once('"').expect("quoted value");
-        let cache: u64 = cache.parse().expect("cache bytes");
-        let (_, limits) = rest.split_once("limits:").expect("a memory limit");
+        let setting = |name: &str, default: u64| -> u64 {
+            text.split_once(&format!("{name}, value: \""))
+                .map_or(default, |(_, rest)| {
+                    rest.split('"')
+                        .next()
+                        .expect("quoted")
+                        .parse()
+                        .expect("number")
+                })
+        };
+        let cache = setting("TROVE_DB_CACHE_BYTES", 0);
+        assert!(cache > 0, "{manifest} does not set TROVE_DB_CACHE_BYTES");
+        let budget = setting("TROVE_MAX_PENDING_MESSAGE_BYTES", 256 << 20);
+        let slots = setting("TROVE_MAX_CONCURRENT_REQUESTS", 1024);
+        let chunk = setting("TROVE_CHUNK_BYTES", 1 << 20);
+        let (_, limits) = text.split_once("limits:").expect("a memory limit");
         let (_, memory) = limits.split_once("memory: ").expect("memory limit");
         let memory = memory.split(['}', '\n']).next().expect("value").trim();
         let limit = match memory.split_at(memory.len() - 2) {
@@ -827,9 +839,19 @@ fn manifests_size_the_database_cache_under_their_memory_limit() {
             (n, "Gi") => n.parse::<u64>().expect("GiB") << 30,
             other => panic!("{manifest}: unexpected memory limit {other:?}"),
         };
+        let worst = cache + budget + slots * ((64 << 10) + 2 * chunk) + (32 << 20);
+        println!(
+            "{manifest}: worst case {} MiB of {} MiB",
+            worst >> 20,
+            limit >> 20
+        );
         assert!(
             cache <= limit / 4,
             "{manifest}: a {cache}-byte database cache in a {limit}-byte container"
+        );
+        assert!(
+            worst <= limit,
+            "{manifest}: worst case {worst} bytes over the {limit}-byte limit"
         );
     }
 }

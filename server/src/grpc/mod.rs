@@ -97,6 +97,11 @@ impl Limits {
     /// else means the client went away.
     pub fn stream_error(&self, status: Status) -> Error {
         match status.code() {
+            // The server's intake guard names its own limit; keep it.
+            tonic::Code::ResourceExhausted if status.metadata().contains_key("trove-limit") => {
+                Error::from(status)
+            }
+            tonic::Code::DeadlineExceeded => Error::from(status),
             tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => self.exceeded("a message"),
             tonic::Code::Cancelled => Error::Cancelled {
                 message: "the client cancelled the upload; nothing was stored".into(),

@@ -1,12 +1,21 @@
-//! The tower layer in front of every gRPC call: load shedding, deadlines,
+//! The tower layer in front of every gRPC call: admission, deadlines,
 //! metrics and the one log line per request.
 //!
-//! - Load shedding: at most `max_concurrent_requests` calls run at once; one
-//!   more is refused at once with RESOURCE_EXHAUSTED rather than queued. Health
-//!   and reflection are exempt so probes keep working under load.
+//! - Admission: at most `max_concurrent_requests` calls run at once, and at
+//!   most `max_calls_per_peer` of them from one client address; one more is
+//!   refused at once with RESOURCE_EXHAUSTED rather than queued. Health and
+//!   reflection have a small slot pool of their own, so probes keep working
+//!   under load and cannot take the calls' slots.
+//! - Request bodies are read under the intake guard ([`crate::guard::intake`]):
+//!   a server-wide budget for partly received messages, and limits on how
+//!   long a stalled client is waited for.
 //! - Deadlines: a call gets `min(request timeout, the caller's grpc-timeout)`
 //!   to produce its response (for uploads, that includes receiving the whole
-//!   stream); past it the caller gets DEADLINE_EXCEEDED.
+//!   stream); past it the caller gets DEADLINE_EXCEEDED. A response still
+//!   streaming at the deadline is dropped (file handles included) and its
+//!   slot given back then; if its caller is not even reading, the connection
+//!   is closed after a short grace, since flow control leaves no other way to
+//!   end the stream.
 //! - Metrics and logs: recorded when the response body ends (or the caller
 //!   goes away), with the final grpc-status from the trailers, the bytes in
 //!   and out and the duration. Payloads are never logged.
@@ -26,6 +35,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
 use tonic::codegen::http;
 use tower::{Layer, Service};
+use trove_proto::Error;
+
+use super::names::{code_name, labels, parse_grpc_timeout};
+use crate::access::tls::PeerInfo;
+use crate::guard::intake::IntakeBody;
+use crate::guard::peers::PeerTicket;
+use crate::guard::{self, ConnHandle, GuardedInfo, Guards};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -38,6 +54,9 @@ pub struct CallLayer {
     max_message_bytes: usize,
     /// Told when a call is answered DATA_LOSS (stored data found damaged).
     damage: Option<Arc<tokio::sync::watch::Sender<u64>>>,
+    /// Slots of health and reflection calls.
+    probes: Arc<Semaphore>,
+    guards: Guards,
 }
 
 impl CallLayer {
@@ -49,7 +68,16 @@ impl CallLayer {
             timeout,
             max_message_bytes,
             damage: None,
+            probes: Arc::new(Semaphore::new(guard::PROBE_CONCURRENCY)),
+            guards: Guards::unlimited(),
         }
+    }
+
+    /// Reads request bodies and admits callers under `guards`.
+    #[must_use]
+    pub fn with_guards(mut self, guards: Guards) -> Self {
+        self.guards = guards;
+        self
     }
 
     /// Counts every DATA_LOSS answer on `damage` (the server turns it into
@@ -122,12 +150,11 @@ struct CallRecord {
     damage: Option<Arc<tokio::sync::watch::Sender<u64>>>,
     /// The response body reached its end (or an error) rather than being dropped.
     ended: bool,
-    /// The concurrency slot; shared with the deadline timer, which gives it
-    /// back when a call outlives its deadline (a stalled reader cannot be
-    /// cut while HTTP/2 flow control keeps its response from being polled).
-    _permit: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>,
-    /// The task that gives the slot back at the deadline; stopped when the
-    /// call ends, so no per-call task outlives its call.
+    /// The call's slot; shared with the deadline timer, which gives it back
+    /// once it has dropped a response still streaming at the deadline.
+    slot: Arc<std::sync::Mutex<Option<Slot>>>,
+    /// The task that ends the call at its deadline; stopped when the call
+    /// ends, so no per-call task outlives its call.
     deadline_timer: Option<tokio::task::AbortHandle>,
 }
 
@@ -217,110 +244,6 @@ impl CallRecord {
     }
 }
 
-fn code_name(code: &str) -> &'static str {
-    match code.trim().parse::<i32>().map(tonic::Code::from) {
-        Ok(tonic::Code::Ok) => "OK",
-        Ok(tonic::Code::Cancelled) => "CANCELLED",
-        Ok(tonic::Code::Unknown) => "UNKNOWN",
-        Ok(tonic::Code::InvalidArgument) => "INVALID_ARGUMENT",
-        Ok(tonic::Code::DeadlineExceeded) => "DEADLINE_EXCEEDED",
-        Ok(tonic::Code::NotFound) => "NOT_FOUND",
-        Ok(tonic::Code::AlreadyExists) => "ALREADY_EXISTS",
-        Ok(tonic::Code::PermissionDenied) => "PERMISSION_DENIED",
-        Ok(tonic::Code::ResourceExhausted) => "RESOURCE_EXHAUSTED",
-        Ok(tonic::Code::FailedPrecondition) => "FAILED_PRECONDITION",
-        Ok(tonic::Code::Aborted) => "ABORTED",
-        Ok(tonic::Code::OutOfRange) => "OUT_OF_RANGE",
-        Ok(tonic::Code::Unimplemented) => "UNIMPLEMENTED",
-        Ok(tonic::Code::Internal) => "INTERNAL",
-        Ok(tonic::Code::Unavailable) => "UNAVAILABLE",
-        Ok(tonic::Code::DataLoss) => "DATA_LOSS",
-        Ok(tonic::Code::Unauthenticated) => "UNAUTHENTICATED",
-        Err(_) => "UNKNOWN",
-    }
-}
-
-/// Methods of the services this server answers; anything else is labelled
-/// `unknown` so that arbitrary paths cannot create unbounded metric series.
-const KNOWN: &[(&str, &[&str])] = &[
-    (
-        "trove.v1.Objects",
-        &[
-            "Put",
-            "Get",
-            "Delete",
-            "Stat",
-            "List",
-            "FindMissing",
-            "PutStream",
-            "GetStream",
-        ],
-    ),
-    (
-        "trove.v1.Artifacts",
-        &["Put", "Get", "Delete", "Stat", "List"],
-    ),
-    (
-        "trove.v1.Entries",
-        &[
-            "Append", "Read", "Replace", "Delete", "Exists", "Ensure", "List",
-        ],
-    ),
-    (
-        "trove.v1.Cache",
-        &[
-            "Upload",
-            "Download",
-            "BranchRefs",
-            "WriteBranchRefs",
-            "Prune",
-            "PruneAll",
-            "ListRefs",
-        ],
-    ),
-    ("grpc.health.v1.Health", &["Check", "Watch"]),
-    (
-        "grpc.reflection.v1.ServerReflection",
-        &["ServerReflectionInfo"],
-    ),
-    (
-        "grpc.reflection.v1alpha.ServerReflection",
-        &["ServerReflectionInfo"],
-    ),
-];
-
-/// The `(service, method)` labels for a request path.
-fn labels(path: &str) -> (String, String) {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let (service, method) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    match KNOWN.iter().find(|(s, _)| *s == service) {
-        Some((s, methods)) if methods.contains(&method) => ((*s).to_owned(), method.to_owned()),
-        Some((s, _)) => ((*s).to_owned(), "unknown".to_owned()),
-        None => ("unknown".to_owned(), "unknown".to_owned()),
-    }
-}
-
-/// Parses a `grpc-timeout` header value (`<up to 8 digits><H|M|S|m|u|n>`).
-pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 /// tonic rejects an oversize unary message itself, with OUT_OF_RANGE, before
 /// any adapter runs. Trove promises RESOURCE_EXHAUSTED naming the limit, and
 /// nothing in Trove emits OUT_OF_RANGE, so the status is rewritten here.
@@ -344,6 +267,69 @@ fn oversize_is_resource_exhausted(headers: &mut http::HeaderMap, limit: usize) {
     }
 }
 
+/// What an admitted call holds until its response body is dropped.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _peer: Option<PeerTicket>,
+}
+
+impl<S> CallService<S> {
+    /// A slot for the call, or the RESOURCE_EXHAUSTED error saying which
+    /// limit refused it.
+    fn admit(&self, probe: bool, conn: Option<&ConnHandle>) -> Result<Slot, Error> {
+        let settings = &self.settings;
+        if probe {
+            return match Arc::clone(&settings.probes).try_acquire_owned() {
+                Ok(permit) => Ok(Slot {
+                    _permit: permit,
+                    _peer: None,
+                }),
+                Err(_) => Err(Error::exhausted(
+                    format!("health and reflection calls ({})", guard::PROBE_CONCURRENCY),
+                    "too many health or reflection calls at once; retry with backoff",
+                )),
+            };
+        }
+        let peer = match conn.and_then(|c| c.peer) {
+            Some(ip) => {
+                let counter = &settings.guards.calls_per_peer;
+                match counter.try_take(ip) {
+                    Some(ticket) => Some(ticket),
+                    None => {
+                        return Err(Error::exhausted(
+                            format!("max_calls_per_peer ({})", counter.cap()),
+                            format!(
+                                "this client address ({ip}) already holds {} calls; finish or \
+                                 cancel some, or retry with backoff",
+                                counter.cap()
+                            ),
+                        ))
+                    }
+                }
+            }
+            None => None,
+        };
+        match Arc::clone(&settings.limiter).try_acquire_owned() {
+            Ok(permit) => Ok(Slot {
+                _permit: permit,
+                _peer: peer,
+            }),
+            Err(_) => Err(Error::exhausted(
+                format!("max_concurrent_requests ({})", settings.max_concurrent),
+                "the server is at capacity; retry with backoff",
+            )),
+        }
+    }
+}
+
+/// Takes what a guarded connection put in the request: the connection's
+/// handle, and its peer information where the access layer expects it.
+fn take_connection(request: &mut http::Request<Body>) -> Option<Arc<ConnHandle>> {
+    let info = request.extensions_mut().remove::<GuardedInfo<PeerInfo>>()?;
+    request.extensions_mut().insert(info.inner);
+    Some(info.conn)
+}
+
 impl<S> Service<http::Request<Body>> for CallService<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
@@ -359,39 +345,33 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let (service, method) = labels(request.uri().path());
-        let exempt = service.starts_with("grpc.health.") || service.starts_with("grpc.reflection.");
-        let permit = if exempt {
-            None
-        } else {
-            match Arc::clone(&self.settings.limiter).try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    metrics::counter!("trove_requests_shed_total", "service" => service.clone(), "method" => method.clone())
-                        .increment(1);
-                    metrics::gauge!("trove_requests_in_flight").increment(1.0);
-                    // Recorded like any call (RESOURCE_EXHAUSTED), so error
-                    // rates and request logs show the overload.
-                    drop(CallRecord {
-                        service,
-                        method,
-                        started: Instant::now(),
-                        bytes_in: Arc::new(AtomicU64::new(0)),
-                        bytes_out: 0,
-                        status: Some((tonic::Code::ResourceExhausted as i32).to_string()),
-                        note: CallNote::default(),
-                        damage: None,
-                        deadline_timer: None,
-                        ended: true,
-                        _permit: Arc::new(std::sync::Mutex::new(None)),
-                    });
-                    let status = tonic::Status::resource_exhausted(format!(
-                        "max_concurrent_requests ({}) exceeded: the server is at capacity; retry with backoff",
-                        self.settings.max_concurrent
-                    ));
-                    return Box::pin(async move { Ok(status.into_http()) });
-                }
+        let conn = take_connection(&mut request);
+        let probe = service.starts_with("grpc.health.") || service.starts_with("grpc.reflection.");
+        metrics::gauge!("trove_requests_in_flight").increment(1.0);
+        let slot = match self.admit(probe, conn.as_deref()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                metrics::counter!("trove_requests_shed_total", "service" => service.clone(), "method" => method.clone())
+                    .increment(1);
+                // Recorded like any call (RESOURCE_EXHAUSTED), so error
+                // rates and request logs show the overload.
+                drop(CallRecord {
+                    service,
+                    method,
+                    started: Instant::now(),
+                    bytes_in: Arc::new(AtomicU64::new(0)),
+                    bytes_out: 0,
+                    status: Some((tonic::Code::ResourceExhausted as i32).to_string()),
+                    note: CallNote::default(),
+                    damage: None,
+                    deadline_timer: None,
+                    ended: true,
+                    slot: Arc::new(std::sync::Mutex::new(None)),
+                });
+                let status = tonic::Status::from(refusal);
+                return Box::pin(async move { Ok(status.into_http()) });
             }
         };
         let caller_deadline = request
@@ -405,15 +385,11 @@ where
         };
         let bytes_in = Arc::new(AtomicU64::new(0));
         let note = CallNote::default();
-        let mut request = request;
         request.extensions_mut().insert(note.clone());
-        let request = request.map(|body| {
-            Body::new(CountingBody {
-                inner: body,
-                count: Arc::clone(&bytes_in),
-            })
-        });
-        metrics::gauge!("trove_requests_in_flight").increment(1.0);
+        let intake = self.settings.guards.intake.clone();
+        let peer = conn.as_ref().and_then(|c| c.peer);
+        let request = request
+            .map(|body| Body::new(IntakeBody::new(body, Arc::clone(&bytes_in), intake, peer)));
         let mut record = CallRecord {
             service,
             method,
@@ -425,23 +401,21 @@ where
             damage: self.settings.damage.clone(),
             deadline_timer: None,
             ended: false,
-            _permit: Arc::new(std::sync::Mutex::new(permit)),
+            slot: Arc::new(std::sync::Mutex::new(Some(slot))),
         };
         let limit = self.settings.max_message_bytes;
         // The clone is the one that was polled ready.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let response_body: SharedBody = Arc::default();
         let expires = deadline.map(|d| tokio::time::Instant::now() + d);
         if let Some(at) = expires {
-            let slot = Arc::downgrade(&record._permit);
-            let timer = tokio::spawn(async move {
-                tokio::time::sleep_until(at).await;
-                if let Some(slot) = slot.upgrade() {
-                    if let Ok(mut permit) = slot.lock() {
-                        permit.take();
-                    }
-                }
-            });
+            let timer = tokio::spawn(end_at_deadline(
+                at,
+                Arc::clone(&response_body),
+                Arc::downgrade(&record.slot),
+                conn,
+            ));
             record.deadline_timer = Some(timer.abort_handle());
         }
         Box::pin(async move {
@@ -464,58 +438,84 @@ where
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
+            let end_stream = body.is_end_stream();
+            if let Ok(mut shared) = response_body.lock() {
+                *shared = Some(body);
+            }
             let body = CountedBody {
-                inner: body,
+                inner: response_body,
                 record: Some(record),
                 deadline: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
-                expired: false,
+                finished: end_stream,
             };
             Ok(http::Response::from_parts(parts, Body::new(body)))
         })
     }
 }
 
-/// Counts the bytes of a request body.
-struct CountingBody {
-    inner: Body,
-    count: Arc<AtomicU64>,
-}
+/// A response body the deadline timer can take away from the connection.
+type SharedBody = Arc<std::sync::Mutex<Option<Body>>>;
 
-impl HttpBody for CountingBody {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
+/// Ends a call at its deadline: drops a response body still streaming (and
+/// with it the file or store handle it reads from), gives the slot back, and
+/// closes the connection if the caller has not let the stream end within
+/// [`guard::STALLED_RESPONSE_GRACE`]. Aborted when the call ends first.
+async fn end_at_deadline(
+    at: tokio::time::Instant,
+    body: SharedBody,
+    slot: std::sync::Weak<std::sync::Mutex<Option<Slot>>>,
+    conn: Option<Arc<ConnHandle>>,
+) {
+    tokio::time::sleep_until(at).await;
+    let dropped = body.lock().ok().and_then(|mut b| b.take());
+    drop(dropped);
+    if let Some(slot) = slot.upgrade() {
+        if let Ok(mut slot) = slot.lock() {
+            slot.take();
         }
-        polled
     }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    tokio::time::sleep(guard::STALLED_RESPONSE_GRACE).await;
+    if let Some(conn) = conn {
+        metrics::counter!("trove_connections_closed_total", "reason" => "stalled_response")
+            .increment(1);
+        tracing::warn!(
+            peer = ?conn.peer,
+            "closing a connection: a response stayed unread past its deadline"
+        );
+        conn.close();
     }
 }
 
 /// Watches a response body: bytes out, the final status, and the end of the
 /// call (normal, or the caller went away).
 struct CountedBody {
-    inner: Body,
+    inner: SharedBody,
     record: Option<CallRecord>,
     /// The call's deadline also bounds a streamed response: a download whose
     /// reader stalls cannot hold its slot forever.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    expired: bool,
+    finished: bool,
+}
+
+impl CountedBody {
+    /// Ends the stream with DEADLINE_EXCEEDED trailers.
+    fn expire(&mut self) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        self.finished = true;
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.take();
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("4"));
+        trailers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("the call did not complete within its deadline"),
+        );
+        if let Some(mut record) = self.record.take() {
+            record.status = Some("4".to_owned());
+            record.ended = true;
+        }
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
 }
 
 impl HttpBody for CountedBody {
@@ -526,26 +526,27 @@ impl HttpBody for CountedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if self.expired {
+        if self.finished {
             return Poll::Ready(None);
         }
         if let Some(deadline) = self.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() {
-                self.expired = true;
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("grpc-status", http::HeaderValue::from_static("4"));
-                trailers.insert(
-                    "grpc-message",
-                    http::HeaderValue::from_static("the call did not complete within its deadline"),
-                );
-                if let Some(mut record) = self.record.take() {
-                    record.status = Some("4".to_owned());
-                    record.ended = true;
-                }
-                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                return self.expire();
             }
         }
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = {
+            let Ok(mut inner) = self.inner.lock() else {
+                return self.expire();
+            };
+            match inner.as_mut() {
+                Some(body) => Pin::new(body).poll_frame(cx),
+                // The deadline timer took it.
+                None => {
+                    drop(inner);
+                    return self.expire();
+                }
+            }
+        };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(record) = self.record.as_mut() {
@@ -562,6 +563,7 @@ impl HttpBody for CountedBody {
                 }
             }
             Poll::Ready(None) => {
+                self.finished = true;
                 if let Some(mut record) = self.record.take() {
                     record.ended = true;
                 }
@@ -575,42 +577,10 @@ impl HttpBody for CountedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.expired || self.inner.is_end_stream()
+        self.finished
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Metric labels are bounded: unknown services and methods collapse to "unknown".
-    #[test]
-    fn labels_are_bounded() {
-        assert_eq!(
-            labels("/trove.v1.Objects/Put"),
-            ("trove.v1.Objects".into(), "Put".into())
-        );
-        assert_eq!(
-            labels("/trove.v1.Objects/Nope"),
-            ("trove.v1.Objects".into(), "unknown".into())
-        );
-        assert_eq!(labels("/x.y/z"), ("unknown".into(), "unknown".into()));
-        assert_eq!(labels(""), ("unknown".into(), "unknown".into()));
-    }
-
-    /// grpc-timeout values in every unit parse; malformed ones are ignored.
-    #[test]
-    fn grpc_timeout_parsing() {
-        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
-        for bad in ["", "m", "10x", "123456789S", "-1S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
-        }
+        SizeHint::default()
     }
 }

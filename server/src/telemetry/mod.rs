@@ -5,6 +5,7 @@
 
 pub mod calls;
 pub mod metrics;
+pub mod names;
 
 use tracing_subscriber::EnvFilter;
 
