@@ -3,14 +3,15 @@
  * trove-server with LD_PRELOAD by tests/tests/filesystem_faults.rs.
  *
  * The file named by TROVE_FAULT_CONTROL holds one line, "OP ERRNO PATH",
- * read on every intercepted call: while it names OP (write, fsync or
- * rename), every such call on a file whose path contains PATH fails with
+ * read on every intercepted call: while it names OP (write, fsync, rename
+ * or link), every such call on a file whose path contains PATH fails with
  * ERRNO and does nothing. An empty or missing file means no faults, so a
  * test arms and disarms faults by writing that file while the server runs.
  *
  *   write   write, writev, pwrite, pwrite64
  *   fsync   fsync, fdatasync
  *   rename  rename, renameat, renameat2 (either path)
+ *   link    link, linkat (either path): how blobs are published
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -159,4 +160,24 @@ int renameat2(int from_dir, const char *from, int to_dir, const char *to, unsign
         return -1;
     }
     return real_renameat2(from_dir, from, to_dir, to, flags);
+}
+
+int link(const char *from, const char *to) {
+    REAL(link);
+    int err = 0;
+    if (fault_for("link", from, to, &err)) {
+        errno = err;
+        return -1;
+    }
+    return real_link(from, to);
+}
+
+int linkat(int from_dir, const char *from, int to_dir, const char *to, int flags) {
+    REAL(linkat);
+    int err = 0;
+    if (fault_for("link", from, to, &err)) {
+        errno = err;
+        return -1;
+    }
+    return real_linkat(from_dir, from, to_dir, to, flags);
 }

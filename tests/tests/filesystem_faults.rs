@@ -1,6 +1,6 @@
 //! Faults below the server, on the real binary: a small C library loaded with
 //! `LD_PRELOAD` (`tests/faults/trove_faults.c`) makes the C library's
-//! `write`, `fsync`/`fdatasync` or `rename` fail for files whose path matches,
+//! `write`, `fsync`/`fdatasync`, `rename` or `link` fail for files whose path matches,
 //! armed and disarmed while the server runs. Each fault gives its documented
 //! status, leaves nothing visible and nothing staged, and once it is gone the
 //! same write succeeds: the server recovers without a restart.
@@ -73,7 +73,7 @@ async fn filesystem_faults_fail_cleanly_and_recover() {
     .await;
     let client = server.client().await;
     let ns = Namespace::new("faults").expect("ns");
-    // Larger than the inline limit: staged in a file, fsynced, renamed into blobs/.
+    // Larger than the inline limit: staged in a file, fsynced, linked into blobs/.
     let value = Bytes::from(vec![9u8; 300_000]);
     let put = |key: String| {
         let (client, ns, value) = (client.clone(), ns.clone(), value.clone());
@@ -100,7 +100,7 @@ async fn filesystem_faults_fail_cleanly_and_recover() {
             "fsync 5 /staging/",
             |e| matches!(e, Error::Unavailable { .. }),
         ),
-        ("a failing rename into blobs/", "rename 5 /blobs/", |e| {
+        ("a failing link into blobs/", "link 5 /blobs/", |e| {
             matches!(e, Error::Unavailable { .. })
         }),
         (

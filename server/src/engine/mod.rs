@@ -36,6 +36,15 @@ use trove_proto::{ArtifactStore, CacheStore, EntryStore, Error, ObjectStore};
 
 use crate::config::Config;
 
+/// Logs an internal failure's full detail (which may name files, buckets or
+/// a store's raw answer) with a fresh incident id, inside the call's span,
+/// and returns the id: all the caller is told is the id and what to do.
+pub fn incident(what: &str, detail: &dyn std::fmt::Display) -> String {
+    let id = format!("{:016x}", rand::random::<u64>());
+    tracing::error!(incident = %id, what, detail = %detail, "storage failure");
+    id
+}
+
 /// A storage engine: every operation group, plus what the server needs to
 /// run it.
 #[async_trait]

@@ -3,6 +3,7 @@
 //! value under a record path.
 
 use super::*;
+use bytes::Bytes;
 
 impl BucketStore {
     /// Opens a record's body for reading. A blob deleted in the meantime (a
@@ -145,11 +146,21 @@ impl BucketStore {
     ) -> Result<(ValueRecord, ByteStream), Error> {
         // A concurrent replace can delete the blob between reading the
         // record and opening the blob; the record read again points at the
-        // new one.
+        // new one. A record that reads the same twice while its blob is
+        // missing has lost its body: retrying cannot help.
+        let mut missing_under: Option<Bytes> = None;
         for _ in 0..8 {
             let Some((bytes, _)) = self.read(path).await? else {
                 return Err(Error::not_found(kind, display));
             };
+            if missing_under.as_ref() == Some(&bytes) {
+                return Err(Error::DataLoss {
+                    message: format!(
+                        "{kind} {display}: its stored body is missing from the object store; \
+                         the value cannot be read: write it again"
+                    ),
+                });
+            }
             let record = crate::engine::record::decode(&bytes).map_err(|e| match e {
                 Error::DataLoss { message } => Error::DataLoss {
                     message: format!("{kind} {display}: {message}"),
@@ -159,6 +170,7 @@ impl BucketStore {
             if let Some(stream) = self.open_body(&record).await? {
                 return Ok((record, stream));
             }
+            missing_under = Some(bytes);
         }
         Err(Error::Unavailable {
             message: format!("{kind} {display} kept changing while it was opened; retry"),

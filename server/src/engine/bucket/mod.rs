@@ -144,19 +144,25 @@ impl std::fmt::Debug for BucketStore {
 }
 
 /// Maps an object store failure to the caller's error: the store being
-/// unreachable or failing is retryable, anything else is a bug here.
+/// unreachable or failing is retryable, anything else is a bug here. The
+/// store's own words (its URL, bucket, keys, raw response) stay in the
+/// server's log under an incident id; the caller gets the id and what to do.
 pub fn bucket_error(what: &str, err: &object_store::Error) -> Error {
+    let incident = crate::engine::incident(what, err);
     match err {
-        object_store::Error::NotFound { .. } => Error::Internal {
-            message: format!("{what}: object vanished: {err}"),
-        },
         object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => {
             Error::Unavailable {
-                message: format!("{what}: the object store failed: {err}"),
+                message: format!(
+                    "could not {what}: the object store failed (incident {incident}); retry \
+                     with backoff, and give the incident id to the operator if it persists"
+                ),
             }
         }
         _ => Error::Internal {
-            message: format!("{what}: {err}"),
+            message: format!(
+                "could not {what}: unexpected object store answer (incident {incident}); give \
+                 the incident id to the operator"
+            ),
         },
     }
 }

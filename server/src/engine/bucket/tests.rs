@@ -284,3 +284,58 @@ async fn reclaim_deletes_only_abandoned_blobs() {
     let data: Vec<Bytes> = stream.try_collect().await.expect("read");
     assert_eq!(data.concat(), big.to_vec());
 }
+
+/// A record whose blob is gone answers DATA_LOSS naming the value, not a
+/// retryable UNAVAILABLE that no retry can fix.
+#[tokio::test]
+async fn a_record_without_its_blob_is_data_loss() {
+    let bucket = Arc::new(InMemory::new());
+    let store = BucketStore::open(bucket.clone(), "r", BucketOptions::default())
+        .await
+        .expect("open");
+    let ns = Namespace::default();
+    let key = Name::new("key", "lost").expect("name");
+    store
+        .put_artifact(
+            &ns,
+            &key,
+            Default::default(),
+            futures::stream::iter([Ok(Bytes::from(vec![1u8; 200_000]))]).boxed(),
+        )
+        .await
+        .expect("put");
+    let blobs: Vec<ObjectMeta> = bucket
+        .list(Some(&store.path("blobs")))
+        .try_collect()
+        .await
+        .expect("list");
+    assert_eq!(blobs.len(), 1);
+    bucket
+        .delete(&blobs[0].location)
+        .await
+        .expect("delete blob");
+    let err = store.get_artifact(&ns, &key).await.err().expect("lost");
+    assert!(matches!(err, Error::DataLoss { .. }), "{err:?}");
+    assert!(err.to_string().contains("lost"), "{err}");
+}
+
+/// A failing store's own words (URL, bucket, raw answer) never reach the
+/// caller; the caller gets an incident id to quote.
+#[test]
+fn store_failures_do_not_leak_internals() {
+    let err = object_store::Error::Generic {
+        store: "S3",
+        source: "PUT http://10.0.0.7:8333/secret-bucket/prefix/n/x: <Error><Code>KeyTooLongError</Code></Error>".into(),
+    };
+    let mapped = bucket_error("publish a record", &err).to_string();
+    for secret in [
+        "10.0.0.7",
+        "secret-bucket",
+        "prefix/n/x",
+        "KeyTooLong",
+        "<Error>",
+    ] {
+        assert!(!mapped.contains(secret), "{mapped}");
+    }
+    assert!(mapped.contains("incident"), "{mapped}");
+}

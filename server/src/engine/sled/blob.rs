@@ -4,7 +4,9 @@
 //!
 //! Life of a blob: bytes are written to `staging/<id>.tmp` (small values stay
 //! in memory and are stored inline in sled instead); on a clean end the file
-//! is fsynced and renamed to `blobs/<shard>/<id>` and the directory fsynced;
+//! is fsynced and hard-linked to `blobs/<shard>/<id>` (a link never replaces
+//! an existing file, unlike a rename), its staging name removed and the
+//! directory fsynced;
 //! only then is the metadata that references it committed in sled. A blob that
 //! is no longer referenced is unlinked after the metadata change is durable.
 //! Every step is guarded: dropping a writer or an uncommitted published blob
@@ -297,7 +299,19 @@ impl StagedBody {
                 let to = dir.blob_path(id);
                 let published = tokio::task::spawn_blocking(move || -> io::Result<PathBuf> {
                     let parent = to.parent().map(Path::to_path_buf).unwrap_or_default();
-                    std::fs::rename(&from, &to)?;
+                    // A link, unlike a rename, never replaces: a published
+                    // blob (which a record may reference) is never
+                    // overwritten, whatever the id generator did.
+                    std::fs::hard_link(&from, &to).map_err(|err| {
+                        if err.kind() == io::ErrorKind::AlreadyExists {
+                            io::Error::other(format!(
+                                "blob {id:016x} is already published; refusing to replace it"
+                            ))
+                        } else {
+                            err
+                        }
+                    })?;
+                    std::fs::remove_file(&from)?;
                     std::fs::File::open(&parent)?.sync_all()?;
                     Ok(to)
                 })
@@ -312,5 +326,33 @@ impl StagedBody {
                 }))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Publishing never replaces a blob already published under the same id.
+    #[tokio::test]
+    async fn publishing_never_overwrites() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let dir = BlobDir::open(root.path()).expect("open");
+        let stage = |fill: u8| {
+            let dir = &dir;
+            async move {
+                let mut writer = BodyWriter::new(dir, 7, 0);
+                writer.write(&[fill; 4096]).await.expect("write");
+                writer.finish().await.expect("finish")
+            }
+        };
+        match stage(1).await.publish().await.expect("first publish") {
+            Published::Blob(blob) => blob.keep(),
+            Published::Inline(_) => panic!("a 4 KiB body over a 0-byte inline limit is a blob"),
+        }
+        let second = stage(2).await.publish().await;
+        assert!(second.is_err(), "a second publish under id 7 must fail");
+        let kept = std::fs::read(dir.blob_path(7)).expect("read");
+        assert_eq!(kept, vec![1u8; 4096], "the first blob is untouched");
     }
 }

@@ -199,20 +199,43 @@ impl SledStore {
         prefix: &str,
         tier: &TierKey,
     ) -> Result<(u64, Vec<u64>), Error> {
+        let cache = &self.inner.cache;
+        let map_key = with_parts(&scope_prefix(ns, prefix), &[tier.branch.as_bytes()]);
+        // Read before the refs go: a map written after this point is a
+        // concurrent WriteBranchRefs, which must survive.
+        let seen_map = cache.branch_refs.get(&map_key).map_err(sled_error)?;
         let refs = self.refs_by_age(&tier.key)?;
         let (removed, blobs) = self.remove_refs(&tier.key, &refs)?;
-        let cache = &self.inner.cache;
         if cache.recency.scan_prefix(&tier.key).next().is_none() {
-            for item in cache.trees.scan_prefix(&tier.key).keys() {
-                cache
-                    .trees
-                    .remove(item.map_err(sled_error)?)
-                    .map_err(sled_error)?;
-            }
-            let map_key = with_parts(&scope_prefix(ns, prefix), &[tier.branch.as_bytes()]);
-            cache.branch_refs.remove(map_key).map_err(sled_error)?;
+            // A pointer goes only if its ref is still gone: an upload that
+            // lands meanwhile writes both in one transaction.
+            self.remove_dangling_pointers(&tier.key, |_| true)?;
+            self.remove_map_if_unchanged(&map_key, seen_map)?;
         }
         Ok((removed, blobs))
+    }
+
+    /// Removes the branch map at `map_key` only if it still holds `seen`
+    /// (one atomic compare-and-swap), so a map written concurrently stays.
+    /// Blocking.
+    fn remove_map_if_unchanged(
+        &self,
+        map_key: &[u8],
+        seen: Option<sled::IVec>,
+    ) -> Result<(), Error> {
+        let Some(seen) = seen else {
+            return Ok(());
+        };
+        let swapped = self
+            .inner
+            .cache
+            .branch_refs
+            .compare_and_swap(map_key, Some(seen), None::<&[u8]>)
+            .map_err(sled_error)?;
+        if swapped.is_err() {
+            tracing::debug!("a branch map changed while its branch was pruned; kept");
+        }
+        Ok(())
     }
 }
 
@@ -546,5 +569,68 @@ impl CacheStore for SledStore {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn store() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            SledStore::open(dir.path(), super::super::StoreOptions::default()).expect("open");
+        (dir, store)
+    }
+
+    /// Branch pruning removes a tree pointer only when its ref is gone: a
+    /// pointer an upload wrote (with its ref, in one transaction) survives.
+    #[tokio::test]
+    async fn pruning_keeps_a_pointer_whose_ref_exists() {
+        let (_dir, store) = store();
+        let scope = CacheScope {
+            namespace: Namespace::default(),
+            prefix: String::new(),
+            branch: Name::new("branch", "feature").expect("branch"),
+            default_branch: Name::new("branch", "main").expect("branch"),
+            test_suite_id: String::new(),
+        };
+        let tree = Name::new("tree_sha", "t1").expect("tree");
+        let data = futures::stream::iter([Ok(bytes::Bytes::from_static(b"archive"))]).boxed();
+        let options = UploadOptions {
+            tree_sha: Some(tree.clone()),
+            ..Default::default()
+        };
+        let reference = Name::new("reference", "r1").expect("ref");
+        store
+            .upload(&scope, &reference, options, data)
+            .await
+            .expect("upload");
+        let tier = own_tier(&scope);
+        store
+            .remove_dangling_pointers(&tier.key, |_| true)
+            .expect("sweep");
+        let found = store
+            .download(&scope, "unknown-ref", Some(&tree))
+            .await
+            .expect("download");
+        assert!(found.is_some(), "the pointer to a live ref was removed");
+    }
+
+    /// The branch map is removed only if it is still the one read before the
+    /// prune: a map written meanwhile (WriteBranchRefs) stays.
+    #[test]
+    fn pruning_keeps_a_map_written_meanwhile() {
+        let (_dir, store) = store();
+        let maps = &store.inner.cache.branch_refs;
+        maps.insert(b"map", &b"old"[..]).expect("insert");
+        let seen = maps.get(b"map").expect("get");
+        maps.insert(b"map", &b"new"[..]).expect("concurrent write");
+        store.remove_map_if_unchanged(b"map", seen).expect("remove");
+        assert_eq!(maps.get(b"map").expect("get").as_deref(), Some(&b"new"[..]));
+        let seen = maps.get(b"map").expect("get");
+        store.remove_map_if_unchanged(b"map", seen).expect("remove");
+        assert!(maps.get(b"map").expect("get").is_none());
     }
 }

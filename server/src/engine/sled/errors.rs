@@ -10,7 +10,7 @@ use trove_proto::Error;
 pub fn read_error(what: &str, err: &std::io::Error) -> Error {
     if err.kind() == std::io::ErrorKind::InvalidData {
         Error::DataLoss {
-            message: format!("{what} is damaged: {err}"),
+            message: format!("{what} is damaged: its bytes fail their SHA-256 check"),
         }
     } else {
         io_error("read value", err)
@@ -30,10 +30,22 @@ pub fn tx_error(err: sled::transaction::TransactionError<Error>) -> Error {
 pub fn sled_error(err: sled::Error) -> Error {
     match err {
         sled::Error::Io(e) => io_error("storage", &e),
-        sled::Error::Corruption { .. } => Error::DataLoss {
-            message: format!("the database is damaged: {err}"),
-        },
-        other => Error::internal(format!("storage engine: {other}")),
+        sled::Error::Corruption { .. } => {
+            let incident = crate::engine::incident("read the database", &err);
+            Error::DataLoss {
+                message: format!(
+                    "the database is damaged (incident {incident}); give the incident id to the \
+                     operator"
+                ),
+            }
+        }
+        other => {
+            let incident = crate::engine::incident("storage engine", &other);
+            Error::internal(format!(
+                "the storage engine failed (incident {incident}); give the incident id to the \
+                 operator"
+            ))
+        }
     }
 }
 
@@ -43,7 +55,13 @@ pub fn io_error(what: &str, err: &std::io::Error) -> Error {
     if err.kind() == std::io::ErrorKind::StorageFull {
         return Error::exhausted("disk space", format!("{what}: {err}"));
     }
+    // I/O errors can name files; they stay in the log.
+    let incident = crate::engine::incident(what, err);
     Error::Unavailable {
-        message: format!("{what} failed: {err}"),
+        message: format!(
+            "{what} failed: {} (incident {incident}); retry, and give the incident id to the \
+             operator if it persists",
+            err.kind()
+        ),
     }
 }

@@ -81,7 +81,15 @@ impl SledStore {
             .filter_map(|id| std::fs::metadata(self.inner.blobs.blob_path(id)).ok())
             .map(|m| m.len())
             .sum();
-        usage.disk_bytes = self.inner.db.size_on_disk().map_err(sled_error)? + blob_bytes;
+        // Uploads in progress take disk too: a full disk is as full with
+        // staged bytes as with published ones.
+        let staged_bytes: u64 = std::fs::read_dir(self.inner.blobs.staging_dir())
+            .map_err(|e| io_error("read staging folder", &e))?
+            .filter_map(|entry| entry.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        usage.disk_bytes =
+            self.inner.db.size_on_disk().map_err(sled_error)? + blob_bytes + staged_bytes;
         usage.logical_bytes = Some(logical_bytes);
         Ok(usage)
     }
@@ -105,5 +113,26 @@ impl Engine for SledStore {
 
     async fn flush(&self) -> Result<(), Error> {
         SledStore::flush(self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes of uploads still in progress count in the disk usage.
+    #[test]
+    fn staged_uploads_count_on_disk() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            SledStore::open(dir.path(), super::super::StoreOptions::default()).expect("open");
+        let before = store.scan_usage().expect("scan").disk_bytes;
+        let staged = store.inner.blobs.staging_dir().join("upload-in-progress");
+        std::fs::write(&staged, vec![0u8; 3 << 20]).expect("stage");
+        let after = store.scan_usage().expect("scan").disk_bytes;
+        assert!(
+            after >= before + (3 << 20),
+            "{before} -> {after}: staged bytes are missing"
+        );
     }
 }
