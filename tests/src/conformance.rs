@@ -70,6 +70,8 @@ macro_rules! conformance_suite {
             cache_prune_all_branches,
             cache_concurrent_uploads_leave_one_archive,
             cache_prune_does_not_block_traffic,
+            names_at_the_length_limit,
+            long_names_list_in_byte_order,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
@@ -1922,4 +1924,219 @@ async fn write_branch_refs<S: Store>(
             refs,
         )?)
         .await
+}
+
+/// Names of exactly 1,024 bytes (the limit) in the four shapes that stress
+/// a key encoding: ASCII, 2-byte and 4-byte UTF-8, and punctuation.
+fn names_at_the_limit() -> Vec<String> {
+    let ascii: String = (0..1024).map(|i| char::from(b"abcXYZ019"[i % 9])).collect();
+    let two_byte = "é".repeat(512);
+    let four_byte = "🦀".repeat(256);
+    let punctuation: String = (0..1024)
+        .map(|i| char::from(b"!-/.~:%+ _=@"[i % 12]))
+        .collect();
+    let names = vec![ascii, two_byte, four_byte, punctuation];
+    for n in &names {
+        assert_eq!(n.len(), trove_proto::types::MAX_NAME_BYTES);
+    }
+    names
+}
+
+/// Names sharing a long prefix that differ only near their end, mixed with
+/// shorter names that share part of it: the orders a key encoding gets
+/// wrong when it cuts or hashes long names.
+fn names_sharing_a_long_prefix() -> Vec<String> {
+    let stem: String = (0..900).map(|i| char::from(b"-/.a~"[i % 5])).collect();
+    let mut names: Vec<String> = ["", "a", "-", "~", "0", "é", "🦀", "zz", "/x", "a-a"]
+        .iter()
+        .map(|tail| format!("{stem}{tail}"))
+        .collect();
+    names.push(stem[..400].to_owned());
+    names.push(format!("{}b", &stem[..899]));
+    names.push(format!("{}-", &stem[..600]));
+    names.push(format!("{}\u{1}", &stem[..899]));
+    names.retain(|n| n.len() <= trove_proto::types::MAX_NAME_BYTES);
+    names
+}
+
+/// Walks a listing page by page (`page_size` 2) and returns every name.
+async fn walk_artifacts<S: Store>(store: &S, ns: &Namespace, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = ListPage::new(prefix, 2, &token).expect("page");
+        let listed = store.list_artifacts(ns, &page, false).await.expect("list");
+        out.extend(
+            listed
+                .items
+                .into_iter()
+                .filter_map(|item| item.info.map(|info| info.key)),
+        );
+        match listed.next_page_token {
+            Some(next) => token = next,
+            None => return out,
+        }
+    }
+}
+
+/// Every operation group stores, finds, lists and deletes names at the
+/// 1,024-byte limit, in every shape, namespaces included.
+pub async fn names_at_the_length_limit<S: Store>(t: &Target<S>) {
+    let store = &t.store;
+    for long in names_at_the_limit() {
+        let key = name(&long);
+        for ns in [
+            fresh_ns(),
+            Namespace::new(&long).expect("a 1 KiB namespace"),
+        ] {
+            // Artifacts.
+            store
+                .put_artifact(&ns, &key, PutOptions::default(), one(b"artifact"))
+                .await
+                .expect("put artifact");
+            assert_eq!(read_artifact(store, &ns, &key).await, b"artifact");
+            assert_eq!(
+                store.stat_artifact(&ns, &key).await.expect("stat").key,
+                long
+            );
+            assert_eq!(
+                walk_artifacts(store, &ns, "").await,
+                std::slice::from_ref(&long)
+            );
+            assert_eq!(
+                walk_artifacts(store, &ns, &long).await,
+                std::slice::from_ref(&long)
+            );
+            // Objects and streams under the same opaque id.
+            store
+                .put_object(&ns, &key, None, one(b"object"))
+                .await
+                .expect("put object");
+            assert_eq!(read_object(store, &ns, &key).await, b"object");
+            let chunks = futures::stream::iter([Ok(StreamChunk {
+                data: Bytes::from_static(b"chunk"),
+                timestamp: Some(1),
+            })])
+            .boxed();
+            store
+                .put_stream(&ns, &key, chunks)
+                .await
+                .expect("put stream");
+            let page = ListPage::new(&long, 10, "").expect("page");
+            let listed = store.list_objects(&ns, &page).await.expect("list objects");
+            assert_eq!(listed.items.len(), 1, "{:?}", listed.items);
+            assert!(listed.items[0].has_object && listed.items[0].has_stream);
+            assert_eq!(listed.items[0].hash, long);
+            assert!(store
+                .find_missing(&ns, std::slice::from_ref(&key))
+                .await
+                .expect("find")
+                .is_empty());
+            // Cassettes.
+            let entry =
+                NewEntry::parse("e", Bytes::from_static(b"{\"n\":1}"), Some(5)).expect("entry");
+            store
+                .append_entries(&ns, &key, vec![entry], Default::default())
+                .await
+                .expect("append");
+            assert_eq!(read_all(store, &ns, &key).await.len(), 1);
+            assert!(store.cassette_exists(&ns, &key).await.expect("exists"));
+            let page = ListPage::new("", 10, "").expect("page");
+            assert_eq!(
+                store.list_cassettes(&ns, &page).await.expect("list").items,
+                std::slice::from_ref(&long)
+            );
+            // The cache: prefix, branch, ref and tree sha all at the limit.
+            let scope = CacheScope {
+                namespace: ns.clone(),
+                prefix: long.clone(),
+                branch: key.clone(),
+                default_branch: name("main"),
+                test_suite_id: long.clone(),
+            };
+            let options = UploadOptions {
+                tree_sha: Some(key.clone()),
+                ..Default::default()
+            };
+            store
+                .upload(&scope, &key, options, one(b"archive"))
+                .await
+                .expect("upload");
+            let (served, body) = store
+                .download(&scope, &long, None)
+                .await
+                .expect("download")
+                .expect("hit");
+            assert_eq!(collect_bytes(body).await.expect("read"), b"archive");
+            assert_eq!(served.branch, long);
+            let by_tree = store
+                .download(&scope, "unknown", Some(&key))
+                .await
+                .expect("download by tree");
+            assert!(by_tree.is_some(), "the tree pointer resolves");
+            assert_eq!(ref_names(store, &scope).await, std::slice::from_ref(&long));
+            let refs = std::collections::BTreeMap::from([(long.clone(), 7i64)]);
+            let write = BranchRefsWrite::new(ns.clone(), &long, &long, "main", refs.clone())
+                .expect("write");
+            assert!(store.write_branch_refs(&write).await.expect("write refs"));
+            let key_refs = BranchRefsKey::new(ns.clone(), &long, &long).expect("key");
+            assert_eq!(store.branch_refs(&key_refs).await.expect("refs"), refs);
+            // Everything goes again.
+            assert!(store.delete_artifact(&ns, &key).await.expect("delete"));
+            assert!(store.delete_object(&ns, &key).await.expect("delete object"));
+            assert!(store
+                .delete_cassette(&ns, &key)
+                .await
+                .expect("delete cassette"));
+            assert_not_found(store.stat_artifact(&ns, &key).await);
+            assert!(walk_artifacts(store, &ns, "").await.is_empty());
+            let page = ListPage::new("", 10, "").expect("page");
+            assert!(store
+                .list_objects(&ns, &page)
+                .await
+                .expect("list")
+                .items
+                .is_empty());
+            assert!(store
+                .list_cassettes(&ns, &page)
+                .await
+                .expect("list")
+                .items
+                .is_empty());
+        }
+    }
+}
+
+/// Long names that share a prefix list in byte order, page by page and
+/// under every prefix, wherever the engine had to cut their keys.
+pub async fn long_names_list_in_byte_order<S: Store>(t: &Target<S>) {
+    let ns = fresh_ns();
+    let mut names = names_sharing_a_long_prefix();
+    for n in &names {
+        t.store
+            .put_artifact(&ns, &name(n), PutOptions::default(), one(b"v"))
+            .await
+            .expect("put");
+    }
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    assert_eq!(walk_artifacts(&t.store, &ns, "").await, names);
+    for cut in [300, 600, 899, 900, 901] {
+        let Some(prefix) = names
+            .iter()
+            .find(|n| n.len() > cut)
+            .map(|n| n[..cut].to_owned())
+        else {
+            continue;
+        };
+        let expected: Vec<String> = names
+            .iter()
+            .filter(|n| n.starts_with(&prefix))
+            .cloned()
+            .collect();
+        assert_eq!(
+            walk_artifacts(&t.store, &ns, &prefix).await,
+            expected,
+            "prefix of {cut}"
+        );
+    }
 }

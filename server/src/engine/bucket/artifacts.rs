@@ -12,7 +12,8 @@ use trove_proto::types::{
 };
 use trove_proto::{ArtifactStore, Error};
 
-use super::layout::{self, *};
+use super::layout::*;
+use super::names::NameQuery;
 use super::BucketStore;
 use crate::engine::values::{artifact_info, artifact_record};
 
@@ -69,6 +70,7 @@ impl ArtifactStore for BucketStore {
     ) -> Result<ArtifactInfo, Error> {
         let path = self.artifact_path(ns, key.as_str());
         let staged = self.stage(data, options.expected_size, &path).await?;
+        self.write_note(&path, key.as_str()).await?;
         let (size, sha256) = (staged.len, staged.sha256);
         let now = now_micros();
         let make = artifact_record(options.content_type, now, size, sha256);
@@ -108,18 +110,16 @@ impl ArtifactStore for BucketStore {
         with_values: bool,
     ) -> Result<Page<ListedArtifact>, Error> {
         let limit = clamp_page_size(page.page_size) as usize;
-        let dir = Self::ns_dir(ns, 'a');
-        let after = page
-            .after
-            .as_deref()
-            .map(|a| layout::name_key(a, KIND_ARTIFACT));
+        let query = NameQuery {
+            dir: Self::ns_dir(ns, 'a'),
+            prefix: page.prefix.clone(),
+            after: page.after.clone().map(|a| (a, KIND_ARTIFACT)),
+        };
         // One more key than the page holds tells whether another page follows.
         let mut listed: Vec<(String, Path)> = self
-            .list(&dir, &layout::prefix_key(&page.prefix), after.as_deref())
-            .try_filter_map(|(rest, meta)| {
-                futures::future::ready(Ok(layout::parse_name_key(&rest)
-                    .filter(|(_, kind)| *kind == KIND_ARTIFACT)
-                    .map(|(key, _)| (key, meta.location))))
+            .list_names(query)
+            .try_filter_map(|(key, kind, meta)| {
+                futures::future::ready(Ok((kind == KIND_ARTIFACT).then_some((key, meta.location))))
             })
             .take(limit + 1)
             .try_collect()

@@ -26,6 +26,7 @@ use trove_proto::{CacheStore, Error};
 
 use super::formats::*;
 use super::layout::{self, *};
+use super::names::NameQuery;
 use super::{Backoff, BucketStore, Expect, Written};
 use crate::engine::record::ValueRecord;
 use crate::engine::retention::{self, PrunePlan};
@@ -57,12 +58,15 @@ impl BucketStore {
 
     /// Every live ref of a tier, oldest first.
     async fn refs_by_age(&self, tier: &TierDir) -> Result<Vec<FoundRef>, Error> {
+        let query = NameQuery {
+            dir: format!("{}r/", tier.dir),
+            prefix: String::new(),
+            after: None,
+        };
         let paths: Vec<(String, Path)> = self
-            .list(&format!("{}r/", tier.dir), "", None)
-            .try_filter_map(|(rest, meta)| {
-                futures::future::ready(Ok(layout::parse_name_key(&rest)
-                    .filter(|(_, kind)| *kind == KIND_REF)
-                    .map(|(reference, _)| (reference, meta.location))))
+            .list_names(query)
+            .try_filter_map(|(reference, kind, meta)| {
+                futures::future::ready(Ok((kind == KIND_REF).then_some((reference, meta.location))))
             })
             .try_collect()
             .await?;
@@ -199,7 +203,7 @@ impl BucketStore {
         self.remove_tree_pointers(tier, |_| true).await?;
         // An upload during the prune keeps the branch (and its ref map).
         if self.refs_by_age(tier).await?.is_empty() {
-            self.remove(&self.branch_map_path(ns, prefix, &tier.branch))
+            self.remove(&self.branch_map_path(ns, prefix, &tier.component))
                 .await?;
         }
         Ok(removed)
@@ -218,6 +222,7 @@ impl CacheStore for BucketStore {
         let tier = own_tier(scope);
         let path = self.ref_path(&tier, reference.as_str());
         let staged = self.stage(data, options.expected_size, &path).await?;
+        self.write_note(&path, reference.as_str()).await?;
         let uploaded_at = options.uploaded_at.unwrap_or_else(now_micros);
         // Arrival across servers: their clocks, with random low bits so two
         // uploads in one microsecond still differ.
@@ -332,7 +337,8 @@ impl CacheStore for BucketStore {
         let Some(branch) = &key.branch else {
             return Ok(BTreeMap::new());
         };
-        let path = self.branch_map_path(&key.namespace, &key.prefix, branch);
+        let path =
+            self.branch_map_path(&key.namespace, &key.prefix, &layout::dir_component(branch));
         match self.read(&path).await? {
             Some((bytes, _)) => parse_branch_refs(&bytes),
             None => Ok(BTreeMap::new()),
@@ -343,7 +349,11 @@ impl CacheStore for BucketStore {
         let Some((branch, refs)) = &write.target else {
             return Ok(false);
         };
-        let path = self.branch_map_path(&write.namespace, &write.prefix, branch);
+        let path = self.branch_map_path(
+            &write.namespace,
+            &write.prefix,
+            &layout::dir_component(branch),
+        );
         self.overwrite(&path, branch_refs_to_json(refs)?).await?;
         Ok(true)
     }
@@ -379,22 +389,25 @@ impl CacheStore for BucketStore {
             return Ok(0);
         }
         let now = now_micros();
-        let branches_dir = format!("{}b/", scope_dir(ns, prefix));
-        let mut branches: Vec<String> = self
+        let scope = scope_dir(ns, prefix);
+        let branches_dir = format!("{scope}b/");
+        // Branch directories are listed by component: a hashed one (a long
+        // branch name) is pruned the same way, without its name.
+        let mut components: Vec<String> = self
             .list(&branches_dir, "", None)
             .try_filter_map(|(rest, _)| {
-                let branch = rest
+                let component = rest
                     .split_once("!b/")
-                    .and_then(|(encoded, _)| layout::parse_name_key(&format!("{encoded}!b")))
-                    .map(|(branch, _)| branch);
-                futures::future::ready(Ok(branch))
+                    .map(|(component, _)| component.to_owned());
+                futures::future::ready(Ok(component))
             })
             .try_collect()
             .await?;
-        branches.dedup();
+        components.dedup();
         let mut removed = 0;
-        for branch in branches {
-            let tier = tier_dir(ns, prefix, Some(&branch));
+        for component in components {
+            let branch = layout::decode(&component.replace("+/", "")).unwrap_or_default();
+            let tier = layout::tier_of_component(&scope, component, branch);
             let refs = self.refs_by_age(&tier).await?;
             let newest = refs.last().map(|found| found.record.uploaded_at);
             if retention::branch_expired(newest, pr_branch_ttl_seconds, now) {

@@ -25,7 +25,8 @@ use trove_proto::types::{clamp_page_size, encode_page_token, ListPage, Name, Nam
 use trove_proto::{EntryStore, Error};
 
 use super::formats::*;
-use super::layout::{self, *};
+use super::layout::*;
+use super::names::NameQuery;
 use super::{Backoff, BucketStore, Expect, Written};
 use crate::engine::record::Body;
 use crate::engine::values::check_append;
@@ -162,6 +163,7 @@ impl EntryStore for BucketStore {
         let staged = self
             .stage(futures::stream::iter(frames).boxed(), None, &path)
             .await?;
+        self.write_note(&path, cassette.as_str()).await?;
         let idempotency_key = options.idempotency_key.map(|k| k.as_str().to_owned());
         let turn = self.turn(&path).await;
         let mut staged = staged;
@@ -293,6 +295,7 @@ impl EntryStore for BucketStore {
             })
             .boxed();
         let staged = self.stage(frames, None, &path).await?;
+        self.write_note(&path, cassette.as_str()).await?;
         let count = counted.load(Ordering::Relaxed);
         let _turn = self.turn(&path).await;
         let mut staged = staged;
@@ -380,20 +383,15 @@ impl EntryStore for BucketStore {
 
     async fn list_cassettes(&self, ns: &Namespace, page: &ListPage) -> Result<Page<String>, Error> {
         let limit = clamp_page_size(page.page_size) as usize;
-        let after = page
-            .after
-            .as_deref()
-            .map(|a| layout::name_key(a, KIND_HEAD));
+        let query = NameQuery {
+            dir: Self::ns_dir(ns, 'c'),
+            prefix: page.prefix.clone(),
+            after: page.after.clone().map(|a| (a, KIND_HEAD)),
+        };
         let mut names: Vec<String> = self
-            .list(
-                &Self::ns_dir(ns, 'c'),
-                &layout::prefix_key(&page.prefix),
-                after.as_deref(),
-            )
-            .try_filter_map(|(rest, _)| {
-                futures::future::ready(Ok(layout::parse_name_key(&rest)
-                    .filter(|(_, kind)| *kind == KIND_HEAD)
-                    .map(|(name, _)| name)))
+            .list_names(query)
+            .try_filter_map(|(name, kind, _)| {
+                futures::future::ready(Ok((kind == KIND_HEAD).then_some(name)))
             })
             .take(limit + 1)
             .try_collect()

@@ -42,6 +42,7 @@ mod connect;
 mod entries;
 mod formats;
 mod layout;
+mod names;
 mod objects;
 mod probe;
 mod reclaim;
@@ -175,6 +176,18 @@ impl BucketStore {
         root: &str,
         options: BucketOptions,
     ) -> Result<Self, Error> {
+        if root.len() > layout::MAX_ROOT_BYTES {
+            return Err(Error::invalid(
+                "store",
+                format!(
+                    "the prefix inside the bucket is {} bytes long; at most {} leaves every name \
+                     room in the store's {}-byte keys. Use a shorter prefix",
+                    root.len(),
+                    layout::MAX_ROOT_BYTES,
+                    layout::MAX_KEY_BYTES
+                ),
+            ));
+        }
         let blob_cache = match &options.blob_cache {
             Some((dir, bytes)) if *bytes > 0 => Some(
                 blob_cache::BlobCache::open(dir, *bytes).map_err(|e| Error::Internal {

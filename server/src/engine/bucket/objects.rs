@@ -10,7 +10,8 @@ use trove_proto::types::{
 };
 use trove_proto::{Error, ObjectStore};
 
-use super::layout::{self, *};
+use super::layout::*;
+use super::names::NameQuery;
 use super::BucketStore;
 use crate::engine::chunks::{decode_chunks, encode_stream};
 use crate::engine::values::{
@@ -39,6 +40,7 @@ impl ObjectStore for BucketStore {
         let path = self.object_path(ns, hash.as_str(), KIND_OBJECT);
         let staged = self.stage(data, expected_size, &path).await?;
         let verified = verify_content(hash, &staged.sha256)?;
+        self.write_note(&path, hash.as_str()).await?;
         let (size, sha256) = (staged.len, staged.sha256);
         let now = now_micros();
         let record = self
@@ -81,17 +83,17 @@ impl ObjectStore for BucketStore {
         page: &ListPage,
     ) -> Result<Page<ListedObject>, Error> {
         let limit = clamp_page_size(page.page_size) as usize;
-        let dir = Self::ns_dir(ns, 'o');
-        // Past both kinds of the last hash listed.
-        let after = page.after.as_deref().map(|a| layout::name_key(a, 'z'));
-        let mut listing = self.list(&dir, &layout::prefix_key(&page.prefix), after.as_deref());
+        let query = NameQuery {
+            dir: Self::ns_dir(ns, 'o'),
+            prefix: page.prefix.clone(),
+            // Past both kinds of the last hash listed.
+            after: page.after.clone().map(|a| (a, 'z')),
+        };
+        let mut listing = self.list_names(query);
         let mut items: Vec<ListedObject> = Vec::new();
         let mut more = false;
         while let Some(entry) = listing.next().await {
-            let (rest, _) = entry?;
-            let Some((hash, kind)) = layout::parse_name_key(&rest) else {
-                continue;
-            };
+            let (hash, kind, _) = entry?;
             if items.last().is_none_or(|last| last.hash != hash) {
                 if items.len() == limit {
                     more = true;
@@ -176,6 +178,7 @@ impl ObjectStore for BucketStore {
         let (body, tally) = encode_stream(chunks);
         let path = self.object_path(ns, hash.as_str(), KIND_STREAM);
         let staged = self.stage(body, None, &path).await?;
+        self.write_note(&path, hash.as_str()).await?;
         let (chunk_count, size) = tally.totals();
         let (body_len, sha256) = (staged.len, staged.sha256);
         let now = now_micros();

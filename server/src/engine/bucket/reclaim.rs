@@ -129,7 +129,7 @@ pub(crate) fn chrono_duration(duration: Duration) -> chrono::TimeDelta {
 
 /// The blobs a stored record at `owner` (relative path) references.
 pub(crate) fn referenced_blobs(owner: &str, bytes: &[u8]) -> Result<Vec<u64>, Error> {
-    match owner.chars().last() {
+    match super::layout::kind_of(owner) {
         Some('h') => formats::head_blobs(bytes),
         Some('c') => formats::ref_record_blobs(bytes),
         _ => Ok(crate::engine::record::decode(bytes)?

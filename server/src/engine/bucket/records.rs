@@ -124,8 +124,18 @@ impl BucketStore {
             .map_err(|e| bucket_error("write an object", &e))
     }
 
-    /// Deletes an object; a missing one is fine.
+    /// Deletes an object (and, for a hashed record, its name note after
+    /// it); a missing one is fine.
     pub async fn remove(&self, path: &Path) -> Result<(), Error> {
+        self.remove_one(path).await?;
+        if super::layout::is_hashed_record(path.as_ref()) {
+            let note = Path::from(super::layout::note_of(path.as_ref()));
+            self.remove_one(&note).await?;
+        }
+        Ok(())
+    }
+
+    async fn remove_one(&self, path: &Path) -> Result<(), Error> {
         match self.inner.bucket.delete(path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(bucket_error("delete an object", &e)),
