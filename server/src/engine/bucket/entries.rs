@@ -2,39 +2,64 @@
 //!
 //! A cassette is one head object at `n/{ns}/c/{cassette}!h`, replaced with
 //! conditional writes. The head lists runs: batches of entries stored inline
-//! in the head or as a blob, in arrival order. Each append adds one run and
-//! takes the next arrival numbers; a replace swaps every run for new ones in
-//! one write. Readers take one head and so see one version whole.
+//! in the head or as a blob, each sorted in read order (see [`super::runs`]).
+//! Each append adds one run and takes the next arrival numbers; a replace
+//! swaps every run for new ones in one write. Readers take one head, open
+//! every run of it, and merge them as they stream: they see one version
+//! whole and hold one entry per run.
 //!
-//! Run bodies are frames `[recorded_at i64 BE][len u32 BE][json]`; frames
-//! concatenate, so merging runs (compaction, once a head holds many runs)
-//! is appending their bodies.
+//! Compaction keeps the runs few (at most [`COMPACT_RUNS`] after an append)
+//! and its cost bounded: it merges the newest runs, taking an older one in
+//! only while it is no bigger than twice what is merged so far, so a byte
+//! is rewritten a logarithmic number of times and the merge streams.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use trove_proto::entries::{
     AppendOptions, EntryCursor, EntryStream, NewEntry, NewEntryStream, ReadOptions, StoredEntry,
 };
-use trove_proto::types::{clamp_page_size, encode_page_token, ListPage, Name, Namespace, Page};
+use trove_proto::types::{
+    clamp_page_size, encode_page_token, ByteStream, ListPage, Name, Namespace, Page,
+};
 use trove_proto::{EntryStore, Error};
 
 use super::formats::*;
 use super::layout::*;
 use super::names::NameQuery;
-use super::{Backoff, BucketStore, Expect, Written};
+use super::runs::{self, RunReader};
+use super::staging::StagedBody;
+use super::{bucket_error, Backoff, BucketStore, Expect, Written};
 use crate::engine::record::Body;
 use crate::engine::values::check_append;
+use object_store::ObjectStoreExt;
 
 /// A head with more runs than this is compacted after an append.
-const COMPACT_RUNS: usize = 32;
-/// Run bodies read at once.
-const PARALLEL_READS: usize = 8;
+const COMPACT_RUNS: usize = 8;
+
+/// The runs `runs[from..]` to merge when a head holds too many: the newest
+/// two at least, and each older one while it is at most twice the bytes
+/// merged so far. `None` when the head needs no compaction.
+fn compaction_plan(runs: &[Run]) -> Option<usize> {
+    if runs.len() <= COMPACT_RUNS {
+        return None;
+    }
+    let mut from = runs.len() - 1;
+    let mut merged = runs[from].bytes.max(1);
+    while from > 0 {
+        let older = runs[from - 1].bytes;
+        if runs.len() - from >= 2 && older > 2 * merged {
+            break;
+        }
+        from -= 1;
+        merged += older.max(1);
+    }
+    Some(from)
+}
 
 impl BucketStore {
     async fn read_head(&self, path: &Path) -> Result<Option<(Head, Expect)>, Error> {
@@ -44,78 +69,77 @@ impl BucketStore {
         })
     }
 
-    /// Every entry of `head`, sorted in read order. `None` when a run's blob
+    /// Opens every run in `runs` for reading. `None` when a run's blob
     /// vanished (the head was replaced meanwhile): read the head again.
-    async fn load_entries(&self, head: &Head) -> Result<Option<Vec<(i64, u64, Bytes)>>, Error> {
-        let reads: Vec<_> = head
-            .runs
-            .iter()
-            .map(|run| {
-                let (store, body) = (self.clone(), run.body.clone());
-                async move {
-                    match body {
-                        Body::Inline(data) => Ok::<_, Error>(Some(Bytes::from(data))),
-                        Body::Blob(id) => Ok(store
-                            .read(&store.path(&format!("blobs/{id:016x}")))
-                            .await?
-                            .map(|(bytes, _)| bytes)),
+    async fn open_runs(&self, runs: &[Run]) -> Result<Option<Vec<RunReader>>, Error> {
+        let opens = runs.iter().map(|run| {
+            let store = self.clone();
+            async move {
+                let body: ByteStream = match &run.body {
+                    Body::Inline(data) => {
+                        let data = Bytes::from(data.clone());
+                        futures::stream::once(async move { Ok(data) }).boxed()
                     }
-                }
-            })
-            .collect();
-        let bodies: Vec<Option<Bytes>> = futures::stream::iter(reads)
-            .buffered(PARALLEL_READS)
-            .try_collect()
-            .await?;
-        let mut entries = Vec::new();
-        for (run, body) in head.runs.iter().zip(bodies) {
-            let Some(body) = body else {
-                return Ok(None);
-            };
-            decode_run(body, run, &mut entries)?;
-        }
-        entries.sort_by_key(|(recorded_at, seq, _)| (*recorded_at, *seq));
-        Ok(Some(entries))
+                    Body::Blob(id) => match store.inner.bucket.get(&store.blob_path(*id)).await {
+                        Ok(found) => found
+                            .into_stream()
+                            .map_err(|e| bucket_error("read a cassette run", &e))
+                            .boxed(),
+                        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                        Err(e) => return Err(bucket_error("open a cassette run", &e)),
+                    },
+                };
+                Ok(Some(RunReader::new(run.clone(), body)))
+            }
+        });
+        let opened: Vec<Option<RunReader>> = futures::future::try_join_all(opens).await?;
+        Ok(opened.into_iter().collect())
     }
 
-    /// Merges the runs of a head into one, when it holds many; best effort.
+    /// Merges the newest runs of a head (see [`compaction_plan`]) into one,
+    /// streaming; best effort.
     async fn compact(&self, path: &Path) -> Result<(), Error> {
         let _turn = self.turn(path).await;
         let Some((head, expect)) = self.read_head(path).await? else {
             return Ok(());
         };
-        if head.runs.len() <= COMPACT_RUNS {
+        let Some(from) = compaction_plan(&head.runs) else {
             return Ok(());
-        }
-        let mut body = Vec::new();
-        for run in &head.runs {
-            let data = match &run.body {
-                Body::Inline(data) => data.clone(),
-                Body::Blob(id) => match self.read(&self.path(&format!("blobs/{id:016x}"))).await? {
-                    Some((bytes, _)) => bytes.to_vec(),
-                    None => return Ok(()),
-                },
-            };
-            body.extend_from_slice(&data);
-        }
-        let staged = self
-            .stage(
-                futures::stream::once(async { Ok(Bytes::from(body)) }).boxed(),
-                None,
-                path,
-            )
-            .await?;
-        let mut staged = staged;
+        };
+        let merging = head.runs[from..].to_vec();
+        let Some(readers) = self.open_runs(&merging).await? else {
+            return Ok(());
+        };
+        let first_seq = merging[0].first_seq;
+        let count: u64 = merging.iter().map(|r| r.count).sum();
+        let frames = runs::merge(readers)
+            .map(move |entry| {
+                let (recorded_at, seq, json) = entry?;
+                let mut frame = BytesMut::new();
+                runs::push_frame(&mut frame, &(recorded_at, seq - first_seq, json))?;
+                Ok(frame.freeze())
+            })
+            .boxed();
+        let mut staged = self.stage(frames, None, path).await?;
         let write_id: u64 = rand::random();
         let mut compacted = head.clone();
         compacted.written_by = write_id;
-        compacted.runs = vec![Run {
+        compacted.runs.truncate(from);
+        compacted.runs.push(Run {
             id: write_id,
-            first_seq: head.runs[0].first_seq,
-            count: head.runs.iter().map(|r| r.count).sum(),
+            first_seq,
+            count,
             body: staged.body.clone(),
-        }];
-        let old_blobs = head.blobs();
+            sorted: true,
+            bytes: staged.len,
+        });
+        let old_blobs: Vec<u64> = merging
+            .iter()
+            .filter_map(|run| match run.body {
+                Body::Blob(id) => Some(id),
+                Body::Inline(_) => None,
+            })
+            .collect();
         let mut markers = Vec::new();
         for blob in &old_blobs {
             markers.push(self.mark_retiring(path, *blob).await?);
@@ -145,6 +169,34 @@ impl BucketStore {
         }
         Ok(())
     }
+
+    /// Stages a replacement's entries as sorted runs of at most
+    /// [`runs::SORT_CHUNK_BYTES`] each; returns each run's body and count.
+    async fn stage_sorted_runs(
+        &self,
+        mut entries: NewEntryStream,
+        path: &Path,
+    ) -> Result<Vec<(StagedBody, u64)>, Error> {
+        let mut staged = Vec::new();
+        let mut chunk: Vec<(i64, Bytes)> = Vec::new();
+        let mut chunk_bytes = 0usize;
+        loop {
+            let next = entries.next().await.transpose()?;
+            let full = chunk_bytes >= runs::SORT_CHUNK_BYTES;
+            if (next.is_none() || full) && !chunk.is_empty() {
+                let count = chunk.len() as u64;
+                let body = runs::sorted_body(std::mem::take(&mut chunk))?;
+                chunk_bytes = 0;
+                let one = futures::stream::once(async move { Ok(body) }).boxed();
+                staged.push((self.stage(one, None, path).await?, count));
+            }
+            let Some(entry) = next else {
+                return Ok(staged);
+            };
+            chunk_bytes += entry.json.len() + 20;
+            chunk.push((entry.recorded_at, entry.json));
+        }
+    }
 }
 
 #[async_trait]
@@ -159,9 +211,13 @@ impl EntryStore for BucketStore {
         check_append(&entries)?;
         let count = entries.len() as u64;
         let path = self.head_path(ns, cassette.as_str());
-        let frames: Vec<Result<Bytes, Error>> = entries.iter().map(encode_frame).collect();
+        let body = runs::sorted_body(entries.iter().map(|e| (e.recorded_at, e.json.clone())))?;
         let staged = self
-            .stage(futures::stream::iter(frames).boxed(), None, &path)
+            .stage(
+                futures::stream::once(async move { Ok(body) }).boxed(),
+                None,
+                &path,
+            )
             .await?;
         self.write_note(&path, cassette.as_str()).await?;
         let idempotency_key = options.idempotency_key.map(|k| k.as_str().to_owned());
@@ -190,13 +246,13 @@ impl EntryStore for BucketStore {
                 break head.runs.len();
             }
             if let Some(key) = &idempotency_key {
-                if let Some(applied) = head.applied.get(key) {
+                if let Some(applied) = head.applied(key) {
                     if from_memory {
                         // The cassette may have been replaced since: only
                         // the stored head can say the key still applies.
                         continue;
                     }
-                    return Ok(*applied);
+                    return Ok(applied);
                 }
             }
             head.runs.push(Run {
@@ -204,11 +260,13 @@ impl EntryStore for BucketStore {
                 first_seq: head.next_seq,
                 count,
                 body: staged.body.clone(),
+                sorted: true,
+                bytes: staged.len,
             });
             head.next_seq += count;
             head.written_by = write_id;
             if let Some(key) = &idempotency_key {
-                head.applied.insert(key.clone(), count);
+                head.apply(key.clone(), count);
             }
             let bytes = encode_head(&head)?;
             staged.sending();
@@ -246,7 +304,7 @@ impl EntryStore for BucketStore {
             let Some((head, _)) = self.read_head(&path).await? else {
                 return Ok(futures::stream::empty().boxed());
             };
-            let Some(entries) = self.load_entries(&head).await? else {
+            let Some(readers) = self.open_runs(&head.runs).await? else {
                 continue;
             };
             let limit = options
@@ -254,21 +312,20 @@ impl EntryStore for BucketStore {
                 .filter(|l| *l > 0)
                 .map_or(usize::MAX, |l| l as usize);
             let after = options.after;
-            let selected: Vec<Result<StoredEntry, Error>> = entries
-                .into_iter()
-                .filter(|(recorded_at, seq, _)| {
-                    after.is_none_or(|c| (*recorded_at, *seq) > (c.recorded_at, c.seq))
+            let entries = runs::merge(readers)
+                .try_filter(move |(recorded_at, seq, _)| {
+                    let wanted =
+                        after.is_none_or(|c| (*recorded_at, *seq) > (c.recorded_at, c.seq));
+                    futures::future::ready(wanted)
                 })
                 .take(limit)
-                .map(|(recorded_at, seq, json)| {
-                    Ok(StoredEntry {
-                        json,
-                        recorded_at,
-                        cursor: EntryCursor { recorded_at, seq }.encode(),
-                    })
+                .map_ok(|(recorded_at, seq, json)| StoredEntry {
+                    json,
+                    recorded_at,
+                    cursor: EntryCursor { recorded_at, seq }.encode(),
                 })
-                .collect();
-            return Ok(futures::stream::iter(selected).boxed());
+                .boxed();
+            return Ok(entries);
         }
         Err(Error::Unavailable {
             message: format!(
@@ -287,14 +344,12 @@ impl EntryStore for BucketStore {
         let path = self.head_path(ns, cassette.as_str());
         let counted = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&counted);
-        let frames = entries
-            .map(move |entry| {
-                let entry = entry?;
+        let entries = entries
+            .inspect_ok(move |_| {
                 counter.fetch_add(1, Ordering::Relaxed);
-                encode_frame(&entry)
             })
             .boxed();
-        let staged = self.stage(frames, None, &path).await?;
+        let staged = self.stage_sorted_runs(entries, &path).await?;
         self.write_note(&path, cassette.as_str()).await?;
         let count = counted.load(Ordering::Relaxed);
         let _turn = self.turn(&path).await;
@@ -308,7 +363,9 @@ impl EntryStore for BucketStore {
                 .is_some_and(|(head, _)| head.written_by == write_id)
             {
                 // An earlier attempt landed although it looked lost.
-                staged.published();
+                for (run, _) in staged {
+                    run.published();
+                }
                 return Ok(count);
             }
             let (created_at, first_seq, old_blobs, expect) = match &current {
@@ -320,7 +377,7 @@ impl EntryStore for BucketStore {
                     // Never the staged run itself.
                     head.blobs()
                         .into_iter()
-                        .filter(|id| !staged.is_blob(&Body::Blob(*id)))
+                        .filter(|id| !staged.iter().any(|(run, _)| run.is_blob(&Body::Blob(*id))))
                         .collect(),
                     expect.clone(),
                 ),
@@ -332,17 +389,22 @@ impl EntryStore for BucketStore {
             let head = Head {
                 created_at,
                 next_seq: first_seq + count,
-                runs: if count == 0 {
-                    Vec::new()
-                } else {
-                    vec![Run {
-                        id: write_id,
-                        first_seq,
-                        count,
-                        body: staged.body.clone(),
-                    }]
-                },
-                applied: BTreeMap::new(),
+                runs: staged
+                    .iter()
+                    .scan(first_seq, |next, (run, n)| {
+                        let at = *next;
+                        *next += n;
+                        Some(Run {
+                            id: write_id,
+                            first_seq: at,
+                            count: *n,
+                            body: run.body.clone(),
+                            sorted: true,
+                            bytes: run.len,
+                        })
+                    })
+                    .collect(),
+                applied: Vec::new(),
                 written_by: write_id,
             };
             let mut markers = Vec::new();
@@ -350,12 +412,23 @@ impl EntryStore for BucketStore {
                 markers.push(self.mark_retiring(&path, *blob).await?);
             }
             let bytes = encode_head(&head)?;
-            staged.sending();
+            for (run, _) in staged.iter_mut() {
+                run.sending();
+            }
             match self.write(&path, bytes.clone(), &expect).await? {
                 Written::Done(version) => {
                     self.remember(&path, bytes.into(), version);
-                    staged.published();
+                    let runs = staged.len();
+                    for (run, _) in staged {
+                        run.published();
+                    }
                     self.retire(old_blobs, markers).await;
+                    drop(_turn);
+                    if runs > COMPACT_RUNS {
+                        if let Err(e) = self.compact(&path).await {
+                            tracing::warn!(error = %e, "cassette compaction failed; the next append retries");
+                        }
+                    }
                     return Ok(count);
                 }
                 Written::Conflict => {
@@ -486,5 +559,162 @@ mod tests {
             .await
             .expect("a3");
         assert_eq!(tags(&a, &ns, &c).await, ["b2", "a3"]);
+    }
+
+    /// A cassette written by version 1 (positional, unsorted runs) reads
+    /// back in order, and the next append and compaction carry it over.
+    #[tokio::test]
+    async fn version_one_cassettes_stay_readable() {
+        #[derive(serde::Serialize)]
+        struct RunV1 {
+            id: u64,
+            first_seq: u64,
+            count: u64,
+            body: Body,
+        }
+        #[derive(serde::Serialize)]
+        struct HeadV1 {
+            created_at: i64,
+            next_seq: u64,
+            runs: Vec<RunV1>,
+            applied: std::collections::BTreeMap<String, u64>,
+            written_by: u64,
+        }
+        let store = BucketStore::open(Arc::new(InMemory::new()), "r", BucketOptions::default())
+            .await
+            .expect("open");
+        let (ns, c) = (
+            Namespace::default(),
+            Name::new("cassette", "old").expect("name"),
+        );
+        let mut body = Vec::new();
+        for (at, tag) in [(3i64, "late"), (1, "early")] {
+            let json = format!(r#"{{"tag":"{tag}"}}"#);
+            body.extend_from_slice(&at.to_be_bytes());
+            body.extend_from_slice(&u32::try_from(json.len()).expect("small").to_be_bytes());
+            body.extend_from_slice(json.as_bytes());
+        }
+        let head = HeadV1 {
+            created_at: 1,
+            next_seq: 102,
+            runs: vec![RunV1 {
+                id: 1,
+                first_seq: 100,
+                count: 2,
+                body: Body::Inline(body),
+            }],
+            applied: std::collections::BTreeMap::from([("k".to_owned(), 2)]),
+            written_by: 1,
+        };
+        let mut bytes = vec![1u8];
+        bytes.extend_from_slice(&postcard::to_stdvec(&head).expect("encode"));
+        store
+            .overwrite(&store.head_path(&ns, c.as_str()), bytes)
+            .await
+            .expect("write v1 head");
+        assert_eq!(tags(&store, &ns, &c).await, ["early", "late"]);
+        let key = AppendOptions {
+            idempotency_key: Some(Name::new("key", "k").expect("name")),
+        };
+        assert_eq!(
+            store
+                .append_entries(&ns, &c, vec![entry("again")], key)
+                .await
+                .expect("retry"),
+            2,
+            "a key applied under version 1 still applies"
+        );
+        for i in 0..12 {
+            store
+                .append_entries(
+                    &ns,
+                    &c,
+                    vec![entry(&format!("n{i}"))],
+                    AppendOptions::default(),
+                )
+                .await
+                .expect("append");
+        }
+        // The new entries carry no time (0): they read before the old ones.
+        let mut expected: Vec<String> = (0..12).map(|i| format!("n{i}")).collect();
+        expected.extend(["early".to_owned(), "late".to_owned()]);
+        assert_eq!(tags(&store, &ns, &c).await, expected);
+    }
+
+    /// However many appends, a head keeps at most a few runs, and at most
+    /// the newest idempotency keys.
+    #[tokio::test]
+    async fn heads_stay_bounded() {
+        let store = BucketStore::open(Arc::new(InMemory::new()), "r", BucketOptions::default())
+            .await
+            .expect("open");
+        let (ns, c) = (
+            Namespace::default(),
+            Name::new("cassette", "busy").expect("name"),
+        );
+        let total = MAX_APPLIED_KEYS + 100;
+        for i in 0..total {
+            let key = AppendOptions {
+                idempotency_key: Some(Name::new("key", format!("k{i}")).expect("name")),
+            };
+            store
+                .append_entries(&ns, &c, vec![entry(&format!("e{i}"))], key)
+                .await
+                .expect("append");
+        }
+        let (head, _) = store
+            .read_head(&store.head_path(&ns, c.as_str()))
+            .await
+            .expect("read")
+            .expect("head");
+        assert!(head.runs.len() <= COMPACT_RUNS, "{} runs", head.runs.len());
+        assert_eq!(head.applied.len(), MAX_APPLIED_KEYS);
+        assert_eq!(
+            head.applied.last().map(|(k, _)| k.as_str()),
+            Some(format!("k{}", total - 1).as_str())
+        );
+        let read = tags(&store, &ns, &c).await;
+        assert_eq!(read.len(), total);
+        assert_eq!(
+            read.last().map(String::as_str),
+            Some(format!("e{}", total - 1).as_str())
+        );
+    }
+
+    /// A replacement bigger than one sort chunk, given newest first, is
+    /// stored as several sorted runs and reads back in time order.
+    #[tokio::test]
+    async fn big_replacements_sort_in_chunks() {
+        let store = BucketStore::open(Arc::new(InMemory::new()), "r", BucketOptions::default())
+            .await
+            .expect("open");
+        let (ns, c) = (
+            Namespace::default(),
+            Name::new("cassette", "big").expect("name"),
+        );
+        let pad = "x".repeat(4000);
+        let total = 3000i64;
+        let entries = (0..total).rev().map(move |t| {
+            NewEntry::parse(
+                "e",
+                Bytes::from(format!(r#"{{"tag":"{t}","pad":"{pad}"}}"#)),
+                Some(t),
+            )
+        });
+        let stream = futures::stream::iter(entries).boxed();
+        let written = store
+            .replace_entries(&ns, &c, stream)
+            .await
+            .expect("replace");
+        assert_eq!(written, 3000);
+        let (head, _) = store
+            .read_head(&store.head_path(&ns, c.as_str()))
+            .await
+            .expect("read")
+            .expect("head");
+        assert!(head.runs.len() > 1, "12 MB in 4 MiB chunks is several runs");
+        let read = tags(&store, &ns, &c).await;
+        let expected: Vec<String> = (0..total).map(|t| t.to_string()).collect();
+        assert_eq!(read, expected);
     }
 }

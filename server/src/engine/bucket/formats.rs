@@ -7,13 +7,23 @@ use std::collections::BTreeMap;
 
 use bytes::{Buf, Bytes};
 use serde::{Deserialize, Serialize};
-use trove_proto::entries::NewEntry;
 use trove_proto::types::now_micros;
 use trove_proto::Error;
 
 use crate::engine::record::{Body, ValueRecord};
 
-pub(super) const HEAD_VERSION: u8 = 1;
+/// Version 2: runs say whether their frames are sorted (with explicit
+/// arrival numbers) and how many bytes they hold; idempotency keys are kept
+/// in the order they were applied, the newest [`MAX_APPLIED_KEYS`] only.
+pub(super) const HEAD_VERSION: u8 = 2;
+/// Version 1: runs in arrival order with positional arrival numbers, and
+/// every idempotency key ever applied.
+const HEAD_V1: u8 = 1;
+
+/// Idempotency keys a head remembers: a retry comes within seconds or
+/// minutes of its first attempt, while a long-lived cassette appended with
+/// a fresh key each time would otherwise grow its head without bound.
+pub(super) const MAX_APPLIED_KEYS: usize = 1024;
 
 /// The state of one cassette.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -25,8 +35,9 @@ pub(super) struct Head {
     /// Batches of entries, in arrival order; together they cover arrival
     /// numbers `runs[0].first_seq..next_seq` without gaps.
     pub(super) runs: Vec<Run>,
-    /// Idempotency keys applied to the current content, with their counts.
-    pub(super) applied: BTreeMap<String, u64>,
+    /// Idempotency keys applied to the current content, with their counts,
+    /// oldest first.
+    pub(super) applied: Vec<(String, u64)>,
     /// Random id of the write that produced this head.
     pub(super) written_by: u64,
 }
@@ -39,6 +50,47 @@ pub(super) struct Run {
     pub(super) first_seq: u64,
     pub(super) count: u64,
     pub(super) body: Body,
+    /// Frames carry their arrival number and come in read order (see
+    /// [`super::runs`]); otherwise (runs written by version 1) they are in
+    /// arrival order, numbered by position.
+    pub(super) sorted: bool,
+    /// Length of the body (0 when unknown: version 1 blob runs).
+    pub(super) bytes: u64,
+}
+
+#[derive(Deserialize)]
+struct HeadV1 {
+    created_at: i64,
+    next_seq: u64,
+    runs: Vec<RunV1>,
+    applied: BTreeMap<String, u64>,
+    written_by: u64,
+}
+
+#[derive(Deserialize)]
+struct RunV1 {
+    id: u64,
+    first_seq: u64,
+    count: u64,
+    body: Body,
+}
+
+impl Head {
+    /// The count an idempotency key was applied with, if it was.
+    pub(super) fn applied(&self, key: &str) -> Option<u64> {
+        self.applied
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, count)| *count)
+    }
+
+    /// Records `key` as applied, forgetting the oldest keys past the bound.
+    pub(super) fn apply(&mut self, key: String, count: u64) {
+        self.applied.push((key, count));
+        let excess = self.applied.len().saturating_sub(MAX_APPLIED_KEYS);
+        self.applied.drain(..excess);
+    }
 }
 
 pub(super) fn encode_head(head: &Head) -> Result<Vec<u8>, Error> {
@@ -48,10 +100,35 @@ pub(super) fn encode_head(head: &Head) -> Result<Vec<u8>, Error> {
 }
 
 pub(super) fn decode_head(bytes: &[u8]) -> Result<Head, Error> {
+    let unreadable = |e: postcard::Error| Error::DataLoss {
+        message: format!("unreadable cassette head: {e}"),
+    };
     match bytes.split_first() {
-        Some((&HEAD_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| Error::DataLoss {
-            message: format!("unreadable cassette head: {e}"),
-        }),
+        Some((&HEAD_VERSION, rest)) => postcard::from_bytes(rest).map_err(unreadable),
+        Some((&HEAD_V1, rest)) => {
+            let old: HeadV1 = postcard::from_bytes(rest).map_err(unreadable)?;
+            Ok(Head {
+                created_at: old.created_at,
+                next_seq: old.next_seq,
+                runs: old
+                    .runs
+                    .into_iter()
+                    .map(|run| Run {
+                        bytes: match &run.body {
+                            Body::Inline(data) => data.len() as u64,
+                            Body::Blob(_) => 0,
+                        },
+                        id: run.id,
+                        first_seq: run.first_seq,
+                        count: run.count,
+                        body: run.body,
+                        sorted: false,
+                    })
+                    .collect(),
+                applied: old.applied.into_iter().collect(),
+                written_by: old.written_by,
+            })
+        }
         _ => Err(Error::DataLoss {
             message: "cassette head has an unknown format".into(),
         }),
@@ -61,16 +138,6 @@ pub(super) fn decode_head(bytes: &[u8]) -> Result<Head, Error> {
 /// The blobs a stored head references (for reclaim).
 pub(super) fn head_blobs(bytes: &[u8]) -> Result<Vec<u64>, Error> {
     Ok(decode_head(bytes)?.blobs())
-}
-
-pub(super) fn encode_frame(entry: &NewEntry) -> Result<Bytes, Error> {
-    let len = u32::try_from(entry.json.len())
-        .map_err(|_| Error::invalid("entries", "an entry is larger than 4 GiB"))?;
-    let mut out = Vec::with_capacity(entry.json.len() + 12);
-    out.extend_from_slice(&entry.recorded_at.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&entry.json);
-    Ok(out.into())
 }
 
 /// Parses a run body into `(recorded_at, seq, json)`, numbering from `first_seq`.
@@ -111,7 +178,7 @@ pub(super) fn new_head() -> Head {
         created_at: now,
         next_seq: u64::try_from(now).unwrap_or(0) << 12,
         runs: Vec::new(),
-        applied: BTreeMap::new(),
+        applied: Vec::new(),
         written_by: 0,
     }
 }

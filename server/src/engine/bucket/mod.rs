@@ -47,6 +47,7 @@ mod objects;
 mod probe;
 mod reclaim;
 mod records;
+mod runs;
 mod staging;
 
 pub use connect::{connect, StoreUrl};
@@ -126,13 +127,32 @@ struct Inner {
     /// The last version of some records this process wrote, so the next
     /// write can be a conditional write straight away instead of a read and
     /// a write. A stale entry only costs a failed conditional write.
-    known: std::sync::Mutex<HashMap<String, (Bytes, UpdateVersion)>>,
+    known: std::sync::Mutex<KnownRecords>,
     blob_cache: Option<blob_cache::BlobCache>,
 }
 
 const STRIPES: usize = 64;
 /// Most records remembered in [`Inner::known`].
 const KNOWN_RECORDS: usize = 4096;
+/// Most bytes of records remembered in [`Inner::known`].
+const KNOWN_BYTES: usize = 32 * 1024 * 1024;
+
+/// The records this process wrote last, with their versions, so a writer
+/// that is the only one can skip reading before its next conditional write.
+#[derive(Debug, Default)]
+struct KnownRecords {
+    records: HashMap<String, (Bytes, UpdateVersion)>,
+    /// Bytes held: records and their keys.
+    bytes: usize,
+}
+
+impl KnownRecords {
+    fn forget(&mut self, path: &str) {
+        if let Some((bytes, _)) = self.records.remove(path) {
+            self.bytes = self.bytes.saturating_sub(bytes.len() + path.len());
+        }
+    }
+}
 
 impl std::fmt::Debug for BucketStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -205,7 +225,7 @@ impl BucketStore {
                 root: Path::from(root).as_ref().to_owned(),
                 options,
                 stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-                known: std::sync::Mutex::new(HashMap::new()),
+                known: std::sync::Mutex::new(KnownRecords::default()),
                 blob_cache,
             }),
         };

@@ -26,23 +26,34 @@ impl BucketStore {
     /// The version of the record at `path` this process last wrote, if remembered.
     pub fn recall(&self, path: &Path) -> Option<(Bytes, UpdateVersion)> {
         let known = self.inner.known.lock().ok()?;
-        known.get(path.as_ref()).cloned()
+        known.records.get(path.as_ref()).cloned()
     }
 
-    /// Remembers the version of the record at `path` just written.
+    /// Remembers the version of the record at `path` just written. The
+    /// memory is bounded by bytes ([`KNOWN_BYTES`]) as well as by count; a
+    /// record too big to be worth it is not remembered.
     pub fn remember(&self, path: &Path, bytes: Bytes, version: UpdateVersion) {
         if let Ok(mut known) = self.inner.known.lock() {
-            if known.len() >= KNOWN_RECORDS {
-                known.clear();
+            known.forget(path.as_ref());
+            let size = bytes.len() + path.as_ref().len();
+            if size > KNOWN_BYTES / 16 {
+                return;
             }
-            known.insert(path.as_ref().to_owned(), (bytes, version));
+            if known.records.len() >= KNOWN_RECORDS || known.bytes + size > KNOWN_BYTES {
+                known.records.clear();
+                known.bytes = 0;
+            }
+            known.bytes += size;
+            known
+                .records
+                .insert(path.as_ref().to_owned(), (bytes, version));
         }
     }
 
     /// Forgets what was remembered of the record at `path`.
     pub fn forget(&self, path: &Path) {
         if let Ok(mut known) = self.inner.known.lock() {
-            known.remove(path.as_ref());
+            known.forget(path.as_ref());
         }
     }
 

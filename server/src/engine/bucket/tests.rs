@@ -339,3 +339,25 @@ fn store_failures_do_not_leak_internals() {
     }
     assert!(mapped.contains("incident"), "{mapped}");
 }
+
+/// The remembered records are bounded by bytes: many large heads never
+/// hold more than the budget, and a very large one is not kept at all.
+#[tokio::test]
+async fn remembered_records_are_bounded_by_bytes() {
+    let store = BucketStore::open(Arc::new(InMemory::new()), "r", BucketOptions::default())
+        .await
+        .expect("open");
+    let version = UpdateVersion {
+        e_tag: Some("x".into()),
+        version: None,
+    };
+    for i in 0..100 {
+        let path = store.path(&format!("n/x/c/{i}!h"));
+        store.remember(&path, Bytes::from(vec![0u8; 1 << 20]), version.clone());
+        let held = store.inner.known.lock().expect("lock").bytes;
+        assert!(held <= KNOWN_BYTES, "{held} bytes remembered");
+    }
+    let huge = store.path("n/x/c/huge!h");
+    store.remember(&huge, Bytes::from(vec![0u8; KNOWN_BYTES / 8]), version);
+    assert!(store.recall(&huge).is_none());
+}
