@@ -152,12 +152,14 @@ pub struct Config {
 
     /// Seconds a call may take to start sending its first message (0: no
     /// limit); past it the call ends with DEADLINE_EXCEEDED.
-    #[arg(long, env = "TROVE_FIRST_MESSAGE_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "TROVE_FIRST_MESSAGE_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub first_message_timeout_secs: u64,
 
     /// Longest silence, in seconds, while the server waits for the rest of
     /// a request (0: no limit); past it the call ends with DEADLINE_EXCEEDED.
-    #[arg(long, env = "TROVE_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "TROVE_IDLE_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub idle_timeout_secs: u64,
 
     /// Slowest arrival of a message, in bytes per second (0: no minimum): a
@@ -359,7 +361,10 @@ impl Config {
         let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         crate::guard::Guards {
             intake: crate::guard::IntakeLimits {
-                budget: crate::guard::Budget::new(self.max_pending_message_bytes),
+                budget: crate::guard::Budget::with_peer_share(
+                    self.max_pending_message_bytes,
+                    (self.max_pending_message_bytes / 2).max(self.max_message_bytes),
+                ),
                 first_message: secs(self.first_message_timeout_secs),
                 idle: secs(self.idle_timeout_secs),
                 min_rate: self.min_upload_rate_bytes,

@@ -54,11 +54,18 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// A budget of `limit` bytes.
+    /// A budget of `limit` bytes, of which one client address gets half.
     pub fn new(limit: u64) -> Arc<Self> {
+        Self::with_peer_share(limit, limit / 2)
+    }
+
+    /// A budget of `limit` bytes, of which one client address gets
+    /// `per_peer` (never less than one message of the largest size, or such
+    /// a message could never be received).
+    pub fn with_peer_share(limit: u64, per_peer: u64) -> Arc<Self> {
         Arc::new(Budget {
             limit,
-            per_peer: limit / 2,
+            per_peer: per_peer.min(limit),
             used: AtomicU64::new(0),
             by_peer: Mutex::new(HashMap::new()),
         })
@@ -173,7 +180,9 @@ struct Framing {
     /// A message prefix has been seen.
     started: bool,
     /// When the current message must have fully arrived.
-    message_due: Option<Instant>,
+    /// Waiting time the current message may still take to arrive; spent
+    /// only while the server waits on the client.
+    message_left: Option<Duration>,
 }
 
 /// A request body read under [`IntakeLimits`]; also counts its bytes.
@@ -202,7 +211,9 @@ impl IntakeBody {
         limits: IntakeLimits,
         peer: Option<IpAddr>,
     ) -> Self {
-        let first_due = limits.first_message.map(|d| Instant::now() + d);
+        let first_due = limits
+            .first_message
+            .and_then(|d| Instant::now().checked_add(d));
         IntakeBody {
             inner,
             count,
@@ -214,7 +225,7 @@ impl IntakeBody {
                 prefix_len: 0,
                 remaining: 0,
                 started: false,
-                message_due: None,
+                message_left: None,
             },
             charge: None,
             waiting_since: None,
@@ -233,7 +244,7 @@ impl IntakeBody {
                 self.framing.remaining -= take as u64;
                 data = &data[take..];
                 if self.framing.remaining == 0 {
-                    self.framing.message_due = None;
+                    self.framing.message_left = None;
                 }
                 continue;
             }
@@ -258,9 +269,12 @@ impl IntakeBody {
         // The previous message has been handed over; its charge goes first
         // so that a stream of equal messages never counts twice.
         self.charge = None;
+        self.framing.remaining = length;
+        self.framing.message_left = (length > 0 && self.limits.min_rate > 0).then(|| {
+            let grace = self.limits.idle.unwrap_or(Duration::ZERO);
+            grace.saturating_add(Duration::from_secs(length / self.limits.min_rate))
+        });
         if length <= UNCHARGED_MESSAGE_BYTES {
-            self.framing.remaining = length;
-            self.framing.message_due = None;
             return Ok(());
         }
         match self.limits.budget.try_charge(length, self.peer) {
@@ -279,7 +293,7 @@ impl IntakeBody {
                     ),
                     Refusal::Peer(held) => (
                         format!(
-                            "max_pending_message_bytes per client address ({}, half the budget)",
+                            "max_pending_message_bytes per client address ({})",
                             budget.per_peer
                         ),
                         format!(
@@ -292,15 +306,6 @@ impl IntakeBody {
                 return Err(tonic::Status::from(Error::exhausted(limit, message)));
             }
         }
-        self.framing.remaining = length;
-        self.framing.message_due = if length == 0 {
-            None
-        } else {
-            let grace = self.limits.idle.unwrap_or(Duration::ZERO);
-            (self.limits.min_rate > 0).then(|| {
-                Instant::now() + grace + Duration::from_secs(length / self.limits.min_rate)
-            })
-        };
         Ok(())
     }
 
@@ -318,9 +323,13 @@ impl IntakeBody {
         if !self.framing.started {
             consider(self.first_due, Stall::FirstMessage);
         }
-        consider(self.framing.message_due, Stall::SlowMessage);
-        if let (Some(since), Some(idle)) = (self.waiting_since, self.limits.idle) {
-            consider(Some(since + idle), Stall::Idle);
+        if let Some(since) = self.waiting_since {
+            let after = |d: Duration| since.checked_add(d);
+            consider(
+                self.framing.message_left.and_then(after),
+                Stall::SlowMessage,
+            );
+            consider(self.limits.idle.and_then(after), Stall::Idle);
         }
         due
     }
@@ -387,7 +396,17 @@ impl HttpBody for IntakeBody {
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                self.waiting_since = None;
+                // Only bytes end a wait: empty frames do not keep a call
+                // alive. The wait is charged to the message being received.
+                let has_bytes = frame.data_ref().is_none_or(|d| !d.is_empty());
+                if has_bytes {
+                    if let Some(since) = self.waiting_since.take() {
+                        let waited = since.elapsed();
+                        if let Some(left) = self.framing.message_left.as_mut() {
+                            *left = left.saturating_sub(waited);
+                        }
+                    }
+                }
                 if let Some(data) = frame.data_ref() {
                     self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
                     let data = data.clone();
@@ -570,6 +589,46 @@ mod tests {
             .expect_err("cut");
         assert!(err.message().contains("idle_timeout_secs"), "{err:?}");
         assert_eq!(budget.used(), 0);
+    }
+
+    /// A body fed by the test through a channel.
+    struct ChannelBody(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl HttpBody for ChannelBody {
+        type Data = Bytes;
+        type Error = tonic::Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+            self.0.poll_recv(cx).map(|item| item.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    /// Time the handler spends between reads never counts against a
+    /// message: only time spent waiting for the client does.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_handler_does_not_spend_the_message_allowance() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut limits = IntakeLimits::unlimited();
+        limits.idle = Some(Duration::from_secs(30));
+        limits.min_rate = 1024 * 1024;
+        let body = IntakeBody::new(Body::new(ChannelBody(rx)), Arc::default(), limits, None);
+        let mut body = std::pin::pin!(body);
+        let mut message = framed(&[200_000]);
+        let rest = message.split_off(100_000);
+        tx.send(Bytes::from(message)).expect("send");
+        let first = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        assert!(matches!(first, Some(Ok(_))));
+        // The handler is busy for an hour; then the client needs 20 s more.
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            tx.send(Bytes::from(rest)).expect("send");
+        });
+        let second = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        assert!(matches!(second, Some(Ok(_))), "cut while the handler was busy: {second:?}");
+        sender.await.expect("join");
     }
 
     /// A frame stream for tests, optionally never ending.

@@ -40,7 +40,13 @@ pub(super) struct Head {
     pub(super) applied: Vec<(String, u64)>,
     /// Random id of the write that produced this head.
     pub(super) written_by: u64,
+    /// Ids of the newest runs merged away by compaction: an append whose
+    /// reply was lost finds its run here once it was merged.
+    pub(super) merged_runs: Vec<u64>,
 }
+
+/// Ids of merged runs a head remembers.
+pub(super) const MAX_MERGED_RUNS: usize = 256;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(super) struct Run {
@@ -85,6 +91,11 @@ impl Head {
             .map(|(_, count)| *count)
     }
 
+    /// Whether the run a write added is in this head, or was merged away.
+    pub(super) fn has_run(&self, id: u64) -> bool {
+        self.runs.iter().any(|run| run.id == id) || self.merged_runs.contains(&id)
+    }
+
     /// Records `key` as applied, forgetting the oldest keys past the bound.
     pub(super) fn apply(&mut self, key: String, count: u64) {
         self.applied.push((key, count));
@@ -127,6 +138,7 @@ pub(super) fn decode_head(bytes: &[u8]) -> Result<Head, Error> {
                     .collect(),
                 applied: old.applied.into_iter().collect(),
                 written_by: old.written_by,
+                merged_runs: Vec::new(),
             })
         }
         _ => Err(Error::DataLoss {
@@ -180,6 +192,7 @@ pub(super) fn new_head() -> Head {
         runs: Vec::new(),
         applied: Vec::new(),
         written_by: 0,
+        merged_runs: Vec::new(),
     }
 }
 

@@ -35,15 +35,16 @@
 //!   is longer than [`MAX_DIR_COMPONENT`] becomes `+` and a hash of the name:
 //!   directories are never listed for their names.
 //! - A leaf name whose key would not fit its directory's room (less
-//!   [`HASH_ROOM`]) is *hashed*: its key is the longest prefix of its
-//!   encoding that fits (its *group*), then the terminator, the kind, `+` and
-//!   a hash of the name; a *note* object beside it (the same key and `n`)
-//!   holds the full name for listings. Every name of a directory follows the
-//!   same threshold, so no readable key can sort inside a group: a group is
-//!   cut just before a code that does not fit, and when that code is three
-//!   characters long, its introducer (which sorts like the byte) ends the
-//!   group. Listings read the notes of a group and sort them by name, so
-//!   keys still come out in byte order of the names.
+//!   [`HASH_ROOM`]) is *hashed*: its key is its *group* (the longest run of
+//!   whole codes of its encoding that fits, then the first character of the
+//!   code that does not: the character itself or a 3-character code's
+//!   introducer, which sorts like the byte), the terminator, the kind, `+`
+//!   and a hash of the name; a *note* object beside it (the same key and
+//!   `n`) holds the full name for listings. Every name of a directory follows
+//!   the same threshold, so no readable key can sort inside a group, and any
+//!   two names that share the fitting run are both hashed, their groups
+//!   ordered by their next byte. Listings read the notes of a group and sort
+//!   them by name, so names still come out in byte order.
 
 /// Ends every encoded name, before its kind letter.
 pub const TERMINATOR: char = '!';
@@ -238,8 +239,12 @@ pub fn leaf_key(room: usize, name: &str, kind: char) -> (String, Option<String>)
     }
     let encoded = encode(name);
     let (fits, next) = fitting_prefix(&encoded, limit, TERMINATOR.len_utf8() + 1);
+    // The group ends with the first character of the code that did not
+    // fit (the character itself, or a 3-character code's introducer): every
+    // name that continues the fitting prefix is hashed too, and their groups
+    // then sort by that next byte, as the names do.
     let mut group = fits.to_owned();
-    if let Some(code) = next.filter(|code| code.len() == 3) {
+    if let Some(code) = next {
         group.push_str(&code[..1]);
     }
     let key = format!(
@@ -412,6 +417,26 @@ mod tests {
                     prop_assert!(!note);
                     prop_assert!(is_hashed_record(&ka));
                 }
+            }
+        }
+
+        /// Names that share a long stem and differ just past the cut (the
+        /// case a group boundary gets wrong) keep their order.
+        #[test]
+        fn names_differing_past_the_cut_keep_order(
+            stem in proptest::collection::vec(prop_oneof![Just('x'), Just('/'), Just('é'), Just('5')], 0..700),
+            a in "[x/5é~-]{1,6}",
+            b in "[x/5é~-]{1,6}",
+            room in 120usize..700,
+        ) {
+            let stem: String = stem.into_iter().collect();
+            let (na, nb) = (format!("{stem}{a}"), format!("{stem}{b}"));
+            let (ka, ha) = leaf_key(room, &na, 'r');
+            let (kb, hb) = leaf_key(room, &nb, 'r');
+            let group = |k: &str, hashed: bool| hashed.then(|| k.rsplit_once(TERMINATOR).map(|(g, _)| g.to_owned()));
+            let (ga, gb) = (group(&ka, ha.is_some()), group(&kb, hb.is_some()));
+            if ga.is_none() || ga != gb {
+                prop_assert_eq!(na.as_bytes().cmp(nb.as_bytes()), ka.cmp(&kb), "{} vs {}", ka, kb);
             }
         }
 

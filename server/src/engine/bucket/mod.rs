@@ -38,6 +38,7 @@ mod artifacts;
 mod blob_cache;
 mod bodies;
 mod cache;
+mod compaction;
 mod connect;
 mod entries;
 mod formats;
@@ -129,6 +130,9 @@ struct Inner {
     /// a write. A stale entry only costs a failed conditional write.
     known: std::sync::Mutex<KnownRecords>,
     blob_cache: Option<blob_cache::BlobCache>,
+    /// Cassette heads being compacted in the background, so an append does
+    /// not start a second compaction of the same head.
+    compacting: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 const STRIPES: usize = 64;
@@ -226,6 +230,7 @@ impl BucketStore {
                 options,
                 stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
                 known: std::sync::Mutex::new(KnownRecords::default()),
+                compacting: std::sync::Mutex::new(std::collections::HashSet::new()),
                 blob_cache,
             }),
         };

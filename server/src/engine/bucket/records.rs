@@ -135,18 +135,11 @@ impl BucketStore {
             .map_err(|e| bucket_error("write an object", &e))
     }
 
-    /// Deletes an object (and, for a hashed record, its name note after
-    /// it); a missing one is fine.
+    /// Deletes an object; a missing one is fine. A hashed record's name note
+    /// stays: deleting it could race a put of the same name (which writes
+    /// the note, then the record) and hide that name from listings, while a
+    /// note without its record is a few bytes that listings skip.
     pub async fn remove(&self, path: &Path) -> Result<(), Error> {
-        self.remove_one(path).await?;
-        if super::layout::is_hashed_record(path.as_ref()) {
-            let note = Path::from(super::layout::note_of(path.as_ref()));
-            self.remove_one(&note).await?;
-        }
-        Ok(())
-    }
-
-    async fn remove_one(&self, path: &Path) -> Result<(), Error> {
         match self.inner.bucket.delete(path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(bucket_error("delete an object", &e)),

@@ -26,7 +26,11 @@ use super::formats::{decode_run, Run};
 pub(super) type Stored = (i64, u64, Bytes);
 
 /// Most bytes of entries a replace sorts in memory at once (one run each).
+#[cfg(not(test))]
 pub(super) const SORT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// Small in unit tests, so that a few megabytes exercise the tiered merge.
+#[cfg(test)]
+pub(super) const SORT_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Bytes of frame header in a sorted run.
 const HEADER: usize = 20;
