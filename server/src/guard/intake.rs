@@ -601,7 +601,9 @@ mod tests {
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-            self.0.poll_recv(cx).map(|item| item.map(|b| Ok(Frame::data(b))))
+            self.0
+                .poll_recv(cx)
+                .map(|item| item.map(|b| Ok(Frame::data(b))))
         }
     }
 
@@ -627,7 +629,10 @@ mod tests {
             tx.send(Bytes::from(rest)).expect("send");
         });
         let second = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
-        assert!(matches!(second, Some(Ok(_))), "cut while the handler was busy: {second:?}");
+        assert!(
+            matches!(second, Some(Ok(_))),
+            "cut while the handler was busy: {second:?}"
+        );
         sender.await.expect("join");
     }
 
