@@ -5,6 +5,7 @@
 //! installed). See BENCHMARKS.md for what each workload means.
 
 mod baselines;
+mod disk;
 mod load;
 mod report;
 mod workloads;

@@ -1,6 +1,8 @@
 //! Durable single-entry appends of 1 KiB, with Redis under `appendfsync
-//! always` and the latency at half of peak. The append operation itself is
-//! shared with the bucket engine and lives in `mod.rs`.
+//! always`, the disk's own limit (1 KiB `pwrite` + `fdatasync` by one
+//! writer, and by as many writers as Trove has callers, sharing flushes),
+//! and the latency at half of peak. The append operation itself is shared
+//! with the bucket engine and lives in `mod.rs`.
 
 use std::sync::Arc;
 
@@ -10,6 +12,7 @@ use trove_proto::EntryStore;
 
 use super::{entry_json, Bench, KIB};
 use crate::baselines::RedisServer;
+use crate::disk::DiskLog;
 use crate::load::{op, open_loop};
 
 impl Bench {
@@ -45,6 +48,20 @@ impl Bench {
             "null gRPC",
             results[2].ops_per_sec(),
         );
+        // What the disk under the data folder allows, measured the same way.
+        let log = DiskLog::create(&self.work_dir.path().join("disk-baseline"), KIB)?;
+        let own = self.measure(1, &log.own_flush()).await?;
+        self.row("write+fdatasync 1 KiB", "disk, one writer", 1, &own);
+        let shared = self.measure(c, &log.shared_flush()).await?;
+        self.row("write+fdatasync 1 KiB", "disk, shared flushes", c, &shared);
+        self.report.compare(
+            figure,
+            "ops/s",
+            results[0].ops_per_sec(),
+            "disk write+fdatasync, shared flushes",
+            shared.ops_per_sec(),
+        );
+        drop(log);
         if let Some(binary) = self.redis.clone() {
             let redis =
                 RedisServer::start(&binary, &self.work_dir.path().join("redis-aof"), true).await?;
