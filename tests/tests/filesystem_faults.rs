@@ -3,7 +3,9 @@
 //! `write`, `fsync`/`fdatasync`, `rename` or `link` fail for files whose path matches,
 //! armed and disarmed while the server runs. Each fault gives its documented
 //! status, leaves nothing visible and nothing staged, and once it is gone the
-//! same write succeeds: the server recovers without a restart.
+//! same write succeeds: the server recovers without a restart. The exception
+//! is a failed `fsync` of the database itself, after which no write is
+//! acknowledged until a restart.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -151,4 +153,71 @@ async fn filesystem_faults_fail_cleanly_and_recover() {
         println!("{what}: {:?}", failed.err());
     }
     assert!(!server.log().contains("panicked"), "{}", server.log());
+}
+
+/// A failed `fdatasync` of the database is never retried as if it could
+/// succeed (the kernel may have dropped the pages it could not write): the
+/// write that waited on it answers UNAVAILABLE, and so does every later
+/// write, fault gone or not, until the server restarts. What was
+/// acknowledged before is intact after the restart, and writes work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_database_fsync_stops_writes_until_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let Some(library) = fault_library(dir.path()) else {
+        return;
+    };
+    let control = dir.path().join("faults");
+    std::fs::write(&control, "").expect("control file");
+    let mut server = ServerProcess::start_with_env(
+        &[],
+        &[
+            (
+                "LD_PRELOAD".to_owned(),
+                library.to_string_lossy().into_owned(),
+            ),
+            (
+                "TROVE_FAULT_CONTROL".to_owned(),
+                control.to_string_lossy().into_owned(),
+            ),
+        ],
+    )
+    .await;
+    let ns = Namespace::new("fsyncgate").expect("ns");
+    let put = |client: trove_client::TroveClient, key: &'static str| {
+        let ns = ns.clone();
+        async move {
+            client
+                .put_artifact(
+                    &ns,
+                    &Name::new("key", key).expect("name"),
+                    PutOptions::default(),
+                    bytes_stream(vec![Bytes::from(key)]),
+                )
+                .await
+        }
+    };
+    let client = server.client().await;
+    put(client.clone(), "before").await.expect("acknowledged");
+    std::fs::write(&control, "fsync 5 /db/db").expect("arm");
+    let failed = put(client.clone(), "during").await;
+    assert!(
+        matches!(&failed, Err(Error::Unavailable { message }) if message.contains("restart")),
+        "{failed:?}"
+    );
+    std::fs::write(&control, "").expect("disarm");
+    let still = put(client.clone(), "after").await;
+    assert!(
+        matches!(&still, Err(Error::Unavailable { .. })),
+        "a write after a failed fsync was acknowledged: {still:?}"
+    );
+    server.restart().await;
+    let client = server.client().await;
+    let (_, body) = client
+        .get_artifact(&ns, &Name::new("key", "before").expect("name"))
+        .await
+        .expect("the acknowledged write survived");
+    assert_eq!(collect_bytes(body).await.expect("read"), b"before");
+    put(client, "after")
+        .await
+        .expect("writes work after a restart");
 }

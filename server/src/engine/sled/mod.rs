@@ -6,8 +6,12 @@
 //!
 //! # Caveats
 //! - Durability: in [`Durability::Strict`] mode (the default) a write returns
-//!   only after a sled flush that covers it (shared between concurrent writers)
-//!   and, for blob files, after the file and its directory are fsynced. In
+//!   only after `fdatasync`/`fsync` returned for every file it depends on and
+//!   for the folder of every file it created (see `durable`): sled's log and
+//!   its large-item files after a flush that covers the write (shared between
+//!   concurrent writers), and blob files with their folder before the
+//!   metadata referencing them is written. sled's own flush
+//!   (`sync_file_range`) and its 500 ms timer do not count. In
 //!   [`Durability::Relaxed`] mode writes return before the flush; sled flushes
 //!   in the background every 500 ms, so a crash can lose the writes of that
 //!   window (never torn ones).
@@ -20,6 +24,7 @@
 //! - `keys`: the byte encoding of key parts (dependency-free, fuzzed).
 //! - `blob`: staging, publishing and reclaiming blob files.
 //! - `flusher`: group commit.
+//! - `durable`: the durability point (sled's flush, then real fsyncs).
 //! - `usage`: the usage scan and the [`crate::engine::Engine`] lifecycle.
 //! - `objects`, `artifacts`, `entries`, `cache`: the trait implementations.
 //!
@@ -30,6 +35,7 @@
 mod artifacts;
 mod blob;
 mod cache;
+mod durable;
 mod entries;
 mod errors;
 mod flusher;
@@ -53,6 +59,7 @@ use crate::engine::chunks::VerifyingReader;
 use crate::engine::record::{self, Body, ValueRecord};
 use crate::engine::values::DeclaredSize;
 use blob::{BlobDir, BodyWriter, Published};
+use durable::DurableFlush;
 use flusher::Flusher;
 
 /// When a write is acknowledged.
@@ -176,7 +183,9 @@ impl SledStore {
         if files > 0 {
             tracing::info!(files, bytes, "reclaimed staged and orphaned blob files");
         }
-        let flush_db = db.clone();
+        let durable = DurableFlush::open(db.clone(), &root.join("db"))
+            .map_err(|e| io_error("open the database files for fsync", &e))?;
+        let durable = std::sync::Mutex::new(durable);
         let flush_faults = options.faults.clone();
         let flusher = Flusher::start(Box::new(move || {
             if flush_faults
@@ -185,7 +194,10 @@ impl SledStore {
             {
                 return Err("injected flush failure".to_owned());
             }
-            flush_db.flush().map(|_| ()).map_err(|e| e.to_string())
+            durable
+                .lock()
+                .map_err(|_| "the flush lock is poisoned".to_owned())?
+                .flush()
         }))
         .map_err(|e| io_error("start flush thread", &e))?;
         Ok(SledStore {
