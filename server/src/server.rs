@@ -353,6 +353,10 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
 
         set_all(&health, ServingStatus::Serving).await;
         tracing::info!(%addr, "serving");
+        let _refusing = AbortOnDrop(tokio::spawn(report_write_refusal(
+            Arc::clone(&store),
+            health.clone(),
+        )));
 
         let (drain_started_tx, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
         let draining_health = health.clone();
@@ -405,6 +409,24 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             }
         };
         served
+    }
+}
+
+/// How often the engine is asked whether it still acknowledges writes.
+const WRITABLE_CHECK_PERIOD: Duration = Duration::from_secs(1);
+
+/// Turns every health status NOT_SERVING, for good, once the engine refuses
+/// all writes until a restart (a failed fsync): probes then stop routing
+/// traffic here and an orchestrator restarts the server.
+async fn report_write_refusal(engine: Arc<dyn Engine>, health: HealthReporter) {
+    let mut ticks = tokio::time::interval(WRITABLE_CHECK_PERIOD);
+    loop {
+        ticks.tick().await;
+        if let Some(reason) = engine.write_refusal() {
+            tracing::error!(%reason, "the store refuses writes until restarted; reporting NOT_SERVING");
+            set_all(&health, ServingStatus::NotServing).await;
+            return;
+        }
     }
 }
 

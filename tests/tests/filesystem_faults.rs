@@ -12,10 +12,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tonic_health::pb::health_check_response::ServingStatus;
 use trove_proto::artifacts::PutOptions;
 use trove_proto::types::{Name, Namespace};
 use trove_proto::{ArtifactStore, Error};
-use trove_tests::harness::ServerProcess;
+use trove_tests::harness::{health_status, ServerProcess};
 use trove_tests::{bytes_stream, collect_bytes};
 
 /// Compiles the fault library into `dir`; `None` (a recorded skip) without
@@ -158,8 +159,9 @@ async fn filesystem_faults_fail_cleanly_and_recover() {
 /// A failed `fdatasync` of the database is never retried as if it could
 /// succeed (the kernel may have dropped the pages it could not write): the
 /// write that waited on it answers UNAVAILABLE, and so does every later
-/// write, fault gone or not, until the server restarts. What was
-/// acknowledged before is intact after the restart, and writes work again.
+/// write, fault gone or not, until the server restarts; health reports
+/// NOT_SERVING meanwhile. What was acknowledged before is intact after the
+/// restart, and writes work again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_database_fsync_stops_writes_until_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -210,6 +212,16 @@ async fn a_failed_database_fsync_stops_writes_until_restart() {
         matches!(&still, Err(Error::Unavailable { .. })),
         "a write after a failed fsync was acknowledged: {still:?}"
     );
+    // Health says so, so that probes stop routing here.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = health_status(server.addr, "").await;
+        if status == Some(ServingStatus::NotServing) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "health still says {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     server.restart().await;
     let client = server.client().await;
     let (_, body) = client

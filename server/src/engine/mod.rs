@@ -64,6 +64,12 @@ pub trait Engine: ObjectStore + ArtifactStore + EntryStore + CacheStore {
     /// Makes every acknowledged write durable before the process exits; a
     /// no-op for an engine whose writes are durable when acknowledged.
     async fn flush(&self) -> Result<(), Error>;
+
+    /// Why the engine refuses every write until the server restarts (a
+    /// failed fsync), if it does; health reports NOT_SERVING meanwhile.
+    fn write_refusal(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What an engine holds, for the store gauges. A figure an engine cannot

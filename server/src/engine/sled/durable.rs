@@ -33,6 +33,8 @@ pub struct DurableFlush {
     synced: HashSet<OsString>,
     /// Set by the first failed sync; every later flush fails with it.
     poisoned: Option<String>,
+    /// The same, readable without the flush lock (for health).
+    refusal: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 impl DurableFlush {
@@ -48,7 +50,13 @@ impl DurableFlush {
             item_dir: sled_dir.join("blobs"),
             synced: HashSet::new(),
             poisoned: None,
+            refusal: std::sync::Arc::default(),
         })
+    }
+
+    /// Where the reason writes are refused appears, once they are.
+    pub fn refusal(&self) -> std::sync::Arc<std::sync::OnceLock<String>> {
+        std::sync::Arc::clone(&self.refusal)
     }
 
     /// Flushes sled and syncs its files. After a failed sync, always fails.
@@ -65,6 +73,7 @@ impl DurableFlush {
             );
             tracing::error!(error = %err, "fsync failed; the store refuses to acknowledge writes until restarted");
             self.poisoned = Some(reason.clone());
+            let _ = self.refusal.set(reason.clone());
             return Err(reason);
         }
         Ok(())

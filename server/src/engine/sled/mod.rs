@@ -140,6 +140,8 @@ struct Inner {
     cache: Arc<cache::CacheTrees>,
     blobs: BlobDir,
     flusher: Flusher,
+    /// Set once an fsync failed: no write is acknowledged from then on.
+    write_refusal: Arc<std::sync::OnceLock<String>>,
     options: StoreOptions,
     root: PathBuf,
 }
@@ -185,6 +187,7 @@ impl SledStore {
         }
         let durable = DurableFlush::open(db.clone(), &root.join("db"))
             .map_err(|e| io_error("open the database files for fsync", &e))?;
+        let write_refusal = durable.refusal();
         let durable = std::sync::Mutex::new(durable);
         let flush_faults = options.faults.clone();
         let flusher = Flusher::start(Box::new(move || {
@@ -210,6 +213,7 @@ impl SledStore {
                 cache,
                 blobs,
                 flusher,
+                write_refusal,
                 options,
                 root: root.to_path_buf(),
             }),

@@ -114,6 +114,10 @@ impl Engine for SledStore {
     async fn flush(&self) -> Result<(), Error> {
         SledStore::flush(self).await
     }
+
+    fn write_refusal(&self) -> Option<String> {
+        self.inner.write_refusal.get().cloned()
+    }
 }
 
 #[cfg(test)]
