@@ -41,6 +41,15 @@ fn fault_library(dir: &Path) -> Option<PathBuf> {
     }
 }
 
+/// The server with the fault library preloaded, armed by writing `control`
+/// (empty: no fault).
+async fn start_with_faults(library: &Path, control: &Path) -> ServerProcess {
+    std::fs::write(control, "").expect("control file");
+    let envs = [("LD_PRELOAD", library), ("TROVE_FAULT_CONTROL", control)]
+        .map(|(name, path)| (name.to_owned(), path.to_string_lossy().into_owned()));
+    ServerProcess::start_with_env(&[], &envs).await
+}
+
 fn staged_files(data_dir: &Path) -> usize {
     std::fs::read_dir(data_dir.join("staging"))
         .map(|d| d.count())
@@ -59,21 +68,7 @@ async fn filesystem_faults_fail_cleanly_and_recover() {
         return;
     };
     let control = dir.path().join("faults");
-    std::fs::write(&control, "").expect("control file");
-    let server = ServerProcess::start_with_env(
-        &[],
-        &[
-            (
-                "LD_PRELOAD".to_owned(),
-                library.to_string_lossy().into_owned(),
-            ),
-            (
-                "TROVE_FAULT_CONTROL".to_owned(),
-                control.to_string_lossy().into_owned(),
-            ),
-        ],
-    )
-    .await;
+    let server = start_with_faults(&library, &control).await;
     let client = server.client().await;
     let ns = Namespace::new("faults").expect("ns");
     // Larger than the inline limit: staged in a file, fsynced, linked into blobs/.
@@ -169,21 +164,7 @@ async fn a_failed_database_fsync_stops_writes_until_restart() {
         return;
     };
     let control = dir.path().join("faults");
-    std::fs::write(&control, "").expect("control file");
-    let mut server = ServerProcess::start_with_env(
-        &[],
-        &[
-            (
-                "LD_PRELOAD".to_owned(),
-                library.to_string_lossy().into_owned(),
-            ),
-            (
-                "TROVE_FAULT_CONTROL".to_owned(),
-                control.to_string_lossy().into_owned(),
-            ),
-        ],
-    )
-    .await;
+    let mut server = start_with_faults(&library, &control).await;
     let ns = Namespace::new("fsyncgate").expect("ns");
     let put = |client: trove_client::TroveClient, key: &'static str| {
         let ns = ns.clone();

@@ -290,48 +290,19 @@ async fn overload_is_shed_not_queued() {
 async fn raw_upload_with_deadline(
     addr: std::net::SocketAddr,
     timeout: &str,
-) -> Option<(String, String)> {
+) -> Option<(i32, String)> {
     use prost::Message;
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(connection);
-    let mut client = client.ready().await.expect("ready");
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}/trove.v1.Artifacts/Put"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", timeout)
-        .body(())
-        .expect("request");
-    let (response, mut send) = client.send_request(request, false).expect("send request");
+    use trove_tests::raw;
+    let mut conn = raw::connect(addr, std::net::Ipv4Addr::LOCALHOST.into()).await;
+    let (response, mut send) =
+        raw::start_call(&mut conn, addr, "/trove.v1.Artifacts/Put", Some(timeout)).await;
     let message = header("raw-slow", Bytes::from_static(b"x"), false).encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
-    frame.extend_from_slice(&message);
-    send.send_data(Bytes::from(frame), false)
+    send.send_data(raw::frame(&message), false)
         .expect("send data");
-    let response = response.await.expect("response");
-    let status = |headers: &http::HeaderMap| {
-        let code = headers.get("grpc-status")?.to_str().ok()?.to_owned();
-        // grpc-message is percent-encoded on the wire.
-        let message = headers
-            .get("grpc-message")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .replace("%20", " ");
-        Some((code, message))
-    };
-    if let Some(found) = status(response.headers()) {
-        return Some(found);
-    }
-    let mut body = response.into_body();
-    while let Some(chunk) = body.data().await {
-        let _ = chunk.expect("data");
-    }
-    let trailers = body.trailers().await.expect("trailers")?;
+    // The request stays open (never finished) until the answer is read.
+    let status = raw::status_of(response).await;
     drop(send);
-    status(&trailers)
+    status
 }
 
 /// A caller's deadline shorter than the work ends the call with DEADLINE_EXCEEDED; so does the server's own limit.
@@ -341,7 +312,11 @@ async fn deadlines_are_enforced() {
     let (code, message) = raw_upload_with_deadline(server.addr, "300m")
         .await
         .expect("a status");
-    assert_eq!(code, "4", "DEADLINE_EXCEEDED from the server: {message}");
+    assert_eq!(
+        code,
+        Code::DeadlineExceeded as i32,
+        "DEADLINE_EXCEEDED from the server: {message}"
+    );
     // The caller's shorter deadline wins over the server's 2 s: the status
     // names the deadline that was applied.
     assert!(message.contains("300 ms"), "{message}");
