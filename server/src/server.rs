@@ -415,17 +415,27 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
 /// How often the engine is asked whether it still acknowledges writes.
 const WRITABLE_CHECK_PERIOD: Duration = Duration::from_secs(1);
 
-/// Turns every health status NOT_SERVING, for good, once the engine refuses
-/// all writes until a restart (a failed fsync): probes then stop routing
-/// traffic here and an orchestrator restarts the server.
+/// Turns every health status NOT_SERVING while the engine refuses writes
+/// (a failed fsync: until the log is reopened, or for good until a
+/// restart), and back to SERVING once it accepts them again, so probes stop
+/// routing traffic here meanwhile.
 async fn report_write_refusal(engine: Arc<dyn Engine>, health: HealthReporter) {
     let mut ticks = tokio::time::interval(WRITABLE_CHECK_PERIOD);
+    let mut refusing = false;
     loop {
         ticks.tick().await;
-        if let Some(reason) = engine.write_refusal() {
-            tracing::error!(%reason, "the store refuses writes until restarted; reporting NOT_SERVING");
-            set_all(&health, ServingStatus::NotServing).await;
-            return;
+        match engine.write_refusal() {
+            Some(reason) if !refusing => {
+                tracing::error!(%reason, "the store refuses writes; reporting NOT_SERVING");
+                set_all(&health, ServingStatus::NotServing).await;
+                refusing = true;
+            }
+            None if refusing => {
+                tracing::info!("the store accepts writes again; reporting SERVING");
+                set_all(&health, ServingStatus::Serving).await;
+                refusing = false;
+            }
+            _ => {}
         }
     }
 }

@@ -129,7 +129,9 @@ async fn disk_full() {
         .expect("serves again");
 }
 
-/// A failing flush is UNAVAILABLE ("not durable"); the value is whole either way, and writes recover.
+/// A failing fdatasync of the log is UNAVAILABLE: the write is undone (never
+/// visible), writes are refused until the log is reopened on a fresh
+/// segment, and they resume once the fault clears.
 #[tokio::test]
 async fn failing_flush() {
     let (t, faults) = faulty().await;
@@ -146,32 +148,41 @@ async fn failing_flush() {
         .await
         .expect_err("flush fails");
     assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(err.to_string().contains("undone"), "{err}");
+    let absent = t.store.get_artifact(&ns, &key()).await;
     assert!(
-        err.to_string().contains("could not be made durable"),
-        "{err}"
+        matches!(absent, Err(Error::NotFound { .. })),
+        "a write whose fdatasync failed must be undone: {:?}",
+        absent.map(|(info, _)| info)
     );
-    // The outcome is unknown to the caller, but never torn: absent (NOT_FOUND,
-    // not any error) or whole.
-    match t.store.get_artifact(&ns, &key()).await {
-        Ok((info, body)) => {
-            assert_eq!(
-                collect_bytes(body).await.expect("read").len() as u64,
-                info.size
-            );
-            assert_eq!(info.size, 200_000);
-        }
-        Err(Error::NotFound { .. }) => {}
-        Err(other) => panic!("after a failed flush the value must be absent or whole: {other:?}"),
-    }
-    faults.fail_flush.store(false, Ordering::SeqCst);
-    t.store
-        .put_artifact(
-            &ns,
-            &key(),
-            PutOptions::default(),
-            bytes_stream(vec![Bytes::from_static(b"after")]),
-        )
+    let refused = t
+        .store
+        .put_artifact(&ns, &key(), PutOptions::default(), bytes_stream(vec![]))
         .await
-        .expect("durable again once the fault clears");
+        .expect_err("refused while the log cannot be reopened");
+    assert!(refused.to_string().contains("reopened"), "{refused}");
+    faults.fail_flush.store(false, Ordering::SeqCst);
+    // The log reopens in the background (a refused write asks it to try at
+    // once); poll until it has.
+    let mut attempts = 0;
+    loop {
+        let put = t
+            .store
+            .put_artifact(
+                &ns,
+                &key(),
+                PutOptions::default(),
+                bytes_stream(vec![Bytes::from_static(b"after")]),
+            )
+            .await;
+        match put {
+            Ok(_) => break,
+            Err(Error::Unavailable { .. }) if attempts < 200 => {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            Err(other) => panic!("writes did not resume once the fault cleared: {other:?}"),
+        }
+    }
     assert_eq!(read(&t).await, b"after");
 }

@@ -3,9 +3,11 @@
 //! `write`, `fsync`/`fdatasync`, `rename` or `link` fail for files whose path matches,
 //! armed and disarmed while the server runs. Each fault gives its documented
 //! status, leaves nothing visible and nothing staged, and once it is gone the
-//! same write succeeds: the server recovers without a restart. The exception
-//! is a failed `fsync` of the database itself, after which no write is
-//! acknowledged until a restart.
+//! same write succeeds: the server recovers without a restart (a failed
+//! write or `fdatasync` of the log undoes the writes not yet durable and
+//! reopens the log on a fresh segment). The exception is a failed `fsync`
+//! of the database itself at a checkpoint, after which no write is
+//! acknowledged until a restart replays the log.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -151,12 +153,137 @@ async fn filesystem_faults_fail_cleanly_and_recover() {
     assert!(!server.log().contains("panicked"), "{}", server.log());
 }
 
-/// A failed `fdatasync` of the database is never retried as if it could
-/// succeed (the kernel may have dropped the pages it could not write): the
-/// write that waited on it answers UNAVAILABLE, and so does every later
-/// write, fault gone or not, until the server restarts; health reports
-/// NOT_SERVING meanwhile. What was acknowledged before is intact after the
-/// restart, and writes work again.
+/// Polls health until it reports `want`.
+async fn wait_health(server: &ServerProcess, want: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = health_status(server.addr, "").await;
+        if status == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "health still says {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn put_small(
+    client: &trove_client::TroveClient,
+    ns: &Namespace,
+    key: &str,
+    value: Bytes,
+) -> Result<(), Error> {
+    client
+        .put_artifact(
+            ns,
+            &Name::new("key", key).expect("name"),
+            PutOptions::default(),
+            bytes_stream(vec![value]),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Every fault on the log's path (the durability point of every write): the
+/// write answers its status and is undone (never visible, also after a
+/// restart), writes are refused and health says NOT_SERVING until the log is
+/// reopened on a fresh segment; once the fault is gone writes resume without
+/// a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_faults_undo_the_write_and_the_log_reopens() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let Some(library) = fault_library(dir.path()) else {
+        return;
+    };
+    let control = dir.path().join("faults");
+    let mut server = start_with_faults(&library, &control).await;
+    let client = server.client().await;
+    let ns = Namespace::new("log-faults").expect("ns");
+    put_small(&client, &ns, "before", Bytes::from_static(b"kept"))
+        .await
+        .expect("acknowledged");
+    let cases: [Case; 4] = [
+        ("a failing write of the log", "write 5 /log/", |e| {
+            matches!(e, Error::Unavailable { .. })
+        }),
+        ("a full disk under the log", "write 28 /log/", |e| {
+            matches!(e, Error::ResourceExhausted { .. })
+        }),
+        ("a failing fdatasync of the log", "fsync 5 /log/", |e| {
+            matches!(e, Error::Unavailable { .. })
+        }),
+        (
+            "a full disk at the log's fdatasync",
+            "fsync 28 /log/",
+            |e| matches!(e, Error::ResourceExhausted { .. }),
+        ),
+    ];
+    for (i, (what, fault, expected)) in cases.into_iter().enumerate() {
+        let key = format!("value-{i}");
+        std::fs::write(&control, fault).expect("arm");
+        let failed = put_small(&client, &ns, &key, Bytes::from(key.clone())).await;
+        match &failed {
+            Err(err) if expected(err) => {}
+            other => panic!("{what}: unexpected outcome {other:?}"),
+        }
+        // Still armed: the log cannot be reopened, writes are refused.
+        let refused = put_small(&client, &ns, "refused", Bytes::from_static(b"x")).await;
+        assert!(
+            matches!(&refused, Err(Error::Unavailable { message }) if message.contains("reopened")),
+            "{what}: a write while the log is down: {refused:?}"
+        );
+        wait_health(&server, ServingStatus::NotServing).await;
+        std::fs::write(&control, "").expect("disarm");
+        for gone in [key.as_str(), "refused"] {
+            let read = client
+                .get_artifact(&ns, &Name::new("key", gone).expect("name"))
+                .await;
+            assert!(
+                matches!(read, Err(Error::NotFound { .. })),
+                "{what}: a write that was not acknowledged is visible: {:?}",
+                read.map(|(info, _)| info)
+            );
+        }
+        // The log reopens on a fresh segment (a refused write asks it to
+        // try at once): poll until writes resume.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match put_small(&client, &ns, &key, Bytes::from(key.clone())).await {
+                Ok(()) => break,
+                Err(Error::Unavailable { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(other) => panic!("{what}: writes did not resume: {other:?}"),
+            }
+        }
+        wait_health(&server, ServingStatus::Serving).await;
+        println!("{what}: {:?}", failed.err());
+    }
+    // After a restart (the log replayed, void records skipped) exactly the
+    // acknowledged writes are there.
+    server.kill9();
+    server.restart().await;
+    let client = server.client().await;
+    for i in 0..4 {
+        let key = format!("value-{i}");
+        let (_, body) = client
+            .get_artifact(&ns, &Name::new("key", key.clone()).expect("name"))
+            .await
+            .expect("acknowledged after the fault survives a crash");
+        assert_eq!(collect_bytes(body).await.expect("read"), key.as_bytes());
+    }
+    let refused = client
+        .get_artifact(&ns, &Name::new("key", "refused").expect("name"))
+        .await;
+    assert!(matches!(refused, Err(Error::NotFound { .. })));
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}
+
+/// A failed `fsync` of the database at a checkpoint is never retried as if
+/// it could succeed (the kernel may have dropped the pages it could not
+/// write): from then on every write answers UNAVAILABLE, fault gone or not,
+/// until the server restarts; health reports NOT_SERVING meanwhile. Every
+/// write acknowledged before is intact after the restart: the log still
+/// holds what the checkpoint could not cover, and is replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_database_fsync_stops_writes_until_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -166,43 +293,38 @@ async fn a_failed_database_fsync_stops_writes_until_restart() {
     let control = dir.path().join("faults");
     let mut server = start_with_faults(&library, &control).await;
     let ns = Namespace::new("fsyncgate").expect("ns");
-    let put = |client: trove_client::TroveClient, key: &'static str| {
-        let ns = ns.clone();
-        async move {
-            client
-                .put_artifact(
-                    &ns,
-                    &Name::new("key", key).expect("name"),
-                    PutOptions::default(),
-                    bytes_stream(vec![Bytes::from(key)]),
-                )
-                .await
-        }
-    };
     let client = server.client().await;
-    put(client.clone(), "before").await.expect("acknowledged");
+    put_small(&client, &ns, "before", Bytes::from_static(b"before"))
+        .await
+        .expect("acknowledged");
     std::fs::write(&control, "fsync 5 /db/db").expect("arm");
-    let failed = put(client.clone(), "during").await;
+    // Values kept inline fill a log segment, which makes a checkpoint due.
+    let value = Bytes::from(vec![7u8; 60 * 1024]);
+    let mut acknowledged = Vec::new();
+    let mut refusal = None;
+    for i in 0..2_000 {
+        let key = format!("v-{i}");
+        match put_small(&client, &ns, &key, value.clone()).await {
+            Ok(()) => acknowledged.push(key),
+            Err(err) => {
+                refusal = Some(err);
+                break;
+            }
+        }
+    }
     assert!(
-        matches!(&failed, Err(Error::Unavailable { message }) if message.contains("restart")),
-        "{failed:?}"
+        matches!(&refusal, Some(Error::Unavailable { message }) if message.contains("restart")),
+        "{refusal:?} after {} writes",
+        acknowledged.len()
     );
     std::fs::write(&control, "").expect("disarm");
-    let still = put(client.clone(), "after").await;
+    let still = put_small(&client, &ns, "after", Bytes::from_static(b"after")).await;
     assert!(
         matches!(&still, Err(Error::Unavailable { .. })),
         "a write after a failed fsync was acknowledged: {still:?}"
     );
-    // Health says so, so that probes stop routing here.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = health_status(server.addr, "").await;
-        if status == Some(ServingStatus::NotServing) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "health still says {status:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_health(&server, ServingStatus::NotServing).await;
+    server.kill9();
     server.restart().await;
     let client = server.client().await;
     let (_, body) = client
@@ -210,7 +332,14 @@ async fn a_failed_database_fsync_stops_writes_until_restart() {
         .await
         .expect("the acknowledged write survived");
     assert_eq!(collect_bytes(body).await.expect("read"), b"before");
-    put(client, "after")
+    for key in &acknowledged {
+        let (info, _) = client
+            .get_artifact(&ns, &Name::new("key", key.as_str()).expect("name"))
+            .await
+            .unwrap_or_else(|e| panic!("{key} was acknowledged and is lost: {e}"));
+        assert_eq!(info.size, value.len() as u64);
+    }
+    put_small(&client, &ns, "after", Bytes::from_static(b"after"))
         .await
         .expect("writes work after a restart");
 }

@@ -65,8 +65,9 @@ pub trait Engine: ObjectStore + ArtifactStore + EntryStore + CacheStore {
     /// no-op for an engine whose writes are durable when acknowledged.
     async fn flush(&self) -> Result<(), Error>;
 
-    /// Why the engine refuses every write until the server restarts (a
-    /// failed fsync), if it does; health reports NOT_SERVING meanwhile.
+    /// Why the engine refuses every write right now (after a failed fsync:
+    /// until its log is reopened, or until a restart), if it does; health
+    /// reports NOT_SERVING meanwhile.
     fn write_refusal(&self) -> Option<String> {
         None
     }

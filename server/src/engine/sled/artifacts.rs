@@ -71,24 +71,30 @@ impl ArtifactStore for SledStore {
     }
 
     async fn delete_artifact(&self, ns: &Namespace, key: &Name) -> Result<bool, Error> {
+        let ticket = self.ticket();
         let removed = self.remove_all(&self.inner.artifacts, &[artifact_key(ns, key)])?;
         // Even a no-op waits: a concurrent delete of the same key may not be
         // durable yet, and this caller is about to be told the key is gone.
-        self.durable().await?;
+        self.durable(ticket).await?;
         if removed.is_empty() {
             return Ok(false);
         }
-        self.retire_blobs(removed.iter().filter_map(ValueRecord::blob_id).collect());
+        self.retire_blobs(
+            removed.iter().filter_map(ValueRecord::blob_id).collect(),
+            ticket,
+        );
         Ok(true)
     }
 
     async fn stat_artifact(&self, ns: &Namespace, key: &Name) -> Result<ArtifactInfo, Error> {
-        match self
+        let ticket = self.ticket();
+        let found = self
             .inner
             .artifacts
             .get(artifact_key(ns, key))
-            .map_err(sled_error)?
-        {
+            .map_err(sled_error)?;
+        self.visible(ticket).await?;
+        match found {
             Some(bytes) => Ok(artifact_info(key.as_str(), &record::decode(&bytes)?)),
             None => Err(Error::not_found("artifact", key.as_str())),
         }
@@ -100,11 +106,12 @@ impl ArtifactStore for SledStore {
         page: &ListPage,
         with_values: bool,
     ) -> Result<Page<ListedArtifact>, Error> {
+        let ticket = self.ticket();
         let tree = self.inner.artifacts.clone();
         let blobs = self.inner.blobs.clone();
         let ns_key = namespace_key(ns);
         let page = page.clone();
-        blocking(move || {
+        let page = blocking(move || {
             let limit = clamp_page_size(page.page_size) as usize;
             let mut items: Vec<ListedArtifact> = Vec::new();
             let mut value_bytes = 0u64;
@@ -163,6 +170,8 @@ impl ArtifactStore for SledStore {
                 next_page_token,
             })
         })
-        .await
+        .await?;
+        self.visible(ticket).await?;
+        Ok(page)
     }
 }

@@ -28,7 +28,7 @@ use trove_proto::types::{now_micros, ByteStream, Name, Namespace, Page};
 use trove_proto::{CacheStore, Error};
 
 use super::schema::{self, *};
-use super::{blocking, keys, sled_error, tx_error, Committed, SledStore};
+use super::{blocking, keys, sled_error, Committed, SledStore};
 use crate::engine::record::{self, ValueRecord};
 use crate::engine::retention::{self, PrunePlan};
 use crate::engine::values::{
@@ -84,7 +84,7 @@ impl SledStore {
         reference: &str,
         expected: (i64, u64),
     ) -> Result<Option<Vec<u64>>, Error> {
-        use sled::transaction::{ConflictableTransactionError, Transactional};
+        use sled::transaction::ConflictableTransactionError;
         let cache = &self.inner.cache;
         let ref_key = with_parts(tier, &[reference.as_bytes()]);
         let suites: Vec<sled::IVec> = cache
@@ -93,13 +93,16 @@ impl SledStore {
             .keys()
             .collect::<Result<_, _>>()
             .map_err(sled_error)?;
-        let result = (
-            &cache.refs,
-            &self.inner.blob_refs,
-            &cache.ref_time,
-            &cache.recency,
-        )
-            .transaction(|(refs, blob_refs, ref_time, recency)| {
+        self.write(
+            &[
+                &cache.refs,
+                &self.inner.blob_refs,
+                &cache.ref_time,
+                &cache.recency,
+            ],
+            |tx| {
+                let (refs, blob_refs, ref_time, recency) =
+                    (tx.tree(0), tx.tree(1), tx.tree(2), tx.tree(3));
                 let current = ref_time.get(&ref_key)?.and_then(|t| decode_time(&t));
                 if current != Some(expected) {
                     return Ok(None);
@@ -117,14 +120,14 @@ impl SledStore {
                         let old =
                             record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
                         if let Some(id) = old.blob_id() {
-                            blob_refs.remove(&id.to_be_bytes())?;
+                            blob_refs.remove(id.to_be_bytes())?;
                             blobs.push(id);
                         }
                     }
                 }
                 Ok(Some(blobs))
-            });
-        result.map_err(tx_error)
+            },
+        )
     }
 
     /// Refs of `tier`, oldest first: `(uploaded_at, seq, ref)`. Blocking.
@@ -170,7 +173,6 @@ impl SledStore {
         tier: &[u8],
         is_candidate: impl Fn(&str) -> bool,
     ) -> Result<(), Error> {
-        use sled::transaction::Transactional;
         let cache = &self.inner.cache;
         for item in cache.trees.scan_prefix(tier) {
             let (key, target) = item.map_err(sled_error)?;
@@ -179,15 +181,15 @@ impl SledStore {
                 continue;
             }
             let ref_key = with_parts(tier, &[target.as_ref()]);
-            let result = (&cache.trees, &cache.ref_time).transaction(|(pointers, ref_time)| {
+            self.write(&[&cache.trees, &cache.ref_time], |tx| {
+                let (pointers, ref_time) = (tx.tree(0), tx.tree(1));
                 if pointers.get(&key)?.as_deref() == Some(target.as_ref())
                     && ref_time.get(&ref_key)?.is_none()
                 {
                     pointers.remove(&key)?;
                 }
                 Ok(())
-            });
-            result.map_err(tx_error)?;
+            })?;
         }
         Ok(())
     }
@@ -226,13 +228,15 @@ impl SledStore {
         let Some(seen) = seen else {
             return Ok(());
         };
-        let swapped = self
-            .inner
-            .cache
-            .branch_refs
-            .compare_and_swap(map_key, Some(seen), None::<&[u8]>)
-            .map_err(sled_error)?;
-        if swapped.is_err() {
+        let swapped = self.write(&[&self.inner.cache.branch_refs], |tx| {
+            let maps = tx.tree(0);
+            if maps.get(map_key)?.as_ref() != Some(&seen) {
+                return Ok(false);
+            }
+            maps.remove(map_key)?;
+            Ok(true)
+        })?;
+        if !swapped {
             tracing::debug!("a branch map changed while its branch was pruned; kept");
         }
         Ok(())
@@ -263,16 +267,18 @@ impl CacheStore for SledStore {
         let suite = scope.test_suite_id.clone();
         let store = self.clone();
         self.publish_with(staged, move |body| {
-            use sled::transaction::{ConflictableTransactionError, Transactional};
+            use sled::transaction::ConflictableTransactionError;
             let cache = &store.inner.cache;
-            let trees = (
+            let trees = [
                 &cache.refs,
                 &store.inner.blob_refs,
                 &cache.ref_time,
                 &cache.recency,
                 &cache.trees,
-            );
-            let result = trees.transaction(|(refs, blob_refs, ref_time, recency, pointers)| {
+            ];
+            let result = store.write(&trees, |tx| {
+                let (refs, blob_refs, ref_time, recency, pointers) =
+                    (tx.tree(0), tx.tree(1), tx.tree(2), tx.tree(3), tx.tree(4));
                 let old = match refs.get(&archive_key)? {
                     Some(bytes) => {
                         Some(record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?)
@@ -289,10 +295,10 @@ impl CacheStore for SledStore {
                 )?;
                 let old_blob = old.as_ref().and_then(ValueRecord::blob_id);
                 if let Some(id) = old_blob {
-                    blob_refs.remove(&id.to_be_bytes())?;
+                    blob_refs.remove(id.to_be_bytes())?;
                 }
                 if let Some(id) = new.blob_id() {
-                    blob_refs.insert(&id.to_be_bytes(), archive_key.as_slice())?;
+                    blob_refs.insert(id.to_be_bytes(), archive_key.as_slice())?;
                 }
                 if let Some((ts, old_seq)) = ref_time.get(&ref_key)?.and_then(|t| decode_time(&t)) {
                     recency.remove(recency_key(&tier.key, ts, old_seq, reference.as_bytes()))?;
@@ -307,7 +313,7 @@ impl CacheStore for SledStore {
                 }
                 Ok((old_blob, new))
             });
-            let (old_blob, new) = result.map_err(tx_error)?;
+            let (old_blob, new) = result?;
             Ok(Committed {
                 value: cached_ref(&tier, &reference, &suite, &new),
                 keep_blob: true,
@@ -323,6 +329,7 @@ impl CacheStore for SledStore {
         reference: &str,
         tree_sha: Option<&Name>,
     ) -> Result<Option<(CachedRef, ByteStream)>, Error> {
+        let ticket = self.ticket();
         check_download_ref(reference)?;
         let tiers: Vec<_> = scope
             .download_tiers()
@@ -365,10 +372,12 @@ impl CacheStore for SledStore {
                 Err(err) => return Err(err),
             }
         }
+        self.visible(ticket).await?;
         Ok(None)
     }
 
     async fn branch_refs(&self, key: &BranchRefsKey) -> Result<BTreeMap<String, i64>, Error> {
+        let ticket = self.ticket();
         let Some(branch) = &key.branch else {
             return Ok(BTreeMap::new());
         };
@@ -376,19 +385,21 @@ impl CacheStore for SledStore {
             &scope_prefix(&key.namespace, &key.prefix),
             &[branch.as_bytes()],
         );
-        match self
+        let found = self
             .inner
             .cache
             .branch_refs
             .get(tree_key)
-            .map_err(sled_error)?
-        {
+            .map_err(sled_error)?;
+        self.visible(ticket).await?;
+        match found {
             Some(bytes) => parse_branch_refs(&bytes),
             None => Ok(BTreeMap::new()),
         }
     }
 
     async fn write_branch_refs(&self, write: &BranchRefsWrite) -> Result<bool, Error> {
+        let ticket = self.ticket();
         let Some((branch, refs)) = &write.target else {
             return Ok(false);
         };
@@ -396,16 +407,17 @@ impl CacheStore for SledStore {
             &scope_prefix(&write.namespace, &write.prefix),
             &[branch.as_bytes()],
         );
-        self.inner
-            .cache
-            .branch_refs
-            .insert(tree_key, branch_refs_to_json(refs)?)
-            .map_err(sled_error)?;
-        self.durable().await?;
+        let map = branch_refs_to_json(refs)?;
+        self.write(&[&self.inner.cache.branch_refs], |tx| {
+            tx.tree(0).insert(tree_key.as_slice(), map.as_slice())?;
+            Ok(())
+        })?;
+        self.durable(ticket).await?;
         Ok(true)
     }
 
     async fn prune(&self, scope: &CacheScope, options: PruneOptions) -> Result<u64, Error> {
+        let ticket = self.ticket();
         let tier = own_tier(scope);
         let is_pr = tier.tier == Tier::Pr;
         if !retention::has_work(&options, is_pr) {
@@ -425,8 +437,8 @@ impl CacheStore for SledStore {
             store.remove_refs(&tier.key, &doomed)
         })
         .await?;
-        self.durable().await?;
-        self.retire_blobs(blobs);
+        self.durable(ticket).await?;
+        self.retire_blobs(blobs, ticket);
         Ok(removed)
     }
 
@@ -436,6 +448,7 @@ impl CacheStore for SledStore {
         prefix: &str,
         pr_branch_ttl_seconds: i64,
     ) -> Result<u64, Error> {
+        let ticket = self.ticket();
         check_optional("prefix", prefix)?;
         if pr_branch_ttl_seconds <= 0 {
             return Ok(0);
@@ -488,8 +501,8 @@ impl CacheStore for SledStore {
             Ok((removed, blobs))
         })
         .await?;
-        self.durable().await?;
-        self.retire_blobs(blobs);
+        self.durable(ticket).await?;
+        self.retire_blobs(blobs, ticket);
         Ok(removed)
     }
 
@@ -499,6 +512,7 @@ impl CacheStore for SledStore {
         page_size: u32,
         page_token: &str,
     ) -> Result<Page<CachedRef>, Error> {
+        let ticket = self.ticket();
         let tier = own_tier(scope);
         let limit = trove_proto::types::clamp_page_size(page_size) as usize;
         let bad_token = || {
@@ -521,7 +535,7 @@ impl CacheStore for SledStore {
             Some(key)
         };
         let store = self.clone();
-        blocking(move || {
+        let page = blocking(move || {
             let cache = &store.inner.cache;
             let range = match before {
                 Some(before) => cache.recency.range(tier.key.clone()..before),
@@ -568,7 +582,9 @@ impl CacheStore for SledStore {
                 next_page_token,
             })
         })
-        .await
+        .await?;
+        self.visible(ticket).await?;
+        Ok(page)
     }
 }
 

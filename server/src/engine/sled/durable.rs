@@ -1,5 +1,7 @@
-//! The durability point of the embedded store: what a strict write waits
-//! for before it is acknowledged.
+//! Checkpoints: making sled itself durable, so that the log segments it
+//! covers can be deleted. Writes never wait for this (they wait for the
+//! log, see `wal`); a checkpoint runs in the background when a segment is
+//! full, every few seconds while writes come in, and at shutdown.
 //!
 //! sled's own `flush` is not enough. On Linux it ends in `sync_file_range`
 //! on its log, which neither flushes the device's write cache nor persists
@@ -8,9 +10,9 @@
 //! flush here is:
 //!
 //! 1. sled's `flush` (writes the log buffers out);
-//! 2. `fdatasync` of sled's log file (data and the size needed to read it);
-//! 3. `fsync` of every log item file sled created since the last flush, then
-//!    of their folder.
+//! 2. `fsync` of every log item file sled created since the last flush, then
+//!    of their folder (before the log that points at them);
+//! 3. `fdatasync` of sled's log file (data and the size needed to read it).
 //!
 //! A failed `fsync` is never retried as if it could succeed: the kernel may
 //! have dropped the dirty pages it could not write and report the next
@@ -22,6 +24,10 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::wal::Wal;
 
 /// Makes everything written to one sled database durable.
 #[derive(Debug)]
@@ -80,7 +86,11 @@ impl DurableFlush {
     }
 
     fn sync_files(&mut self) -> std::io::Result<()> {
-        self.log.sync_data()?;
+        self.sync_items()?;
+        self.log.sync_data()
+    }
+
+    fn sync_items(&mut self) -> std::io::Result<()> {
         let entries = match std::fs::read_dir(&self.item_dir) {
             Ok(entries) => entries,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -108,6 +118,86 @@ impl DurableFlush {
         self.synced = present;
         Ok(())
     }
+}
+
+/// How often the checkpoint thread looks for work.
+const CHECKPOINT_POLL: Duration = Duration::from_secs(1);
+/// The longest a durable record waits to be covered by a checkpoint.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+
+/// The checkpoint thread; it stops when dropped.
+#[derive(Debug)]
+pub struct Checkpointer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        if let Ok(mut stop) = self.stop.0.lock() {
+            *stop = true;
+        }
+        self.stop.1.notify_all();
+    }
+}
+
+impl Checkpointer {
+    /// Starts checkpointing `flush` for `wal`.
+    pub fn start(wal: Wal, flush: Arc<Mutex<DurableFlush>>) -> std::io::Result<Self> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let thread_stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("trove-checkpoint".into())
+            .spawn(move || {
+                let mut covered = wal.durable_lsn();
+                let mut since = Instant::now();
+                let mut last_error = String::new();
+                loop {
+                    let Ok(stopped) = thread_stop.0.lock() else {
+                        return;
+                    };
+                    let Ok((stopped, _)) = thread_stop.1.wait_timeout(stopped, CHECKPOINT_POLL)
+                    else {
+                        return;
+                    };
+                    if *stopped {
+                        return;
+                    }
+                    drop(stopped);
+                    let durable = wal.durable_lsn();
+                    let due = wal.sealed_segments() > 0
+                        || (durable > covered && since.elapsed() >= CHECKPOINT_EVERY);
+                    if !due {
+                        continue;
+                    }
+                    match checkpoint(&wal, &flush) {
+                        Ok(lsn) => covered = lsn,
+                        Err(reason) => {
+                            if reason != last_error {
+                                tracing::warn!(%reason, "checkpoint failed; the log keeps every record until one succeeds");
+                                last_error = reason;
+                            }
+                            continue;
+                        }
+                    }
+                    since = Instant::now();
+                }
+            })?;
+        Ok(Checkpointer { stop })
+    }
+}
+
+/// Makes sled durable through the log's durable LSN and deletes the
+/// segments that covers; returns that LSN.
+pub fn checkpoint(wal: &Wal, flush: &Mutex<DurableFlush>) -> Result<u64, String> {
+    // Every change up to this LSN is in sled: a record is queued only after
+    // its change is applied.
+    let lsn = wal.durable_lsn();
+    flush
+        .lock()
+        .map_err(|_| "the checkpoint lock is poisoned".to_owned())?
+        .flush()?;
+    wal.release_through(lsn);
+    Ok(lsn)
 }
 
 #[cfg(test)]

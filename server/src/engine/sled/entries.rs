@@ -30,7 +30,8 @@ use trove_proto::types::{encode_page_token, now_micros, ListPage, Name, Namespac
 use trove_proto::{EntryStore, Error};
 
 use super::schema::{self, *};
-use super::{blocking, keys, scan_after, sled_error, tx_error, SledStore};
+use super::wal::Wal;
+use super::{blocking, keys, scan_after, sled_error, SledStore};
 use crate::engine::values::check_append;
 
 /// Entries fetched from sled per step of a read.
@@ -49,7 +50,8 @@ pub struct EntryTrees {
 }
 
 impl EntryTrees {
-    /// Opens the trees and removes every collectable generation a crash left.
+    /// Opens the trees; [`EntryTrees::collect_leftovers`] then removes what a
+    /// crash left.
     pub fn open(db: &sled::Db) -> Result<Arc<Self>, Error> {
         let trees = Arc::new(EntryTrees {
             cassettes: db.open_tree(schema::CASSETTES).map_err(sled_error)?,
@@ -60,11 +62,16 @@ impl EntryTrees {
                 .map_err(sled_error)?,
             leases: Mutex::new(HashMap::new()),
         });
+        Ok(trees)
+    }
+
+    /// Removes every collectable generation a crash left. Blocking.
+    pub fn collect_leftovers(&self, wal: &Wal) -> Result<(), Error> {
         let mut collected = 0u64;
-        for marker in trees.gc.iter() {
+        for marker in self.gc.iter() {
             let (gen, _) = marker.map_err(sled_error)?;
             if let Some((gen, _)) = keys::take_u64(&gen) {
-                collected += trees.collect(gen)?;
+                collected += self.collect(wal, gen)?;
             }
         }
         if collected > 0 {
@@ -73,12 +80,12 @@ impl EntryTrees {
                 "removed entries of replaced, deleted or unfinished cassette versions"
             );
         }
-        Ok(trees)
+        Ok(())
     }
 
     /// Deletes generation `gen` if it is garbage: no header points to it and
     /// no reader holds it. Returns the number of entries removed. Blocking.
-    fn collect(&self, gen: u64) -> Result<u64, Error> {
+    fn collect(&self, wal: &Wal, gen: u64) -> Result<u64, Error> {
         let Some(cassette_key) = self.gc.get(gen.to_be_bytes()).map_err(sled_error)? else {
             return Ok(0);
         };
@@ -88,14 +95,14 @@ impl EntryTrees {
         if let Some(header) = self.cassettes.get(&cassette_key).map_err(sled_error)? {
             if decode_header(&header).map(|h| h.0) == Some(gen) {
                 // Committed after all (the marker's removal was lost in a crash).
-                self.gc.remove(gen.to_be_bytes()).map_err(sled_error)?;
+                remove_key(wal, &self.gc, &gen.to_be_bytes())?;
                 return Ok(0);
             }
         }
-        let removed = remove_prefix(&self.entries, &gen.to_be_bytes())?;
+        let removed = remove_prefix(wal, &self.entries, &gen.to_be_bytes())?;
         // The idempotency keys applied to this generation go with it.
-        remove_prefix(&self.append_keys, &gen.to_be_bytes())?;
-        self.gc.remove(gen.to_be_bytes()).map_err(sled_error)?;
+        remove_prefix(wal, &self.append_keys, &gen.to_be_bytes())?;
+        remove_key(wal, &self.gc, &gen.to_be_bytes())?;
         Ok(removed)
     }
 
@@ -125,21 +132,34 @@ fn header_of(bytes: &[u8]) -> Result<(u64, i64), Error> {
 
 /// Removes every key of `tree` under `prefix`, a batch at a time; returns
 /// how many. Blocking.
-fn remove_prefix(tree: &sled::Tree, prefix: &[u8]) -> Result<u64, Error> {
+fn remove_prefix(wal: &Wal, tree: &sled::Tree, prefix: &[u8]) -> Result<u64, Error> {
     let mut removed = 0u64;
     loop {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for item in tree.scan_prefix(prefix).keys().take(DELETE_BATCH) {
-            batch.remove(item.map_err(sled_error)?);
-            n += 1;
-        }
-        if n == 0 {
+        let doomed: Vec<sled::IVec> = tree
+            .scan_prefix(prefix)
+            .keys()
+            .take(DELETE_BATCH)
+            .collect::<Result<_, _>>()
+            .map_err(sled_error)?;
+        if doomed.is_empty() {
             return Ok(removed);
         }
-        tree.apply_batch(batch).map_err(sled_error)?;
-        removed += n;
+        wal.write(&[tree], |tx| {
+            for key in &doomed {
+                tx.tree(0).remove(key)?;
+            }
+            Ok(())
+        })?;
+        removed += doomed.len() as u64;
     }
+}
+
+/// Removes one key of `tree` as a logged write. Blocking.
+fn remove_key(wal: &Wal, tree: &sled::Tree, key: &[u8]) -> Result<(), Error> {
+    wal.write(&[tree], |tx| {
+        tx.tree(0).remove(key)?;
+        Ok(())
+    })
 }
 
 /// A reader's hold on a generation; releasing the last one lets it be collected.
@@ -213,8 +233,9 @@ impl SledStore {
     /// Collects generation `gen` in the background (or inline without a runtime).
     fn collect_later(&self, gen: u64) {
         let trees = Arc::clone(&self.inner.entry_trees);
+        let wal = self.inner.wal.clone();
         let work = move || {
-            if let Err(err) = trees.collect(gen) {
+            if let Err(err) = trees.collect(&wal, gen) {
                 tracing::warn!(generation = gen, error = %err, "could not remove an old cassette version; it will be retried at next start");
             }
         };
@@ -229,10 +250,10 @@ impl SledStore {
     /// Collects `gen` once the header change that orphaned it is durable
     /// (a crash before that would bring the header back), independently of
     /// whether the caller is still waiting.
-    fn collect_when_durable(&self, gen: u64) {
+    fn collect_when_durable(&self, gen: u64, ticket: u64) {
         let store = self.clone();
         let work = async move {
-            if store.inner.flusher.wait().await.is_ok() {
+            if store.inner.wal.barrier(ticket).await.is_ok() {
                 store.collect_later(gen);
             }
         };
@@ -275,7 +296,7 @@ impl EntryStore for SledStore {
         entries: Vec<NewEntry>,
         options: AppendOptions,
     ) -> Result<u64, Error> {
-        use sled::transaction::Transactional;
+        let ticket = self.ticket();
         check_append(&entries)?;
         let trees = &self.inner.entry_trees;
         let key = cassette_key(ns, cassette);
@@ -290,8 +311,10 @@ impl EntryStore for SledStore {
             .idempotency_key
             .as_ref()
             .map(|k| k.as_bytes().to_vec());
-        let result = (&trees.cassettes, &trees.entries, &trees.append_keys).transaction(
-            |(cassettes, stored, applied)| {
+        let result = self.write(
+            &[&trees.cassettes, &trees.entries, &trees.append_keys],
+            |tx| {
+                let (cassettes, stored, applied) = (tx.tree(0), tx.tree(1), tx.tree(2));
                 let gen = match cassettes.get(&key)? {
                     Some(header) => decode_header(&header).map_or(new_gen, |h| h.0),
                     None => {
@@ -313,8 +336,8 @@ impl EntryStore for SledStore {
                 Ok(count)
             },
         );
-        let appended = result.map_err(tx_error)?;
-        self.durable().await?;
+        let appended = result?;
+        self.durable(ticket).await?;
         Ok(appended)
     }
 
@@ -324,7 +347,9 @@ impl EntryStore for SledStore {
         cassette: &Name,
         options: ReadOptions,
     ) -> Result<EntryStream, Error> {
+        let ticket = self.ticket();
         let Some(lease) = self.lease_current(&cassette_key(ns, cassette))? else {
+            self.visible(ticket).await?;
             return Ok(futures::stream::empty().boxed());
         };
         let gen = lease.gen;
@@ -339,6 +364,7 @@ impl EntryStore for SledStore {
         let remaining = options.limit.filter(|l| *l > 0).map_or(u64::MAX, u64::from);
         let tree = self.inner.entry_trees.entries.clone();
         struct State {
+            store: SledStore,
             tree: sled::Tree,
             start: Bound<Vec<u8>>,
             end: Bound<Vec<u8>>,
@@ -348,6 +374,7 @@ impl EntryStore for SledStore {
             _lease: Lease,
         }
         let state = State {
+            store: self.clone(),
             tree,
             start,
             end,
@@ -360,6 +387,7 @@ impl EntryStore for SledStore {
             if state.buffer.is_empty() && !state.done && state.remaining > 0 {
                 let (tree, start, end) =
                     (state.tree.clone(), state.start.clone(), state.end.clone());
+                let ticket = state.store.ticket();
                 let want =
                     usize::try_from(state.remaining.min(READ_BATCH as u64)).unwrap_or(READ_BATCH);
                 let (batch, exhausted) = blocking(move || {
@@ -378,6 +406,7 @@ impl EntryStore for SledStore {
                     Ok((out, true))
                 })
                 .await?;
+                state.store.visible(ticket).await?;
                 if exhausted {
                     state.done = true;
                 }
@@ -415,14 +444,14 @@ impl EntryStore for SledStore {
         cassette: &Name,
         entries: NewEntryStream,
     ) -> Result<u64, Error> {
-        use sled::transaction::Transactional;
+        let ticket = self.ticket();
         let trees = Arc::clone(&self.inner.entry_trees);
         let key = cassette_key(ns, cassette);
         let gen = self.next_id()?;
-        trees
-            .gc
-            .insert(gen.to_be_bytes(), key.as_slice())
-            .map_err(sled_error)?;
+        self.write(&[&trees.gc], |tx| {
+            tx.tree(0).insert(&gen.to_be_bytes(), key.as_slice())?;
+            Ok(())
+        })?;
         let mut guard = StagingGuard {
             store: self.clone(),
             gen,
@@ -432,49 +461,55 @@ impl EntryStore for SledStore {
         let mut count = 0u64;
         let mut batches = entries.ready_chunks(256);
         while let Some(batch) = batches.next().await {
-            let mut sled_batch = sled::Batch::default();
+            let mut staged = Vec::with_capacity(batch.len());
             for entry in batch {
                 let entry = entry?;
-                sled_batch.insert(
+                staged.push((
                     entry_key(gen, entry.recorded_at, self.next_id()?),
-                    entry.json.as_ref(),
-                );
+                    entry.json,
+                ));
                 count += 1;
             }
-            let tree = trees.entries.clone();
+            let (store, tree) = (self.clone(), trees.entries.clone());
             let write = guard.in_flight.insert(tokio::task::spawn_blocking(move || {
-                tree.apply_batch(sled_batch).map_err(sled_error)
+                store.write(&[&tree], |tx| {
+                    for (key, json) in &staged {
+                        tx.tree(0).insert(key.as_slice(), json.as_ref())?;
+                    }
+                    Ok(())
+                })
             }));
             let written = write.await;
             guard.in_flight = None;
             written.map_err(|e| Error::internal(format!("store task failed: {e}")))??;
         }
         let now = now_micros();
-        let result = (&trees.cassettes, &trees.gc).transaction(|(cassettes, gc)| {
+        let old_gen = self.write(&[&trees.cassettes, &trees.gc], |tx| {
+            let (cassettes, gc) = (tx.tree(0), tx.tree(1));
             let old = cassettes.get(&key)?.and_then(|h| decode_header(&h));
             let created_at = old.map_or(now, |(_, created)| created);
             cassettes.insert(key.as_slice(), &encode_header(gen, created_at)[..])?;
-            gc.remove(&gen.to_be_bytes())?;
+            gc.remove(gen.to_be_bytes())?;
             if let Some((old_gen, _)) = old {
                 gc.insert(&old_gen.to_be_bytes(), key.as_slice())?;
             }
             Ok(old.map(|(g, _)| g))
-        });
-        let old_gen = result.map_err(tx_error)?;
+        })?;
         guard.committed = true;
         drop(guard);
         if let Some(old_gen) = old_gen {
-            self.collect_when_durable(old_gen);
+            self.collect_when_durable(old_gen, ticket);
         }
-        self.durable().await?;
+        self.durable(ticket).await?;
         Ok(count)
     }
 
     async fn delete_cassette(&self, ns: &Namespace, cassette: &Name) -> Result<bool, Error> {
-        use sled::transaction::Transactional;
+        let ticket = self.ticket();
         let trees = &self.inner.entry_trees;
         let key = cassette_key(ns, cassette);
-        let result = (&trees.cassettes, &trees.gc).transaction(|(cassettes, gc)| {
+        let removed = self.write(&[&trees.cassettes, &trees.gc], |tx| {
+            let (cassettes, gc) = (tx.tree(0), tx.tree(1));
             let Some(header) = cassettes.remove(key.as_slice())? else {
                 return Ok(None);
             };
@@ -483,26 +518,29 @@ impl EntryStore for SledStore {
                 gc.insert(&gen.to_be_bytes(), key.as_slice())?;
             }
             Ok(Some(gen))
-        });
-        let removed = result.map_err(tx_error)?;
+        })?;
         let Some(gen) = removed else {
             // Nothing to delete, but a concurrent delete may not be durable yet.
-            self.durable().await?;
+            self.durable(ticket).await?;
             return Ok(false);
         };
         if let Some(gen) = gen {
-            self.collect_when_durable(gen);
+            self.collect_when_durable(gen, ticket);
         }
-        self.durable().await?;
+        self.durable(ticket).await?;
         Ok(true)
     }
 
     async fn cassette_exists(&self, ns: &Namespace, cassette: &Name) -> Result<bool, Error> {
-        self.inner
+        let ticket = self.ticket();
+        let exists = self
+            .inner
             .entry_trees
             .cassettes
             .contains_key(cassette_key(ns, cassette))
-            .map_err(sled_error)
+            .map_err(sled_error)?;
+        self.visible(ticket).await?;
+        Ok(exists)
     }
 
     async fn ensure_cassette(&self, _ns: &Namespace, _cassette: &Name) -> Result<(), Error> {
@@ -512,10 +550,11 @@ impl EntryStore for SledStore {
     }
 
     async fn list_cassettes(&self, ns: &Namespace, page: &ListPage) -> Result<Page<String>, Error> {
+        let ticket = self.ticket();
         let tree = self.inner.entry_trees.cassettes.clone();
         let ns_key = namespace_key(ns);
         let page = page.clone();
-        blocking(move || {
+        let page = blocking(move || {
             let limit = trove_proto::types::clamp_page_size(page.page_size) as usize;
             let mut items = Vec::new();
             let mut more = false;
@@ -543,6 +582,8 @@ impl EntryStore for SledStore {
                 next_page_token,
             })
         })
-        .await
+        .await?;
+        self.visible(ticket).await?;
+        Ok(page)
     }
 }

@@ -7,14 +7,16 @@
 //! # Caveats
 //! - Durability: in [`Durability::Strict`] mode (the default) a write returns
 //!   only after `fdatasync`/`fsync` returned for every file it depends on and
-//!   for the folder of every file it created (see `durable`): sled's log and
-//!   its large-item files after a flush that covers the write (shared between
-//!   concurrent writers), and blob files with their folder before the
-//!   metadata referencing them is written. sled's own flush
-//!   (`sync_file_range`) and its 500 ms timer do not count. In
-//!   [`Durability::Relaxed`] mode writes return before the flush; sled flushes
-//!   in the background every 500 ms, so a crash can lose the writes of that
-//!   window (never torn ones).
+//!   for the folder of every file it created: its record in the store's own
+//!   write-ahead log (`wal`: one `fdatasync` shared by every write waiting at
+//!   that moment, in a preallocated segment), and blob files with their
+//!   folder before the record that references them is written. sled is the
+//!   index, made durable by background checkpoints (`durable`); its own
+//!   flush (`sync_file_range`) never counts and its timer is off. Strict
+//!   reads never report a change whose record is not yet durable. In
+//!   [`Durability::Relaxed`] mode writes return before their record's
+//!   `fdatasync`; the log writes continuously, so a crash can lose the writes
+//!   of the last group in flight (milliseconds, never torn ones).
 //! - Sled transactions may rerun their closure on conflict; closures here only
 //!   read and write sled and never await.
 //!
@@ -23,8 +25,8 @@
 //! - `schema`: every tree and every key (which parts make which key).
 //! - `keys`: the byte encoding of key parts (dependency-free, fuzzed).
 //! - `blob`: staging, publishing and reclaiming blob files.
-//! - `flusher`: group commit.
-//! - `durable`: the durability point (sled's flush, then real fsyncs).
+//! - `wal`: the write-ahead log (group commit, undo on failure, replay).
+//! - `durable`: checkpoints (sled's flush, then real fsyncs).
 //! - `usage`: the usage scan and the [`crate::engine::Engine`] lifecycle.
 //! - `objects`, `artifacts`, `entries`, `cache`: the trait implementations.
 //!
@@ -38,11 +40,11 @@ mod cache;
 mod durable;
 mod entries;
 mod errors;
-mod flusher;
 mod keys;
 mod objects;
 mod schema;
 mod usage;
+mod wal;
 
 pub use usage::StoreStats;
 
@@ -59,8 +61,8 @@ use crate::engine::chunks::VerifyingReader;
 use crate::engine::record::{self, Body, ValueRecord};
 use crate::engine::values::DeclaredSize;
 use blob::{BlobDir, BodyWriter, Published};
-use durable::DurableFlush;
-use flusher::Flusher;
+use durable::{Checkpointer, DurableFlush};
+use wal::{LoggedTx, Wal};
 
 /// When a write is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -108,8 +110,10 @@ impl Default for StoreOptions {
 /// behind, and that the store serves again once the fault clears.
 #[derive(Debug, Default)]
 pub struct Faults {
-    /// Every flush (the durability point) fails.
+    /// Every `fdatasync` of the log (the durability point) fails.
     pub fail_flush: std::sync::atomic::AtomicBool,
+    /// Every write to the log fails with an I/O error.
+    pub fail_log_write: std::sync::atomic::AtomicBool,
     /// Every write to a blob file fails with an I/O error.
     pub fail_blob_write: std::sync::atomic::AtomicBool,
     /// Every write to a blob file fails as if the disk were full.
@@ -119,6 +123,14 @@ pub struct Faults {
 impl Faults {
     fn on(flag: &std::sync::atomic::AtomicBool) -> bool {
         flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The error an injected log-write fault produces, if one is set.
+    pub fn log_write_error(&self) -> Option<std::io::Error> {
+        if Self::on(&self.disk_full) {
+            return Some(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        }
+        Self::on(&self.fail_log_write).then(|| std::io::Error::other("injected log write failure"))
     }
 
     /// The error an injected blob-write fault produces, if one is set.
@@ -139,8 +151,14 @@ struct Inner {
     entry_trees: Arc<entries::EntryTrees>,
     cache: Arc<cache::CacheTrees>,
     blobs: BlobDir,
-    flusher: Flusher,
-    /// Set once an fsync failed: no write is acknowledged from then on.
+    wal: Wal,
+    /// Checkpoints sled; also run at shutdown.
+    checkpoints: Arc<std::sync::Mutex<DurableFlush>>,
+    _checkpointer: Checkpointer,
+    /// Added to sled's generated ids: keeps new ids above every blob id in
+    /// use when sled's own counter was not persisted before a crash.
+    id_offset: u64,
+    /// Set once an fsync of sled failed: no write is acknowledged from then on.
     write_refusal: Arc<std::sync::OnceLock<String>>,
     options: StoreOptions,
     root: PathBuf,
@@ -170,12 +188,27 @@ impl SledStore {
             .path(root.join("db"))
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(options.cache_bytes)
+            // Checkpoints flush sled; its timer would only add syncs.
+            .flush_every_ms(None)
             .open()
             .map_err(sled_error)?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_error);
         let objects = tree(schema::OBJECTS)?;
         let artifacts = tree(schema::ARTIFACTS)?;
         let blob_refs = tree(schema::BLOB_REFS)?;
+        let log_tree = tree(wal::LOG_TREE)?;
+        let checkpoints = DurableFlush::open(db.clone(), &root.join("db"))
+            .map_err(|e| io_error("open the database files for fsync", &e))?;
+        let write_refusal = checkpoints.refusal();
+        let checkpoints = Arc::new(std::sync::Mutex::new(checkpoints));
+        let log_dir = root.join("log");
+        let recovered = wal::recover(&db, &log_tree, &log_dir, || {
+            checkpoints
+                .lock()
+                .map_err(|_| "the checkpoint lock is poisoned".to_owned())?
+                .flush()
+        })?;
+        // Replay may have changed any tree: open the engines' trees after it.
         let entry_trees = entries::EntryTrees::open(&db)?;
         let cache = cache::CacheTrees::open(&db)?;
         let blobs = BlobDir::open(root).map_err(|e| io_error("open blob folders", &e))?;
@@ -185,24 +218,12 @@ impl SledStore {
         if files > 0 {
             tracing::info!(files, bytes, "reclaimed staged and orphaned blob files");
         }
-        let durable = DurableFlush::open(db.clone(), &root.join("db"))
-            .map_err(|e| io_error("open the database files for fsync", &e))?;
-        let write_refusal = durable.refusal();
-        let durable = std::sync::Mutex::new(durable);
-        let flush_faults = options.faults.clone();
-        let flusher = Flusher::start(Box::new(move || {
-            if flush_faults
-                .as_ref()
-                .is_some_and(|f| Faults::on(&f.fail_flush))
-            {
-                return Err("injected flush failure".to_owned());
-            }
-            durable
-                .lock()
-                .map_err(|_| "the flush lock is poisoned".to_owned())?
-                .flush()
-        }))
-        .map_err(|e| io_error("start flush thread", &e))?;
+        let id_offset = id_offset(&db, &blob_refs)?;
+        let wal = Wal::start(log_tree, log_dir, &recovered, options.faults.clone())
+            .map_err(|e| io_error("start the log", &e))?;
+        let checkpointer = Checkpointer::start(wal.clone(), Arc::clone(&checkpoints))
+            .map_err(|e| io_error("start the checkpoint thread", &e))?;
+        entry_trees.collect_leftovers(&wal)?;
         Ok(SledStore {
             inner: Arc::new(Inner {
                 db,
@@ -212,7 +233,10 @@ impl SledStore {
                 entry_trees,
                 cache,
                 blobs,
-                flusher,
+                wal,
+                checkpoints,
+                _checkpointer: checkpointer,
+                id_offset,
                 write_refusal,
                 options,
                 root: root.to_path_buf(),
@@ -220,14 +244,19 @@ impl SledStore {
         })
     }
 
-    /// Flushes everything to disk (used at shutdown).
+    /// Makes every applied write durable and checkpoints sled (used at
+    /// shutdown, so that the next start has no log to replay).
     pub async fn flush(&self) -> Result<(), Error> {
-        self.inner
-            .db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(sled_error)
+        self.inner.wal.barrier(self.inner.wal.ticket()).await?;
+        let store = self.clone();
+        blocking(move || {
+            durable::checkpoint(&store.inner.wal, &store.inner.checkpoints)
+                .map(|_| ())
+                .map_err(|reason| Error::Unavailable {
+                    message: format!("the final checkpoint failed: {reason}"),
+                })
+        })
+        .await
     }
 
     /// Data directory of this store.
@@ -235,24 +264,52 @@ impl SledStore {
         &self.inner.root
     }
 
-    /// Waits until every earlier write is durable (no-op in relaxed mode).
-    async fn durable(&self) -> Result<(), Error> {
+    /// Taken when an operation starts, before it reads or writes; see
+    /// [`SledStore::durable`] and [`SledStore::visible`].
+    fn ticket(&self) -> u64 {
+        self.inner.wal.ticket()
+    }
+
+    /// Called after an operation's writes: waits until they are durable
+    /// (no-op in relaxed mode). Fails when the log failed since `ticket`.
+    async fn durable(&self, ticket: u64) -> Result<(), Error> {
         match self.inner.options.durability {
-            Durability::Strict => self.inner.flusher.wait().await,
+            Durability::Strict => self.inner.wal.barrier(ticket).await,
             Durability::Relaxed => Ok(()),
         }
+    }
+
+    /// Called after a read: waits until whatever it saw is durable, so a
+    /// strict read never reports a write that a crash could still undo.
+    /// Returns at once when no write is waiting for the log.
+    async fn visible(&self, ticket: u64) -> Result<(), Error> {
+        self.durable(ticket).await
+    }
+
+    /// Runs `body` as one logged transaction over `trees`.
+    fn write<T>(
+        &self,
+        trees: &[&sled::Tree],
+        body: impl Fn(&LoggedTx<'_>) -> sled::transaction::ConflictableTransactionResult<T, Error>,
+    ) -> Result<T, Error> {
+        if let Some(reason) = self.inner.write_refusal.get() {
+            return Err(Error::Unavailable {
+                message: reason.clone(),
+            });
+        }
+        self.inner.wal.write(trees, body)
     }
 
     /// Unlinks blobs whose references were removed, once that removal is
     /// durable (always waiting for the flush, even in relaxed mode, so that a
     /// crash can never leave metadata pointing at a deleted file).
-    fn retire_blobs(&self, ids: Vec<u64>) {
+    fn retire_blobs(&self, ids: Vec<u64>, ticket: u64) {
         if ids.is_empty() {
             return;
         }
         let store = self.clone();
         let retire = async move {
-            if store.inner.flusher.wait().await.is_ok() {
+            if store.inner.wal.barrier(ticket).await.is_ok() {
                 for id in ids {
                     store.inner.blobs.remove(id);
                 }
@@ -269,7 +326,9 @@ impl SledStore {
     }
 
     fn next_id(&self) -> Result<u64, Error> {
-        self.inner.db.generate_id().map_err(sled_error)
+        let id = self.inner.db.generate_id().map_err(sled_error)?;
+        id.checked_add(self.inner.id_offset)
+            .ok_or_else(|| Error::internal("ids exhausted"))
     }
 
     /// Drains `data` into a new body, enforcing `expected_size` when given.
@@ -322,8 +381,9 @@ impl SledStore {
         key: &[u8],
         make: impl Fn(Option<&ValueRecord>) -> Option<ValueRecord>,
     ) -> Result<(Option<ValueRecord>, Option<ValueRecord>), Error> {
-        use sled::transaction::{ConflictableTransactionError, Transactional};
-        let result = (tree, &self.inner.blob_refs).transaction(|(t, refs)| {
+        use sled::transaction::ConflictableTransactionError;
+        self.write(&[tree, &self.inner.blob_refs], |tx| {
+            let (t, refs) = (tx.tree(0), tx.tree(1));
             let old = match t.get(key)? {
                 Some(bytes) => {
                     Some(record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?)
@@ -338,36 +398,35 @@ impl SledStore {
             let old_blob = old.as_ref().and_then(ValueRecord::blob_id);
             if let Some(id) = old_blob {
                 if Some(id) != new.blob_id() {
-                    refs.remove(&id.to_be_bytes())?;
+                    refs.remove(id.to_be_bytes())?;
                 }
             }
             if let Some(id) = new.blob_id() {
-                refs.insert(&id.to_be_bytes(), key)?;
+                refs.insert(id.to_be_bytes(), key)?;
             }
             Ok((old, Some(new)))
-        });
-        result.map_err(tx_error)
+        })
     }
 
     /// Removes `keys` from `tree` and their blob references in one
     /// transaction; returns the records that existed.
     fn remove_all(&self, tree: &sled::Tree, keys: &[Vec<u8>]) -> Result<Vec<ValueRecord>, Error> {
-        use sled::transaction::{ConflictableTransactionError, Transactional};
-        let result = (tree, &self.inner.blob_refs).transaction(|(t, refs)| {
+        use sled::transaction::ConflictableTransactionError;
+        self.write(&[tree, &self.inner.blob_refs], |tx| {
+            let (t, refs) = (tx.tree(0), tx.tree(1));
             let mut removed = Vec::new();
             for key in keys {
                 if let Some(bytes) = t.remove(key.as_slice())? {
                     let old =
                         record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
                     if let Some(id) = old.blob_id() {
-                        refs.remove(&id.to_be_bytes())?;
+                        refs.remove(id.to_be_bytes())?;
                     }
                     removed.push(old);
                 }
             }
             Ok(removed)
-        });
-        result.map_err(tx_error)
+        })
     }
 
     /// Publishes a staged body and commits `make(old, body)` under `key`;
@@ -422,6 +481,7 @@ impl SledStore {
         staged: blob::StagedBody,
         commit: impl FnOnce(&Body) -> Result<Committed<T>, Error> + Send + 'static,
     ) -> Result<T, Error> {
+        let ticket = self.ticket();
         let store = self.clone();
         let task = tokio::spawn(async move {
             let published = staged
@@ -438,13 +498,13 @@ impl SledStore {
                     blob.keep();
                 }
             }
-            store.retire_blobs(committed.retired);
+            store.retire_blobs(committed.retired, ticket);
             Ok::<T, Error>(committed.value)
         });
         let value = task
             .await
             .map_err(|e| Error::internal(format!("commit task failed: {e}")))??;
-        self.durable().await?;
+        self.durable(ticket).await?;
         Ok(value)
     }
 
@@ -452,6 +512,19 @@ impl SledStore {
     /// between reading the record and opening the file is retried with the
     /// new record, so readers never fail because of a concurrent overwrite.
     async fn open_value(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        kind: &str,
+        display_key: &str,
+    ) -> Result<(ValueRecord, BodyReader), Error> {
+        let ticket = self.ticket();
+        let opened = self.open_latest(tree, key, kind, display_key).await;
+        self.visible(ticket).await?;
+        opened
+    }
+
+    async fn open_latest(
         &self,
         tree: &sled::Tree,
         key: &[u8],
@@ -521,6 +594,25 @@ impl SledStore {
             .map(move |r| r.map_err(|e| read_error(&what, &e)))
             .boxed()
     }
+}
+
+/// The offset that keeps generated ids above the largest blob id in use.
+fn id_offset(db: &sled::Db, blob_refs: &sled::Tree) -> Result<u64, Error> {
+    let first = db.generate_id().map_err(sled_error)?;
+    let largest = match blob_refs.last().map_err(sled_error)? {
+        Some((key, _)) => key
+            .as_ref()
+            .try_into()
+            .ok()
+            .map(u64::from_be_bytes)
+            .unwrap_or(0),
+        None => 0,
+    };
+    Ok(if largest >= first {
+        largest - first + 1
+    } else {
+        0
+    })
 }
 
 /// What a commit inside [`SledStore::publish_with`] did.

@@ -59,6 +59,7 @@ impl ObjectStore for SledStore {
     }
 
     async fn delete_object(&self, ns: &Namespace, hash: &Name) -> Result<bool, Error> {
+        let ticket = self.ticket();
         let keys = [
             object_key(ns, hash, KIND_OBJECT),
             object_key(ns, hash, KIND_STREAM),
@@ -66,17 +67,23 @@ impl ObjectStore for SledStore {
         let removed = self.remove_all(&self.inner.objects, &keys)?;
         // Even a no-op waits: a concurrent delete of the same key may not be
         // durable yet, and this caller is about to be told the key is gone.
-        self.durable().await?;
+        self.durable(ticket).await?;
         if removed.is_empty() {
             return Ok(false);
         }
-        self.retire_blobs(removed.iter().filter_map(ValueRecord::blob_id).collect());
+        self.retire_blobs(
+            removed.iter().filter_map(ValueRecord::blob_id).collect(),
+            ticket,
+        );
         Ok(true)
     }
 
     async fn stat_object(&self, ns: &Namespace, hash: &Name) -> Result<ObjectInfo, Error> {
+        let ticket = self.ticket();
         let key = object_key(ns, hash, KIND_OBJECT);
-        match self.inner.objects.get(key).map_err(sled_error)? {
+        let found = self.inner.objects.get(key).map_err(sled_error)?;
+        self.visible(ticket).await?;
+        match found {
             Some(bytes) => Ok(object_info(hash, &record::decode(&bytes)?)),
             None => Err(Error::not_found("object", hash.as_str())),
         }
@@ -87,10 +94,11 @@ impl ObjectStore for SledStore {
         ns: &Namespace,
         page: &ListPage,
     ) -> Result<Page<ListedObject>, Error> {
+        let ticket = self.ticket();
         let tree = self.inner.objects.clone();
         let ns_key = namespace_key(ns);
         let page = page.clone();
-        blocking(move || {
+        let page = blocking(move || {
             let limit = clamp_page_size(page.page_size) as usize;
             let mut items: Vec<ListedObject> = Vec::new();
             let mut more = false;
@@ -136,15 +144,18 @@ impl ObjectStore for SledStore {
                 next_page_token,
             })
         })
-        .await
+        .await?;
+        self.visible(ticket).await?;
+        Ok(page)
     }
 
     async fn find_missing(&self, ns: &Namespace, hashes: &[Name]) -> Result<Vec<Name>, Error> {
+        let ticket = self.ticket();
         check_find_missing(hashes.len())?;
         let tree = self.inner.objects.clone();
         let ns = ns.clone();
         let hashes = hashes.to_vec();
-        blocking(move || {
+        let missing = blocking(move || {
             let mut missing = Vec::new();
             for hash in hashes {
                 let present = tree
@@ -156,7 +167,11 @@ impl ObjectStore for SledStore {
             }
             Ok(missing)
         })
-        .await
+        .await?;
+        // A client skips its upload of whatever is reported present: that
+        // must survive a crash.
+        self.visible(ticket).await?;
+        Ok(missing)
     }
 
     async fn put_stream(

@@ -36,6 +36,10 @@ impl SledStore {
             .map_err(|e| io_error("read blob folders", &e))?;
         let mut keys = 0u64;
         for name in self.inner.db.tree_names() {
+            // The log's applied marker is bookkeeping, not stored data.
+            if name == super::wal::LOG_TREE.as_bytes() {
+                continue;
+            }
             let tree = self.inner.db.open_tree(name).map_err(sled_error)?;
             keys += tree.len() as u64;
         }
@@ -116,7 +120,11 @@ impl Engine for SledStore {
     }
 
     fn write_refusal(&self) -> Option<String> {
-        self.inner.write_refusal.get().cloned()
+        self.inner
+            .write_refusal
+            .get()
+            .cloned()
+            .or_else(|| self.inner.wal.refusal())
     }
 }
 

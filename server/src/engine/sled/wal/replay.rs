@@ -1,0 +1,189 @@
+//! Recovery: bring sled up to the end of the durable log.
+//!
+//! sled holds every change up to its applied marker (it may hold more than
+//! the log if it was flushed after a change whose record never became
+//! durable; such a change was never acknowledged and may stay). Records
+//! after the marker are applied in order, each in one transaction with the
+//! marker, so a crash during recovery only repeats work. A record of an
+//! older segment numbered above a newer segment's base was undone before
+//! the crash and is skipped. The first record that is not whole ends the
+//! log: it is reported and cut, never applied. Finally sled is made durable
+//! and every segment is deleted; the log restarts on a fresh one.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use sled::transaction::{ConflictableTransactionError, Transactional};
+use sled::IVec;
+use trove_proto::Error;
+
+use super::codec::{self, Read, Record};
+use super::{segments, APPLIED};
+use crate::engine::sled::{io_error, sled_error, tx_error};
+
+/// Where the log starts again after recovery.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// The last LSN in sled after replay.
+    pub last_lsn: u64,
+    /// The number the next segment takes.
+    pub next_segment: u64,
+    /// Records applied.
+    pub replayed: u64,
+    /// Bytes of a torn tail that were cut, if any.
+    pub torn: Option<String>,
+}
+
+/// One segment as read back.
+struct SegmentRead {
+    number: u64,
+    base: u64,
+    records: Vec<Record>,
+    torn: Option<(usize, &'static str)>,
+}
+
+/// Replays the log in `dir` into `db`. `make_durable` flushes and syncs
+/// sled; it runs before the replayed segments are deleted.
+pub fn recover(
+    db: &sled::Db,
+    log_tree: &sled::Tree,
+    dir: &Path,
+    make_durable: impl FnOnce() -> Result<(), String>,
+) -> Result<Recovered, Error> {
+    std::fs::create_dir_all(dir).map_err(|e| io_error("create the log folder", &e))?;
+    if let Some(parent) = dir.parent() {
+        segments::sync_dir(parent).map_err(|e| io_error("sync the data folder", &e))?;
+    }
+    let applied = super::applied(log_tree)?;
+    let found = segments::list(dir).map_err(|e| io_error("list the log", &e))?;
+    let mut reads = Vec::with_capacity(found.len());
+    for (number, path) in &found {
+        let bytes = std::fs::read(path).map_err(|e| io_error("read the log", &e))?;
+        // A segment whose header never became durable holds nothing that
+        // was acknowledged.
+        reads.extend(read_segment(*number, &bytes));
+    }
+    let mut recovered = Recovered {
+        last_lsn: applied,
+        next_segment: found.last().map_or(1, |(n, _)| n + 1),
+        ..Recovered::default()
+    };
+    if let Some(first) = reads.first() {
+        if first.base > applied {
+            return Err(Error::DataLoss {
+                message: format!(
+                    "the log starts after record {} but the database holds records only up to {}: \
+                     records in between are lost; restore the data folder from a backup",
+                    first.base, applied
+                ),
+            });
+        }
+    }
+    let mut trees: HashMap<IVec, sled::Tree> = HashMap::new();
+    let mut last = applied;
+    for (index, segment) in reads.iter().enumerate() {
+        // Records above the next segment's base were undone before it began.
+        let limit = reads.get(index + 1).map_or(u64::MAX, |next| next.base);
+        for record in &segment.records {
+            if record.lsn <= last || record.lsn > limit {
+                continue;
+            }
+            if record.lsn != last + 1 {
+                return Err(Error::DataLoss {
+                    message: format!(
+                        "the log jumps from record {last} to {} (segment {}): records in between \
+                         are lost; restore the data folder from a backup",
+                        record.lsn, segment.number
+                    ),
+                });
+            }
+            apply(db, log_tree, &mut trees, record)?;
+            last = record.lsn;
+            recovered.replayed += 1;
+        }
+        if let Some((offset, reason)) = segment.torn {
+            let what = format!(
+                "segment {} at byte {offset}: {reason} (a write that was never acknowledged)",
+                segment.number
+            );
+            tracing::warn!(cut = %what, "cut the log's torn tail");
+            recovered.torn = Some(what);
+        }
+    }
+    recovered.last_lsn = last;
+    if recovered.replayed > 0 {
+        tracing::info!(
+            records = recovered.replayed,
+            through = last,
+            "replayed the log into the database"
+        );
+    }
+    make_durable().map_err(|reason| Error::Unavailable {
+        message: format!("could not make the recovered database durable: {reason}"),
+    })?;
+    for (_, path) in &found {
+        std::fs::remove_file(path).map_err(|e| io_error("delete a replayed log segment", &e))?;
+    }
+    if !found.is_empty() {
+        segments::sync_dir(dir).map_err(|e| io_error("sync the log folder", &e))?;
+    }
+    Ok(recovered)
+}
+
+fn read_segment(number: u64, bytes: &[u8]) -> Option<SegmentRead> {
+    let mut segment = SegmentRead {
+        number,
+        base: codec::read_segment_header(bytes)?,
+        records: Vec::new(),
+        torn: None,
+    };
+    let mut offset = codec::SEGMENT_HEADER;
+    loop {
+        match codec::read(bytes, offset) {
+            Read::Record(record, next) => {
+                segment.records.push(record);
+                offset = next;
+            }
+            Read::End => return Some(segment),
+            Read::Torn(reason) => {
+                segment.torn = Some((offset, reason));
+                return Some(segment);
+            }
+        }
+    }
+}
+
+fn apply(
+    db: &sled::Db,
+    log_tree: &sled::Tree,
+    trees: &mut HashMap<IVec, sled::Tree>,
+    record: &Record,
+) -> Result<(), Error> {
+    let mut names: Vec<IVec> = Vec::new();
+    for change in &record.changes {
+        if !trees.contains_key(&change.tree) {
+            let tree = db.open_tree(&change.tree).map_err(sled_error)?;
+            trees.insert(change.tree.clone(), tree);
+        }
+        if !names.contains(&change.tree) {
+            names.push(change.tree.clone());
+        }
+    }
+    let mut all: Vec<sled::Tree> = names.iter().filter_map(|n| trees.get(n).cloned()).collect();
+    all.push(log_tree.clone());
+    let count = names.len();
+    let result = all.as_slice().transaction(|view| {
+        for change in &record.changes {
+            let Some(index) = names.iter().position(|n| *n == change.tree) else {
+                continue;
+            };
+            match &change.value {
+                Some(value) => view[index].insert(change.key.clone(), value.clone())?,
+                None => view[index].remove(change.key.clone())?,
+            };
+        }
+        view[count].insert(APPLIED, &record.lsn.to_be_bytes()[..])?;
+        Ok::<(), ConflictableTransactionError<Error>>(())
+    });
+    result.map_err(tx_error)
+}

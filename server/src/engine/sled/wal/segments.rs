@@ -1,0 +1,117 @@
+//! Segment files: created zero-filled and synced before use, so that
+//! appending to one changes no file size and an `fdatasync` after a write
+//! has no metadata to persist; named by a number that grows with each
+//! segment, so their order is their name's order.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::codec;
+
+/// Bytes of a segment, unless one record group needs more.
+pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+const SUFFIX: &str = ".wal";
+const SPARE: &str = "spare.tmp";
+
+/// The path of segment `number` in `dir`.
+pub fn path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:020}{SUFFIX}"))
+}
+
+/// The segments in `dir`, oldest first.
+pub fn list(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(number) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(SUFFIX))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        found.push((number, entry.path()));
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Makes the names in `dir` durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A zero-filled, synced file of `bytes` bytes, not yet a segment.
+#[derive(Debug)]
+pub struct Spare {
+    path: PathBuf,
+    file: File,
+    bytes: u64,
+}
+
+/// Creates a spare in `dir` (replacing any left over).
+pub fn prepare(dir: &Path, bytes: u64) -> std::io::Result<Spare> {
+    let path = dir.join(SPARE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    let zeros = vec![0u8; 1024 * 1024];
+    let mut at = 0u64;
+    while at < bytes {
+        let n = (bytes - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    file.sync_all()?;
+    Ok(Spare { path, file, bytes })
+}
+
+/// A segment being appended to.
+#[derive(Debug)]
+pub struct Segment {
+    /// Its number.
+    pub number: u64,
+    file: File,
+    bytes: u64,
+    /// Where the next record goes.
+    offset: u64,
+}
+
+impl Segment {
+    /// Turns `spare` into segment `number`, following `base`. The header
+    /// is made durable by the first group's `fdatasync`; the name by a sync
+    /// of the folder here, before any record in it can be acknowledged.
+    pub fn install(dir: &Path, spare: Spare, number: u64, base: u64) -> std::io::Result<Self> {
+        spare.file.write_all_at(&codec::segment_header(base), 0)?;
+        std::fs::rename(&spare.path, path(dir, number))?;
+        sync_dir(dir)?;
+        Ok(Segment {
+            number,
+            file: spare.file,
+            bytes: spare.bytes,
+            offset: codec::SEGMENT_HEADER as u64,
+        })
+    }
+
+    /// Whether `len` more bytes fit.
+    pub fn fits(&self, len: usize) -> bool {
+        self.offset + len as u64 <= self.bytes
+    }
+
+    /// Writes `bytes` after the last record and waits for `fdatasync`.
+    pub fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(bytes, self.offset)?;
+        self.offset += bytes.len() as u64;
+        self.file.sync_data()
+    }
+}
+
+/// The size of a segment that holds a group of `len` bytes.
+pub fn size_for(len: usize) -> u64 {
+    SEGMENT_BYTES.max((codec::SEGMENT_HEADER + len) as u64)
+}
