@@ -125,10 +125,11 @@ const CHECKPOINT_POLL: Duration = Duration::from_secs(1);
 /// The longest a durable record waits to be covered by a checkpoint.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
-/// The checkpoint thread; it stops when dropped.
+/// The checkpoint thread; dropping this stops it and waits for it.
 #[derive(Debug)]
 pub struct Checkpointer {
     stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Checkpointer {
@@ -137,6 +138,9 @@ impl Drop for Checkpointer {
             *stop = true;
         }
         self.stop.1.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -145,7 +149,7 @@ impl Checkpointer {
     pub fn start(wal: Wal, flush: Arc<Mutex<DurableFlush>>) -> std::io::Result<Self> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let thread_stop = Arc::clone(&stop);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("trove-checkpoint".into())
             .spawn(move || {
                 let mut covered = wal.durable_lsn();
@@ -155,6 +159,9 @@ impl Checkpointer {
                     let Ok(stopped) = thread_stop.0.lock() else {
                         return;
                     };
+                    if *stopped {
+                        return;
+                    }
                     let Ok((stopped, _)) = thread_stop.1.wait_timeout(stopped, CHECKPOINT_POLL)
                     else {
                         return;
@@ -182,7 +189,10 @@ impl Checkpointer {
                     since = Instant::now();
                 }
             })?;
-        Ok(Checkpointer { stop })
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 

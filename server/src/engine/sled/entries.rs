@@ -449,7 +449,7 @@ impl EntryStore for SledStore {
         let key = cassette_key(ns, cassette);
         let gen = self.next_id()?;
         self.write(&[&trees.gc], |tx| {
-            tx.tree(0).insert(&gen.to_be_bytes(), key.as_slice())?;
+            tx.tree(0).insert(gen.to_be_bytes(), key.as_slice())?;
             Ok(())
         })?;
         let mut guard = StagingGuard {
@@ -491,7 +491,7 @@ impl EntryStore for SledStore {
             cassettes.insert(key.as_slice(), &encode_header(gen, created_at)[..])?;
             gc.remove(gen.to_be_bytes())?;
             if let Some((old_gen, _)) = old {
-                gc.insert(&old_gen.to_be_bytes(), key.as_slice())?;
+                gc.insert(old_gen.to_be_bytes(), key.as_slice())?;
             }
             Ok(old.map(|(g, _)| g))
         })?;
@@ -515,7 +515,7 @@ impl EntryStore for SledStore {
             };
             let gen = decode_header(&header).map(|h| h.0);
             if let Some(gen) = gen {
-                gc.insert(&gen.to_be_bytes(), key.as_slice())?;
+                gc.insert(gen.to_be_bytes(), key.as_slice())?;
             }
             Ok(Some(gen))
         })?;

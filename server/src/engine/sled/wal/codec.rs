@@ -56,8 +56,20 @@ pub fn read_segment_header(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(bytes[8..16].try_into().ok()?))
 }
 
-/// Appends the record `lsn` carrying `changes` to `out`.
-pub fn encode<'a>(out: &mut Vec<u8>, lsn: u64, changes: impl Iterator<Item = RedoRef<'a>>) {
+/// The largest record body: lengths are 32-bit.
+pub const MAX_BODY: usize = u32::MAX as usize;
+
+/// A change set too large for one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLarge;
+
+/// Appends the record `lsn` carrying `changes` to `out`; on [`TooLarge`]
+/// `out` is left as it was.
+pub fn encode<'a>(
+    out: &mut Vec<u8>,
+    lsn: u64,
+    changes: impl Iterator<Item = RedoRef<'a>>,
+) -> Result<(), TooLarge> {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_HEADER]);
     out.extend_from_slice(&lsn.to_le_bytes());
@@ -65,22 +77,33 @@ pub fn encode<'a>(out: &mut Vec<u8>, lsn: u64, changes: impl Iterator<Item = Red
     out.extend_from_slice(&[0u8; 4]);
     let mut count = 0u32;
     for change in changes {
-        count += 1;
-        put(out, change.tree, 2);
-        put(out, change.key, 4);
-        match change.value {
-            Some(value) => {
-                out.push(1);
-                put(out, value, 4);
-            }
-            None => out.push(0),
+        count = count.checked_add(1).ok_or(TooLarge)?;
+        let fits = put(out, change.tree, 2)
+            && put(out, change.key, 4)
+            && match change.value {
+                Some(value) => {
+                    out.push(1);
+                    put(out, value, 4)
+                }
+                None => {
+                    out.push(0);
+                    true
+                }
+            };
+        if !fits || out.len() - start > MAX_BODY {
+            out.truncate(start);
+            return Err(TooLarge);
         }
     }
     out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
-    let body_len = (out.len() - start - RECORD_HEADER) as u32;
+    let Ok(body_len) = u32::try_from(out.len() - start - RECORD_HEADER) else {
+        out.truncate(start);
+        return Err(TooLarge);
+    };
     let crc = crc32fast::hash(&out[start + RECORD_HEADER..]);
     out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
 }
 
 /// A borrowed change to encode.
@@ -94,10 +117,16 @@ pub struct RedoRef<'a> {
     pub value: Option<&'a [u8]>,
 }
 
-fn put(out: &mut Vec<u8>, bytes: &[u8], width: usize) {
+/// Appends `bytes` after its length in `width` bytes; false when the
+/// length does not fit.
+fn put(out: &mut Vec<u8>, bytes: &[u8], width: usize) -> bool {
     let len = bytes.len() as u64;
+    if width < 8 && len >> (width * 8) != 0 {
+        return false;
+    }
     out.extend_from_slice(&len.to_le_bytes()[..width]);
     out.extend_from_slice(bytes);
+    true
 }
 
 /// What reading at an offset found.
@@ -197,7 +226,7 @@ mod tests {
                 value: None,
             },
         ];
-        encode(out, lsn, changes.into_iter());
+        encode(out, lsn, changes.into_iter()).expect("fits");
     }
 
     #[test]

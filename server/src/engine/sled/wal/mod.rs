@@ -34,6 +34,7 @@ mod codec;
 mod logged;
 mod replay;
 mod segments;
+mod writer;
 
 pub use logged::LoggedTx;
 pub use replay::{recover, Recovered};
@@ -42,7 +43,6 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
 
 use sled::transaction::{ConflictableTransactionResult, Transactional};
 use sled::IVec;
@@ -52,7 +52,8 @@ use trove_proto::Error;
 use super::{tx_error, Faults};
 use codec::RedoRef;
 use logged::TreeChanges;
-use segments::{Segment, Spare};
+use segments::Segment;
+use writer::{undo_one, Writer};
 
 /// The key, in the log's own tree, of the last LSN applied to sled.
 const APPLIED: &[u8] = b"applied";
@@ -124,6 +125,8 @@ struct Shared {
     faults: Option<Arc<Faults>>,
     /// Segments no longer written to, with the last LSN they may hold.
     sealed: Mutex<Vec<(u64, u64)>>,
+    /// Groups written (one `fdatasync` each).
+    groups: AtomicU64,
 }
 
 impl Shared {
@@ -150,14 +153,22 @@ impl std::fmt::Debug for Wal {
     }
 }
 
-struct StopOnDrop(Arc<Shared>);
+/// Stops the writer when the last handle goes, and waits for it: it writes
+/// what is pending first, and the database is closed when this returns.
+struct StopOnDrop {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        if let Ok(mut state) = self.0.state.lock() {
+        if let Ok(mut state) = self.shared.state.lock() {
             state.stop = true;
         }
-        self.0.wake.notify_all();
+        self.shared.wake.notify_all();
+        if let Some(writer) = self.writer.lock().ok().and_then(|mut w| w.take()) {
+            let _ = writer.join();
+        }
     }
 }
 
@@ -190,13 +201,17 @@ impl Wal {
             dir,
             faults,
             sealed: Mutex::new(Vec::new()),
+            groups: AtomicU64::new(0),
         });
         let writer = Arc::clone(&shared);
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("trove-log".into())
             .spawn(move || Writer::new(writer, segment).run())?;
         Ok(Wal {
-            _stop: Arc::new(StopOnDrop(Arc::clone(&shared))),
+            _stop: Arc::new(StopOnDrop {
+                shared: Arc::clone(&shared),
+                writer: Mutex::new(Some(writer)),
+            }),
             shared,
         })
     }
@@ -243,10 +258,11 @@ impl Wal {
         } else {
             Vec::new()
         };
-        queue(&mut state, lsn, &all[..count], changes);
+        let queued = queue(&mut state, lsn, &all[..count], changes);
         drop(state);
         self.shared.wake.notify_all();
-        result.map_err(tx_error)
+        let value = result.map_err(tx_error)?;
+        queued.map(|()| value)
     }
 
     /// Taken before an operation reads or writes; hand it to
@@ -323,14 +339,27 @@ impl Wal {
         });
     }
 
+    /// Groups written so far, each one `write` and one `fdatasync`.
+    #[cfg(test)]
+    pub fn groups(&self) -> u64 {
+        self.shared.groups.load(Ordering::Relaxed)
+    }
+
     /// How many sealed segments wait for a checkpoint.
     pub fn sealed_segments(&self) -> usize {
         self.shared.sealed.lock().map(|s| s.len()).unwrap_or(0)
     }
 }
 
-/// Encodes the record `lsn` into the pending group and keeps its undo.
-fn queue(state: &mut State, lsn: u64, trees: &[sled::Tree], changes: Vec<TreeChanges>) {
+/// Encodes the record `lsn` into the pending group and keeps its undo. A
+/// change set too large for one record is undone at once (an empty record
+/// keeps the sequence whole) and refused.
+fn queue(
+    state: &mut State,
+    lsn: u64,
+    trees: &[sled::Tree],
+    changes: Vec<TreeChanges>,
+) -> Result<(), Error> {
     let names: Vec<IVec> = trees.iter().map(sled::Tree::name).collect();
     let redo = changes.iter().zip(&names).flat_map(|(tree, name)| {
         tree.iter().map(move |(key, change)| RedoRef {
@@ -339,7 +368,7 @@ fn queue(state: &mut State, lsn: u64, trees: &[sled::Tree], changes: Vec<TreeCha
             value: change.after.as_deref(),
         })
     });
-    codec::encode(&mut state.pending, lsn, redo);
+    let too_large = codec::encode(&mut state.pending, lsn, redo).is_err();
     let mut undo = Undo {
         lsn,
         trees: Vec::new(),
@@ -357,245 +386,24 @@ fn queue(state: &mut State, lsn: u64, trees: &[sled::Tree], changes: Vec<TreeCha
                 .collect(),
         );
     }
-    state.undo.push_back(undo);
-}
-
-/// The writer thread: group commit, segment rotation and failure handling.
-struct Writer {
-    shared: Arc<Shared>,
-    segment: Segment,
-    spare: Option<std::thread::JoinHandle<std::io::Result<Spare>>>,
-}
-
-impl Writer {
-    fn new(shared: Arc<Shared>, segment: Segment) -> Self {
-        let mut writer = Writer {
-            shared,
-            segment,
-            spare: None,
-        };
-        writer.prepare_spare(segments::SEGMENT_BYTES);
-        writer
-    }
-
-    fn prepare_spare(&mut self, bytes: u64) {
-        let dir = self.shared.dir.clone();
-        self.spare = std::thread::Builder::new()
-            .name("trove-log-spare".into())
-            .spawn(move || segments::prepare(&dir, bytes))
-            .ok();
-    }
-
-    fn run(mut self) {
-        loop {
-            let (group, last) = {
-                let Ok(mut state) = self.shared.state.lock() else {
-                    return;
-                };
-                while state.pending.is_empty() && !state.stop {
-                    state = match self.shared.wake.wait(state) {
-                        Ok(state) => state,
-                        Err(_) => return,
-                    };
-                }
-                if state.pending.is_empty() {
-                    return;
-                }
-                (std::mem::take(&mut state.pending), state.issued)
-            };
-            match self.append(&group) {
-                Ok(()) => self.advance(last),
-                Err(err) => {
-                    if !self.fail(&err) {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    fn append(&mut self, group: &[u8]) -> std::io::Result<()> {
-        if let Some(faults) = &self.shared.faults {
-            if let Some(err) = faults.log_write_error() {
-                return Err(err);
-            }
-        }
-        if !self.segment.fits(group.len()) {
-            self.rotate(group.len())?;
-        }
-        self.segment.append(group)?;
-        if let Some(faults) = &self.shared.faults {
-            if Faults::on(&faults.fail_flush) {
-                return Err(std::io::Error::other("injected fdatasync failure"));
-            }
-        }
-        Ok(())
-    }
-
-    /// Moves to a new segment following the last durable LSN.
-    fn rotate(&mut self, group_len: usize) -> std::io::Result<()> {
-        let needed = segments::size_for(group_len);
-        let spare = match self.spare.take().map(|h| h.join()) {
-            Some(Ok(Ok(spare))) if needed <= segments::SEGMENT_BYTES => spare,
-            _ => segments::prepare(&self.shared.dir, needed)?,
-        };
-        let base = self.shared.durable.load(Ordering::SeqCst);
-        let next = self.segment.number + 1;
-        let segment = Segment::install(&self.shared.dir, spare, next, base)?;
-        let old = std::mem::replace(&mut self.segment, segment);
-        if let Ok(mut sealed) = self.shared.sealed.lock() {
-            sealed.push((old.number, base));
-        }
-        self.prepare_spare(segments::SEGMENT_BYTES);
-        Ok(())
-    }
-
-    fn advance(&self, last: u64) {
-        self.shared.durable.store(last, Ordering::SeqCst);
-        self.shared.settled.fetch_max(last, Ordering::SeqCst);
-        self.shared
-            .progress
-            .send_modify(|p| p.settled = p.settled.max(last));
-        if let Ok(mut state) = self.shared.state.lock() {
-            while state.undo.front().is_some_and(|u| u.lsn <= last) {
-                state.undo.pop_front();
-            }
-        }
-    }
-
-    /// Undoes everything not durable, refuses writes, and reopens the log
-    /// on a fresh segment. Returns false when the store is stopping.
-    fn fail(&mut self, err: &std::io::Error) -> bool {
-        let durable = self.shared.durable.load(Ordering::SeqCst);
-        let reason = format!("the log's write or fdatasync failed ({err})");
-        tracing::error!(error = %err, "log write failed; undoing the writes not yet durable and reopening the log on a fresh segment");
-        let voided = {
-            let Ok(mut state) = self.shared.state.lock() else {
-                return false;
-            };
-            while let Some(undo) = state.undo.pop_back() {
-                if let Err(error) = undo_one(&self.shared.log_tree, &undo, durable) {
-                    // The store can no longer be trusted to match the log:
-                    // stay refusing until a restart replays it.
-                    tracing::error!(%error, "could not undo a write that was not made durable");
-                    state.refusing = Some(format!(
-                        "{reason}, and undoing the writes not yet durable failed ({error}); \
-                         restart the server"
-                    ));
-                    state.refusing_for_good = true;
-                    state.pending.clear();
-                    let voided = state.issued;
-                    drop(state);
-                    self.report_failure(durable, voided, err, reason);
-                    return true;
-                }
-            }
-            state.pending.clear();
-            state.refusing = Some(reason.clone());
-            state.issued
-        };
-        self.report_failure(durable, voided, err, reason);
-        self.reopen(durable)
-    }
-
-    fn report_failure(&self, durable: u64, voided: u64, err: &std::io::Error, reason: String) {
-        self.shared.settled.fetch_max(voided, Ordering::SeqCst);
-        self.shared.progress.send_modify(|p| {
-            p.settled = p.settled.max(voided);
-            p.failures.push(Failure {
-                from: durable + 1,
-                to: voided,
-                disk_full: err.kind() == std::io::ErrorKind::StorageFull,
-                reason,
-            });
-            if p.failures.len() > 16 {
-                p.failures.remove(0);
-            }
+    if too_large {
+        // The applied marker stays at `lsn`: the empty record stands for it.
+        undo_one(None, &undo)?;
+        codec::encode(&mut state.pending, lsn, std::iter::empty())
+            .map_err(|_| Error::internal("an empty log record does not fit"))?;
+        state.undo.push_back(Undo {
+            lsn,
+            trees: Vec::new(),
+            before: Vec::new(),
         });
+        return Err(Error::invalid(
+            "request",
+            "it changes more than 4 GiB at once; send it in smaller parts",
+        ));
     }
-
-    /// Tries, with growing pauses (or at once when a write asks), to start a
-    /// fresh segment; writes resume when it exists.
-    fn reopen(&mut self, durable: u64) -> bool {
-        let mut pause = Duration::from_millis(50);
-        loop {
-            match self.fresh_segment(durable) {
-                Ok(segment) => {
-                    let old = std::mem::replace(&mut self.segment, segment);
-                    if let Ok(mut sealed) = self.shared.sealed.lock() {
-                        sealed.push((old.number, durable));
-                    }
-                    let Ok(mut state) = self.shared.state.lock() else {
-                        return false;
-                    };
-                    if state.refusing_for_good {
-                        return !state.stop;
-                    }
-                    state.refusing = None;
-                    tracing::info!(
-                        segment = self.segment.number,
-                        "log reopened on a fresh segment; writes resume"
-                    );
-                    return !state.stop;
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "could not start a fresh log segment; retrying");
-                    let Ok(mut state) = self.shared.state.lock() else {
-                        return false;
-                    };
-                    if !state.retry_now && !state.stop {
-                        state = match self.shared.wake.wait_timeout(state, pause) {
-                            Ok((state, _)) => state,
-                            Err(_) => return false,
-                        };
-                    }
-                    if state.stop {
-                        return false;
-                    }
-                    state.retry_now = false;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-
-    fn fresh_segment(&mut self, durable: u64) -> std::io::Result<Segment> {
-        if let Some(faults) = &self.shared.faults {
-            if let Some(err) = faults.log_write_error() {
-                return Err(err);
-            }
-            if Faults::on(&faults.fail_flush) {
-                return Err(std::io::Error::other("injected fdatasync failure"));
-            }
-        }
-        // A spare prepared before the failure may hold pages the kernel
-        // could not write: start from a new file.
-        if let Some(handle) = self.spare.take() {
-            let _ = handle.join();
-        }
-        let spare = segments::prepare(&self.shared.dir, segments::SEGMENT_BYTES)?;
-        let segment = Segment::install(&self.shared.dir, spare, self.segment.number + 1, durable)?;
-        self.prepare_spare(segments::SEGMENT_BYTES);
-        Ok(segment)
-    }
+    state.undo.push_back(undo);
+    Ok(())
 }
 
-/// Restores the values `undo` replaced and sets the applied marker back.
-fn undo_one(log_tree: &sled::Tree, undo: &Undo, durable: u64) -> Result<(), Error> {
-    let mut all = undo.trees.clone();
-    all.push(log_tree.clone());
-    let count = undo.trees.len();
-    let result = all.as_slice().transaction(|view| {
-        for (tree, before) in view[..count].iter().zip(&undo.before) {
-            for (key, value) in before {
-                match value {
-                    Some(value) => tree.insert(key.clone(), value.clone())?,
-                    None => tree.remove(key.clone())?,
-                };
-            }
-        }
-        view[count].insert(APPLIED, &durable.to_be_bytes()[..])?;
-        Ok::<(), sled::transaction::ConflictableTransactionError<Error>>(())
-    });
-    result.map_err(tx_error)
-}
+#[cfg(test)]
+mod tests;

@@ -84,11 +84,24 @@ pub fn recover(
     for (index, segment) in reads.iter().enumerate() {
         // Records above the next segment's base were undone before it began.
         let limit = reads.get(index + 1).map_or(u64::MAX, |next| next.base);
+        if last < segment.base {
+            return Err(Error::DataLoss {
+                message: format!(
+                    "log segment {} follows record {} but the records before it end at {last}: \
+                     records in between are lost; restore the data folder from a backup",
+                    segment.number, segment.base
+                ),
+            });
+        }
+        // The LSNs between a segment's base and its first record were taken
+        // by writes that were undone: the first record may jump over them.
+        let mut first = true;
         for record in &segment.records {
             if record.lsn <= last || record.lsn > limit {
                 continue;
             }
-            if record.lsn != last + 1 {
+            let jump_allowed = std::mem::take(&mut first);
+            if record.lsn != last + 1 && !jump_allowed {
                 return Err(Error::DataLoss {
                     message: format!(
                         "the log jumps from record {last} to {} (segment {}): records in between \

@@ -60,10 +60,11 @@ pub fn prepare(dir: &Path, bytes: u64) -> std::io::Result<Spare> {
         .create(true)
         .truncate(true)
         .open(&path)?;
-    let zeros = vec![0u8; 1024 * 1024];
+    const STEP: usize = 1024 * 1024;
+    let zeros = vec![0u8; STEP];
     let mut at = 0u64;
     while at < bytes {
-        let n = (bytes - at).min(zeros.len() as u64) as usize;
+        let n = usize::try_from(bytes - at).map_or(STEP, |left| left.min(STEP));
         file.write_all_at(&zeros[..n], at)?;
         at += n as u64;
     }

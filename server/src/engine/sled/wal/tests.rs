@@ -1,0 +1,217 @@
+//! The log on its own: group commit, replay into an empty database, torn
+//! tails, and undo after a failed `fdatasync`.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::*;
+
+struct Opened {
+    db: sled::Db,
+    data: sled::Tree,
+    wal: Wal,
+}
+
+fn open(dir: &Path, faults: Option<Arc<Faults>>) -> Opened {
+    let db = sled::Config::new()
+        .path(dir.join("db"))
+        .flush_every_ms(None)
+        .open()
+        .expect("open sled");
+    let data = db.open_tree("data").expect("tree");
+    let log_tree = db.open_tree(LOG_TREE).expect("log tree");
+    let recovered = recover(&db, &log_tree, &dir.join("log"), || Ok(())).expect("recover");
+    let wal = Wal::start(log_tree, dir.join("log"), &recovered, faults).expect("start");
+    Opened { db, data, wal }
+}
+
+fn put(opened: &Opened, key: &str, value: &str) -> Result<(), Error> {
+    opened.wal.write(&[&opened.data], |tx| {
+        tx.tree(0).insert(key.as_bytes(), value.as_bytes())?;
+        Ok(())
+    })
+}
+
+/// A copy of the log folder replayed into a database that lost everything:
+/// what the lost database would have recovered.
+fn replay_copy(log: &Path) -> (tempfile::TempDir, sled::Db) {
+    let copy = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(copy.path().join("log")).expect("log dir");
+    for entry in std::fs::read_dir(log).expect("log") {
+        let entry = entry.expect("entry");
+        std::fs::copy(
+            entry.path(),
+            copy.path().join("log").join(entry.file_name()),
+        )
+        .expect("copy");
+    }
+    let db = sled::Config::new()
+        .path(copy.path().join("db"))
+        .open()
+        .expect("open copy");
+    let log_tree = db.open_tree(LOG_TREE).expect("log tree");
+    recover(&db, &log_tree, &copy.path().join("log"), || Ok(())).expect("replay");
+    (copy, db)
+}
+
+fn value(db: &sled::Db, key: &str) -> Option<String> {
+    db.open_tree("data")
+        .expect("tree")
+        .get(key)
+        .expect("get")
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+/// Concurrent writers share `fdatasync`s: far fewer groups than writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_one_fdatasync() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = Arc::new(open(dir.path(), None));
+    let before = opened.wal.groups();
+    let writes: Vec<_> = (0..200)
+        .map(|i| {
+            let opened = Arc::clone(&opened);
+            tokio::spawn(async move {
+                let ticket = opened.wal.ticket();
+                let o = Arc::clone(&opened);
+                tokio::task::spawn_blocking(move || put(&o, &format!("k{i}"), "v"))
+                    .await
+                    .expect("join")?;
+                opened.wal.barrier(ticket).await
+            })
+        })
+        .collect();
+    for write in writes {
+        write.await.expect("join").expect("durable");
+    }
+    let groups = opened.wal.groups() - before;
+    assert!(groups < 200, "{groups} fdatasyncs for 200 writes");
+}
+
+/// A database that lost everything since the log started gets every
+/// acknowledged change back from the log, in order, removals included.
+#[tokio::test]
+async fn the_log_alone_rebuilds_the_database() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = open(dir.path(), None);
+    for i in 0..100 {
+        put(&opened, &format!("k{i}"), &format!("v{i}")).expect("put");
+    }
+    put(&opened, "k7", "overwritten").expect("put");
+    opened
+        .wal
+        .write(&[&opened.data], |tx| {
+            tx.tree(0).remove("k8")?;
+            Ok(())
+        })
+        .expect("remove");
+    opened.wal.barrier(1).await.expect("durable");
+    let (_copy, db) = replay_copy(&dir.path().join("log"));
+    assert_eq!(value(&db, "k0").as_deref(), Some("v0"));
+    assert_eq!(value(&db, "k99").as_deref(), Some("v99"));
+    assert_eq!(value(&db, "k7").as_deref(), Some("overwritten"));
+    assert_eq!(value(&db, "k8"), None);
+    assert_eq!(
+        applied(&db.open_tree(LOG_TREE).expect("log tree")).expect("applied"),
+        opened.wal.durable_lsn()
+    );
+    drop(opened.db);
+}
+
+/// Bytes after the last whole record (a write cut short) are reported and
+/// never applied; everything before them is.
+#[tokio::test]
+async fn a_torn_tail_is_cut() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = open(dir.path(), None);
+    put(&opened, "kept", "yes").expect("put");
+    opened.wal.barrier(1).await.expect("durable");
+    let mut torn = Vec::new();
+    codec::encode(
+        &mut torn,
+        opened.wal.durable_lsn() + 1,
+        [codec::RedoRef {
+            tree: b"data",
+            key: b"torn",
+            value: Some(b"never"),
+        }]
+        .into_iter(),
+    )
+    .expect("fits");
+    torn.truncate(torn.len() - 3);
+    let (_, path) = segments::list(&dir.path().join("log"))
+        .expect("list")
+        .pop()
+        .expect("a segment");
+    let bytes = std::fs::read(&path).expect("read");
+    let mut end = codec::SEGMENT_HEADER;
+    while let codec::Read::Record(_, next) = codec::read(&bytes, end) {
+        end = next;
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&file, &torn, end as u64).expect("tear");
+    let copy = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(copy.path().join("log")).expect("dir");
+    std::fs::copy(
+        &path,
+        copy.path()
+            .join("log")
+            .join(path.file_name().expect("name")),
+    )
+    .expect("copy");
+    let db = sled::Config::new()
+        .path(copy.path().join("db"))
+        .open()
+        .expect("open");
+    let log_tree = db.open_tree(LOG_TREE).expect("log tree");
+    let recovered = recover(&db, &log_tree, &copy.path().join("log"), || Ok(())).expect("replay");
+    assert!(recovered.torn.is_some(), "the torn record was not reported");
+    assert_eq!(value(&db, "kept").as_deref(), Some("yes"));
+    assert_eq!(value(&db, "torn"), None);
+}
+
+/// A failed `fdatasync` undoes the writes that waited on it, fails them, and
+/// the log goes on in a fresh segment; a replay of the whole log skips the
+/// undone records.
+#[tokio::test]
+async fn a_failed_fdatasync_undoes_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let faults = Arc::new(Faults::default());
+    let opened = open(dir.path(), Some(Arc::clone(&faults)));
+    put(&opened, "k", "durable").expect("put");
+    opened.wal.barrier(1).await.expect("durable");
+    faults.fail_flush.store(true, Ordering::SeqCst);
+    let ticket = opened.wal.ticket();
+    put(&opened, "k", "lost").expect("applied");
+    put(&opened, "new", "lost").expect("applied");
+    let err = opened.wal.barrier(ticket).await.expect_err("not durable");
+    assert!(err.to_string().contains("undone"), "{err}");
+    assert_eq!(
+        opened.data.get("k").expect("get").as_deref(),
+        Some(&b"durable"[..])
+    );
+    assert_eq!(opened.data.get("new").expect("get"), None);
+    assert!(opened.wal.refusal().is_some());
+    faults.fail_flush.store(false, Ordering::SeqCst);
+    let mut resumed = false;
+    for _ in 0..200 {
+        if put(&opened, "k", "after").is_ok() {
+            resumed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(resumed, "writes never resumed");
+    opened
+        .wal
+        .barrier(opened.wal.ticket())
+        .await
+        .expect("durable");
+    let (_copy, db) = replay_copy(&dir.path().join("log"));
+    assert_eq!(value(&db, "k").as_deref(), Some("after"));
+    assert_eq!(value(&db, "new"), None, "an undone record was replayed");
+}

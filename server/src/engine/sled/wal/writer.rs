@@ -1,0 +1,259 @@
+//! The log's writer thread: group commit, segment rotation, and what
+//! happens when a write or `fdatasync` fails.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sled::transaction::Transactional;
+use trove_proto::Error;
+
+use super::segments::{self, Segment, Spare};
+use super::{Failure, Shared, Undo, APPLIED};
+use crate::engine::sled::{tx_error, Faults};
+
+/// The writer thread: group commit, segment rotation and failure handling.
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    segment: Segment,
+    spare: Option<std::thread::JoinHandle<std::io::Result<Spare>>>,
+}
+
+impl Writer {
+    pub(super) fn new(shared: Arc<Shared>, segment: Segment) -> Self {
+        let mut writer = Writer {
+            shared,
+            segment,
+            spare: None,
+        };
+        writer.prepare_spare(segments::SEGMENT_BYTES);
+        writer
+    }
+
+    fn prepare_spare(&mut self, bytes: u64) {
+        let dir = self.shared.dir.clone();
+        self.spare = std::thread::Builder::new()
+            .name("trove-log-spare".into())
+            .spawn(move || segments::prepare(&dir, bytes))
+            .ok();
+    }
+
+    pub(super) fn run(mut self) {
+        loop {
+            let (group, last) = {
+                let Ok(mut state) = self.shared.state.lock() else {
+                    return;
+                };
+                while state.pending.is_empty() && !state.stop {
+                    state = match self.shared.wake.wait(state) {
+                        Ok(state) => state,
+                        Err(_) => return,
+                    };
+                }
+                if state.pending.is_empty() {
+                    return;
+                }
+                (std::mem::take(&mut state.pending), state.issued)
+            };
+            match self.append(&group) {
+                Ok(()) => self.advance(last),
+                Err(err) => {
+                    if !self.fail(&err) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn append(&mut self, group: &[u8]) -> std::io::Result<()> {
+        if let Some(faults) = &self.shared.faults {
+            if let Some(err) = faults.log_write_error() {
+                return Err(err);
+            }
+        }
+        if !self.segment.fits(group.len()) {
+            self.rotate(group.len())?;
+        }
+        self.segment.append(group)?;
+        if let Some(faults) = &self.shared.faults {
+            if Faults::on(&faults.fail_flush) {
+                return Err(std::io::Error::other("injected fdatasync failure"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves to a new segment following the last durable LSN.
+    fn rotate(&mut self, group_len: usize) -> std::io::Result<()> {
+        let needed = segments::size_for(group_len);
+        let spare = match self.spare.take().map(|h| h.join()) {
+            Some(Ok(Ok(spare))) if needed <= segments::SEGMENT_BYTES => spare,
+            _ => segments::prepare(&self.shared.dir, needed)?,
+        };
+        let base = self.shared.durable.load(Ordering::SeqCst);
+        let next = self.segment.number + 1;
+        let segment = Segment::install(&self.shared.dir, spare, next, base)?;
+        let old = std::mem::replace(&mut self.segment, segment);
+        if let Ok(mut sealed) = self.shared.sealed.lock() {
+            sealed.push((old.number, base));
+        }
+        self.prepare_spare(segments::SEGMENT_BYTES);
+        Ok(())
+    }
+
+    fn advance(&self, last: u64) {
+        self.shared.groups.fetch_add(1, Ordering::Relaxed);
+        self.shared.durable.store(last, Ordering::SeqCst);
+        self.shared.settled.fetch_max(last, Ordering::SeqCst);
+        self.shared
+            .progress
+            .send_modify(|p| p.settled = p.settled.max(last));
+        if let Ok(mut state) = self.shared.state.lock() {
+            while state.undo.front().is_some_and(|u| u.lsn <= last) {
+                state.undo.pop_front();
+            }
+        }
+    }
+
+    /// Undoes everything not durable, refuses writes, and reopens the log
+    /// on a fresh segment. Returns false when the store is stopping.
+    fn fail(&mut self, err: &std::io::Error) -> bool {
+        let durable = self.shared.durable.load(Ordering::SeqCst);
+        let reason = format!("the log's write or fdatasync failed ({err})");
+        tracing::error!(error = %err, "log write failed; undoing the writes not yet durable and reopening the log on a fresh segment");
+        let voided = {
+            let Ok(mut state) = self.shared.state.lock() else {
+                return false;
+            };
+            while let Some(undo) = state.undo.pop_back() {
+                if let Err(error) = undo_one(Some((&self.shared.log_tree, durable)), &undo) {
+                    // The store can no longer be trusted to match the log:
+                    // stay refusing until a restart replays it.
+                    tracing::error!(%error, "could not undo a write that was not made durable");
+                    state.refusing = Some(format!(
+                        "{reason}, and undoing the writes not yet durable failed ({error}); \
+                         restart the server"
+                    ));
+                    state.refusing_for_good = true;
+                    state.pending.clear();
+                    let voided = state.issued;
+                    drop(state);
+                    self.report_failure(durable, voided, err, reason);
+                    return true;
+                }
+            }
+            state.pending.clear();
+            state.refusing = Some(reason.clone());
+            state.issued
+        };
+        self.report_failure(durable, voided, err, reason);
+        self.reopen(durable)
+    }
+
+    fn report_failure(&self, durable: u64, voided: u64, err: &std::io::Error, reason: String) {
+        self.shared.settled.fetch_max(voided, Ordering::SeqCst);
+        self.shared.progress.send_modify(|p| {
+            p.settled = p.settled.max(voided);
+            p.failures.push(Failure {
+                from: durable + 1,
+                to: voided,
+                disk_full: err.kind() == std::io::ErrorKind::StorageFull,
+                reason,
+            });
+            if p.failures.len() > 16 {
+                p.failures.remove(0);
+            }
+        });
+    }
+
+    /// Tries, with growing pauses (or at once when a write asks), to start a
+    /// fresh segment; writes resume when it exists.
+    fn reopen(&mut self, durable: u64) -> bool {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.fresh_segment(durable) {
+                Ok(segment) => {
+                    let old = std::mem::replace(&mut self.segment, segment);
+                    if let Ok(mut sealed) = self.shared.sealed.lock() {
+                        sealed.push((old.number, durable));
+                    }
+                    let Ok(mut state) = self.shared.state.lock() else {
+                        return false;
+                    };
+                    if state.refusing_for_good {
+                        return !state.stop;
+                    }
+                    state.refusing = None;
+                    tracing::info!(
+                        segment = self.segment.number,
+                        "log reopened on a fresh segment; writes resume"
+                    );
+                    return !state.stop;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not start a fresh log segment; retrying");
+                    let Ok(mut state) = self.shared.state.lock() else {
+                        return false;
+                    };
+                    if !state.retry_now && !state.stop {
+                        state = match self.shared.wake.wait_timeout(state, pause) {
+                            Ok((state, _)) => state,
+                            Err(_) => return false,
+                        };
+                    }
+                    if state.stop {
+                        return false;
+                    }
+                    state.retry_now = false;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn fresh_segment(&mut self, durable: u64) -> std::io::Result<Segment> {
+        if let Some(faults) = &self.shared.faults {
+            if let Some(err) = faults.log_write_error() {
+                return Err(err);
+            }
+            if Faults::on(&faults.fail_flush) {
+                return Err(std::io::Error::other("injected fdatasync failure"));
+            }
+        }
+        // A spare prepared before the failure may hold pages the kernel
+        // could not write: start from a new file.
+        if let Some(handle) = self.spare.take() {
+            let _ = handle.join();
+        }
+        let spare = segments::prepare(&self.shared.dir, segments::SEGMENT_BYTES)?;
+        let segment = Segment::install(&self.shared.dir, spare, self.segment.number + 1, durable)?;
+        self.prepare_spare(segments::SEGMENT_BYTES);
+        Ok(segment)
+    }
+}
+
+/// Restores the values `undo` replaced and, when `marker` is given, sets
+/// the applied marker in that tree back to that LSN.
+pub(super) fn undo_one(marker: Option<(&sled::Tree, u64)>, undo: &Undo) -> Result<(), Error> {
+    let mut all = undo.trees.clone();
+    if let Some((log_tree, _)) = marker {
+        all.push(log_tree.clone());
+    }
+    let count = undo.trees.len();
+    let result = all.as_slice().transaction(|view| {
+        for (tree, before) in view[..count].iter().zip(&undo.before) {
+            for (key, value) in before {
+                match value {
+                    Some(value) => tree.insert(key.clone(), value.clone())?,
+                    None => tree.remove(key.clone())?,
+                };
+            }
+        }
+        if let Some((_, lsn)) = marker {
+            view[count].insert(APPLIED, &lsn.to_be_bytes()[..])?;
+        }
+        Ok::<(), sled::transaction::ConflictableTransactionError<Error>>(())
+    });
+    result.map_err(tx_error)
+}
