@@ -65,6 +65,12 @@ impl DurableFlush {
         std::sync::Arc::clone(&self.refusal)
     }
 
+    /// Writes sled's buffers out without syncing anything (not a
+    /// durability point).
+    pub fn write_out(&self) -> Result<(), String> {
+        self.db.flush().map(|_| ()).map_err(|e| e.to_string())
+    }
+
     /// Flushes sled and syncs its files. After a failed sync, always fails.
     pub fn flush(&mut self) -> Result<(), String> {
         if let Some(reason) = &self.poisoned {
@@ -120,8 +126,12 @@ impl DurableFlush {
     }
 }
 
-/// How often the checkpoint thread looks for work.
-const CHECKPOINT_POLL: Duration = Duration::from_secs(1);
+/// How often the checkpoint thread looks for work. Between checkpoints it
+/// writes sled's buffers out (sled's flush, no fsync) whenever writes came
+/// in: sled 0.34 can deadlock when many sealed buffers queue up in its I/O
+/// pool while a segment truncation waits behind them, and frequent flushes
+/// keep that queue short, as the old flush-per-write design did.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(5);
 /// The longest a durable record waits to be covered by a checkpoint.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
@@ -153,6 +163,7 @@ impl Checkpointer {
             .name("trove-checkpoint".into())
             .spawn(move || {
                 let mut covered = wal.durable_lsn();
+                let mut written_out = covered;
                 let mut since = Instant::now();
                 let mut last_error = String::new();
                 loop {
@@ -174,6 +185,12 @@ impl Checkpointer {
                     let due = wal.sealed_segments() > 0
                         || (durable > covered && since.elapsed() >= CHECKPOINT_EVERY);
                     if !due {
+                        if durable > written_out {
+                            written_out = durable;
+                            if let Ok(flush) = flush.lock() {
+                                let _ = flush.write_out();
+                            }
+                        }
                         continue;
                     }
                     match checkpoint(&wal, &flush) {

@@ -12,7 +12,7 @@
 //!   that moment, in a preallocated segment), and blob files with their
 //!   folder before the record that references them is written. sled is the
 //!   index, made durable by background checkpoints (`durable`); its own
-//!   flush (`sync_file_range`) never counts and its timer is off. Strict
+//!   flush (`sync_file_range`) and its 500 ms timer never count. Strict
 //!   reads never report a change whose record is not yet durable. In
 //!   [`Durability::Relaxed`] mode writes return before their record's
 //!   `fdatasync`; the log writes continuously, so a crash can lose the writes
@@ -190,8 +190,9 @@ impl SledStore {
             .path(root.join("db"))
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(options.cache_bytes)
-            // Checkpoints flush sled; its timer would only add syncs.
-            .flush_every_ms(None)
+            // sled's own timer stays on: without it sled can stall waiting
+            // for a free log segment that only a flush releases. Its flushes
+            // never count as durability (the log does).
             .open()
             .map_err(sled_error)?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_error);

@@ -16,7 +16,6 @@ struct Opened {
 fn open(dir: &Path, faults: Option<Arc<Faults>>) -> Opened {
     let db = sled::Config::new()
         .path(dir.join("db"))
-        .flush_every_ms(None)
         .open()
         .expect("open sled");
     let data = db.open_tree("data").expect("tree");
