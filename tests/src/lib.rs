@@ -12,6 +12,7 @@
 
 pub mod conformance;
 pub mod harness;
+pub mod lazyfs;
 pub mod pki;
 pub mod raw;
 pub mod seaweedfs;

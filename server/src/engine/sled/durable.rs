@@ -47,6 +47,11 @@ impl DurableFlush {
     /// Opens the flush of `db`, whose files are in `sled_dir`.
     pub fn open(db: sled::Db, sled_dir: &Path) -> std::io::Result<Self> {
         let log = File::open(sled_dir.join("db"))?;
+        // sled never syncs its configuration file, and reopening with
+        // another segment size than the one it records is refused.
+        if let Ok(conf) = File::open(sled_dir.join("conf")) {
+            conf.sync_all()?;
+        }
         // The log and the item folder exist from here on: make their names
         // durable once.
         File::open(sled_dir)?.sync_all()?;
@@ -219,10 +224,12 @@ pub fn checkpoint(wal: &Wal, flush: &Mutex<DurableFlush>) -> Result<u64, String>
     // Every change up to this LSN is in sled: a record is queued only after
     // its change is applied.
     let lsn = wal.durable_lsn();
-    flush
+    let mut flush = flush
         .lock()
-        .map_err(|_| "the checkpoint lock is poisoned".to_owned())?
-        .flush()?;
+        .map_err(|_| "the checkpoint lock is poisoned".to_owned())?;
+    let held = wal.hold_writes().map_err(|e| e.to_string())?;
+    flush.flush()?;
+    drop(held);
     wal.release_through(lsn);
     Ok(lsn)
 }

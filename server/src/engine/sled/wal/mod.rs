@@ -317,6 +317,16 @@ impl Wal {
         self.shared.lock().ok()?.refusing.clone()
     }
 
+    /// Stops every write from applying changes until the guard is dropped.
+    /// A checkpoint holds it so that sled creates no file while it is being
+    /// synced: sled writes a large log item to a file of its own without
+    /// syncing it, before the log entry that points at it, and a log synced
+    /// with a pointer to an item file that was created after the item files
+    /// were synced would survive a power cut while the item did not.
+    pub fn hold_writes(&self) -> Result<WritesHeld<'_>, Error> {
+        Ok(WritesHeld(self.shared.lock()?))
+    }
+
     /// Deletes the segments whose every record is at or below `lsn`, which
     /// a checkpoint made durable in sled.
     pub fn release_through(&self, lsn: u64) {
@@ -350,6 +360,9 @@ impl Wal {
         self.shared.sealed.lock().map(|s| s.len()).unwrap_or(0)
     }
 }
+
+/// Writes are held while this lives (see [`Wal::hold_writes`]).
+pub struct WritesHeld<'a>(#[allow(dead_code)] MutexGuard<'a, State>);
 
 /// Encodes the record `lsn` into the pending group and keeps its undo. A
 /// change set too large for one record is undone at once (an empty record
