@@ -89,10 +89,12 @@ impl Bench {
                 m.ops_per_sec(),
             );
         }
-        // Write latency at half of Trove's peak, against the in-process store.
+        // Write latency at half of Trove's peak, against the in-process store
+        // (storage without the network) and null gRPC (the network without
+        // storage) at the same rate.
         let rate = results[0].ops_per_sec() / 2.0;
         let mut at_half = Vec::new();
-        for (target, store) in [&targets[0], &targets[1]] {
+        for (target, store) in &targets {
             let append = self.append_op(Arc::clone(store), "append-rate", c as u64);
             let m = open_loop(rate, self.params.duration, c * 4, &self.seq, &append).await?;
             self.row(&format!("append 1 KiB @ {rate:.0}/s"), target, c * 4, &m);
@@ -109,6 +111,12 @@ impl Bench {
             at_half[0].p99_us,
             "in-process store, same rate",
             at_half[1].p99_us,
+        );
+        self.report.compare_latency(
+            "durable append p99 at half of peak",
+            at_half[0].p99_us,
+            "null gRPC, same rate",
+            at_half[2].p99_us,
         );
         Ok(())
     }
