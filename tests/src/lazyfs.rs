@@ -176,6 +176,36 @@ impl LazyFs {
     }
 }
 
+impl LazyFs {
+    fn reply_attr(&self, ino: u64, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(code) => reply.error(code),
+        }
+    }
+
+    /// Removes the entry `name` of `parent` with `remove` (a file or an
+    /// empty folder), at once, and forgets its inode.
+    fn remove_entry(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        remove: fn(&Path) -> std::io::Result<()>,
+        reply: ReplyEmpty,
+    ) {
+        let Some(relative) = self.child(parent, name) else {
+            return reply.error(libc::ENOENT);
+        };
+        match remove(&self.backing.join(&relative)) {
+            Ok(()) => {
+                self.forget_path(&relative);
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
 fn errno(err: &std::io::Error) -> i32 {
     err.raw_os_error().unwrap_or(libc::EIO)
 }
@@ -192,10 +222,7 @@ impl Filesystem for LazyFs {
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
-        match self.attr(ino) {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(code) => reply.error(code),
-        }
+        self.reply_attr(ino, reply);
     }
 
     fn setattr(
@@ -230,10 +257,7 @@ impl Filesystem for LazyFs {
                 Err(code) => return reply.error(code),
             }
         }
-        match self.attr(ino) {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(code) => reply.error(code),
-        }
+        self.reply_attr(ino, reply);
     }
 
     fn mkdir(
@@ -259,29 +283,11 @@ impl Filesystem for LazyFs {
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let Some(relative) = self.child(parent, name) else {
-            return reply.error(libc::ENOENT);
-        };
-        match std::fs::remove_file(self.backing.join(&relative)) {
-            Ok(()) => {
-                self.forget_path(&relative);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.remove_entry(parent, name, |path| std::fs::remove_file(path), reply);
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let Some(relative) = self.child(parent, name) else {
-            return reply.error(libc::ENOENT);
-        };
-        match std::fs::remove_dir(self.backing.join(&relative)) {
-            Ok(()) => {
-                self.forget_path(&relative);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.remove_entry(parent, name, |path| std::fs::remove_dir(path), reply);
     }
 
     fn rename(
