@@ -1,9 +1,10 @@
 //! The store's write-ahead log: what makes a strict write durable.
 //!
 //! Every change to the database goes through [`Wal::write`]: under one
-//! lock it takes the next sequence number (LSN), runs the sled transaction
-//! (recording each key's value before and after, see [`logged`]) together
-//! with the "applied through" marker, and queues the record. One writer
+//! lock it takes the next sequence number (LSN), runs the write's body
+//! against an overlay (recording each key's value before and after, see
+//! [`logged`]), applies the overlay to sled between an image of the values
+//! before and the "applied through" marker, and queues the record. One writer
 //! thread takes every queued record at once, appends them to the current
 //! segment with one `write` and waits for one `fdatasync` (group commit);
 //! a strict write is acknowledged after that returns. sled is then only
@@ -14,7 +15,7 @@
 //!   record is durable, so a strict read takes a [`Wal::ticket`] before
 //!   reading and calls [`Wal::barrier`] after: it waits until every LSN
 //!   taken so far is *settled* (durable, or undone after a failure). The LSN
-//!   is published before the transaction runs, so whatever a read saw is
+//!   is published before the change is applied, so whatever a read saw is
 //!   covered. A write does the same around its changes.
 //! - **Tickets.** A failure that undid any LSN at or after an operation's
 //!   ticket fails that operation: whatever it wrote or read may have been
@@ -27,8 +28,13 @@
 //!   writes are refused, and the writer starts a fresh segment whose header
 //!   says which LSNs of older segments are void. Writes resume once that
 //!   segment exists.
-//! - **Recovery** (see [`replay`]): records after sled's applied marker are
-//!   applied again in order; a torn tail is reported and cut, never applied.
+//! - **Recovery** (see [`replay`]): a write sled holds only part of is
+//!   taken out; records after sled's applied marker are applied again in
+//!   order; a torn tail is reported and cut, never applied.
+//! - **Readers** see a write's keys change one after another within
+//!   microseconds, not at one instant: every read path already reads key by
+//!   key (sled's scans were never atomic with its transactions), and writes
+//!   never overlap each other.
 
 mod codec;
 mod logged;
@@ -44,12 +50,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use sled::transaction::{ConflictableTransactionResult, Transactional};
+use sled::transaction::{ConflictableTransactionError, ConflictableTransactionResult};
 use sled::IVec;
 use tokio::sync::watch;
 use trove_proto::Error;
 
-use super::{tx_error, Faults};
+use super::{sled_error, Faults};
 use codec::RedoRef;
 use logged::TreeChanges;
 use segments::Segment;
@@ -57,7 +63,11 @@ use writer::{undo_one, Writer};
 
 /// The key, in the log's own tree, of the last LSN applied to sled.
 const APPLIED: &[u8] = b"applied";
-/// Name of the tree holding [`APPLIED`].
+/// The key, in the log's own tree, of the values before the last write
+/// applied to sled: written before its changes, so that a start that finds
+/// it newer than [`APPLIED`] can put back a write that was cut part way.
+const UNDO_IMAGE: &[u8] = b"undo";
+/// Name of the tree holding [`APPLIED`] and [`UNDO_IMAGE`].
 pub const LOG_TREE: &str = "trove_log";
 
 /// The LSN of the last record sled holds (0 for none).
@@ -216,9 +226,10 @@ impl Wal {
         })
     }
 
-    /// Runs `body` as one sled transaction over `trees` (in that order in
-    /// [`LoggedTx::tree`]) and queues its record. Returns once the change is
-    /// applied, not durable: wait with [`Wal::barrier`]. Blocking but short.
+    /// Runs `body` over `trees` (in that order in [`LoggedTx::tree`]),
+    /// applies what it changed to sled and queues its record. Returns once
+    /// the change is applied, not durable: wait with [`Wal::barrier`].
+    /// Blocking but short. An error from `body` changes nothing.
     pub fn write<T>(
         &self,
         trees: &[&sled::Tree],
@@ -237,32 +248,29 @@ impl Wal {
         // waits for this LSN.
         state.issued = lsn;
         self.shared.issued.store(lsn, Ordering::SeqCst);
-        let mut all: Vec<sled::Tree> = trees.iter().map(|t| (*t).clone()).collect();
-        all.push(self.shared.log_tree.clone());
-        let count = trees.len();
-        let captured = std::cell::RefCell::new(Vec::new());
-        let result = all.as_slice().transaction(|view| {
-            let tx = LoggedTx::new(&view[..count]);
-            let out = body(&tx)?;
-            let changes = tx.into_changes();
-            if changes.iter().any(|c| !c.is_empty()) {
-                view[count].insert(APPLIED, &lsn.to_be_bytes()[..])?;
+        let trees: Vec<sled::Tree> = trees.iter().map(|t| (*t).clone()).collect();
+        let tx = LoggedTx::new(&trees);
+        let outcome = body(&tx).map_err(body_error);
+        let changes = tx.into_changes();
+        let outcome = match outcome {
+            Ok(value) if changes.iter().any(|c| !c.is_empty()) => {
+                apply(&trees, &changes, &self.shared.log_tree, lsn).map(|()| value)
             }
-            *captured.borrow_mut() = changes;
-            Ok(out)
-        });
-        // Aborted or not, the LSN is taken: an empty record keeps the
-        // sequence whole so that waiters on it are released.
-        let changes = if result.is_ok() {
-            captured.into_inner()
-        } else {
-            Vec::new()
+            other => other,
         };
-        let queued = queue(&mut state, lsn, &all[..count], changes);
+        // Failed or not, the LSN is taken: an empty record keeps the
+        // sequence whole so that waiters on it are released.
+        let queued = match outcome {
+            Ok(value) => {
+                queue(&mut state, &self.shared.log_tree, lsn, &trees, changes).map(|()| value)
+            }
+            Err(err) => {
+                queue(&mut state, &self.shared.log_tree, lsn, &trees, Vec::new()).and(Err(err))
+            }
+        };
         drop(state);
         self.shared.wake.notify_all();
-        let value = result.map_err(tx_error)?;
-        queued.map(|()| value)
+        queued
     }
 
     /// Taken before an operation reads or writes; hand it to
@@ -364,11 +372,87 @@ impl Wal {
 /// Writes are held while this lives (see [`Wal::hold_writes`]).
 pub struct WritesHeld<'a>(#[allow(dead_code)] MutexGuard<'a, State>);
 
+fn body_error(err: ConflictableTransactionError<Error>) -> Error {
+    match err {
+        ConflictableTransactionError::Abort(err) => err,
+        ConflictableTransactionError::Storage(err) => sled_error(err),
+        ConflictableTransactionError::Conflict => Error::internal(
+            "a logged write reported a conflict, which cannot happen under the log's lock",
+        ),
+        // The enum is non-exhaustive upstream.
+        #[allow(unreachable_patterns)]
+        _ => Error::internal("a logged write failed in an unknown way"),
+    }
+}
+
+/// Applies `changes` to sled between two writes of the log's own tree:
+/// first the values before ([`UNDO_IMAGE`]), last the applied marker.
+/// sled recovers a prefix of its own log, so after a crash either the
+/// marker says the whole write is in, or the image is there to take a
+/// partial write out again ([`replay`]); a write whose record is durable is
+/// then replayed whole. When sled fails part way, what was applied is put
+/// back.
+fn apply(
+    trees: &[sled::Tree],
+    changes: &[TreeChanges],
+    log_tree: &sled::Tree,
+    lsn: u64,
+) -> Result<(), Error> {
+    let names: Vec<IVec> = trees.iter().map(sled::Tree::name).collect();
+    let before = changes.iter().zip(&names).flat_map(|(tree, name)| {
+        tree.iter().map(move |(key, change)| RedoRef {
+            tree: name,
+            key,
+            value: change.before.as_deref(),
+        })
+    });
+    let mut image = Vec::new();
+    codec::encode(&mut image, lsn, before).map_err(|_| too_large())?;
+    log_tree.insert(UNDO_IMAGE, image).map_err(sled_error)?;
+    let applied = (|| -> Result<(), sled::Error> {
+        for (tree, changes) in trees.iter().zip(changes) {
+            for (key, change) in changes {
+                match &change.after {
+                    Some(value) => tree.insert(key, value.clone())?,
+                    None => tree.remove(key)?,
+                };
+            }
+        }
+        log_tree.insert(APPLIED, &lsn.to_be_bytes()[..])?;
+        Ok(())
+    })();
+    let Err(err) = applied else {
+        return Ok(());
+    };
+    let undo = Undo {
+        lsn,
+        trees: trees.to_vec(),
+        before: changes
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .map(|(k, c)| (k.clone(), c.before.clone()))
+                    .collect()
+            })
+            .collect(),
+    };
+    undo_one(log_tree, None, &undo)?;
+    Err(sled_error(err))
+}
+
+fn too_large() -> Error {
+    Error::invalid(
+        "request",
+        "it changes more than 4 GiB at once; send it in smaller parts",
+    )
+}
+
 /// Encodes the record `lsn` into the pending group and keeps its undo. A
 /// change set too large for one record is undone at once (an empty record
 /// keeps the sequence whole) and refused.
 fn queue(
     state: &mut State,
+    log_tree: &sled::Tree,
     lsn: u64,
     trees: &[sled::Tree],
     changes: Vec<TreeChanges>,
@@ -381,7 +465,7 @@ fn queue(
             value: change.after.as_deref(),
         })
     });
-    let too_large = codec::encode(&mut state.pending, lsn, redo).is_err();
+    let oversized = codec::encode(&mut state.pending, lsn, redo).is_err();
     let mut undo = Undo {
         lsn,
         trees: Vec::new(),
@@ -399,9 +483,9 @@ fn queue(
                 .collect(),
         );
     }
-    if too_large {
+    if oversized {
         // The applied marker stays at `lsn`: the empty record stands for it.
-        undo_one(None, &undo)?;
+        undo_one(log_tree, None, &undo)?;
         codec::encode(&mut state.pending, lsn, std::iter::empty())
             .map_err(|_| Error::internal("an empty log record does not fit"))?;
         state.undo.push_back(Undo {
@@ -409,10 +493,7 @@ fn queue(
             trees: Vec::new(),
             before: Vec::new(),
         });
-        return Err(Error::invalid(
-            "request",
-            "it changes more than 4 GiB at once; send it in smaller parts",
-        ));
+        return Err(too_large());
     }
     state.undo.push_back(undo);
     Ok(())

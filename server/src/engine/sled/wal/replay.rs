@@ -3,8 +3,10 @@
 //! sled holds every change up to its applied marker (it may hold more than
 //! the log if it was flushed after a change whose record never became
 //! durable; such a change was never acknowledged and may stay). Records
-//! after the marker are applied in order, each in one transaction with the
-//! marker, so a crash during recovery only repeats work. A record of an
+//! after the marker are applied in order, each followed by the marker, so a
+//! crash during recovery only repeats work. First, a write that sled holds
+//! only part of (its image of the values before is newer than the marker)
+//! is taken out. A record of an
 //! older segment numbered above a newer segment's base was undone before
 //! the crash and is skipped. The first record that is not whole ends the
 //! log: it is reported and cut, never applied. Finally sled is made durable
@@ -13,13 +15,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use sled::transaction::{ConflictableTransactionError, Transactional};
 use sled::IVec;
 use trove_proto::Error;
 
 use super::codec::{self, Read, Record};
-use super::{segments, APPLIED};
-use crate::engine::sled::{io_error, sled_error, tx_error};
+use super::{segments, APPLIED, UNDO_IMAGE};
+use crate::engine::sled::{io_error, sled_error};
 
 /// Where the log starts again after recovery.
 #[derive(Debug, Clone, Default)]
@@ -55,6 +56,8 @@ pub fn recover(
         segments::sync_dir(parent).map_err(|e| io_error("sync the data folder", &e))?;
     }
     let applied = super::applied(log_tree)?;
+    let mut trees: HashMap<IVec, sled::Tree> = HashMap::new();
+    put_back_cut_write(db, log_tree, &mut trees, applied)?;
     let found = segments::list(dir).map_err(|e| io_error("list the log", &e))?;
     let mut reads = Vec::with_capacity(found.len());
     for (number, path) in &found {
@@ -79,7 +82,6 @@ pub fn recover(
             });
         }
     }
-    let mut trees: HashMap<IVec, sled::Tree> = HashMap::new();
     let mut last = applied;
     for (index, segment) in reads.iter().enumerate() {
         // Records above the next segment's base were undone before it began.
@@ -166,37 +168,73 @@ fn read_segment(number: u64, bytes: &[u8]) -> Option<SegmentRead> {
     }
 }
 
+/// Takes out the write that sled holds only part of, if any: its image of
+/// the values before is newer than the applied marker. Its record, if it
+/// became durable, is replayed whole afterwards.
+fn put_back_cut_write(
+    db: &sled::Db,
+    log_tree: &sled::Tree,
+    trees: &mut HashMap<IVec, sled::Tree>,
+    applied: u64,
+) -> Result<(), Error> {
+    let Some(image) = log_tree.get(UNDO_IMAGE).map_err(sled_error)? else {
+        return Ok(());
+    };
+    let image = match codec::read(&image, 0) {
+        Read::Record(image, _) => image,
+        Read::End | Read::Torn(_) => {
+            return Err(Error::DataLoss {
+                message: "the database's image of its last write does not parse; restore the \
+                          data folder from a backup"
+                    .into(),
+            })
+        }
+    };
+    if image.lsn > applied {
+        tracing::info!(
+            lsn = image.lsn,
+            "took out a write the database held only part of"
+        );
+        put_values(db, trees, &image)?;
+    }
+    log_tree.remove(UNDO_IMAGE).map_err(sled_error)?;
+    Ok(())
+}
+
 fn apply(
     db: &sled::Db,
     log_tree: &sled::Tree,
     trees: &mut HashMap<IVec, sled::Tree>,
     record: &Record,
 ) -> Result<(), Error> {
-    let mut names: Vec<IVec> = Vec::new();
+    put_values(db, trees, record)?;
+    // The marker goes last, as on the write path: a crash part way through
+    // leaves it behind, and the record is applied again.
+    log_tree
+        .insert(APPLIED, &record.lsn.to_be_bytes()[..])
+        .map_err(sled_error)?;
+    Ok(())
+}
+
+/// Sets every key of `record` to the value it carries.
+fn put_values(
+    db: &sled::Db,
+    trees: &mut HashMap<IVec, sled::Tree>,
+    record: &Record,
+) -> Result<(), Error> {
     for change in &record.changes {
-        if !trees.contains_key(&change.tree) {
-            let tree = db.open_tree(&change.tree).map_err(sled_error)?;
-            trees.insert(change.tree.clone(), tree);
+        let tree = match trees.get(&change.tree) {
+            Some(tree) => tree,
+            None => {
+                let tree = db.open_tree(&change.tree).map_err(sled_error)?;
+                trees.entry(change.tree.clone()).or_insert(tree)
+            }
+        };
+        match &change.value {
+            Some(value) => tree.insert(&change.key, value.clone()),
+            None => tree.remove(&change.key),
         }
-        if !names.contains(&change.tree) {
-            names.push(change.tree.clone());
-        }
+        .map_err(sled_error)?;
     }
-    let mut all: Vec<sled::Tree> = names.iter().filter_map(|n| trees.get(n).cloned()).collect();
-    all.push(log_tree.clone());
-    let count = names.len();
-    let result = all.as_slice().transaction(|view| {
-        for change in &record.changes {
-            let Some(index) = names.iter().position(|n| *n == change.tree) else {
-                continue;
-            };
-            match &change.value {
-                Some(value) => view[index].insert(change.key.clone(), value.clone())?,
-                None => view[index].remove(change.key.clone())?,
-            };
-        }
-        view[count].insert(APPLIED, &record.lsn.to_be_bytes()[..])?;
-        Ok::<(), ConflictableTransactionError<Error>>(())
-    });
-    result.map_err(tx_error)
+    Ok(())
 }

@@ -214,3 +214,43 @@ async fn a_failed_fdatasync_undoes_and_the_log_goes_on() {
     assert_eq!(value(&db, "k").as_deref(), Some("after"));
     assert_eq!(value(&db, "new"), None, "an undone record was replayed");
 }
+
+/// A write that reached sled without its applied marker (the process died
+/// between them) and whose record never became durable is taken out at the
+/// next start, from its image of the values before.
+#[test]
+fn a_write_cut_before_its_marker_is_taken_out_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let opened = open(dir.path(), None);
+        put(&opened, "kept", "1").expect("put");
+        let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
+        let marker = applied(&log_tree).expect("marker");
+        let mut changes = TreeChanges::new();
+        changes.insert(
+            IVec::from("kept"),
+            logged::Change {
+                before: Some(IVec::from("1")),
+                after: Some(IVec::from("2")),
+            },
+        );
+        changes.insert(
+            IVec::from("new"),
+            logged::Change {
+                before: None,
+                after: Some(IVec::from("x")),
+            },
+        );
+        apply(std::slice::from_ref(&opened.data), &[changes], &log_tree, marker + 1).expect("apply");
+        log_tree
+            .insert(APPLIED, &marker.to_be_bytes()[..])
+            .expect("put the marker back");
+        assert_eq!(value(&opened.db, "kept").as_deref(), Some("2"));
+        opened.db.flush().expect("flush");
+    }
+    let opened = open(dir.path(), None);
+    assert_eq!(value(&opened.db, "kept").as_deref(), Some("1"));
+    assert_eq!(value(&opened.db, "new"), None);
+    put(&opened, "after", "y").expect("writes go on");
+    assert_eq!(value(&opened.db, "after").as_deref(), Some("y"));
+}

@@ -9,7 +9,7 @@ use sled::transaction::Transactional;
 use trove_proto::Error;
 
 use super::segments::{self, Segment, Spare};
-use super::{Failure, Shared, Undo, APPLIED};
+use super::{Failure, Shared, Undo, APPLIED, UNDO_IMAGE};
 use crate::engine::sled::{tx_error, Faults};
 
 /// The writer thread: group commit, segment rotation and failure handling.
@@ -127,7 +127,7 @@ impl Writer {
                 return false;
             };
             while let Some(undo) = state.undo.pop_back() {
-                if let Err(error) = undo_one(Some((&self.shared.log_tree, durable)), &undo) {
+                if let Err(error) = undo_one(&self.shared.log_tree, Some(durable), &undo) {
                     // The store can no longer be trusted to match the log:
                     // stay refusing until a restart replays it.
                     tracing::error!(%error, "could not undo a write that was not made durable");
@@ -235,11 +235,13 @@ impl Writer {
 
 /// Restores the values `undo` replaced and, when `marker` is given, sets
 /// the applied marker in that tree back to that LSN.
-pub(super) fn undo_one(marker: Option<(&sled::Tree, u64)>, undo: &Undo) -> Result<(), Error> {
+pub(super) fn undo_one(
+    log_tree: &sled::Tree,
+    marker: Option<u64>,
+    undo: &Undo,
+) -> Result<(), Error> {
     let mut all = undo.trees.clone();
-    if let Some((log_tree, _)) = marker {
-        all.push(log_tree.clone());
-    }
+    all.push(log_tree.clone());
     let count = undo.trees.len();
     let result = all.as_slice().transaction(|view| {
         for (tree, before) in view[..count].iter().zip(&undo.before) {
@@ -250,9 +252,12 @@ pub(super) fn undo_one(marker: Option<(&sled::Tree, u64)>, undo: &Undo) -> Resul
                 };
             }
         }
-        if let Some((_, lsn)) = marker {
+        if let Some(lsn) = marker {
             view[count].insert(APPLIED, &lsn.to_be_bytes()[..])?;
         }
+        // The image of an undone write must not be put back at the next
+        // start, over what later writes leave.
+        view[count].remove(UNDO_IMAGE)?;
         Ok::<(), sled::transaction::ConflictableTransactionError<Error>>(())
     });
     result.map_err(tx_error)
