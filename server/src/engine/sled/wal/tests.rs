@@ -241,7 +241,13 @@ fn a_write_cut_before_its_marker_is_taken_out_at_start() {
                 after: Some(IVec::from("x")),
             },
         );
-        apply(std::slice::from_ref(&opened.data), &[changes], &log_tree, marker + 1).expect("apply");
+        apply(
+            std::slice::from_ref(&opened.data),
+            &[changes],
+            &log_tree,
+            marker + 1,
+        )
+        .expect("apply");
         log_tree
             .insert(APPLIED, &marker.to_be_bytes()[..])
             .expect("put the marker back");
