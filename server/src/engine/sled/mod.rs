@@ -17,8 +17,11 @@
 //!   [`Durability::Relaxed`] mode writes return before their record's
 //!   `fdatasync`; the log writes continuously, so a crash can lose the writes
 //!   of the last group in flight (milliseconds, never torn ones).
-//! - Sled transactions may rerun their closure on conflict; closures here only
-//!   read and write sled and never await.
+//! - Writes are not sled transactions: each runs once, against an overlay,
+//!   under the log's lock (see `wal`); its closure only reads and writes
+//!   through the overlay and never awaits. Readers may see a write's keys
+//!   change one after another, never a write that is later undone once the
+//!   read's barrier returned.
 //!
 //! # Layout
 //! - this file: options, fault hooks, opening, staging and committing values.
@@ -290,7 +293,7 @@ impl SledStore {
         self.durable(ticket).await
     }
 
-    /// Runs `body` as one logged transaction over `trees`.
+    /// Runs `body` as one logged write over `trees` (all or nothing).
     fn write<T>(
         &self,
         trees: &[&sled::Tree],
@@ -377,7 +380,7 @@ impl SledStore {
     }
 
     /// Writes `make(old)` under `key` together with its blob reference, in one
-    /// transaction. `make` returning `None` leaves the key untouched. Returns
+    /// logged write. `make` returning `None` leaves the key untouched. Returns
     /// the previous record and the one written, if any. Blocking but short.
     fn commit(
         &self,
@@ -413,7 +416,7 @@ impl SledStore {
     }
 
     /// Removes `keys` from `tree` and their blob references in one
-    /// transaction; returns the records that existed.
+    /// logged write; returns the records that existed.
     fn remove_all(&self, tree: &sled::Tree, keys: &[Vec<u8>]) -> Result<Vec<ValueRecord>, Error> {
         use sled::transaction::ConflictableTransactionError;
         self.write(&[tree, &self.inner.blob_refs], |tx| {
