@@ -1,7 +1,7 @@
 //! [`ArtifactStore`] on sled: one record per `(namespace, key)` in the
 //! `artifacts` tree; values above the inline limit live in blob files.
 //!
-//! Never imports tonic; never awaits inside a sled transaction.
+//! Never imports tonic; never awaits inside a logged write.
 
 use async_trait::async_trait;
 use trove_proto::artifacts::{

@@ -14,7 +14,7 @@
 //! per transaction (never one lock over thousands), and skips a ref that was
 //! re-uploaded after it was chosen, so a prune never deletes a fresh archive.
 //!
-//! Never imports tonic; never awaits inside a sled transaction.
+//! Never imports tonic; never awaits inside a logged write.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;

@@ -15,7 +15,7 @@
 //! read that started before a Replace still returns the complete old content.
 //! Crash leftovers are found through `entry_gc` at open, without a full scan.
 //!
-//! Never imports tonic; never awaits inside a sled transaction.
+//! Never imports tonic; never awaits inside a logged write.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Bound;

@@ -3,6 +3,7 @@
 //! RESOURCE_EXHAUSTED), and damage found while reading a body (DATA_LOSS).
 //! The one mapping to gRPC codes lives in `trove-proto`.
 
+use sled::transaction::ConflictableTransactionError;
 use trove_proto::Error;
 
 /// Maps a failed read of a stored body: damage (bytes that fail their
@@ -23,6 +24,21 @@ pub fn tx_error(err: sled::transaction::TransactionError<Error>) -> Error {
     match err {
         sled::transaction::TransactionError::Abort(err) => err,
         sled::transaction::TransactionError::Storage(err) => sled_error(err),
+    }
+}
+
+/// Maps a failed logged write's body: an abort carries our own error, a
+/// storage error is sled's.
+pub fn body_error(err: ConflictableTransactionError<Error>) -> Error {
+    match err {
+        ConflictableTransactionError::Abort(err) => err,
+        ConflictableTransactionError::Storage(err) => sled_error(err),
+        ConflictableTransactionError::Conflict => Error::internal(
+            "a logged write reported a conflict, which cannot happen under the log's lock",
+        ),
+        // The enum is non-exhaustive upstream.
+        #[allow(unreachable_patterns)]
+        _ => Error::internal("a logged write failed in an unknown way"),
     }
 }
 

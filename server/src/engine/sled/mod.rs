@@ -17,11 +17,8 @@
 //!   [`Durability::Relaxed`] mode writes return before their record's
 //!   `fdatasync`; the log writes continuously, so a crash can lose the writes
 //!   of the last group in flight (milliseconds, never torn ones).
-//! - Writes are not sled transactions: each runs once, against an overlay,
-//!   under the log's lock (see `wal`); its closure only reads and writes
-//!   through the overlay and never awaits. Readers may see a write's keys
-//!   change one after another, never a write that is later undone once the
-//!   read's barrier returned.
+//! - Writes are not sled transactions but logged overlays, all or nothing,
+//!   under the log's lock (see `wal`); their closures never await.
 //!
 //! # Layout
 //! - this file: options, fault hooks, opening, staging and committing values.
@@ -54,7 +51,7 @@ mod wal;
 pub use read::BodyReader;
 pub use usage::StoreStats;
 
-pub(crate) use errors::{io_error, read_error, sled_error, tx_error};
+pub(crate) use errors::{body_error, io_error, read_error, sled_error, tx_error};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -478,8 +475,8 @@ impl SledStore {
         .await
     }
 
-    /// Publishes a staged body, then runs `commit` with it (a sled
-    /// transaction that references the body); keeps the blob only if the
+    /// Publishes a staged body, then runs `commit` with it (a logged
+    /// write that references the body); keeps the blob only if the
     /// commit says so, retires the blobs it replaced, and waits for
     /// durability. Publish and commit run as one detached task: a cancelled
     /// caller cannot stop it between the two steps.

@@ -2,7 +2,7 @@
 //! keyed `(namespace, hash, kind)` so one scan lists both and one transaction
 //! deletes both. Streams are stored as a body of length-prefixed chunk records.
 //!
-//! Never imports tonic; never awaits inside a sled transaction.
+//! Never imports tonic; never awaits inside a logged write.
 
 use async_trait::async_trait;
 use futures::StreamExt;

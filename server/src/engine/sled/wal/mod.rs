@@ -50,12 +50,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use sled::transaction::{ConflictableTransactionError, ConflictableTransactionResult};
+use sled::transaction::ConflictableTransactionResult;
 use sled::IVec;
 use tokio::sync::watch;
 use trove_proto::Error;
 
-use super::{sled_error, Faults};
+use super::{body_error, sled_error, Faults};
 use codec::RedoRef;
 use logged::TreeChanges;
 use segments::Segment;
@@ -371,19 +371,6 @@ impl Wal {
 
 /// Writes are held while this lives (see [`Wal::hold_writes`]).
 pub struct WritesHeld<'a>(#[allow(dead_code)] MutexGuard<'a, State>);
-
-fn body_error(err: ConflictableTransactionError<Error>) -> Error {
-    match err {
-        ConflictableTransactionError::Abort(err) => err,
-        ConflictableTransactionError::Storage(err) => sled_error(err),
-        ConflictableTransactionError::Conflict => Error::internal(
-            "a logged write reported a conflict, which cannot happen under the log's lock",
-        ),
-        // The enum is non-exhaustive upstream.
-        #[allow(unreachable_patterns)]
-        _ => Error::internal("a logged write failed in an unknown way"),
-    }
-}
 
 /// Applies `changes` to sled between two writes of the log's own tree:
 /// first the values before ([`UNDO_IMAGE`]), last the applied marker.
