@@ -37,7 +37,7 @@ use crate::engine::values::{
 
 /// The sled trees of the cache group.
 pub struct CacheTrees {
-    refs: sled::Tree,
+    pub(super) refs: sled::Tree,
     ref_time: sled::Tree,
     recency: sled::Tree,
     trees: sled::Tree,

@@ -46,6 +46,8 @@ pub struct EntryTrees {
     pub(super) gc: sled::Tree,
     /// `[generation u64][idempotency key part]` -> count of the append.
     append_keys: sled::Tree,
+    /// Per-generation entry counters (see `accounting`).
+    usage: sled::Tree,
     leases: Mutex<HashMap<u64, usize>>,
 }
 
@@ -59,6 +61,9 @@ impl EntryTrees {
             gc: db.open_tree(schema::ENTRY_GC).map_err(sled_error)?,
             append_keys: db
                 .open_tree(schema::ENTRY_APPEND_KEYS)
+                .map_err(sled_error)?,
+            usage: db
+                .open_tree(super::accounting::ENTRY_USAGE)
                 .map_err(sled_error)?,
             leases: Mutex::new(HashMap::new()),
         });
@@ -102,6 +107,8 @@ impl EntryTrees {
         let removed = remove_prefix(wal, &self.entries, &gen.to_be_bytes())?;
         // The idempotency keys applied to this generation go with it.
         remove_prefix(wal, &self.append_keys, &gen.to_be_bytes())?;
+        // A staged generation that never became current still has a counter.
+        remove_key(wal, &self.usage, &gen.to_be_bytes())?;
         remove_key(wal, &self.gc, &gen.to_be_bytes())?;
         Ok(removed)
     }

@@ -35,6 +35,7 @@
 //! retention planning are shared with the bucket engine from
 //! `crate::engine`; this engine never imports the bucket engine.
 
+mod accounting;
 mod artifacts;
 mod blob;
 mod cache;
@@ -152,6 +153,7 @@ struct Inner {
     blob_refs: sled::Tree,
     entry_trees: Arc<entries::EntryTrees>,
     cache: Arc<cache::CacheTrees>,
+    usage: accounting::UsageTrees,
     blobs: BlobDir,
     wal: Wal,
     /// Checkpoints sled; also run at shutdown.
@@ -190,7 +192,7 @@ impl SledStore {
             .path(root.join("db"))
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(options.cache_bytes)
-            .segment_size(sled_segment_size(&root.join("db")))
+            .segment_size(durable::sled_segment_size(&root.join("db")))
             // sled's own timer stays on: without it sled can stall waiting
             // for a free log segment that only a flush releases. Its flushes
             // never count as durability (the log does).
@@ -222,12 +224,20 @@ impl SledStore {
         if files > 0 {
             tracing::info!(files, bytes, "reclaimed staged and orphaned blob files");
         }
-        let id_offset = id_offset(&db, &blob_refs)?;
+        let id_offset = durable::id_offset(&db, &blob_refs)?;
         let wal = Wal::start(log_tree, log_dir, &recovered, options.faults.clone())
             .map_err(|e| io_error("start the log", &e))?;
         let checkpointer = Checkpointer::start(wal.clone(), Arc::clone(&checkpoints))
             .map_err(|e| io_error("start the checkpoint thread", &e))?;
         entry_trees.collect_leftovers(&wal)?;
+        let usage = accounting::UsageTrees::open(&db)?;
+        usage.prepare(&accounting::Sources {
+            objects: &objects,
+            artifacts: &artifacts,
+            cache_refs: &cache.refs,
+            cassettes: &entry_trees.cassettes,
+            entries: &entry_trees.entries,
+        })?;
         Ok(SledStore {
             inner: Arc::new(Inner {
                 db,
@@ -236,6 +246,7 @@ impl SledStore {
                 blob_refs,
                 entry_trees,
                 cache,
+                usage,
                 blobs,
                 wal,
                 checkpoints,
@@ -301,7 +312,14 @@ impl SledStore {
                 message: reason.clone(),
             });
         }
-        self.inner.wal.write(trees, body)
+        let counted = trees.len();
+        let usage = &self.inner.usage;
+        let all = [trees, &[&usage.usage, &usage.entry_usage]].concat();
+        self.inner.wal.write(&all, |tx| {
+            let out = body(tx)?;
+            accounting::account(tx, counted)?;
+            Ok(out)
+        })
     }
 
     /// Unlinks blobs whose references were removed, once that removal is
@@ -511,45 +529,6 @@ impl SledStore {
         self.durable(ticket).await?;
         Ok(value)
     }
-}
-
-/// sled's segment size for new databases. sled writes a log item larger
-/// than a quarter segment to a file of its own that it never syncs, and its
-/// recovery after a power cut can then find a pointer to an item file it has
-/// removed (seen under the power-cut test); 8 MiB segments keep every item
-/// the engine writes (values inline only up to `inline_limit`) in the log.
-pub const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
-
-/// The segment size to open the database in `sled_dir` with: the one it was
-/// created with (sled refuses another), else [`SLED_SEGMENT_BYTES`].
-fn sled_segment_size(sled_dir: &Path) -> usize {
-    std::fs::read_to_string(sled_dir.join("conf"))
-        .ok()
-        .and_then(|conf| {
-            conf.lines()
-                .find_map(|line| line.strip_prefix("segment_size: "))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(SLED_SEGMENT_BYTES)
-}
-
-/// The offset that keeps generated ids above the largest blob id in use.
-fn id_offset(db: &sled::Db, blob_refs: &sled::Tree) -> Result<u64, Error> {
-    let first = db.generate_id().map_err(sled_error)?;
-    let largest = match blob_refs.last().map_err(sled_error)? {
-        Some((key, _)) => key
-            .as_ref()
-            .try_into()
-            .ok()
-            .map(u64::from_be_bytes)
-            .unwrap_or(0),
-        None => 0,
-    };
-    Ok(if largest >= first {
-        largest - first + 1
-    } else {
-        0
-    })
 }
 
 /// What a commit inside [`SledStore::publish_with`] did.

@@ -43,6 +43,11 @@ impl SledStore {
             let tree = self.inner.db.open_tree(name).map_err(sled_error)?;
             keys += tree.len() as u64;
         }
+        // So is the usage counters' format marker (counters themselves are
+        // removed with the last item they count).
+        if self.inner.usage.ready()? {
+            keys -= 1;
+        }
         Ok(StoreStats {
             staged_files: staged as u64,
             blob_files: published.len() as u64,

@@ -59,6 +59,16 @@ impl<'a> LoggedTx<'a> {
         }
     }
 
+    /// The name of the `index`-th tree.
+    pub fn tree_name(&self, index: usize) -> IVec {
+        self.trees[index].name()
+    }
+
+    /// What the write changed so far in the `index`-th tree, by key.
+    pub fn changes(&self, index: usize) -> std::cell::Ref<'_, TreeChanges> {
+        self.changes[index].borrow()
+    }
+
     /// The changes made, one map per tree; empty when nothing changed.
     pub(super) fn into_changes(self) -> Vec<TreeChanges> {
         self.changes.into_iter().map(RefCell::into_inner).collect()

@@ -42,7 +42,7 @@ mod replay;
 mod segments;
 mod writer;
 
-pub use logged::LoggedTx;
+pub use logged::{LoggedTree, LoggedTx};
 pub use replay::{recover, Recovered};
 
 use std::collections::VecDeque;
