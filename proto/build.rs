@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/trove/v1/artifacts.proto",
         "proto/trove/v1/entries.proto",
         "proto/trove/v1/cache.proto",
+        "proto/trove/v1/admin.proto",
     ];
     tonic_prost_build::configure()
         .build_transport(false)

@@ -19,6 +19,7 @@
 //! - `objects`, `artifacts`, `entries`, `cache`: the trait implementations.
 //! - [`writer`]: the buffered cassette writer for recorders.
 
+mod admin;
 mod artifacts;
 mod auth;
 mod cache;
@@ -35,6 +36,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 pub use tonic::codec::CompressionEncoding;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use trove_proto::pb::admin_client::AdminClient;
 use trove_proto::pb::artifacts_client::ArtifactsClient;
 use trove_proto::pb::cache_client::CacheClient;
 use trove_proto::pb::entries_client::EntriesClient;
@@ -104,6 +106,7 @@ pub struct TroveClient {
     artifacts: ArtifactsClient<Authenticated>,
     entries: EntriesClient<Authenticated>,
     cache: CacheClient<Authenticated>,
+    admin: AdminClient<Authenticated>,
     chunk_bytes: usize,
     transport: Authenticated,
     channel: Channel,
@@ -205,6 +208,7 @@ impl TroveClient {
             artifacts: client!(ArtifactsClient),
             entries: client!(EntriesClient),
             cache: client!(CacheClient),
+            admin: client!(AdminClient),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             transport,
             channel,

@@ -13,6 +13,7 @@
 //! - [`objects`], [`artifacts`], [`entries`], [`cache`]: one trait per
 //!   operation group, with its contract written on the trait.
 
+pub mod admin;
 pub mod artifacts;
 pub mod cache;
 pub mod entries;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod objects;
 pub mod types;
 
+pub use admin::UsageStore;
 pub use artifacts::ArtifactStore;
 pub use cache::CacheStore;
 pub use entries::EntryStore;

@@ -26,6 +26,7 @@ use tonic::transport::server::Connected;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
+use trove_proto::pb::admin_server::AdminServer;
 use trove_proto::pb::artifacts_server::ArtifactsServer;
 use trove_proto::pb::cache_server::CacheServer;
 use trove_proto::pb::entries_server::EntriesServer;
@@ -35,6 +36,7 @@ use crate::access::tls::{self, CertStore};
 use crate::access::{AccessControl, AuthLayer, Policy};
 use crate::config::Config;
 use crate::engine::{self, Background, Engine};
+use crate::grpc::admin::AdminService;
 use crate::grpc::artifacts::ArtifactsService;
 use crate::grpc::cache::CacheService;
 use crate::grpc::entries::EntriesService;
@@ -45,11 +47,12 @@ use crate::telemetry::calls::CallLayer;
 use crate::telemetry::metrics;
 
 /// Names of the services reported by the health check.
-const SERVICES: [&str; 4] = [
+const SERVICES: [&str; 5] = [
     "trove.v1.Objects",
     "trove.v1.Artifacts",
     "trove.v1.Entries",
     "trove.v1.Cache",
+    "trove.v1.Admin",
 ];
 
 /// The health service name that turns NOT_SERVING once stored data was
@@ -305,6 +308,10 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             CacheServer,
             CacheService::new(Arc::clone(&store), limits).with_access(Arc::clone(&policy))
         );
+        let admin = grpc_service!(
+            AdminServer,
+            AdminService::new(Arc::clone(&store)).with_access(Arc::clone(&policy))
+        );
 
         let timeout = (config.request_timeout_secs > 0)
             .then(|| Duration::from_secs(config.request_timeout_secs));
@@ -344,7 +351,8 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             .add_service(objects)
             .add_service(artifacts)
             .add_service(entries)
-            .add_service(cache);
+            .add_service(cache)
+            .add_service(admin);
         if let Some((v1, v1alpha)) = full_reflection {
             router = router
                 .add_service(v1.max_decoding_message_size(guard::PROBE_MAX_MESSAGE_BYTES))

@@ -363,6 +363,9 @@ pub struct StoreGauges {
     pub logical_bytes: Option<f64>,
     /// `trove_store_disk_bytes`, when exported.
     pub disk_bytes: Option<f64>,
+    /// `trove_usage_items` and `trove_usage_logical_bytes` by their
+    /// `(namespace, group, tier)` labels.
+    pub usage: std::collections::BTreeMap<(String, String, String), (f64, f64)>,
 }
 
 /// Reads the store gauges from a server's `/metrics`.
@@ -382,6 +385,18 @@ pub async fn store_gauges(metrics: SocketAddr) -> StoreGauges {
             }
             "trove_store_logical_bytes" => gauges.logical_bytes = Some(value),
             "trove_store_disk_bytes" => gauges.disk_bytes = Some(value),
+            "trove_usage_items" | "trove_usage_logical_bytes" => {
+                let label = |name: &str| sample.labels.get(name).unwrap_or_default().to_owned();
+                let entry = gauges
+                    .usage
+                    .entry((label("namespace"), label("group"), label("tier")))
+                    .or_default();
+                if sample.metric == "trove_usage_items" {
+                    entry.0 = value;
+                } else {
+                    entry.1 = value;
+                }
+            }
             _ => {}
         }
     }

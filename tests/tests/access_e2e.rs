@@ -18,7 +18,7 @@ use trove_proto::cache::{BranchRefsKey, BranchRefsWrite, CacheScope, PruneOption
 use trove_proto::entries::{AppendOptions, NewEntry, ReadOptions};
 use trove_proto::objects::StreamChunk;
 use trove_proto::types::{ListPage, Name, Namespace};
-use trove_proto::{ArtifactStore, CacheStore, EntryStore, Error, ObjectStore};
+use trove_proto::{ArtifactStore, CacheStore, EntryStore, Error, ObjectStore, UsageStore};
 use trove_tests::harness::{server_binary, ServerProcess};
 use trove_tests::pki::TestCa;
 use trove_tests::{bytes_stream, collect_bytes};
@@ -338,6 +338,9 @@ fn scope(space: &Namespace, branch: &str) -> CacheScope {
 /// Every RPC of every service, with what it needs.
 fn every_rpc() -> Vec<(&'static str, Needs, Call)> {
     vec![
+        ("Admin.Usage", Needs::Read, |c, n| {
+            async move { c.namespace_usage(Some(&n)).await.map(|_| ()) }.boxed()
+        }),
         ("Objects.Put", Needs::Write, |c, n| {
             async move {
                 c.put_object(
@@ -662,6 +665,19 @@ async fn tokens_scope_every_rpc() {
         fingerprint(ops.clone()).await,
         before,
         "denied calls changed namespace b"
+    );
+    // Usage of every namespace shows a principal only what it may read.
+    let seen = |rows: Vec<trove_proto::admin::UsageRow>| {
+        let mut names: Vec<String> = rows.into_iter().map(|r| r.namespace).collect();
+        names.dedup();
+        names
+    };
+    let all = seen(ops.namespace_usage(None).await.expect("usage as admin"));
+    assert!(all.contains(&"b".to_owned()), "{all:?}");
+    let own = seen(team_a.namespace_usage(None).await.expect("usage as team-a"));
+    assert!(
+        own.contains(&"a".to_owned()) && !own.contains(&"b".to_owned()),
+        "{own:?}"
     );
 
     // The same reply for an item that exists and one that does not.

@@ -80,6 +80,7 @@ async fn health_and_reflection() {
         "trove.v1.Artifacts",
         "trove.v1.Entries",
         "trove.v1.Cache",
+        "trove.v1.Admin",
     ] {
         assert_eq!(
             health_status(server.addr, service).await,
@@ -111,6 +112,7 @@ async fn health_and_reflection() {
         "trove.v1.Artifacts",
         "trove.v1.Entries",
         "trove.v1.Cache",
+        "trove.v1.Admin",
         "grpc.health.v1.Health",
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");

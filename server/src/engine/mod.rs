@@ -32,7 +32,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
-use trove_proto::{ArtifactStore, CacheStore, EntryStore, Error, ObjectStore};
+use trove_proto::{ArtifactStore, CacheStore, EntryStore, Error, ObjectStore, UsageStore};
 
 use crate::config::Config;
 
@@ -48,7 +48,7 @@ pub fn incident(what: &str, detail: &dyn std::fmt::Display) -> String {
 /// A storage engine: every operation group, plus what the server needs to
 /// run it.
 #[async_trait]
-pub trait Engine: ObjectStore + ArtifactStore + EntryStore + CacheStore {
+pub trait Engine: ObjectStore + ArtifactStore + EntryStore + CacheStore + UsageStore {
     /// One line naming the engine and where its data lives, for logs.
     fn describe(&self) -> String;
 

@@ -6,6 +6,7 @@
 //! behind it. This module imports only `trove-proto` of the workspace: the
 //! policy is a trait here, implemented by the server's access module.
 
+pub mod admin;
 pub mod artifacts;
 pub mod cache;
 pub mod entries;

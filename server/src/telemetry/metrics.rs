@@ -166,6 +166,7 @@ pub async fn refresh_store_gauges(
     let mut ticker = tokio::time::interval(every);
     // A slow scan must not be followed by a burst of catch-up scans.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut namespaces = NamespaceGauges::default();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -179,6 +180,65 @@ pub async fn refresh_store_gauges(
             Ok(usage) => set_store_gauges(&usage),
             Err(err) => tracing::warn!(error = %err, "cannot measure the store"),
         }
+        match engine.namespace_usage(None).await {
+            Ok(rows) => namespaces.set(&rows),
+            // An engine that does not count per namespace says so once per
+            // refresh at debug level: nothing is wrong.
+            Err(err @ trove_proto::Error::FailedPrecondition { .. }) => {
+                tracing::debug!(error = %err, "no per-namespace usage");
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot read the usage counters"),
+        }
+    }
+}
+
+/// The per-namespace usage gauges: `trove_usage_items` and
+/// `trove_usage_logical_bytes`, labelled by namespace, group and tier (the
+/// cache's PR tiers are summed into `pr`, so branch churn cannot multiply
+/// series). A series whose counter went away is set to zero, not left at
+/// its last value.
+#[derive(Default)]
+struct NamespaceGauges {
+    shown: std::collections::BTreeSet<(String, String, &'static str)>,
+}
+
+impl NamespaceGauges {
+    #[allow(clippy::cast_precision_loss)]
+    fn set(&mut self, rows: &[trove_proto::admin::UsageRow]) {
+        let mut sums: std::collections::BTreeMap<(String, String, &'static str), (u64, u64)> =
+            std::collections::BTreeMap::new();
+        for row in rows {
+            let tier = match (row.group.as_str(), row.pr_tier) {
+                (trove_proto::admin::GROUP_CACHE, false) => "main",
+                (trove_proto::admin::GROUP_CACHE, true) => "pr",
+                _ => "",
+            };
+            let sum = sums
+                .entry((row.namespace.clone(), row.group.clone(), tier))
+                .or_default();
+            sum.0 = sum.0.saturating_add(row.items);
+            sum.1 = sum.1.saturating_add(row.logical_bytes);
+        }
+        for gone in self.shown.difference(&sums.keys().cloned().collect()) {
+            let (ns, group, tier) = gone.clone();
+            let labels = [
+                ("namespace", ns),
+                ("group", group),
+                ("tier", tier.to_owned()),
+            ];
+            metrics::gauge!("trove_usage_items", &labels).set(0.0);
+            metrics::gauge!("trove_usage_logical_bytes", &labels).set(0.0);
+        }
+        for ((ns, group, tier), (items, bytes)) in &sums {
+            let labels = [
+                ("namespace", ns.clone()),
+                ("group", group.clone()),
+                ("tier", (*tier).to_owned()),
+            ];
+            metrics::gauge!("trove_usage_items", &labels).set(*items as f64);
+            metrics::gauge!("trove_usage_logical_bytes", &labels).set(*bytes as f64);
+        }
+        self.shown = sums.into_keys().collect();
     }
 }
 

@@ -65,6 +65,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "ListRefs",
         ],
     ),
+    ("trove.v1.Admin", &["Usage"]),
     ("grpc.health.v1.Health", &["Check", "Watch"]),
     (
         "grpc.reflection.v1.ServerReflection",

@@ -139,6 +139,23 @@ pub(crate) fn referenced_blobs(owner: &str, bytes: &[u8]) -> Result<Vec<u64>, Er
     }
 }
 
+/// The bucket engine keeps no counters: a bucket reports its own size, and
+/// counting here would mean listing the whole bucket on every call.
+#[async_trait::async_trait]
+impl trove_proto::UsageStore for BucketStore {
+    async fn namespace_usage(
+        &self,
+        _namespace: Option<&trove_proto::types::Namespace>,
+    ) -> Result<Vec<trove_proto::admin::UsageRow>, Error> {
+        Err(Error::FailedPrecondition {
+            message: "the object-storage engine does not count usage per namespace; read the \
+                      bucket's own size metrics (or run Trove on its embedded engine for exact \
+                      per-namespace figures)"
+                .into(),
+        })
+    }
+}
+
 #[async_trait::async_trait]
 impl Engine for BucketStore {
     fn describe(&self) -> String {

@@ -40,39 +40,10 @@ const MARKER: &[u8] = b"";
 /// The current format marker.
 const FORMAT: &[u8] = b"1";
 
-/// Group names, as stored and reported.
-pub const OBJECTS: &str = "objects";
-/// Chunk streams.
-pub const STREAMS: &str = "streams";
-/// Artifacts.
-pub const ARTIFACTS: &str = "artifacts";
-/// Cassettes (items: cassettes; bytes: none).
-pub const CASSETTES: &str = "cassettes";
-/// Entries of live cassettes.
-pub const ENTRIES: &str = "entries";
-/// Cache archives, per tier.
-pub const CACHE: &str = "cache";
-
-/// One counter as read back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageRow {
-    /// The namespace.
-    pub namespace: String,
-    /// The operation group ([`OBJECTS`], [`ARTIFACTS`], ...).
-    pub group: String,
-    /// Cache only: the scope's prefix.
-    pub prefix: String,
-    /// Cache only: the PR branch of the tier; empty for the main tier.
-    pub branch: String,
-    /// Cache only: true for a PR tier.
-    pub pr_tier: bool,
-    /// Items (objects, artifacts, cassettes, entries, archives).
-    pub items: u64,
-    /// Bytes as callers see them.
-    pub logical_bytes: u64,
-    /// Bytes of the stored bodies (a stream's body carries chunk framing).
-    pub stored_bytes: u64,
-}
+use trove_proto::admin::{
+    UsageRow, GROUP_ARTIFACTS as ARTIFACTS, GROUP_CACHE as CACHE, GROUP_CASSETTES as CASSETTES,
+    GROUP_ENTRIES as ENTRIES, GROUP_OBJECTS as OBJECTS, GROUP_STREAMS as STREAMS,
+};
 
 /// The two counter trees.
 #[derive(Debug, Clone)]
@@ -469,10 +440,10 @@ impl UsageTrees {
     }
 }
 
-impl super::SledStore {
-    /// Exact usage of `namespace` (or of every namespace), one row per
-    /// group and cache tier; reads wait like every strict read.
-    pub async fn usage_rows(&self, namespace: Option<&Namespace>) -> Result<Vec<UsageRow>, Error> {
+#[async_trait::async_trait]
+impl trove_proto::UsageStore for super::SledStore {
+    /// Reads wait like every strict read.
+    async fn namespace_usage(&self, namespace: Option<&Namespace>) -> Result<Vec<UsageRow>, Error> {
         let ticket = self.ticket();
         let store = self.clone();
         let namespace = namespace.cloned();
@@ -489,7 +460,7 @@ mod tests {
     use trove_proto::cache::{CacheScope, UploadOptions};
     use trove_proto::entries::NewEntry;
     use trove_proto::types::{ByteStream, Name};
-    use trove_proto::{ArtifactStore, CacheStore, EntryStore, ObjectStore};
+    use trove_proto::{ArtifactStore, CacheStore, EntryStore, ObjectStore, UsageStore};
 
     use super::super::{SledStore, StoreOptions};
     use super::*;
@@ -535,7 +506,7 @@ mod tests {
                 entries: &entries.entries,
             })
             .expect("recount");
-        store.usage_rows(None).await.expect("rows")
+        store.namespace_usage(None).await.expect("rows")
     }
 
     /// Writes, overwrites and deletes in every group move the counters by
@@ -631,7 +602,7 @@ mod tests {
             .await
             .expect("upload pr");
 
-        let rows = store.usage_rows(None).await.expect("rows");
+        let rows = store.namespace_usage(None).await.expect("rows");
         assert_eq!(figures(&rows, "team-a", ARTIFACTS), (1, 3));
         assert_eq!(figures(&rows, "team-b", ARTIFACTS), (1, 3));
         assert_eq!(figures(&rows, "team-a", OBJECTS), (1, 3));
@@ -651,7 +622,7 @@ mod tests {
             (pr.branch.as_str(), pr.items, pr.logical_bytes),
             ("feature", 1, 2)
         );
-        let only_b = store.usage_rows(Some(&b)).await.expect("rows of b");
+        let only_b = store.namespace_usage(Some(&b)).await.expect("rows of b");
         assert!(only_b.iter().all(|r| r.namespace == "team-b"), "{only_b:?}");
 
         assert_eq!(recount(&store).await, rows);
@@ -669,11 +640,11 @@ mod tests {
                 .put_artifact(&ns, &name("k"), Default::default(), body(b"12345"))
                 .await
                 .expect("put");
-            store.usage_rows(None).await.expect("rows")
+            store.namespace_usage(None).await.expect("rows")
         };
         let store = SledStore::open(dir.path(), StoreOptions::default()).expect("reopen");
         assert!(store.inner.usage.ready().expect("ready"));
-        assert_eq!(store.usage_rows(None).await.expect("rows"), before);
+        assert_eq!(store.namespace_usage(None).await.expect("rows"), before);
         assert_eq!(figures(&before, "team", ARTIFACTS), (1, 5));
     }
 }
