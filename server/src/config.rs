@@ -177,6 +177,19 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024))]
     pub chunk_bytes: u64,
 
+    /// Bytes of stored values (bodies as kept, every namespace together)
+    /// the server accepts; a write that would pass it gets
+    /// RESOURCE_EXHAUSTED. 0: no limit. Per-namespace quotas live in the
+    /// config file as `[namespaces."name"]` tables with `max_bytes`.
+    #[arg(long, env = "TROVE_MAX_DISK_BYTES", default_value_t = 0)]
+    pub max_disk_bytes: u64,
+
+    /// Per-namespace quotas, from the config file's `[namespaces."name"]`
+    /// tables (`max_bytes`, `on_full = "reject"`).
+    #[arg(skip)]
+    #[serde(skip)]
+    pub namespaces: std::collections::BTreeMap<String, crate::engine::quota::NamespaceQuota>,
+
     /// Bytes of database pages the embedded store keeps in memory (the
     /// largest part of its resident memory); size it well under the memory
     /// limit of the container.
@@ -315,7 +328,9 @@ impl Config {
                 path: path.clone(),
                 message: e.to_string().trim().to_owned(),
             })?;
-        Ok(Config::from_arg_matches(&matches)?)
+        let mut config = Config::from_arg_matches(&matches)?;
+        config.namespaces = namespace_quotas(&path)?;
+        Ok(config)
     }
 
     /// The effective settings as TOML (what `--print-config` shows).
@@ -457,6 +472,7 @@ impl Config {
                 DurabilityMode::Relaxed => Durability::Relaxed,
             },
             cache_bytes: self.db_cache_bytes,
+            quotas: std::sync::Arc::new(self.quotas()),
             faults: None,
         }
     }
@@ -476,6 +492,40 @@ impl Config {
     }
 }
 
+/// The `[namespaces."name"]` quota tables of a config file.
+fn namespace_quotas(
+    path: &Path,
+) -> Result<std::collections::BTreeMap<String, crate::engine::quota::NamespaceQuota>, ConfigError> {
+    let fail = |message: String| ConfigError::File {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| fail(e.to_string().trim().to_owned()))?;
+    match table.get("namespaces") {
+        None => Ok(std::collections::BTreeMap::new()),
+        Some(toml::Value::Table(namespaces)) => {
+            crate::engine::quota::Quotas::parse_namespaces(namespaces).map_err(fail)
+        }
+        Some(_) => Err(fail(
+            "namespaces must be a table of [namespaces.\"name\"] tables".into(),
+        )),
+    }
+}
+
+/// The capacity limits these settings describe.
+impl Config {
+    /// The quotas to enforce.
+    pub fn quotas(&self) -> crate::engine::quota::Quotas {
+        crate::engine::quota::Quotas {
+            max_disk_bytes: (self.max_disk_bytes > 0).then_some(self.max_disk_bytes),
+            namespaces: self.namespaces.clone(),
+        }
+    }
+}
+
 /// Turns the keys of a TOML file into `--flag value` arguments for the
 /// settings that were left at their defaults.
 fn file_arguments(path: &Path, matches: &clap::ArgMatches) -> Result<Vec<OsString>, ConfigError> {
@@ -490,6 +540,10 @@ fn file_arguments(path: &Path, matches: &clap::ArgMatches) -> Result<Vec<OsStrin
     let command = Config::command();
     let mut args = Vec::new();
     for (key, value) in table {
+        if key == "namespaces" {
+            // Read by `namespace_quotas`: a table, not a flag.
+            continue;
+        }
         let id = key.replace('-', "_");
         let known = command.get_arguments().find(|a| {
             a.get_id().as_str() == id
@@ -630,5 +684,38 @@ mod tests {
         assert!(err.to_string().contains("no_such_setting"), "{err}");
         std::fs::write(&file, "chunk_bytes = [1]\n").expect("write");
         assert!(Config::load_from(["trove-server", "--config", &path]).is_err());
+    }
+
+    /// Quotas come from the file's `[namespaces."name"]` tables and the
+    /// `max_disk_bytes` setting; a mistake in a table stops the start.
+    #[test]
+    fn quotas_come_from_the_config_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("trove.toml");
+        std::fs::write(
+            &file,
+            "max_disk_bytes = 1_000_000
+[namespaces.\"ci-cache\"]
+max_bytes = 5000
+on_full = \"reject\"
+",
+        )
+        .expect("write");
+        let path = file.to_string_lossy().to_string();
+        let quotas = Config::load_from(["trove-server", "--config", &path])
+            .expect("load")
+            .quotas();
+        assert_eq!(quotas.max_disk_bytes, Some(1_000_000));
+        assert_eq!(
+            quotas.namespace("ci-cache").map(|q| q.max_bytes),
+            Some(5000)
+        );
+        assert!(quotas.namespace("other").is_none());
+        std::fs::write(&file, "[namespaces.ci]\nmax_bytes = 0\n").expect("write");
+        let err = Config::load_from(["trove-server", "--config", &path]).expect_err("zero quota");
+        assert!(
+            err.to_string().contains("namespaces.\"ci\".max_bytes"),
+            "{err}"
+        );
     }
 }

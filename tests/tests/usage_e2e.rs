@@ -86,3 +86,44 @@ async fn usage_is_exact_and_survives_kill9() {
     );
     assert_eq!(gauges.usage[&key("usage-b", GROUP_ENTRIES)], (1.0, 7.0));
 }
+
+/// A namespace quota from the config file, through the real binary: a put
+/// that would pass it is RESOURCE_EXHAUSTED naming the namespace, and the
+/// usage shows that nothing was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_quota_refuses_over_grpc() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("trove.toml");
+    std::fs::write(
+        &config,
+        "[namespaces.\"capped\"]\nmax_bytes = 1000\non_full = \"reject\"\n",
+    )
+    .expect("config");
+    let server = ServerProcess::start_with(&["--config", config.to_str().expect("path")]).await;
+    let client = server.client().await;
+    let capped = Namespace::new("capped").expect("ns");
+    let put = |key: &'static str, size: usize| {
+        let (client, capped) = (client.clone(), capped.clone());
+        async move {
+            client
+                .put_artifact(
+                    &capped,
+                    &Name::new("key", key).expect("key"),
+                    Default::default(),
+                    bytes_stream(vec![Bytes::from(vec![1u8; size])]),
+                )
+                .await
+        }
+    };
+    put("first", 600).await.expect("fits");
+    let err = put("second", 600).await.expect_err("over the quota");
+    match &err {
+        trove_proto::Error::ResourceExhausted { limit, message } => {
+            assert!(limit.contains("capped"), "{limit}");
+            assert!(message.contains("1000"), "{message}");
+        }
+        other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
+    }
+    let rows = client.namespace_usage(Some(&capped)).await.expect("usage");
+    assert_eq!(figures(&rows, "capped", GROUP_ARTIFACTS), (1, 600));
+}

@@ -21,6 +21,7 @@
 
 pub mod bucket;
 pub(crate) mod chunks;
+pub mod quota;
 pub(crate) mod record;
 pub(crate) mod retention;
 pub mod sled;
@@ -142,6 +143,14 @@ pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn Engine>> {
             .context("store task panicked")?
             .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
         return Ok(Arc::new(store));
+    }
+    if !config.quotas().is_empty() {
+        anyhow::bail!(
+            "the object-storage engine cannot enforce max_disk_bytes or namespace quotas (it keeps \
+             no usage counters, and its replicas share no write path to keep them in); remove \
+             them and use the bucket's own quotas and lifecycle rules (expiry), or run on the \
+             embedded engine"
+        );
     }
     let store = bucket::connect(
         &config.store,

@@ -41,12 +41,19 @@ impl ArtifactStore for SledStore {
         options: PutOptions,
         data: ByteStream,
     ) -> Result<ArtifactInfo, Error> {
-        let staged = self.stage(data, options.expected_size).await?;
+        let at = artifact_key(ns, key);
+        let staged = self
+            .stage(
+                (ns, &self.inner.artifacts, &at),
+                data,
+                options.expected_size,
+            )
+            .await?;
         let (size, sha256) = (staged.len, staged.sha256);
         let now = now_micros();
         let make = artifact_record(options.content_type, now, size, sha256);
         let record = self
-            .publish_and_commit(&self.inner.artifacts, &artifact_key(ns, key), staged, make)
+            .publish_and_commit(&self.inner.artifacts, &at, staged, make)
             .await?;
         Ok(artifact_info(key.as_str(), &record))
     }

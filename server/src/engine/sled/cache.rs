@@ -252,12 +252,17 @@ impl CacheStore for SledStore {
         options: UploadOptions,
         data: ByteStream,
     ) -> Result<CachedRef, Error> {
-        let staged = self.stage(data, options.expected_size).await?;
-        let seq = self.next_id()?;
-        let uploaded_at = options.uploaded_at.unwrap_or_else(now_micros);
         let tier = own_tier(scope);
         let ref_key = with_parts(&tier.key, &[reference.as_bytes()]);
         let archive_key = with_parts(&ref_key, &[scope.test_suite_id.as_bytes()]);
+        let at = (
+            &scope.namespace,
+            &self.inner.cache.refs,
+            archive_key.as_slice(),
+        );
+        let staged = self.stage(at, data, options.expected_size).await?;
+        let seq = self.next_id()?;
+        let uploaded_at = options.uploaded_at.unwrap_or_else(now_micros);
         let tree_key = options
             .tree_sha
             .as_ref()

@@ -92,6 +92,8 @@ pub struct StoreOptions {
     /// Bytes of database pages sled may keep in memory; the larger part of a
     /// sled server's resident memory, so it must fit the process's limit.
     pub cache_bytes: u64,
+    /// Capacity limits, enforced with each write.
+    pub quotas: Arc<crate::engine::quota::Quotas>,
     /// Failures to inject at the storage boundary (tests only; `None` in production).
     pub faults: Option<Arc<Faults>>,
 }
@@ -103,6 +105,7 @@ impl Default for StoreOptions {
             read_chunk_bytes: 1024 * 1024,
             durability: Durability::Strict,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            quotas: Arc::default(),
             faults: None,
         }
     }
@@ -317,7 +320,7 @@ impl SledStore {
         let all = [trees, &[&usage.usage, &usage.entry_usage]].concat();
         self.inner.wal.write(&all, |tx| {
             let out = body(tx)?;
-            accounting::account(tx, counted)?;
+            accounting::account(tx, counted, &self.inner.options.quotas)?;
             Ok(out)
         })
     }
@@ -353,13 +356,19 @@ impl SledStore {
             .ok_or_else(|| Error::internal("ids exhausted"))
     }
 
-    /// Drains `data` into a new body, enforcing `expected_size` when given.
+    /// Drains `data` into a new body for `key` of `tree` in a namespace,
+    /// enforcing `expected_size` and the capacity limits as bytes arrive.
     async fn stage(
         &self,
+        (ns, tree, key): (&trove_proto::types::Namespace, &sled::Tree, &[u8]),
         mut data: ByteStream,
         expected_size: Option<u64>,
     ) -> Result<blob::StagedBody, Error> {
         let declared = DeclaredSize::new(expected_size);
+        let room = self.room(ns, tree, key)?;
+        if let Some(refused) = expected_size.and_then(|size| room.refuse(size)) {
+            return Err(refused);
+        }
         let mut writer = BodyWriter::new(
             &self.inner.blobs,
             self.next_id()?,
@@ -371,6 +380,12 @@ impl SledStore {
                 .write(&chunk)
                 .await
                 .map_err(|e| io_error("stage upload", &e))?;
+            if let Some(refused) = (!room.unlimited())
+                .then(|| room.refuse(writer.written()))
+                .flatten()
+            {
+                return Err(refused);
+            }
             // The injected failure comes once the body has spilled into its
             // staging file, so the cleanup of a real failure is exercised.
             let spilled = writer.written() > self.inner.options.inline_limit as u64;

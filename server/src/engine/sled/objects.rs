@@ -29,7 +29,10 @@ impl ObjectStore for SledStore {
         expected_size: Option<u64>,
         data: ByteStream,
     ) -> Result<ObjectInfo, Error> {
-        let staged = self.stage(data, expected_size).await?;
+        let at = object_key(ns, hash, KIND_OBJECT);
+        let staged = self
+            .stage((ns, &self.inner.objects, &at), data, expected_size)
+            .await?;
         let verified = verify_content(hash, &staged.sha256)?;
         let (size, sha256) = (staged.len, staged.sha256);
         let now = now_micros();
@@ -181,7 +184,10 @@ impl ObjectStore for SledStore {
         chunks: ChunkStream,
     ) -> Result<StreamInfo, Error> {
         let (body, tally) = encode_stream(chunks);
-        let staged = self.stage(body, None).await?;
+        let at = object_key(ns, hash, KIND_STREAM);
+        let staged = self
+            .stage((ns, &self.inner.objects, &at), body, None)
+            .await?;
         let (chunk_count, size) = tally.totals();
         let (body_len, sha256) = (staged.len, staged.sha256);
         let now = now_micros();

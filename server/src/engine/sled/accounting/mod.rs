@@ -22,14 +22,23 @@
 
 use std::collections::BTreeMap;
 
-use sled::transaction::UnabortableTransactionError;
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, UnabortableTransactionError,
+};
 use sled::IVec;
 use trove_proto::types::Namespace;
 use trove_proto::Error;
 
 use super::wal::LoggedTx;
 use super::{keys, schema, sled_error};
+use crate::engine::quota::Quotas;
 use crate::engine::record;
+
+mod recount;
+mod room;
+
+pub(super) use recount::Sources;
+use room::over_quota;
 
 /// Tree of the counters.
 pub(super) const USAGE: &str = "usage";
@@ -39,6 +48,10 @@ pub(super) const ENTRY_USAGE: &str = "entry_usage";
 const MARKER: &[u8] = b"";
 /// The current format marker.
 const FORMAT: &[u8] = b"1";
+/// The key of the whole server's totals (no namespace part starts with
+/// 0xFF: names are UTF-8). A namespace's totals are under its bare name
+/// part, which no group row uses.
+const SERVER_TOTAL: &[u8] = &[0xFF];
 
 use trove_proto::admin::{
     UsageRow, GROUP_ARTIFACTS as ARTIFACTS, GROUP_CACHE as CACHE, GROUP_CASSETTES as CASSETTES,
@@ -156,6 +169,22 @@ fn counter_key(tree: &[u8], key: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Adds `delta` to the counter under `key` (removed once it counts
+/// nothing); returns the new total.
+fn add_to(tree: &super::wal::LoggedTree<'_>, key: Vec<u8>, delta: Delta) -> TxResult<Delta> {
+    let mut total = tree
+        .get(&key)?
+        .as_deref()
+        .map_or_else(Delta::default, decode);
+    total.add(delta);
+    if total.items <= 0 && total.logical <= 0 && total.stored <= 0 {
+        tree.remove(key)?;
+    } else {
+        tree.insert(key, &encode(total)[..])?;
+    }
+    Ok(total)
+}
+
 /// A generation's totals and, once a header points at it, its namespace.
 fn read_generation(
     tree: &super::wal::LoggedTree<'_>,
@@ -188,7 +217,11 @@ fn generation_of(header: Option<&IVec>) -> Option<u64> {
 /// Adds what the write in `tx` changed in its first `data_trees` trees to
 /// the counters in trees `data_trees` (usage) and `data_trees + 1` (entry
 /// usage). Runs at the end of every write body.
-pub(super) fn account(tx: &LoggedTx<'_>, data_trees: usize) -> TxResult<()> {
+pub(super) fn account(
+    tx: &LoggedTx<'_>,
+    data_trees: usize,
+    quotas: &Quotas,
+) -> ConflictableTransactionResult<(), Error> {
     let usage = tx.tree(data_trees);
     let entry_usage = tx.tree(data_trees + 1);
     let mut counters: BTreeMap<Vec<u8>, Delta> = BTreeMap::new();
@@ -279,19 +312,47 @@ pub(super) fn account(tx: &LoggedTx<'_>, data_trees: usize) -> TxResult<()> {
         }
         entry_usage.insert(gen.to_be_bytes(), generation_value(total, ns.as_deref()))?;
     }
+    let mut namespaces: BTreeMap<Vec<u8>, Delta> = BTreeMap::new();
+    let mut server = Delta::default();
     for (key, delta) in counters {
         if delta.is_zero() {
             continue;
         }
-        let mut total = usage
-            .get(&key)?
-            .as_deref()
-            .map_or_else(Delta::default, decode);
-        total.add(delta);
-        if total.items <= 0 && total.logical <= 0 && total.stored <= 0 {
-            usage.remove(key)?;
-        } else {
-            usage.insert(key, &encode(total)[..])?;
+        if let Some((ns, _)) = keys::take_part(&key) {
+            namespaces.entry(ns).or_default().add(delta);
+            server.add(delta);
+        }
+        add_to(&usage, key, delta)?;
+    }
+    for (ns, delta) in namespaces {
+        let total = add_to(&usage, keys::key(&[&ns]), delta)?;
+        if delta.logical > 0 {
+            let name = String::from_utf8_lossy(&ns);
+            if let Some(quota) = quotas.namespace(&name) {
+                if total.logical > i128::from(quota.max_bytes) {
+                    return Err(ConflictableTransactionError::Abort(over_quota(
+                        &name,
+                        quota.max_bytes,
+                        total.logical - delta.logical,
+                        delta.logical,
+                    )));
+                }
+            }
+        }
+    }
+    if !server.is_zero() {
+        let total = add_to(&usage, SERVER_TOTAL.to_vec(), server)?;
+        if let Some(max) = quotas.max_disk_bytes {
+            if server.stored > 0 && total.stored > i128::from(max) {
+                return Err(ConflictableTransactionError::Abort(Error::exhausted(
+                    "max_disk_bytes",
+                    format!(
+                        "storing {} more bytes would bring the server to {} stored bytes, over \
+                         its max_disk_bytes of {max}; delete something or raise the limit",
+                        server.stored, total.stored
+                    ),
+                )));
+            }
         }
     }
     Ok(())
@@ -351,95 +412,6 @@ fn parse_row(key: &[u8], value: &[u8]) -> Option<UsageRow> {
     Some(row)
 }
 
-/// The trees the counters are computed from, for [`UsageTrees::prepare`].
-pub(super) struct Sources<'a> {
-    pub(super) objects: &'a sled::Tree,
-    pub(super) artifacts: &'a sled::Tree,
-    pub(super) cache_refs: &'a sled::Tree,
-    pub(super) cassettes: &'a sled::Tree,
-    pub(super) entries: &'a sled::Tree,
-}
-
-impl UsageTrees {
-    /// Makes the counters cover the whole store: a store written before
-    /// they existed is counted once by a scan; afterwards every write keeps
-    /// them exact.
-    /// Blocking.
-    pub(super) fn prepare(&self, from: &Sources<'_>) -> Result<(), Error> {
-        if self.ready()? {
-            return Ok(());
-        }
-        let mut counters: BTreeMap<Vec<u8>, Delta> = BTreeMap::new();
-        for tree in [from.objects, from.artifacts, from.cache_refs] {
-            let name = tree.name();
-            for item in tree.iter() {
-                let (key, value) = item.map_err(sled_error)?;
-                if let Some(counter) = counter_key(&name, &key) {
-                    counters
-                        .entry(counter)
-                        .or_default()
-                        .add(record_weight(Some(&value)));
-                }
-            }
-        }
-        let mut generations: BTreeMap<u64, Delta> = BTreeMap::new();
-        for item in from.entries.iter() {
-            let (key, value) = item.map_err(sled_error)?;
-            if let Some((gen, _)) = keys::take_u64(&key) {
-                let len = i128::from(value.len() as u64);
-                generations.entry(gen).or_default().add(Delta {
-                    items: 1,
-                    logical: len,
-                    stored: len,
-                });
-            }
-        }
-        let mut live: BTreeMap<u64, (Delta, Vec<u8>)> = BTreeMap::new();
-        for item in from.cassettes.iter() {
-            let (key, header) = item.map_err(sled_error)?;
-            let Some((ns, _)) = keys::take_part(&key) else {
-                continue;
-            };
-            counters
-                .entry(keys::key(&[&ns, CASSETTES.as_bytes()]))
-                .or_default()
-                .add(Delta {
-                    items: 1,
-                    ..Delta::default()
-                });
-            if let Some(gen) = generation_of(Some(&header)) {
-                let total = generations.get(&gen).copied().unwrap_or_default();
-                live.insert(gen, (total, ns.clone()));
-                counters
-                    .entry(keys::key(&[&ns, ENTRIES.as_bytes()]))
-                    .or_default()
-                    .add(total);
-            }
-        }
-        let counted = counters.len();
-        // Written straight to sled, not through the log: only at open, with
-        // no write running, and the marker last. sled recovers a prefix, so
-        // a marker that survives a crash comes with every counter; a lost
-        // marker only means counting again at the next start, and counters
-        // that later logged writes changed are replayed with them.
-        for (key, total) in &counters {
-            self.usage
-                .insert(key.as_slice(), &encode(*total)[..])
-                .map_err(sled_error)?;
-        }
-        for (gen, (total, ns)) in &live {
-            self.entry_usage
-                .insert(gen.to_be_bytes(), generation_value(*total, Some(ns)))
-                .map_err(sled_error)?;
-        }
-        self.usage.insert(MARKER, FORMAT).map_err(sled_error)?;
-        if counted > 0 {
-            tracing::info!(counters = counted, "counted what the store holds, once");
-        }
-        Ok(())
-    }
-}
-
 #[async_trait::async_trait]
 impl trove_proto::UsageStore for super::SledStore {
     /// Reads wait like every strict read.
@@ -454,197 +426,6 @@ impl trove_proto::UsageStore for super::SledStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use bytes::Bytes;
-    use futures::StreamExt;
-    use trove_proto::cache::{CacheScope, UploadOptions};
-    use trove_proto::entries::NewEntry;
-    use trove_proto::types::{ByteStream, Name};
-    use trove_proto::{ArtifactStore, CacheStore, EntryStore, ObjectStore, UsageStore};
-
-    use super::super::{SledStore, StoreOptions};
-    use super::*;
-
-    fn store() -> (tempfile::TempDir, SledStore) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SledStore::open(dir.path(), StoreOptions::default()).expect("open");
-        (dir, store)
-    }
-
-    fn body(bytes: &'static [u8]) -> ByteStream {
-        futures::stream::iter([Ok(Bytes::from_static(bytes))]).boxed()
-    }
-
-    fn name(raw: &str) -> Name {
-        Name::new("name", raw).expect("name")
-    }
-
-    fn entry(json: &'static str, at: i64) -> NewEntry {
-        NewEntry::parse("entry", Bytes::from_static(json.as_bytes()), Some(at)).expect("entry")
-    }
-
-    fn row<'a>(rows: &'a [UsageRow], ns: &str, group: &str) -> Option<&'a UsageRow> {
-        rows.iter().find(|r| r.namespace == ns && r.group == group)
-    }
-
-    fn figures(rows: &[UsageRow], ns: &str, group: &str) -> (u64, u64) {
-        row(rows, ns, group).map_or((0, 0), |r| (r.items, r.logical_bytes))
-    }
-
-    /// Forgets the counters and counts the store again from scratch.
-    async fn recount(store: &SledStore) -> Vec<UsageRow> {
-        let trees = &store.inner.usage;
-        trees.usage.clear().expect("clear");
-        trees.entry_usage.clear().expect("clear");
-        let entries = &store.inner.entry_trees;
-        trees
-            .prepare(&Sources {
-                objects: &store.inner.objects,
-                artifacts: &store.inner.artifacts,
-                cache_refs: &store.inner.cache.refs,
-                cassettes: &entries.cassettes,
-                entries: &entries.entries,
-            })
-            .expect("recount");
-        store.namespace_usage(None).await.expect("rows")
-    }
-
-    /// Writes, overwrites and deletes in every group move the counters by
-    /// exactly what they stored, and a recount from scratch agrees.
-    #[tokio::test]
-    async fn counters_follow_every_group_and_match_a_recount() {
-        let (_dir, store) = store();
-        let (a, b) = (
-            Namespace::new("team-a").expect("ns"),
-            Namespace::new("team-b").expect("ns"),
-        );
-        let put = |ns: Namespace, key: &'static str, value: &'static [u8]| {
-            let store = store.clone();
-            async move {
-                store
-                    .put_artifact(&ns, &name(key), Default::default(), body(value))
-                    .await
-                    .expect("put")
-            }
-        };
-        put(a.clone(), "one", b"0123456789").await;
-        put(a.clone(), "two", b"01234567890123456789").await;
-        put(a.clone(), "one", b"abc").await;
-        put(b.clone(), "x", b"xyz").await;
-        store
-            .delete_artifact(&a, &name("two"))
-            .await
-            .expect("delete");
-        let hash = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        store
-            .put_object(&a, &name(hash), None, body(b"abc"))
-            .await
-            .expect("object");
-        store
-            .append_entries(
-                &a,
-                &name("cassette"),
-                vec![entry(r#"{"n":1}"#, 1), entry(r#"{"n":22}"#, 2)],
-                Default::default(),
-            )
-            .await
-            .expect("append");
-        store
-            .append_entries(
-                &a,
-                &name("cassette"),
-                vec![entry(r#"{"n":3}"#, 3)],
-                Default::default(),
-            )
-            .await
-            .expect("append again");
-        store
-            .append_entries(
-                &a,
-                &name("gone"),
-                vec![entry(r#"{"n":4}"#, 4)],
-                Default::default(),
-            )
-            .await
-            .expect("append");
-        store
-            .delete_cassette(&a, &name("gone"))
-            .await
-            .expect("delete cassette");
-        let replacement = futures::stream::iter([Ok(entry(r#"{"n":5}"#, 5))]).boxed();
-        store
-            .replace_entries(&b, &name("swapped"), replacement)
-            .await
-            .expect("replace");
-        let scope = |branch: &str| CacheScope {
-            namespace: a.clone(),
-            prefix: "ci".into(),
-            branch: name(branch),
-            default_branch: name("main"),
-            test_suite_id: String::new(),
-        };
-        store
-            .upload(
-                &scope("main"),
-                &name("r1"),
-                UploadOptions::default(),
-                body(b"archive"),
-            )
-            .await
-            .expect("upload main");
-        store
-            .upload(
-                &scope("feature"),
-                &name("r2"),
-                UploadOptions::default(),
-                body(b"pr"),
-            )
-            .await
-            .expect("upload pr");
-
-        let rows = store.namespace_usage(None).await.expect("rows");
-        assert_eq!(figures(&rows, "team-a", ARTIFACTS), (1, 3));
-        assert_eq!(figures(&rows, "team-b", ARTIFACTS), (1, 3));
-        assert_eq!(figures(&rows, "team-a", OBJECTS), (1, 3));
-        assert_eq!(figures(&rows, "team-a", CASSETTES), (1, 0));
-        assert_eq!(figures(&rows, "team-a", ENTRIES), (3, 7 + 8 + 7));
-        assert_eq!(figures(&rows, "team-b", CASSETTES), (1, 0));
-        assert_eq!(figures(&rows, "team-b", ENTRIES), (1, 7));
-        let cache: Vec<_> = rows.iter().filter(|r| r.group == CACHE).collect();
-        assert_eq!(cache.len(), 2, "{cache:?}");
-        let main = cache.iter().find(|r| !r.pr_tier).expect("main tier");
-        assert_eq!(
-            (main.prefix.as_str(), main.items, main.logical_bytes),
-            ("ci", 1, 7)
-        );
-        let pr = cache.iter().find(|r| r.pr_tier).expect("PR tier");
-        assert_eq!(
-            (pr.branch.as_str(), pr.items, pr.logical_bytes),
-            ("feature", 1, 2)
-        );
-        let only_b = store.namespace_usage(Some(&b)).await.expect("rows of b");
-        assert!(only_b.iter().all(|r| r.namespace == "team-b"), "{only_b:?}");
-
-        assert_eq!(recount(&store).await, rows);
-    }
-
-    /// The counters are written with the data: a reopened store reports
-    /// the same figures without counting again.
-    #[tokio::test]
-    async fn counters_survive_a_restart() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ns = Namespace::new("team").expect("ns");
-        let before = {
-            let store = SledStore::open(dir.path(), StoreOptions::default()).expect("open");
-            store
-                .put_artifact(&ns, &name("k"), Default::default(), body(b"12345"))
-                .await
-                .expect("put");
-            store.namespace_usage(None).await.expect("rows")
-        };
-        let store = SledStore::open(dir.path(), StoreOptions::default()).expect("reopen");
-        assert!(store.inner.usage.ready().expect("ready"));
-        assert_eq!(store.namespace_usage(None).await.expect("rows"), before);
-        assert_eq!(figures(&before, "team", ARTIFACTS), (1, 5));
-    }
-}
+mod quota_tests;
+#[cfg(test)]
+mod tests;
