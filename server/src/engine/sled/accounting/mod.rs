@@ -48,10 +48,6 @@ pub(super) const ENTRY_USAGE: &str = "entry_usage";
 const MARKER: &[u8] = b"";
 /// The current format marker.
 const FORMAT: &[u8] = b"1";
-/// The key of the whole server's totals (no namespace part starts with
-/// 0xFF: names are UTF-8). A namespace's totals are under its bare name
-/// part, which no group row uses.
-const SERVER_TOTAL: &[u8] = &[0xFF];
 
 use trove_proto::admin::{
     UsageRow, GROUP_ARTIFACTS as ARTIFACTS, GROUP_CACHE as CACHE, GROUP_CASSETTES as CASSETTES,
@@ -169,9 +165,22 @@ fn counter_key(tree: &[u8], key: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// The sum of the committed counter rows under `prefix` (every row for an
+/// empty prefix).
+fn committed_total(tree: &sled::Tree, prefix: &[u8]) -> Result<Delta, sled::Error> {
+    let mut total = Delta::default();
+    for item in tree.scan_prefix(prefix) {
+        let (key, value) = item?;
+        if key.as_ref() != MARKER {
+            total.add(decode(&value));
+        }
+    }
+    Ok(total)
+}
+
 /// Adds `delta` to the counter under `key` (removed once it counts
-/// nothing); returns the new total.
-fn add_to(tree: &super::wal::LoggedTree<'_>, key: Vec<u8>, delta: Delta) -> TxResult<Delta> {
+/// nothing).
+fn add_to(tree: &super::wal::LoggedTree<'_>, key: Vec<u8>, delta: Delta) -> TxResult<()> {
     let mut total = tree
         .get(&key)?
         .as_deref()
@@ -182,7 +191,7 @@ fn add_to(tree: &super::wal::LoggedTree<'_>, key: Vec<u8>, delta: Delta) -> TxRe
     } else {
         tree.insert(key, &encode(total)[..])?;
     }
-    Ok(total)
+    Ok(())
 }
 
 /// A generation's totals and, once a header points at it, its namespace.
@@ -324,35 +333,38 @@ pub(super) fn account(
         }
         add_to(&usage, key, delta)?;
     }
+    // Totals are summed from the committed rows only when a limit needs
+    // them: keeping them as counters of their own would cost every write
+    // two more reads and writes.
     for (ns, delta) in namespaces {
-        let total = add_to(&usage, keys::key(&[&ns]), delta)?;
-        if delta.logical > 0 {
-            let name = String::from_utf8_lossy(&ns);
-            if let Some(quota) = quotas.namespace(&name) {
-                if total.logical > i128::from(quota.max_bytes) {
-                    return Err(ConflictableTransactionError::Abort(over_quota(
-                        &name,
-                        quota.max_bytes,
-                        total.logical - delta.logical,
-                        delta.logical,
-                    )));
-                }
-            }
+        let name = String::from_utf8_lossy(&ns);
+        let Some(quota) = quotas.namespace(&name).filter(|_| delta.logical > 0) else {
+            continue;
+        };
+        let before = committed_total(usage.committed(), &keys::key(&[&ns]))
+            .map_err(UnabortableTransactionError::Storage)?;
+        if before.logical + delta.logical > i128::from(quota.max_bytes) {
+            return Err(ConflictableTransactionError::Abort(over_quota(
+                &name,
+                quota.max_bytes,
+                before.logical,
+                delta.logical,
+            )));
         }
     }
-    if !server.is_zero() {
-        let total = add_to(&usage, SERVER_TOTAL.to_vec(), server)?;
-        if let Some(max) = quotas.max_disk_bytes {
-            if server.stored > 0 && total.stored > i128::from(max) {
-                return Err(ConflictableTransactionError::Abort(Error::exhausted(
-                    "max_disk_bytes",
-                    format!(
-                        "storing {} more bytes would bring the server to {} stored bytes, over \
-                         its max_disk_bytes of {max}; delete something or raise the limit",
-                        server.stored, total.stored
-                    ),
-                )));
-            }
+    if let Some(max) = quotas.max_disk_bytes.filter(|_| server.stored > 0) {
+        let before = committed_total(usage.committed(), &[])
+            .map_err(UnabortableTransactionError::Storage)?;
+        let total = before.stored + server.stored;
+        if total > i128::from(max) {
+            return Err(ConflictableTransactionError::Abort(Error::exhausted(
+                "max_disk_bytes",
+                format!(
+                    "storing {} more bytes would bring the server to {total} stored bytes, over \
+                     its max_disk_bytes of {max}; delete something or raise the limit",
+                    server.stored
+                ),
+            )));
         }
     }
     Ok(())

@@ -6,7 +6,7 @@ use trove_proto::Error;
 
 use super::{
     counter_key, encode, generation_of, generation_value, keys, record_weight, sled_error, Delta,
-    UsageTrees, CASSETTES, ENTRIES, FORMAT, MARKER, SERVER_TOTAL,
+    UsageTrees, CASSETTES, ENTRIES, FORMAT, MARKER,
 };
 
 /// The trees the counters are computed from, for [`UsageTrees::prepare`].
@@ -80,14 +80,7 @@ impl UsageTrees {
         // a marker that survives a crash comes with every counter; a lost
         // marker only means counting again at the next start, and counters
         // that later logged writes changed are replayed with them.
-        let mut totals: BTreeMap<Vec<u8>, Delta> = BTreeMap::new();
         for (key, total) in &counters {
-            if let Some((ns, _)) = keys::take_part(key) {
-                totals.entry(keys::key(&[&ns])).or_default().add(*total);
-                totals.entry(SERVER_TOTAL.to_vec()).or_default().add(*total);
-            }
-        }
-        for (key, total) in counters.iter().chain(&totals) {
             self.usage
                 .insert(key.as_slice(), &encode(*total)[..])
                 .map_err(sled_error)?;

@@ -4,7 +4,7 @@
 use trove_proto::types::Namespace;
 use trove_proto::Error;
 
-use super::{decode, record_weight, schema, sled_error, Delta, SERVER_TOTAL};
+use super::{committed_total, record_weight, schema, sled_error, Delta};
 
 /// The refusal of a write that would take `namespace` past its quota.
 pub(in crate::engine::sled) fn over_quota(
@@ -85,12 +85,9 @@ impl crate::engine::sled::SledStore {
         }
         let replaced = record_weight(data_tree.get(key).map_err(sled_error)?.as_ref());
         let tree = &self.inner.usage.usage;
-        let read = |key: &[u8]| -> Result<Delta, Error> {
-            Ok(tree
-                .get(key)
+        let read = |prefix: &[u8]| -> Result<Delta, Error> {
+            Ok(committed_total(tree, prefix)
                 .map_err(sled_error)?
-                .as_deref()
-                .map_or_else(Delta::default, decode)
                 .minus(replaced))
         };
         let quota = match quotas.namespace(namespace.as_str()) {
@@ -101,7 +98,7 @@ impl crate::engine::sled::SledStore {
             None => None,
         };
         let server = match quotas.max_disk_bytes {
-            Some(max) => Some((max, read(SERVER_TOTAL)?.stored)),
+            Some(max) => Some((max, read(&[])?.stored)),
             None => None,
         };
         Ok(Room {

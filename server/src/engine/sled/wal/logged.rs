@@ -37,6 +37,9 @@ pub type TreeChanges = BTreeMap<IVec, Change>;
 pub struct LoggedTx<'a> {
     trees: &'a [sled::Tree],
     changes: Vec<RefCell<TreeChanges>>,
+    /// Values read from sled and not (yet) changed, so that a key read and
+    /// then written is read once.
+    reads: Vec<RefCell<BTreeMap<IVec, Option<IVec>>>>,
 }
 
 impl<'a> LoggedTx<'a> {
@@ -44,6 +47,7 @@ impl<'a> LoggedTx<'a> {
         LoggedTx {
             trees,
             changes: trees.iter().map(|_| RefCell::default()).collect(),
+            reads: trees.iter().map(|_| RefCell::default()).collect(),
         }
     }
 
@@ -56,6 +60,7 @@ impl<'a> LoggedTx<'a> {
         LoggedTree {
             tree: &self.trees[index],
             changes: &self.changes[index],
+            reads: &self.reads[index],
         }
     }
 
@@ -79,19 +84,38 @@ impl<'a> LoggedTx<'a> {
 pub struct LoggedTree<'a> {
     tree: &'a sled::Tree,
     changes: &'a RefCell<TreeChanges>,
+    reads: &'a RefCell<BTreeMap<IVec, Option<IVec>>>,
 }
 
 type TxResult<T> = Result<T, UnabortableTransactionError>;
 
 impl LoggedTree<'_> {
+    /// The tree as committed, without this write's changes (for scans).
+    pub fn committed(&self) -> &sled::Tree {
+        self.tree
+    }
+
     /// The value under `key`, seeing this write's own changes.
     pub fn get(&self, key: impl AsRef<[u8]>) -> TxResult<Option<IVec>> {
         if let Some(change) = self.changes.borrow().get(key.as_ref()) {
             return Ok(change.after.clone());
         }
-        self.tree
+        self.read(key.as_ref())
+    }
+
+    /// The committed value under `key`, read from sled once per write.
+    fn read(&self, key: &[u8]) -> TxResult<Option<IVec>> {
+        if let Some(value) = self.reads.borrow().get(key) {
+            return Ok(value.clone());
+        }
+        let value = self
+            .tree
             .get(key)
-            .map_err(UnabortableTransactionError::Storage)
+            .map_err(UnabortableTransactionError::Storage)?;
+        self.reads
+            .borrow_mut()
+            .insert(IVec::from(key), value.clone());
+        Ok(value)
     }
 
     /// Sets `key` to `value`; returns the value it had.
@@ -109,10 +133,7 @@ impl LoggedTree<'_> {
         if let Some(change) = changes.get_mut(&key) {
             return Ok(std::mem::replace(&mut change.after, after));
         }
-        let before = self
-            .tree
-            .get(&key)
-            .map_err(UnabortableTransactionError::Storage)?;
+        let before = self.read(&key)?;
         changes.insert(
             key,
             Change {
