@@ -46,8 +46,8 @@ pub(super) const USAGE: &str = "usage";
 pub(super) const ENTRY_USAGE: &str = "entry_usage";
 /// The key under which the format marker lives (no counter key is empty).
 const MARKER: &[u8] = b"";
-/// The current format marker.
-const FORMAT: &[u8] = b"1";
+/// The current format marker (a store with another one is counted again).
+const FORMAT: &[u8] = b"2";
 
 use trove_proto::admin::{
     UsageRow, GROUP_ARTIFACTS as ARTIFACTS, GROUP_CACHE as CACHE, GROUP_CASSETTES as CASSETTES,

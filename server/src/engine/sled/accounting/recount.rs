@@ -27,6 +27,9 @@ impl UsageTrees {
         if self.ready()? {
             return Ok(());
         }
+        // Whatever an earlier format left is counted again from scratch.
+        self.usage.clear().map_err(sled_error)?;
+        self.entry_usage.clear().map_err(sled_error)?;
         let mut counters: BTreeMap<Vec<u8>, Delta> = BTreeMap::new();
         for tree in [from.objects, from.artifacts, from.cache_refs] {
             let name = tree.name();

@@ -252,20 +252,54 @@ impl Wal {
         let tx = LoggedTx::new(&trees);
         let outcome = body(&tx).map_err(body_error);
         let changes = tx.into_changes();
+        let log_tree = &self.shared.log_tree;
         let outcome = match outcome {
             Ok(value) if changes.iter().any(|c| !c.is_empty()) => {
-                apply(&trees, &changes, &self.shared.log_tree, lsn).map(|()| value)
+                // Encoded before anything is applied: a change set too large
+                // for a record is refused without touching sled.
+                let mut record = Vec::new();
+                match encode_redo(&mut record, lsn, &trees, &changes) {
+                    Err(err) => Err(err),
+                    Ok(()) => match apply(&trees, &changes, log_tree, lsn) {
+                        Ok(()) => Ok((value, Some((record, changes)))),
+                        Err(failed) => {
+                            if !failed.undone {
+                                // sled holds part of this write and its image:
+                                // only a restart can take it out again.
+                                state.refusing = Some(format!(
+                                    "a write failed part way in the database and could not be \
+                                     undone ({}); restart the server",
+                                    failed.error
+                                ));
+                                state.refusing_for_good = true;
+                            }
+                            Err(failed.error)
+                        }
+                    },
+                }
             }
-            other => other,
+            Ok(value) => Ok((value, None)),
+            Err(err) => Err(err),
         };
-        // Failed or not, the LSN is taken: an empty record keeps the
-        // sequence whole so that waiters on it are released.
         let queued = match outcome {
-            Ok(value) => {
-                queue(&mut state, &self.shared.log_tree, lsn, &trees, changes).map(|()| value)
+            Ok((value, Some((record, changes)))) => {
+                state.pending.extend_from_slice(&record);
+                state.undo.push_back(undo_of(lsn, &trees, changes));
+                Ok(value)
             }
-            Err(err) => {
-                queue(&mut state, &self.shared.log_tree, lsn, &trees, Vec::new()).and(Err(err))
+            // Failed, refused or empty, the LSN is taken: an empty record
+            // keeps the sequence whole so that waiters on it are released,
+            // and the marker covers it so that a checkpoint may release the
+            // segment that holds it.
+            other => {
+                let marked = log_tree
+                    .insert(APPLIED, &lsn.to_be_bytes()[..])
+                    .map(|_| ())
+                    .map_err(sled_error);
+                codec::encode(&mut state.pending, lsn, std::iter::empty())
+                    .map_err(|_| Error::internal("an empty log record does not fit"))?;
+                state.undo.push_back(undo_of(lsn, &[], Vec::new()));
+                marked.and(other.map(|(value, _)| value))
             }
         };
         drop(state);
@@ -372,19 +406,74 @@ impl Wal {
 /// Writes are held while this lives (see [`Wal::hold_writes`]).
 pub struct WritesHeld<'a>(#[allow(dead_code)] MutexGuard<'a, State>);
 
+/// The largest piece of an undo image stored as one sled value: well under
+/// a quarter of the smallest sled segment in use (sled writes a larger item
+/// to a file of its own that it never syncs).
+const IMAGE_PIECE_BYTES: usize = 64 * 1024;
+
+/// The key of piece `index` of the undo image.
+fn image_key(index: u32) -> Vec<u8> {
+    let mut key = UNDO_IMAGE.to_vec();
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// Reads back the undo image of a write newer than `applied`: piece 0
+/// starts with the number of pieces and the write's LSN. `None` when there
+/// is no image, or it belongs to a write the marker covers (its other
+/// pieces may have been overwritten since).
+pub(super) fn read_image(log_tree: &sled::Tree, applied: u64) -> Result<Option<Vec<u8>>, Error> {
+    let Some(first) = log_tree.get(image_key(0)).map_err(sled_error)? else {
+        return Ok(None);
+    };
+    let damaged = || Error::DataLoss {
+        message: "the database's image of its last write is incomplete; restore the data \
+                  folder from a backup"
+            .into(),
+    };
+    let (count, rest) = first.split_first_chunk::<4>().ok_or_else(damaged)?;
+    let (lsn, head) = rest.split_first_chunk::<8>().ok_or_else(damaged)?;
+    if u64::from_be_bytes(*lsn) <= applied {
+        return Ok(None);
+    }
+    let mut image = head.to_vec();
+    for index in 1..u32::from_be_bytes(*count) {
+        let piece = log_tree.get(image_key(index)).map_err(sled_error)?;
+        image.extend_from_slice(&piece.ok_or_else(damaged)?);
+    }
+    Ok(Some(image))
+}
+
+/// The key whose removal forgets the undo image (piece 0 names the
+/// others).
+pub(super) fn image_head() -> Vec<u8> {
+    image_key(0)
+}
+
+/// Why [`apply`] failed, and whether sled was put back.
+#[derive(Debug)]
+struct ApplyFailed {
+    error: Error,
+    undone: bool,
+}
+
 /// Applies `changes` to sled between two writes of the log's own tree:
-/// first the values before ([`UNDO_IMAGE`]), last the applied marker.
-/// sled recovers a prefix of its own log, so after a crash either the
-/// marker says the whole write is in, or the image is there to take a
-/// partial write out again ([`replay`]); a write whose record is durable is
-/// then replayed whole. When sled fails part way, what was applied is put
-/// back.
+/// first the values before ([`UNDO_IMAGE`], in pieces, piece 0 last), last
+/// the applied marker. sled recovers a prefix of its own log, so after a
+/// crash either the marker says the whole write is in, or the image is
+/// there to take a partial write out again ([`replay`]); a write whose
+/// record is durable is then replayed whole. When sled fails part way,
+/// what was applied is put back.
 fn apply(
     trees: &[sled::Tree],
     changes: &[TreeChanges],
     log_tree: &sled::Tree,
     lsn: u64,
-) -> Result<(), Error> {
+) -> Result<(), ApplyFailed> {
+    let failed = |error: Error| ApplyFailed {
+        error,
+        undone: true,
+    };
     let names: Vec<IVec> = trees.iter().map(sled::Tree::name).collect();
     let before = changes.iter().zip(&names).flat_map(|(tree, name)| {
         tree.iter().map(move |(key, change)| RedoRef {
@@ -394,8 +483,20 @@ fn apply(
         })
     });
     let mut image = Vec::new();
-    codec::encode(&mut image, lsn, before).map_err(|_| too_large())?;
-    log_tree.insert(UNDO_IMAGE, image).map_err(sled_error)?;
+    codec::encode(&mut image, lsn, before).map_err(|_| failed(too_large()))?;
+    let pieces: Vec<&[u8]> = image.chunks(IMAGE_PIECE_BYTES).collect();
+    let count = u32::try_from(pieces.len()).map_err(|_| failed(too_large()))?;
+    for (index, piece) in (1..count).zip(&pieces[1..]) {
+        log_tree
+            .insert(image_key(index), *piece)
+            .map_err(|e| failed(sled_error(e)))?;
+    }
+    let mut first = count.to_be_bytes().to_vec();
+    first.extend_from_slice(&lsn.to_be_bytes());
+    first.extend_from_slice(pieces.first().copied().unwrap_or_default());
+    log_tree
+        .insert(image_key(0), first)
+        .map_err(|e| failed(sled_error(e)))?;
     let applied = (|| -> Result<(), sled::Error> {
         for (tree, changes) in trees.iter().zip(changes) {
             for (key, change) in changes {
@@ -411,20 +512,19 @@ fn apply(
     let Err(err) = applied else {
         return Ok(());
     };
-    let undo = Undo {
-        lsn,
-        trees: trees.to_vec(),
-        before: changes
-            .iter()
-            .map(|c| {
-                c.iter()
-                    .map(|(k, c)| (k.clone(), c.before.clone()))
-                    .collect()
-            })
-            .collect(),
-    };
-    undo_one(log_tree, None, &undo)?;
-    Err(sled_error(err))
+    let undo = undo_of(lsn, trees, changes.to_vec());
+    match undo_one(log_tree, None, &undo) {
+        Ok(()) => Err(failed(sled_error(err))),
+        Err(undo_error) => Err(ApplyFailed {
+            error: Error::Unavailable {
+                message: format!(
+                    "the database failed part way through a write ({err}) and putting it back \
+                     failed too ({undo_error}); restart the server"
+                ),
+            },
+            undone: false,
+        }),
+    }
 }
 
 fn too_large() -> Error {
@@ -434,15 +534,12 @@ fn too_large() -> Error {
     )
 }
 
-/// Encodes the record `lsn` into the pending group and keeps its undo. A
-/// change set too large for one record is undone at once (an empty record
-/// keeps the sequence whole) and refused.
-fn queue(
-    state: &mut State,
-    log_tree: &sled::Tree,
+/// Encodes the record `lsn` (the values after) into `out`.
+fn encode_redo(
+    out: &mut Vec<u8>,
     lsn: u64,
     trees: &[sled::Tree],
-    changes: Vec<TreeChanges>,
+    changes: &[TreeChanges],
 ) -> Result<(), Error> {
     let names: Vec<IVec> = trees.iter().map(sled::Tree::name).collect();
     let redo = changes.iter().zip(&names).flat_map(|(tree, name)| {
@@ -452,7 +549,11 @@ fn queue(
             value: change.after.as_deref(),
         })
     });
-    let oversized = codec::encode(&mut state.pending, lsn, redo).is_err();
+    codec::encode(out, lsn, redo).map_err(|_| too_large())
+}
+
+/// How to undo the write `lsn`: its values before, per tree that changed.
+fn undo_of(lsn: u64, trees: &[sled::Tree], changes: Vec<TreeChanges>) -> Undo {
     let mut undo = Undo {
         lsn,
         trees: Vec::new(),
@@ -470,20 +571,7 @@ fn queue(
                 .collect(),
         );
     }
-    if oversized {
-        // The applied marker stays at `lsn`: the empty record stands for it.
-        undo_one(log_tree, None, &undo)?;
-        codec::encode(&mut state.pending, lsn, std::iter::empty())
-            .map_err(|_| Error::internal("an empty log record does not fit"))?;
-        state.undo.push_back(Undo {
-            lsn,
-            trees: Vec::new(),
-            before: Vec::new(),
-        });
-        return Err(too_large());
-    }
-    state.undo.push_back(undo);
-    Ok(())
+    undo
 }
 
 #[cfg(test)]

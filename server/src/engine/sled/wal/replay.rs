@@ -19,7 +19,7 @@ use sled::IVec;
 use trove_proto::Error;
 
 use super::codec::{self, Read, Record};
-use super::{segments, APPLIED, UNDO_IMAGE};
+use super::{segments, APPLIED};
 use crate::engine::sled::{io_error, sled_error};
 
 /// Where the log starts again after recovery.
@@ -177,7 +177,10 @@ fn put_back_cut_write(
     trees: &mut HashMap<IVec, sled::Tree>,
     applied: u64,
 ) -> Result<(), Error> {
-    let Some(image) = log_tree.get(UNDO_IMAGE).map_err(sled_error)? else {
+    // The single-key image of an earlier version is never newer than the
+    // marker it was written with: forget it.
+    log_tree.remove(b"undo").map_err(sled_error)?;
+    let Some(image) = super::read_image(log_tree, applied)? else {
         return Ok(());
     };
     let image = match codec::read(&image, 0) {
@@ -190,14 +193,12 @@ fn put_back_cut_write(
             })
         }
     };
-    if image.lsn > applied {
-        tracing::info!(
-            lsn = image.lsn,
-            "took out a write the database held only part of"
-        );
-        put_values(db, trees, &image)?;
-    }
-    log_tree.remove(UNDO_IMAGE).map_err(sled_error)?;
+    tracing::info!(
+        lsn = image.lsn,
+        "took out a write the database held only part of"
+    );
+    put_values(db, trees, &image)?;
+    log_tree.remove(super::image_head()).map_err(sled_error)?;
     Ok(())
 }
 

@@ -186,7 +186,9 @@ async fn a_failed_fdatasync_undoes_and_the_log_goes_on() {
     faults.fail_flush.store(true, Ordering::SeqCst);
     let ticket = opened.wal.ticket();
     put(&opened, "k", "lost").expect("applied");
-    put(&opened, "new", "lost").expect("applied");
+    // The writer may already have failed the first write's group and be
+    // refusing: either way this write must not survive.
+    let _ = put(&opened, "new", "lost");
     let err = opened.wal.barrier(ticket).await.expect_err("not durable");
     assert!(err.to_string().contains("undone"), "{err}");
     assert_eq!(
@@ -259,4 +261,74 @@ fn a_write_cut_before_its_marker_is_taken_out_at_start() {
     assert_eq!(value(&opened.db, "new"), None);
     put(&opened, "after", "y").expect("writes go on");
     assert_eq!(value(&opened.db, "after").as_deref(), Some("y"));
+}
+
+/// The image of a write whose values before are larger than one piece is
+/// stored in pieces and put back whole.
+#[test]
+fn a_large_image_is_put_back_from_its_pieces() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let big: String = "abcdefghijklmnopqrstuvwxyz".repeat(300_000 / 26);
+    {
+        let opened = open(dir.path(), None);
+        put(&opened, "big", &big).expect("put");
+        let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
+        let marker = applied(&log_tree).expect("marker");
+        let mut changes = TreeChanges::new();
+        changes.insert(
+            IVec::from("big"),
+            logged::Change {
+                before: Some(IVec::from(big.as_bytes())),
+                after: None,
+            },
+        );
+        apply(
+            std::slice::from_ref(&opened.data),
+            &[changes],
+            &log_tree,
+            marker + 1,
+        )
+        .expect("apply");
+        assert!(
+            log_tree.get(image_key(4)).expect("get").is_some(),
+            "a 300 KB image takes five pieces"
+        );
+        log_tree
+            .insert(APPLIED, &marker.to_be_bytes()[..])
+            .expect("put the marker back");
+        assert_eq!(value(&opened.db, "big"), None);
+        opened.db.flush().expect("flush");
+    }
+    let opened = open(dir.path(), None);
+    assert_eq!(value(&opened.db, "big").as_deref(), Some(big.as_str()));
+}
+
+/// A write that changes nothing (its body failed, or it had nothing to do)
+/// still moves the applied marker: a checkpoint may release the segment
+/// holding its empty record, and the next start must not find the log
+/// beginning after the marker.
+#[test]
+fn empty_writes_move_the_marker() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = open(dir.path(), None);
+    put(&opened, "k", "v").expect("put");
+    let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
+    let before = applied(&log_tree).expect("marker");
+    let refused = opened.wal.write(&[&opened.data], |tx| {
+        tx.tree(0).insert("other", "x")?;
+        Err::<(), _>(sled::transaction::ConflictableTransactionError::Abort(
+            Error::invalid("test", "refused on purpose"),
+        ))
+    });
+    assert!(refused.is_err());
+    assert_eq!(
+        value(&opened.db, "other"),
+        None,
+        "a refused write changed sled"
+    );
+    opened
+        .wal
+        .write(&[&opened.data], |_| Ok(()))
+        .expect("a write with nothing to do");
+    assert_eq!(applied(&log_tree).expect("marker"), before + 2);
 }

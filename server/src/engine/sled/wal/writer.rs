@@ -9,7 +9,7 @@ use sled::transaction::Transactional;
 use trove_proto::Error;
 
 use super::segments::{self, Segment, Spare};
-use super::{Failure, Shared, Undo, APPLIED, UNDO_IMAGE};
+use super::{image_head, Failure, Shared, Undo, APPLIED};
 use crate::engine::sled::{tx_error, Faults};
 
 /// The writer thread: group commit, segment rotation and failure handling.
@@ -257,7 +257,7 @@ pub(super) fn undo_one(
         }
         // The image of an undone write must not be put back at the next
         // start, over what later writes leave.
-        view[count].remove(UNDO_IMAGE)?;
+        view[count].remove(image_head())?;
         Ok::<(), sled::transaction::ConflictableTransactionError<Error>>(())
     });
     result.map_err(tx_error)
