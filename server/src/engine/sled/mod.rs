@@ -228,8 +228,21 @@ impl SledStore {
             tracing::info!(files, bytes, "reclaimed staged and orphaned blob files");
         }
         let id_offset = durable::id_offset(&db, &blob_refs)?;
-        let wal = Wal::start(log_tree, log_dir, &recovered, options.faults.clone())
-            .map_err(|e| io_error("start the log", &e))?;
+        let undo_flush = Arc::clone(&checkpoints);
+        let make_durable: wal::MakeDurable = Box::new(move || {
+            undo_flush
+                .lock()
+                .map_err(|_| "the checkpoint lock is poisoned".to_owned())?
+                .flush()
+        });
+        let wal = Wal::start(
+            log_tree,
+            log_dir,
+            &recovered,
+            options.faults.clone(),
+            make_durable,
+        )
+        .map_err(|e| io_error("start the log", &e))?;
         let checkpointer = Checkpointer::start(wal.clone(), Arc::clone(&checkpoints))
             .map_err(|e| io_error("start the checkpoint thread", &e))?;
         entry_trees.collect_leftovers(&wal)?;

@@ -137,7 +137,12 @@ struct Shared {
     sealed: Mutex<Vec<(u64, u64)>>,
     /// Groups written (one `fdatasync` each).
     groups: AtomicU64,
+    /// Flushes and syncs sled: run after an undo, before writes resume.
+    make_durable: MakeDurable,
 }
+
+/// Flushes sled and syncs its files; the reason when that failed.
+pub type MakeDurable = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 impl Shared {
     fn lock(&self) -> Result<MutexGuard<'_, State>, Error> {
@@ -190,6 +195,7 @@ impl Wal {
         dir: PathBuf,
         recovered: &Recovered,
         faults: Option<Arc<Faults>>,
+        make_durable: MakeDurable,
     ) -> std::io::Result<Self> {
         let spare = segments::prepare(&dir, segments::SEGMENT_BYTES)?;
         let segment = Segment::install(&dir, spare, recovered.next_segment, recovered.last_lsn)?;
@@ -212,6 +218,7 @@ impl Wal {
             faults,
             sealed: Mutex::new(Vec::new()),
             groups: AtomicU64::new(0),
+            make_durable,
         });
         let writer = Arc::clone(&shared);
         let writer = std::thread::Builder::new()

@@ -11,6 +11,8 @@ struct Opened {
     db: sled::Db,
     data: sled::Tree,
     wal: Wal,
+    /// How often the log asked for sled to be made durable (after undos).
+    durable_flushes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn open(dir: &Path, faults: Option<Arc<Faults>>) -> Opened {
@@ -21,8 +23,21 @@ fn open(dir: &Path, faults: Option<Arc<Faults>>) -> Opened {
     let data = db.open_tree("data").expect("tree");
     let log_tree = db.open_tree(LOG_TREE).expect("log tree");
     let recovered = recover(&db, &log_tree, &dir.join("log"), || Ok(())).expect("recover");
-    let wal = Wal::start(log_tree, dir.join("log"), &recovered, faults).expect("start");
-    Opened { db, data, wal }
+    let flushed = db.clone();
+    let durable_flushes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = Arc::clone(&durable_flushes);
+    let make_durable: MakeDurable = Box::new(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        flushed.flush().map(|_| ()).map_err(|e| e.to_string())
+    });
+    let wal =
+        Wal::start(log_tree, dir.join("log"), &recovered, faults, make_durable).expect("start");
+    Opened {
+        db,
+        data,
+        wal,
+        durable_flushes,
+    }
 }
 
 fn put(opened: &Opened, key: &str, value: &str) -> Result<(), Error> {
@@ -197,6 +212,10 @@ async fn a_failed_fdatasync_undoes_and_the_log_goes_on() {
     );
     assert_eq!(opened.data.get("new").expect("get"), None);
     assert!(opened.wal.refusal().is_some());
+    assert!(
+        opened.durable_flushes.load(Ordering::SeqCst) >= 1,
+        "the undo was not made durable before writes resume"
+    );
     faults.fail_flush.store(false, Ordering::SeqCst);
     let mut resumed = false;
     for _ in 0..200 {

@@ -147,6 +147,20 @@ impl Writer {
             state.refusing = Some(reason.clone());
             state.issued
         };
+        // The undo must be on disk before new records follow the durable
+        // ones: sled may already hold the undone writes in its own files,
+        // and a power cut would bring them back.
+        if let Err(why) = (self.shared.make_durable)() {
+            tracing::error!(error = %why, "could not make the undo durable");
+            if let Ok(mut state) = self.shared.state.lock() {
+                state.refusing = Some(format!(
+                    "{reason}, and making the undo durable failed ({why}); restart the server"
+                ));
+                state.refusing_for_good = true;
+            }
+            self.report_failure(durable, voided, err, reason);
+            return true;
+        }
         self.report_failure(durable, voided, err, reason);
         self.reopen(durable)
     }
