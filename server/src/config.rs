@@ -184,6 +184,12 @@ pub struct Config {
     #[arg(long, env = "TROVE_MAX_DISK_BYTES", default_value_t = 0)]
     pub max_disk_bytes: u64,
 
+    /// Bytes the data folder's filesystem keeps free: a write that would
+    /// leave less gets RESOURCE_EXHAUSTED (checked at most every 200 ms).
+    /// 0: no floor.
+    #[arg(long, env = "TROVE_MIN_FREE_DISK_BYTES", default_value_t = 0)]
+    pub min_free_disk_bytes: u64,
+
     /// Per-namespace quotas, from the config file's `[namespaces."name"]`
     /// tables (`max_bytes`, `on_full = "reject"`).
     #[arg(skip)]
@@ -522,6 +528,7 @@ impl Config {
         crate::engine::quota::Quotas {
             max_disk_bytes: (self.max_disk_bytes > 0).then_some(self.max_disk_bytes),
             namespaces: self.namespaces.clone(),
+            min_free_disk_bytes: self.min_free_disk_bytes,
         }
     }
 }

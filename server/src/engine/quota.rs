@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use trove_proto::Error;
+
 /// What a namespace at its quota does with a write that would pass it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnFull {
@@ -30,12 +32,15 @@ pub struct Quotas {
     pub max_disk_bytes: Option<u64>,
     /// Quotas by namespace name.
     pub namespaces: BTreeMap<String, NamespaceQuota>,
+    /// Free bytes the data folder's filesystem keeps: a write that would
+    /// leave less is refused (0: no floor).
+    pub min_free_disk_bytes: u64,
 }
 
 impl Quotas {
     /// True when no limit is set.
     pub fn is_empty(&self) -> bool {
-        self.max_disk_bytes.is_none() && self.namespaces.is_empty()
+        self.max_disk_bytes.is_none() && self.namespaces.is_empty() && self.min_free_disk_bytes == 0
     }
 
     /// The quota of `namespace`, if it has one.
@@ -93,6 +98,71 @@ impl Quotas {
     }
 }
 
+/// The free-space floor of a data folder. The filesystem is asked at most
+/// every [`FreeSpace::REFRESH`], so a burst of writes may pass the floor by
+/// what they write in that time.
+#[derive(Debug)]
+pub struct FreeSpace {
+    dir: std::path::PathBuf,
+    floor: u64,
+    last: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+impl FreeSpace {
+    /// How long a reading of the free space is trusted.
+    pub const REFRESH: std::time::Duration = std::time::Duration::from_millis(200);
+
+    /// True when no floor is kept.
+    pub fn is_off(&self) -> bool {
+        self.floor == 0
+    }
+
+    /// A guard keeping `floor` bytes free on the filesystem of `dir`.
+    pub fn new(dir: &std::path::Path, floor: u64) -> Self {
+        FreeSpace {
+            dir: dir.to_path_buf(),
+            floor,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Refuses, with RESOURCE_EXHAUSTED, `bytes` more that would leave less
+    /// free than the floor.
+    pub fn check(&self, bytes: u64) -> Result<(), Error> {
+        if self.floor == 0 {
+            return Ok(());
+        }
+        let mut last = self
+            .last
+            .lock()
+            .map_err(|_| Error::internal("the free-space lock is poisoned"))?;
+        let free = match *last {
+            Some((at, free)) if at.elapsed() < Self::REFRESH => free,
+            _ => {
+                let stat = rustix::fs::statvfs(&self.dir).map_err(|e| Error::Unavailable {
+                    message: format!("cannot read the free space of the data folder: {e}"),
+                })?;
+                stat.f_bavail.saturating_mul(stat.f_frsize)
+            }
+        };
+        if last.is_none_or(|(at, _)| at.elapsed() >= Self::REFRESH) {
+            *last = Some((std::time::Instant::now(), free));
+        }
+        if free.saturating_sub(bytes) < self.floor {
+            return Err(Error::exhausted(
+                "disk space",
+                format!(
+                    "the data folder's filesystem has {free} bytes free and keeps at least \
+                     {floor} free (min_free_disk_bytes); {bytes} more would pass that. Nothing was \
+                     stored: free some space or lower the floor",
+                    floor = self.floor
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +189,26 @@ mod tests {
             let err = Quotas::parse_namespaces(&table).expect_err(text);
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    /// A floor above the filesystem's free space refuses any write with a
+    /// message naming the setting; no floor refuses nothing.
+    #[test]
+    fn the_free_space_floor_refuses_writes_below_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        FreeSpace::new(dir.path(), 0)
+            .check(u64::MAX)
+            .expect("no floor");
+        let err = FreeSpace::new(dir.path(), u64::MAX / 2)
+            .check(1)
+            .expect_err("floor above the free space");
+        let Error::ResourceExhausted { limit, message } = &err else {
+            panic!("expected RESOURCE_EXHAUSTED, got {err:?}");
+        };
+        assert_eq!(limit, "disk space");
+        assert!(message.contains("min_free_disk_bytes"), "{message}");
+        FreeSpace::new(dir.path(), 1)
+            .check(1)
+            .expect("a 1-byte floor fits");
     }
 }

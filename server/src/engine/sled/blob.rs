@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -326,6 +327,61 @@ impl StagedBody {
                 }))
             }
         }
+    }
+}
+
+impl super::SledStore {
+    /// Drains `data` into a new body for `key` of `tree` in a namespace,
+    /// enforcing `expected_size` and the capacity limits as bytes arrive.
+    pub(super) async fn stage(
+        &self,
+        (ns, tree, key): (&trove_proto::types::Namespace, &sled::Tree, &[u8]),
+        mut data: trove_proto::types::ByteStream,
+        expected_size: Option<u64>,
+    ) -> Result<StagedBody, trove_proto::Error> {
+        let declared = crate::engine::values::DeclaredSize::new(expected_size);
+        let room = self.room(ns, tree, key)?;
+        if let Some(refused) = expected_size.and_then(|size| room.refuse(size)) {
+            return Err(refused);
+        }
+        let mut writer = BodyWriter::new(
+            &self.inner.blobs,
+            self.next_id()?,
+            self.inner.options.inline_limit,
+        );
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk?;
+            writer
+                .write(&chunk)
+                .await
+                .map_err(|e| super::io_error("stage upload", &e))?;
+            if let Some(refused) = (!room.unlimited())
+                .then(|| room.refuse(writer.written()))
+                .flatten()
+            {
+                return Err(refused);
+            }
+            // The injected failure comes once the body has spilled into its
+            // staging file, so the cleanup of a real failure is exercised.
+            let spilled = writer.written() > self.inner.options.inline_limit as u64;
+            if let Some(err) = self
+                .inner
+                .options
+                .faults
+                .as_ref()
+                .and_then(|f| f.blob_write_error())
+            {
+                if spilled {
+                    return Err(super::io_error("stage upload", &err));
+                }
+            }
+            declared.check_progress(writer.written())?;
+        }
+        declared.check_end(writer.written())?;
+        writer
+            .finish()
+            .await
+            .map_err(|e| super::io_error("stage upload", &e))
     }
 }
 

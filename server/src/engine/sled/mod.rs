@@ -57,13 +57,11 @@ pub(crate) use errors::{body_error, io_error, read_error, sled_error, tx_error};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::StreamExt;
-use trove_proto::types::ByteStream;
 use trove_proto::Error;
 
 use crate::engine::record::{self, Body, ValueRecord};
-use crate::engine::values::DeclaredSize;
-use blob::{BlobDir, BodyWriter, Published};
+
+use blob::{BlobDir, Published};
 use durable::{Checkpointer, DurableFlush};
 use wal::{LoggedTx, Wal};
 
@@ -246,7 +244,7 @@ impl SledStore {
         let checkpointer = Checkpointer::start(wal.clone(), Arc::clone(&checkpoints))
             .map_err(|e| io_error("start the checkpoint thread", &e))?;
         entry_trees.collect_leftovers(&wal)?;
-        let usage = accounting::UsageTrees::open(&db)?;
+        let usage = accounting::UsageTrees::open(&db, root, options.quotas.min_free_disk_bytes)?;
         usage.prepare(&accounting::Sources {
             objects: &objects,
             artifacts: &artifacts,
@@ -330,6 +328,7 @@ impl SledStore {
         }
         let counted = trees.len();
         let usage = &self.inner.usage;
+        usage.free.check(0)?;
         let all = [trees, &[&usage.usage, &usage.entry_usage]].concat();
         self.inner.wal.write(&all, |tx| {
             let out = body(tx)?;
@@ -367,59 +366,6 @@ impl SledStore {
         let id = self.inner.db.generate_id().map_err(sled_error)?;
         id.checked_add(self.inner.id_offset)
             .ok_or_else(|| Error::internal("ids exhausted"))
-    }
-
-    /// Drains `data` into a new body for `key` of `tree` in a namespace,
-    /// enforcing `expected_size` and the capacity limits as bytes arrive.
-    async fn stage(
-        &self,
-        (ns, tree, key): (&trove_proto::types::Namespace, &sled::Tree, &[u8]),
-        mut data: ByteStream,
-        expected_size: Option<u64>,
-    ) -> Result<blob::StagedBody, Error> {
-        let declared = DeclaredSize::new(expected_size);
-        let room = self.room(ns, tree, key)?;
-        if let Some(refused) = expected_size.and_then(|size| room.refuse(size)) {
-            return Err(refused);
-        }
-        let mut writer = BodyWriter::new(
-            &self.inner.blobs,
-            self.next_id()?,
-            self.inner.options.inline_limit,
-        );
-        while let Some(chunk) = data.next().await {
-            let chunk = chunk?;
-            writer
-                .write(&chunk)
-                .await
-                .map_err(|e| io_error("stage upload", &e))?;
-            if let Some(refused) = (!room.unlimited())
-                .then(|| room.refuse(writer.written()))
-                .flatten()
-            {
-                return Err(refused);
-            }
-            // The injected failure comes once the body has spilled into its
-            // staging file, so the cleanup of a real failure is exercised.
-            let spilled = writer.written() > self.inner.options.inline_limit as u64;
-            if let Some(err) = self
-                .inner
-                .options
-                .faults
-                .as_ref()
-                .and_then(|f| f.blob_write_error())
-            {
-                if spilled {
-                    return Err(io_error("stage upload", &err));
-                }
-            }
-            declared.check_progress(writer.written())?;
-        }
-        declared.check_end(writer.written())?;
-        writer
-            .finish()
-            .await
-            .map_err(|e| io_error("stage upload", &e))
     }
 
     /// Writes `make(old)` under `key` together with its blob reference, in one

@@ -59,6 +59,8 @@ use trove_proto::admin::{
 pub(super) struct UsageTrees {
     pub(super) usage: sled::Tree,
     pub(super) entry_usage: sled::Tree,
+    /// The free-space floor of the data folder.
+    pub(super) free: std::sync::Arc<crate::engine::quota::FreeSpace>,
 }
 
 /// A change to one counter.
@@ -372,10 +374,11 @@ pub(super) fn account(
 
 impl UsageTrees {
     /// Opens the counter trees.
-    pub(super) fn open(db: &sled::Db) -> Result<Self, Error> {
+    pub(super) fn open(db: &sled::Db, root: &std::path::Path, floor: u64) -> Result<Self, Error> {
         Ok(UsageTrees {
             usage: db.open_tree(USAGE).map_err(sled_error)?,
             entry_usage: db.open_tree(ENTRY_USAGE).map_err(sled_error)?,
+            free: std::sync::Arc::new(crate::engine::quota::FreeSpace::new(root, floor)),
         })
     }
 

@@ -34,6 +34,7 @@ fn quota(ns: &str, max_bytes: u64) -> Quotas {
             },
         )]
         .into(),
+        min_free_disk_bytes: 0,
     }
 }
 
@@ -153,6 +154,7 @@ async fn the_server_limit_counts_every_namespace() {
     let (_dir, store) = limited(Quotas {
         max_disk_bytes: Some(100),
         namespaces: Default::default(),
+        min_free_disk_bytes: 0,
     });
     let (a, b) = (
         Namespace::new("a").expect("ns"),

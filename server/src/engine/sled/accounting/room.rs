@@ -31,12 +31,17 @@ pub(in crate::engine::sled) struct Room {
     quota: Option<(u64, i128)>,
     /// The server's limit and stored bytes, when it has a limit.
     server: Option<(u64, i128)>,
+    /// The data folder's free-space floor.
+    free: std::sync::Arc<crate::engine::quota::FreeSpace>,
 }
 
 impl Room {
     /// The refusal for a body of `bytes` that does not fit, if it does not.
     /// Best effort: the exact check runs with the write itself.
     pub(in crate::engine::sled) fn refuse(&self, bytes: u64) -> Option<Error> {
+        if let Err(full) = self.free.check(bytes) {
+            return Some(full);
+        }
         let adding = i128::from(bytes);
         if let Some((max, usage)) = self.quota {
             if usage + adding > i128::from(max) {
@@ -59,7 +64,7 @@ impl Room {
 
     /// True when no limit applies.
     pub(in crate::engine::sled) fn unlimited(&self) -> bool {
-        self.quota.is_none() && self.server.is_none()
+        self.quota.is_none() && self.server.is_none() && self.free.is_off()
     }
 }
 
@@ -81,6 +86,7 @@ impl crate::engine::sled::SledStore {
                 namespace: namespace.as_str().to_owned(),
                 quota: None,
                 server: None,
+                free: std::sync::Arc::clone(&self.inner.usage.free),
             });
         }
         let replaced = record_weight(data_tree.get(key).map_err(sled_error)?.as_ref());
@@ -105,6 +111,7 @@ impl crate::engine::sled::SledStore {
             namespace: namespace.as_str().to_owned(),
             quota,
             server,
+            free: std::sync::Arc::clone(&self.inner.usage.free),
         })
     }
 }
