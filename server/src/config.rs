@@ -323,7 +323,8 @@ impl Config {
         let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
             return Ok(Config::from_arg_matches(&matches)?);
         };
-        let from_file = file_arguments(&path, &matches)?;
+        let table = file_table(&path)?;
+        let from_file = file_arguments(&path, &table, &matches)?;
         // File values are passed as flags only for settings that nothing
         // else set, so the environment and real flags keep precedence.
         let mut merged = args;
@@ -335,7 +336,7 @@ impl Config {
                 message: e.to_string().trim().to_owned(),
             })?;
         let mut config = Config::from_arg_matches(&matches)?;
-        config.namespaces = namespace_quotas(&path)?;
+        config.namespaces = namespace_quotas(&path, &table)?;
         Ok(config)
     }
 
@@ -498,18 +499,28 @@ impl Config {
     }
 }
 
+/// An error about the config file at `path`.
+fn file_error(path: &Path, message: String) -> ConfigError {
+    ConfigError::File {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// Reads and parses the config file, once.
+fn file_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| file_error(path, format!("cannot read it: {e}")))?;
+    text.parse()
+        .map_err(|e: toml::de::Error| file_error(path, e.to_string().trim().to_owned()))
+}
+
 /// The `[namespaces."name"]` quota tables of a config file.
 fn namespace_quotas(
     path: &Path,
+    table: &toml::Table,
 ) -> Result<std::collections::BTreeMap<String, crate::engine::quota::NamespaceQuota>, ConfigError> {
-    let fail = |message: String| ConfigError::File {
-        path: path.to_path_buf(),
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| fail(e.to_string().trim().to_owned()))?;
+    let fail = |message: String| file_error(path, message);
     match table.get("namespaces") {
         None => Ok(std::collections::BTreeMap::new()),
         Some(toml::Value::Table(namespaces)) => {
@@ -535,15 +546,12 @@ impl Config {
 
 /// Turns the keys of a TOML file into `--flag value` arguments for the
 /// settings that were left at their defaults.
-fn file_arguments(path: &Path, matches: &clap::ArgMatches) -> Result<Vec<OsString>, ConfigError> {
-    let fail = |message: String| ConfigError::File {
-        path: path.to_path_buf(),
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| fail(e.to_string().trim().to_owned()))?;
+fn file_arguments(
+    path: &Path,
+    table: &toml::Table,
+    matches: &clap::ArgMatches,
+) -> Result<Vec<OsString>, ConfigError> {
+    let fail = |message: String| file_error(path, message);
     let command = Config::command();
     let mut args = Vec::new();
     for (key, value) in table {
@@ -563,7 +571,7 @@ fn file_arguments(path: &Path, matches: &clap::ArgMatches) -> Result<Vec<OsStrin
             )));
         };
         let value = match value {
-            toml::Value::String(s) => s,
+            toml::Value::String(s) => s.clone(),
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
             toml::Value::Float(f) => f.to_string(),

@@ -236,6 +236,34 @@ async fn a_failed_fdatasync_undoes_and_the_log_goes_on() {
     assert_eq!(value(&db, "new"), None, "an undone record was replayed");
 }
 
+/// Applies `changes` (key, before, after) to the data tree as the log would,
+/// then puts the applied marker back: what sled holds when the process died
+/// between a write's changes and its marker, its record never durable.
+fn apply_without_marker(opened: &Opened, changes: &[(&str, Option<&str>, Option<&str>)]) {
+    let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
+    let marker = applied(&log_tree).expect("marker");
+    let changes: TreeChanges = changes
+        .iter()
+        .map(|(key, before, after)| {
+            let change = logged::Change {
+                before: before.map(IVec::from),
+                after: after.map(IVec::from),
+            };
+            (IVec::from(*key), change)
+        })
+        .collect();
+    apply(
+        std::slice::from_ref(&opened.data),
+        &[changes],
+        &log_tree,
+        marker + 1,
+    )
+    .expect("apply");
+    log_tree
+        .insert(APPLIED, &marker.to_be_bytes()[..])
+        .expect("put the marker back");
+}
+
 /// A write that reached sled without its applied marker (the process died
 /// between them) and whose record never became durable is taken out at the
 /// next start, from its image of the values before.
@@ -245,33 +273,10 @@ fn a_write_cut_before_its_marker_is_taken_out_at_start() {
     {
         let opened = open(dir.path(), None);
         put(&opened, "kept", "1").expect("put");
-        let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
-        let marker = applied(&log_tree).expect("marker");
-        let mut changes = TreeChanges::new();
-        changes.insert(
-            IVec::from("kept"),
-            logged::Change {
-                before: Some(IVec::from("1")),
-                after: Some(IVec::from("2")),
-            },
+        apply_without_marker(
+            &opened,
+            &[("kept", Some("1"), Some("2")), ("new", None, Some("x"))],
         );
-        changes.insert(
-            IVec::from("new"),
-            logged::Change {
-                before: None,
-                after: Some(IVec::from("x")),
-            },
-        );
-        apply(
-            std::slice::from_ref(&opened.data),
-            &[changes],
-            &log_tree,
-            marker + 1,
-        )
-        .expect("apply");
-        log_tree
-            .insert(APPLIED, &marker.to_be_bytes()[..])
-            .expect("put the marker back");
         assert_eq!(value(&opened.db, "kept").as_deref(), Some("2"));
         opened.db.flush().expect("flush");
     }
@@ -291,30 +296,12 @@ fn a_large_image_is_put_back_from_its_pieces() {
     {
         let opened = open(dir.path(), None);
         put(&opened, "big", &big).expect("put");
+        apply_without_marker(&opened, &[("big", Some(big.as_str()), None)]);
         let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
-        let marker = applied(&log_tree).expect("marker");
-        let mut changes = TreeChanges::new();
-        changes.insert(
-            IVec::from("big"),
-            logged::Change {
-                before: Some(IVec::from(big.as_bytes())),
-                after: None,
-            },
-        );
-        apply(
-            std::slice::from_ref(&opened.data),
-            &[changes],
-            &log_tree,
-            marker + 1,
-        )
-        .expect("apply");
         assert!(
             log_tree.get(image_key(4)).expect("get").is_some(),
             "a 300 KB image takes five pieces"
         );
-        log_tree
-            .insert(APPLIED, &marker.to_be_bytes()[..])
-            .expect("put the marker back");
         assert_eq!(value(&opened.db, "big"), None);
         opened.db.flush().expect("flush");
     }
