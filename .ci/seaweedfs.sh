@@ -33,10 +33,16 @@
 # stopped by `stop`, which looks for processes using that server's data dir.
 #
 # Tunables: TROVE_WEED_START_TIMEOUT (seconds, default 90),
-# TROVE_WEED_STOP_GRACE (seconds between SIGTERM and SIGKILL, default 5).
+# TROVE_WEED_STOP_GRACE (seconds between SIGTERM and SIGKILL, default 5),
+# TROVE_WEED_MIN_FREE_SPACE (volume servers' free-space floor, default 256MiB).
 set -euo pipefail
 
 VOLUMES=3
+# A volume server whose disk has less free space than this marks its volumes
+# read-only and registers no capacity. SeaweedFS's default is 1% of the disk,
+# which a large, nearly full shared disk misses while still holding gigabytes;
+# the tests need far less than this absolute floor.
+MIN_FREE_SPACE=${TROVE_WEED_MIN_FREE_SPACE:-256MiB}
 BUCKET=trove
 REGION=us-east-1
 
@@ -416,7 +422,7 @@ EOF
             -port="$vport" -port.grpc=$((vport + 10000)) \
             -dir="$dir/vol$n" -max=200 \
             -master="$master" -dataCenter=dc1 -rack=rack1 \
-            -preStopSeconds=0
+            -preStopSeconds=0 -minFreeSpace="$MIN_FREE_SPACE"
     done
     write_args "$dir/run/filer.args" "$weed" filer \
         -ip=127.0.0.1 -ip.bind=127.0.0.1 \
