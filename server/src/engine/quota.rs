@@ -12,6 +12,10 @@ pub enum OnFull {
     /// Refuse the write with RESOURCE_EXHAUSTED; nothing is stored.
     #[default]
     Reject,
+    /// Accept the write and evict content-addressed objects and cache
+    /// archives, least recently used first (pull-request tiers before
+    /// everything else), in the background; see [`NamespaceQuota::ceiling`].
+    Evict,
 }
 
 /// The quota of one namespace.
@@ -21,6 +25,22 @@ pub struct NamespaceQuota {
     pub max_bytes: u64,
     /// What a write that would pass it gets.
     pub on_full: OnFull,
+}
+
+impl NamespaceQuota {
+    /// Eviction starts when the namespace holds more than `max_bytes` (the
+    /// high watermark) and stops at this many bytes (the low watermark,
+    /// 90% of `max_bytes`), so that it runs in batches, not once per write.
+    pub fn low_watermark(&self) -> u64 {
+        self.max_bytes - self.max_bytes / 10
+    }
+
+    /// The most an `evict` namespace may hold while eviction catches up:
+    /// writes past `max_bytes` are accepted up to 10% over it (the bounded
+    /// overshoot); a write beyond that is refused until eviction made room.
+    pub fn ceiling(&self) -> u64 {
+        self.max_bytes.saturating_add(self.max_bytes / 10)
+    }
 }
 
 /// Every capacity limit of a server.
@@ -38,6 +58,19 @@ pub struct Quotas {
 }
 
 impl Quotas {
+    /// The namespaces whose quota evicts, with their quotas.
+    pub fn evicting(&self) -> impl Iterator<Item = (&String, &NamespaceQuota)> {
+        self.namespaces
+            .iter()
+            .filter(|(_, quota)| quota.on_full == OnFull::Evict)
+    }
+
+    /// True when `namespace` has an evicting quota.
+    pub fn evicts(&self, namespace: &str) -> bool {
+        self.namespace(namespace)
+            .is_some_and(|quota| quota.on_full == OnFull::Evict)
+    }
+
     /// True when no limit is set.
     pub fn is_empty(&self) -> bool {
         self.max_disk_bytes.is_none() && self.namespaces.is_empty() && self.min_free_disk_bytes == 0
@@ -49,7 +82,8 @@ impl Quotas {
     }
 
     /// Reads the `[namespaces."name"]` tables of a config file: each needs
-    /// `max_bytes` (a positive integer) and may set `on_full = "reject"`.
+    /// `max_bytes` (a positive integer) and may set `on_full` to `"reject"`
+    /// or `"evict"`.
     pub fn parse_namespaces(
         table: &toml::Table,
     ) -> Result<BTreeMap<String, NamespaceQuota>, String> {
@@ -74,13 +108,12 @@ impl Quotas {
                     }
                     "on_full" => match value.as_str() {
                         Some("reject") => on_full = OnFull::Reject,
-                        Some("evict") => {
+                        Some("evict") => on_full = OnFull::Evict,
+                        _ => {
                             return Err(format!(
-                                "namespaces.{name:?}.on_full = \"evict\" is not available in this \
-                                 version; use \"reject\""
+                                "namespaces.{name:?}.on_full must be \"reject\" or \"evict\""
                             ))
                         }
-                        _ => return Err(format!("namespaces.{name:?}.on_full must be \"reject\"")),
                     },
                     other => {
                         return Err(format!(
@@ -176,12 +209,19 @@ mod tests {
         let quotas = Quotas::parse_namespaces(&table).expect("valid");
         assert_eq!(quotas["ci"].max_bytes, 1000);
         assert_eq!(quotas["other"].on_full, OnFull::Reject);
+        let table: toml::Table = "[cache]\nmax_bytes = 1000\non_full = \"evict\"\n"
+            .parse()
+            .expect("toml");
+        let quotas = Quotas::parse_namespaces(&table).expect("valid");
+        assert_eq!(quotas["cache"].on_full, OnFull::Evict);
+        assert_eq!(quotas["cache"].low_watermark(), 900);
+        assert_eq!(quotas["cache"].ceiling(), 1100);
         for (text, needle) in [
             ("[ci]\non_full = \"reject\"\n", "needs max_bytes"),
             ("[ci]\nmax_bytes = -1\n", "positive integer"),
             (
-                "[ci]\nmax_bytes = 1\non_full = \"evict\"\n",
-                "not available",
+                "[ci]\nmax_bytes = 1\non_full = \"drop\"\n",
+                "\"reject\" or \"evict\"",
             ),
             ("[ci]\nmax_bytes = 1\nmax_items = 3\n", "unknown setting"),
         ] {

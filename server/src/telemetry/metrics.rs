@@ -72,6 +72,14 @@ fn describe() {
         "trove_requests_shed_total",
         "Calls refused because max_concurrent_requests was reached."
     );
+    metrics::describe_counter!(
+        "trove_evictions_total",
+        "Values (objects, cache refs) evicted from namespaces with on_full = \"evict\"."
+    );
+    metrics::describe_counter!(
+        "trove_evicted_bytes_total",
+        "Logical bytes of the values evicted."
+    );
     metrics::describe_gauge!("trove_store_items", "Items stored, by kind.");
     metrics::describe_gauge!(
         "trove_store_logical_bytes",

@@ -38,10 +38,10 @@ use crate::engine::values::{
 /// The sled trees of the cache group.
 pub struct CacheTrees {
     pub(super) refs: sled::Tree,
-    ref_time: sled::Tree,
-    recency: sled::Tree,
+    pub(super) ref_time: sled::Tree,
+    pub(super) recency: sled::Tree,
     trees: sled::Tree,
-    branch_refs: sled::Tree,
+    pub(super) branch_refs: sled::Tree,
 }
 
 impl CacheTrees {
@@ -78,7 +78,7 @@ impl SledStore {
     /// Removes one ref (all its suites) from `tier` if its last upload is
     /// still `expected`; returns the blob ids it referenced, or `None` when it
     /// changed meanwhile (or was already gone). Blocking.
-    fn remove_ref(
+    pub(super) fn remove_ref(
         &self,
         tier: &[u8],
         reference: &str,
@@ -168,7 +168,7 @@ impl SledStore {
     /// Removes the tree pointers of `tier` whose target `is_candidate` and no
     /// longer exists, each in a transaction that re-checks both, so a pointer
     /// rewritten by a concurrent upload is never removed. Blocking.
-    fn remove_dangling_pointers(
+    pub(super) fn remove_dangling_pointers(
         &self,
         tier: &[u8],
         is_candidate: impl Fn(&str) -> bool,
@@ -220,7 +220,7 @@ impl SledStore {
     /// Removes the branch map at `map_key` only if it still holds `seen`
     /// (one atomic compare-and-swap), so a map written concurrently stays.
     /// Blocking.
-    fn remove_map_if_unchanged(
+    pub(super) fn remove_map_if_unchanged(
         &self,
         map_key: &[u8],
         seen: Option<sled::IVec>,
@@ -369,6 +369,8 @@ impl CacheStore for SledStore {
                 .await
             {
                 Ok((record, reader)) => {
+                    let ref_key = with_parts(&tier.key, &[target.as_bytes()]);
+                    self.note_cache_use(scope.namespace.as_str(), &ref_key);
                     let found = cached_ref(tier, &target, &scope.test_suite_id, &record);
                     let what = format!("cache archive {}", trove_proto::error::shorten(&target));
                     return Ok(Some((found, self.byte_stream(reader, what))));

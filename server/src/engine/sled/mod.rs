@@ -42,6 +42,7 @@ mod cache;
 mod durable;
 mod entries;
 mod errors;
+mod eviction;
 mod keys;
 mod objects;
 mod read;
@@ -49,6 +50,7 @@ mod schema;
 mod usage;
 mod wal;
 
+pub use eviction::EvictionPass;
 pub use read::BodyReader;
 pub use usage::StoreStats;
 
@@ -155,6 +157,7 @@ struct Inner {
     entry_trees: Arc<entries::EntryTrees>,
     cache: Arc<cache::CacheTrees>,
     usage: accounting::UsageTrees,
+    eviction: eviction::Eviction,
     blobs: BlobDir,
     wal: Wal,
     /// Checkpoints sled; also run at shutdown.
@@ -252,7 +255,8 @@ impl SledStore {
             cassettes: &entry_trees.cassettes,
             entries: &entry_trees.entries,
         })?;
-        Ok(SledStore {
+        let eviction = eviction::Eviction::open(&db)?;
+        let store = SledStore {
             inner: Arc::new(Inner {
                 db,
                 objects,
@@ -261,6 +265,7 @@ impl SledStore {
                 entry_trees,
                 cache,
                 usage,
+                eviction,
                 blobs,
                 wal,
                 checkpoints,
@@ -270,7 +275,11 @@ impl SledStore {
                 options,
                 root: root.to_path_buf(),
             }),
-        })
+        };
+        // Indexing an older store and any eviction backlog run in the
+        // background: the server serves meanwhile.
+        store.start_eviction();
+        Ok(store)
     }
 
     /// Makes every applied write durable and checkpoints sled (used at
@@ -315,7 +324,9 @@ impl SledStore {
         self.durable(ticket).await
     }
 
-    /// Runs `body` as one logged write over `trees` (all or nothing).
+    /// Runs `body` as one logged write over `trees` (all or nothing), then
+    /// the usage counters and the eviction index: the trees after `trees`
+    /// are `usage`, `entry_usage`, `lru` and `lru_at`, in that order.
     fn write<T>(
         &self,
         trees: &[&sled::Tree],
@@ -329,12 +340,27 @@ impl SledStore {
         let counted = trees.len();
         let usage = &self.inner.usage;
         usage.free.check(0)?;
-        let all = [trees, &[&usage.usage, &usage.entry_usage]].concat();
-        self.inner.wal.write(&all, |tx| {
+        let index = &self.inner.eviction;
+        let all = [
+            trees,
+            &[&usage.usage, &usage.entry_usage, &index.lru, &index.lru_at],
+        ]
+        .concat();
+        let past_quota = std::cell::Cell::new(false);
+        let out = self.inner.wal.write(&all, |tx| {
             let out = body(tx)?;
-            accounting::account(tx, counted, &self.inner.options.quotas)?;
+            past_quota.set(accounting::account(
+                tx,
+                counted,
+                &self.inner.options.quotas,
+            )?);
+            eviction::track(tx, counted)?;
             Ok(out)
-        })
+        })?;
+        if past_quota.get() {
+            index.wake.notify_one();
+        }
+        Ok(out)
     }
 
     /// Unlinks blobs whose references were removed, once that removal is

@@ -57,6 +57,7 @@ impl ObjectStore for SledStore {
         let (record, reader) = self
             .open_value(&self.inner.objects, &key, "object", hash.as_str())
             .await?;
+        self.note_object_use(ns.as_str(), &key);
         let what = format!("object {}", trove_proto::error::shorten(hash.as_str()));
         Ok((object_info(hash, &record), self.byte_stream(reader, what)))
     }
@@ -155,16 +156,18 @@ impl ObjectStore for SledStore {
     async fn find_missing(&self, ns: &Namespace, hashes: &[Name]) -> Result<Vec<Name>, Error> {
         let ticket = self.ticket();
         check_find_missing(hashes.len())?;
-        let tree = self.inner.objects.clone();
+        let store = self.clone();
         let ns = ns.clone();
         let hashes = hashes.to_vec();
         let missing = blocking(move || {
             let mut missing = Vec::new();
             for hash in hashes {
-                let present = tree
-                    .contains_key(object_key(&ns, &hash, KIND_OBJECT))
-                    .map_err(sled_error)?;
-                if !present {
+                let key = object_key(&ns, &hash, KIND_OBJECT);
+                let present = store.inner.objects.contains_key(&key).map_err(sled_error)?;
+                if present {
+                    // Found is a use: the caller is about to rely on it.
+                    store.note_object_use(ns.as_str(), &key);
+                } else {
                     missing.push(hash);
                 }
             }

@@ -48,6 +48,9 @@ impl SledStore {
         if self.inner.usage.ready()? {
             keys -= 1;
         }
+        if self.inner.eviction.indexed()? {
+            keys -= 1;
+        }
         Ok(StoreStats {
             staged_files: staged as u64,
             blob_files: published.len() as u64,

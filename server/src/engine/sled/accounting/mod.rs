@@ -31,14 +31,14 @@ use trove_proto::Error;
 
 use super::wal::LoggedTx;
 use super::{keys, schema, sled_error};
-use crate::engine::quota::Quotas;
+use crate::engine::quota::{OnFull, Quotas};
 use crate::engine::record;
 
 mod recount;
 mod room;
 
 pub(super) use recount::Sources;
-use room::over_quota;
+use room::{eviction_behind, over_quota, records_fill_quota};
 
 /// Tree of the counters.
 pub(super) const USAGE: &str = "usage";
@@ -232,7 +232,7 @@ pub(super) fn account(
     tx: &LoggedTx<'_>,
     data_trees: usize,
     quotas: &Quotas,
-) -> ConflictableTransactionResult<(), Error> {
+) -> ConflictableTransactionResult<bool, Error> {
     let usage = tx.tree(data_trees);
     let entry_usage = tx.tree(data_trees + 1);
     let mut counters: BTreeMap<Vec<u8>, Delta> = BTreeMap::new();
@@ -323,14 +323,19 @@ pub(super) fn account(
         }
         entry_usage.insert(gen.to_be_bytes(), generation_value(total, ns.as_deref()))?;
     }
-    let mut namespaces: BTreeMap<Vec<u8>, Delta> = BTreeMap::new();
+    // Per namespace: (every group, records only).
+    let mut namespaces: BTreeMap<Vec<u8>, (Delta, Delta)> = BTreeMap::new();
     let mut server = Delta::default();
     for (key, delta) in counters {
         if delta.is_zero() {
             continue;
         }
-        if let Some((ns, _)) = keys::take_part(&key) {
-            namespaces.entry(ns).or_default().add(delta);
+        if let Some((ns, rest)) = keys::take_part(&key) {
+            let sums = namespaces.entry(ns).or_default();
+            sums.0.add(delta);
+            if !is_evictable_group(rest) {
+                sums.1.add(delta);
+            }
             server.add(delta);
         }
         add_to(&usage, key, delta)?;
@@ -338,20 +343,41 @@ pub(super) fn account(
     // Totals are summed from the committed rows only when a limit needs
     // them: keeping them as counters of their own would cost every write
     // two more reads and writes.
-    for (ns, delta) in namespaces {
+    let mut past_quota = false;
+    for (ns, (delta, records_delta)) in namespaces {
         let name = String::from_utf8_lossy(&ns);
         let Some(quota) = quotas.namespace(&name).filter(|_| delta.logical > 0) else {
             continue;
         };
-        let before = committed_total(usage.committed(), &keys::key(&[&ns]))
+        let (before, records) = committed_split(usage.committed(), &keys::key(&[&ns]))
             .map_err(UnabortableTransactionError::Storage)?;
-        if before.logical + delta.logical > i128::from(quota.max_bytes) {
-            return Err(ConflictableTransactionError::Abort(over_quota(
-                &name,
-                quota.max_bytes,
-                before.logical,
-                delta.logical,
-            )));
+        let after = before.logical + delta.logical;
+        let refusal = match quota.on_full {
+            OnFull::Reject => (after > i128::from(quota.max_bytes))
+                .then(|| over_quota(&name, quota.max_bytes, before.logical, delta.logical)),
+            OnFull::Evict => {
+                // What eviction can never free: the records, and a new
+                // evictable value's own bytes.
+                let kept = records
+                    + records_delta.logical
+                    + (delta.logical - records_delta.logical).max(0);
+                if kept > i128::from(quota.max_bytes) {
+                    Some(records_fill_quota(
+                        &name,
+                        quota.max_bytes,
+                        records,
+                        delta.logical,
+                    ))
+                } else if after > i128::from(quota.ceiling()) {
+                    Some(eviction_behind(&name, quota, before.logical, delta.logical))
+                } else {
+                    past_quota |= after > i128::from(quota.max_bytes);
+                    None
+                }
+            }
+        };
+        if let Some(refusal) = refusal {
+            return Err(ConflictableTransactionError::Abort(refusal));
         }
     }
     if let Some(max) = quotas.max_disk_bytes.filter(|_| server.stored > 0) {
@@ -369,7 +395,35 @@ pub(super) fn account(
             )));
         }
     }
-    Ok(())
+    Ok(past_quota)
+}
+
+/// True for the counter key rest (after the namespace) of a group whose
+/// values eviction may remove.
+fn is_evictable_group(rest: &[u8]) -> bool {
+    keys::take_part(rest)
+        .is_some_and(|(group, _)| group == OBJECTS.as_bytes() || group == CACHE.as_bytes())
+}
+
+/// The committed totals under `prefix`: every group, and records only
+/// (groups eviction never removes), in logical bytes.
+fn committed_split(tree: &sled::Tree, prefix: &[u8]) -> Result<(Delta, i128), sled::Error> {
+    let (mut total, mut records) = (Delta::default(), 0i128);
+    for item in tree.scan_prefix(prefix) {
+        let (key, value) = item?;
+        let counted = decode(&value);
+        total.add(counted);
+        if !is_evictable_group(&key[prefix.len()..]) {
+            records += counted.logical;
+        }
+    }
+    Ok((total, records))
+}
+
+/// The logical bytes a namespace holds (`ns_key`: its key part).
+pub(super) fn namespace_logical(tree: &sled::Tree, ns_key: &[u8]) -> Result<u64, Error> {
+    let total = committed_total(tree, ns_key).map_err(sled_error)?;
+    Ok(u64::try_from(total.logical.max(0)).unwrap_or(u64::MAX))
 }
 
 impl UsageTrees {

@@ -4,7 +4,8 @@
 use trove_proto::types::Namespace;
 use trove_proto::Error;
 
-use super::{committed_total, record_weight, schema, sled_error, Delta};
+use super::{committed_split, committed_total, record_weight, schema, sled_error, Delta};
+use crate::engine::quota::OnFull;
 
 /// The refusal of a write that would take `namespace` past its quota.
 pub(in crate::engine::sled) fn over_quota(
@@ -23,12 +24,48 @@ pub(in crate::engine::sled) fn over_quota(
     )
 }
 
+/// The refusal of a write to an `evict` namespace whose records
+/// (artifacts, cassettes, entries, streams: never evicted) leave no room.
+pub(in crate::engine::sled) fn records_fill_quota(
+    namespace: &str,
+    max: u64,
+    records: i128,
+    adding: i128,
+) -> Error {
+    Error::exhausted(
+        format!("quota of namespace {namespace:?}"),
+        format!(
+            "namespace {namespace:?} evicts objects and cache archives at its {max}-byte quota,              but its records (artifacts, cassettes, streams) alone hold {records} bytes and are              never evicted, so eviction cannot free room for {adding} more. Nothing was stored:              delete records in the namespace, or raise its max_bytes"
+        ),
+    )
+}
+
+/// The refusal of a write to an `evict` namespace that would pass its
+/// ceiling (the quota plus the bounded overshoot) before eviction caught up.
+pub(in crate::engine::sled) fn eviction_behind(
+    namespace: &str,
+    quota: &crate::engine::quota::NamespaceQuota,
+    usage: i128,
+    adding: i128,
+) -> Error {
+    Error::exhausted(
+        format!("quota of namespace {namespace:?}"),
+        format!(
+            "namespace {namespace:?} holds {usage} bytes; storing {adding} more would pass              {ceiling} bytes (its {max}-byte quota plus 10% while eviction catches up). Nothing              was stored: eviction is running, retry shortly",
+            ceiling = quota.ceiling(),
+            max = quota.max_bytes
+        ),
+    )
+}
+
 /// How much more a namespace may store before a quota refuses it.
 #[derive(Debug, Clone)]
 pub(in crate::engine::sled) struct Room {
     namespace: String,
     /// The namespace's quota and usage, when it has a quota.
-    quota: Option<(u64, i128)>,
+    quota: Option<(crate::engine::quota::NamespaceQuota, i128)>,
+    /// The namespace's records (what eviction never removes), in bytes.
+    records: i128,
     /// The server's limit and stored bytes, when it has a limit.
     server: Option<(u64, i128)>,
     /// The data folder's free-space floor.
@@ -43,9 +80,24 @@ impl Room {
             return Some(full);
         }
         let adding = i128::from(bytes);
-        if let Some((max, usage)) = self.quota {
-            if usage + adding > i128::from(max) {
-                return Some(over_quota(&self.namespace, max, usage, adding));
+        if let Some((quota, usage)) = self.quota {
+            let max = quota.max_bytes;
+            match quota.on_full {
+                OnFull::Reject if usage + adding > i128::from(max) => {
+                    return Some(over_quota(&self.namespace, max, usage, adding));
+                }
+                OnFull::Evict if self.records + adding > i128::from(max) => {
+                    return Some(records_fill_quota(
+                        &self.namespace,
+                        max,
+                        self.records,
+                        adding,
+                    ));
+                }
+                OnFull::Evict if usage + adding > i128::from(quota.ceiling()) => {
+                    return Some(eviction_behind(&self.namespace, &quota, usage, adding));
+                }
+                _ => {}
             }
         }
         if let Some((max, stored)) = self.server {
@@ -85,6 +137,7 @@ impl crate::engine::sled::SledStore {
             return Ok(Room {
                 namespace: namespace.as_str().to_owned(),
                 quota: None,
+                records: 0,
                 server: None,
                 free: std::sync::Arc::clone(&self.inner.usage.free),
             });
@@ -96,12 +149,21 @@ impl crate::engine::sled::SledStore {
                 .map_err(sled_error)?
                 .minus(replaced))
         };
-        let quota = match quotas.namespace(namespace.as_str()) {
+        let (quota, records) = match quotas.namespace(namespace.as_str()) {
             Some(quota) => {
-                let usage = read(&schema::namespace_key(namespace))?.logical;
-                Some((quota.max_bytes, usage))
+                let ns_key = schema::namespace_key(namespace);
+                let usage = read(&ns_key)?.logical;
+                let (_, mut records) = committed_split(tree, &ns_key).map_err(sled_error)?;
+                let name = data_tree.name();
+                let evictable = (*name == *schema::OBJECTS.as_bytes()
+                    && key.last() == Some(&schema::KIND_OBJECT))
+                    || *name == *schema::CACHE_REFS.as_bytes();
+                if !evictable {
+                    records -= replaced.logical;
+                }
+                (Some((*quota, usage)), records)
             }
-            None => None,
+            None => (None, 0),
         };
         let server = match quotas.max_disk_bytes {
             Some(max) => Some((max, read(&[])?.stored)),
@@ -110,6 +172,7 @@ impl crate::engine::sled::SledStore {
         Ok(Room {
             namespace: namespace.as_str().to_owned(),
             quota,
+            records,
             server,
             free: std::sync::Arc::clone(&self.inner.usage.free),
         })

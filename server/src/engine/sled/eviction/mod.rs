@@ -1,0 +1,581 @@
+//! Eviction: content-addressed objects and cache archives of namespaces
+//! whose quota says `on_full = "evict"` are removed least recently used
+//! first, in the background, from the quota (high watermark) down to 90% of
+//! it (low watermark).
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `lru` | `namespace` + class + last use (u64 BE) + source + source key | empty |
+//! | `lru_at` | source + source key | class + last use (u64 BE) |
+//! | `lru_at` | empty key | format marker: every evictable value is indexed |
+//!
+//! A source is an object (`o`, its key in `objects`) or a cache ref (`c`,
+//! its key in `cache_ref_time`: all the ref's suites go together). The
+//! class orders pull-request tiers (0) before the main tier and objects
+//! (1), so a storm of branch uploads is evicted before anything the default
+//! branch uses.
+//!
+//! The index is kept by [`track`], which runs at the end of every logged
+//! write and reads what the write changed, so it is exactly as durable as
+//! the data it indexes. Uses (a Get, a Download, a FindMissing that finds
+//! the value) are gathered in memory and written in batches by the
+//! maintenance task: a use lost in a crash only makes the order less exact.
+//! Records (artifacts, cassettes, streams) are never indexed, never evicted.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sled::transaction::UnabortableTransactionError;
+use sled::IVec;
+use trove_proto::Error;
+
+mod cache_refs;
+
+use super::wal::{LoggedTree, LoggedTx};
+use super::{keys, schema, sled_error, SledStore};
+use crate::engine::record;
+
+/// Tree of evictable values by namespace, class and last use.
+pub(super) const LRU: &str = "lru";
+/// Tree of each evictable value's class and last use.
+pub(super) const LRU_AT: &str = "lru_at";
+/// The key under which the index's format marker lives.
+const MARKER: &[u8] = b"";
+/// The current format marker.
+const FORMAT: &[u8] = b"1";
+
+const SOURCE_OBJECT: u8 = b'o';
+const SOURCE_CACHE: u8 = b'c';
+/// Pull-request tiers: evicted first.
+const CLASS_PR: u8 = 0;
+/// Objects and main tiers.
+const CLASS_MAIN: u8 = 1;
+
+/// Values removed per logged write, and candidates read per scan.
+const BATCH: usize = 512;
+/// Uses kept in memory between two flushes; more are dropped (the order
+/// gets less exact, nothing else).
+const MAX_PENDING_USES: usize = 200_000;
+
+type TxResult<T> = Result<T, UnabortableTransactionError>;
+
+/// The index trees, the pending uses and the wake-up of the maintenance task.
+#[derive(Debug)]
+pub(super) struct Eviction {
+    pub(super) lru: sled::Tree,
+    pub(super) lru_at: sled::Tree,
+    uses: Mutex<HashSet<Vec<u8>>>,
+    /// Woken by a write that took an evicting namespace past its quota.
+    pub(super) wake: Arc<tokio::sync::Notify>,
+    /// Passes never overlap (the task and a caller of [`SledStore::run_eviction`]).
+    pass: Mutex<()>,
+    /// Values evicted since the store opened.
+    pub(super) evicted: AtomicU64,
+}
+
+impl Eviction {
+    /// Opens the index trees.
+    pub(super) fn open(db: &sled::Db) -> Result<Self, Error> {
+        Ok(Eviction {
+            lru: db.open_tree(LRU).map_err(sled_error)?,
+            lru_at: db.open_tree(LRU_AT).map_err(sled_error)?,
+            uses: Mutex::default(),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            pass: Mutex::new(()),
+            evicted: AtomicU64::new(0),
+        })
+    }
+
+    /// True once the format marker says every evictable value is indexed.
+    pub(super) fn indexed(&self) -> Result<bool, Error> {
+        Ok(self.lru_at.get(MARKER).map_err(sled_error)?.as_deref() == Some(FORMAT))
+    }
+
+    /// Notes a use of the value under `key` of `source` (batched).
+    fn note_use(&self, source: u8, key: &[u8]) {
+        if let Ok(mut uses) = self.uses.lock() {
+            if uses.len() < MAX_PENDING_USES {
+                let mut entry = Vec::with_capacity(key.len() + 1);
+                entry.push(source);
+                entry.extend_from_slice(key);
+                uses.insert(entry);
+            }
+        }
+    }
+
+    fn take_uses(&self) -> Vec<Vec<u8>> {
+        match self.uses.lock() {
+            Ok(mut uses) => uses.drain().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Microseconds since the epoch: the stamp of a use.
+fn now_stamp() -> u64 {
+    u64::try_from(trove_proto::types::now_micros()).unwrap_or(0)
+}
+
+/// The class and namespace key part of the value under `key` of `source`,
+/// or `None` when it is not evictable (a stream, a key this engine did not
+/// write).
+fn classify(source: u8, key: &[u8]) -> Option<(u8, Vec<u8>)> {
+    let (ns, rest) = keys::take_part(key)?;
+    let (_, rest) = keys::take_part(rest)?;
+    let class = match (source, rest.first()) {
+        (SOURCE_OBJECT, Some(&schema::KIND_OBJECT)) => CLASS_MAIN,
+        (SOURCE_CACHE, Some(&schema::TIER_MAIN)) => CLASS_MAIN,
+        (SOURCE_CACHE, Some(&schema::TIER_PR)) => CLASS_PR,
+        _ => return None,
+    };
+    Some((class, keys::key(&[&ns])))
+}
+
+fn index_key(ns_key: &[u8], class: u8, stamp: u64, source_key: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(ns_key.len() + 9 + source_key.len());
+    key.extend_from_slice(ns_key);
+    key.push(class);
+    key.extend_from_slice(&stamp.to_be_bytes());
+    key.extend_from_slice(source_key);
+    key
+}
+
+fn at_value(class: u8, stamp: u64) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[0] = class;
+    out[1..].copy_from_slice(&stamp.to_be_bytes());
+    out
+}
+
+fn parse_at(value: &[u8]) -> Option<(u8, u64)> {
+    let (&class, rest) = value.split_first()?;
+    Some((class, keys::take_u64(rest)?.0))
+}
+
+/// Moves (or adds) the index entry of `source_key` (source byte + key) to
+/// `stamp`; removes it when `present` is false.
+fn relink(
+    lru: &LoggedTree<'_>,
+    lru_at: &LoggedTree<'_>,
+    source_key: &[u8],
+    present: bool,
+    stamp: u64,
+) -> TxResult<()> {
+    let Some((&source, key)) = source_key.split_first() else {
+        return Ok(());
+    };
+    let Some((class, ns_key)) = classify(source, key) else {
+        return Ok(());
+    };
+    if let Some((old_class, old_stamp)) = lru_at.get(source_key)?.as_deref().and_then(parse_at) {
+        lru.remove(index_key(&ns_key, old_class, old_stamp, source_key))?;
+    }
+    if present {
+        lru.insert(index_key(&ns_key, class, stamp, source_key), &[][..])?;
+        lru_at.insert(source_key, &at_value(class, stamp)[..])?;
+    } else {
+        lru_at.remove(source_key)?;
+    }
+    Ok(())
+}
+
+/// Keeps the index in step with what the write in `tx` changed in its first
+/// `data_trees` trees: a value written counts as used now, a value removed
+/// leaves the index. The index trees are `data_trees + 2` and `+ 3`.
+pub(super) fn track(tx: &LoggedTx<'_>, data_trees: usize) -> TxResult<()> {
+    let (lru, lru_at) = (tx.tree(data_trees + 2), tx.tree(data_trees + 3));
+    let mut stamp = None;
+    for index in 0..data_trees {
+        let name = tx.tree_name(index);
+        let source = if *name == *schema::OBJECTS.as_bytes() {
+            SOURCE_OBJECT
+        } else if *name == *schema::CACHE_REF_TIME.as_bytes() {
+            SOURCE_CACHE
+        } else {
+            continue;
+        };
+        let changed: Vec<(IVec, bool)> = tx
+            .changes(index)
+            .iter()
+            .map(|(key, change)| (key.clone(), change.after.is_some()))
+            .collect();
+        for (key, present) in changed {
+            let stamp = *stamp.get_or_insert_with(now_stamp);
+            let mut source_key = Vec::with_capacity(key.len() + 1);
+            source_key.push(source);
+            source_key.extend_from_slice(&key);
+            relink(&lru, &lru_at, &source_key, present, stamp)?;
+        }
+    }
+    Ok(())
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EvictionPass {
+    /// Values (objects, cache refs) removed.
+    pub evicted: u64,
+    /// Logical bytes they held.
+    pub bytes: u64,
+}
+
+/// One candidate: its index entry and what it holds.
+struct Candidate {
+    index_key: IVec,
+    source_key: Vec<u8>,
+    bytes: u64,
+}
+
+impl SledStore {
+    /// Notes a use of the object under `key` (an evicting namespace only).
+    pub(super) fn note_object_use(&self, namespace: &str, key: &[u8]) {
+        if self.inner.options.quotas.evicts(namespace) {
+            self.inner.eviction.note_use(SOURCE_OBJECT, key);
+        }
+    }
+
+    /// Notes a use of the cache ref under `ref_key` (`tier, ref`).
+    pub(super) fn note_cache_use(&self, namespace: &str, ref_key: &[u8]) {
+        if self.inner.options.quotas.evicts(namespace) {
+            self.inner.eviction.note_use(SOURCE_CACHE, ref_key);
+        }
+    }
+
+    /// Writes the uses gathered since the last flush. Blocking.
+    fn flush_uses(&self) -> Result<(), Error> {
+        let uses = self.inner.eviction.take_uses();
+        for batch in uses.chunks(BATCH) {
+            let stamp = now_stamp();
+            self.write(&[], |tx| {
+                let (lru, lru_at) = (tx.tree(2), tx.tree(3));
+                for source_key in batch {
+                    // Only a value still indexed moves: a use racing a
+                    // delete must not bring its entry back.
+                    if lru_at.get(source_key)?.is_some() {
+                        relink(&lru, &lru_at, source_key, true, stamp)?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Indexes the evictable values of a store written before the index
+    /// existed (each at its last write), then sets the marker. Values
+    /// written meanwhile index themselves. Blocking.
+    fn backfill_index(&self) -> Result<(), Error> {
+        if self.inner.eviction.indexed()? {
+            return Ok(());
+        }
+        let sources = [
+            (SOURCE_OBJECT, self.inner.objects.clone()),
+            (SOURCE_CACHE, self.inner.cache.ref_time.clone()),
+        ];
+        let mut indexed = 0u64;
+        for (source, tree) in sources {
+            let mut batch: Vec<(Vec<u8>, u64)> = Vec::new();
+            let mut items = tree.iter();
+            loop {
+                let next = items.next().transpose().map_err(sled_error)?;
+                if let Some((key, value)) = &next {
+                    if classify(source, key).is_some() {
+                        let stamp = match source {
+                            SOURCE_OBJECT => record::decode(value).map_or(0, |r| r.updated_at),
+                            _ => schema::decode_time(value).map_or(0, |(at, _)| at),
+                        };
+                        let mut source_key = vec![source];
+                        source_key.extend_from_slice(key);
+                        batch.push((source_key, u64::try_from(stamp).unwrap_or(0)));
+                    }
+                }
+                if batch.len() >= BATCH || (next.is_none() && !batch.is_empty()) {
+                    indexed += self.index_missing(&tree, &batch)?;
+                    batch.clear();
+                }
+                if next.is_none() {
+                    break;
+                }
+            }
+        }
+        self.write(&[], |tx| {
+            tx.tree(3).insert(MARKER, FORMAT)?;
+            Ok(())
+        })?;
+        if indexed > 0 {
+            tracing::info!(indexed, "indexed the evictable values of an older store");
+        }
+        Ok(())
+    }
+
+    /// Adds index entries for the values of `batch` that still exist and
+    /// are not indexed yet; returns how many it added.
+    fn index_missing(&self, tree: &sled::Tree, batch: &[(Vec<u8>, u64)]) -> Result<u64, Error> {
+        self.write(&[], |tx| {
+            let (lru, lru_at) = (tx.tree(2), tx.tree(3));
+            let mut added = 0u64;
+            for (source_key, stamp) in batch {
+                // Writes are serialised by the log: what sled holds now is
+                // what every earlier write left.
+                let exists = tree
+                    .contains_key(&source_key[1..])
+                    .map_err(UnabortableTransactionError::Storage)?;
+                if exists && lru_at.get(source_key)?.is_none() {
+                    relink(&lru, &lru_at, source_key, true, *stamp)?;
+                    added += 1;
+                }
+            }
+            Ok(added)
+        })
+    }
+
+    /// Flushes the pending uses, then evicts every evicting namespace that
+    /// holds more than its quota down to its low watermark. Blocking; one
+    /// pass at a time.
+    pub(crate) fn run_eviction(&self) -> Result<EvictionPass, Error> {
+        let _pass = self
+            .inner
+            .eviction
+            .pass
+            .lock()
+            .map_err(|_| Error::internal("the eviction lock is poisoned"))?;
+        self.backfill_index()?;
+        self.flush_uses()?;
+        let mut done = EvictionPass::default();
+        let quotas = Arc::clone(&self.inner.options.quotas);
+        for (name, quota) in quotas.evicting() {
+            let ns_key = keys::key(&[name.as_bytes()]);
+            let held = self.namespace_bytes(&ns_key)?;
+            if held <= quota.max_bytes {
+                continue;
+            }
+            let mut excess = held - quota.low_watermark();
+            let mut idle_rounds = 0;
+            while excess > 0 && idle_rounds < 3 {
+                let candidates = self.candidates(&ns_key, excess)?;
+                if candidates.is_empty() {
+                    tracing::warn!(
+                        namespace = %name,
+                        held,
+                        quota = quota.max_bytes,
+                        "nothing left to evict: records fill the namespace"
+                    );
+                    break;
+                }
+                let pass = self.evict(&candidates)?;
+                // Candidates all used or rewritten meanwhile (or counters
+                // that disagree with the index): stop after a few empty
+                // rounds rather than spin; the next pass tries again.
+                idle_rounds = if pass.evicted == 0 {
+                    idle_rounds + 1
+                } else {
+                    0
+                };
+                done.evicted += pass.evicted;
+                done.bytes += pass.bytes;
+                let held = self.namespace_bytes(&ns_key)?;
+                excess = held.saturating_sub(quota.low_watermark());
+            }
+        }
+        self.inner
+            .eviction
+            .evicted
+            .fetch_add(done.evicted, Ordering::Relaxed);
+        metrics::counter!("trove_evictions_total").increment(done.evicted);
+        metrics::counter!("trove_evicted_bytes_total").increment(done.bytes);
+        if done.evicted > 0 {
+            tracing::info!(
+                evicted = done.evicted,
+                bytes = done.bytes,
+                "evicted least recently used values"
+            );
+        }
+        Ok(done)
+    }
+
+    fn namespace_bytes(&self, ns_key: &[u8]) -> Result<u64, Error> {
+        let total = super::accounting::namespace_logical(&self.inner.usage.usage, ns_key)?;
+        Ok(total)
+    }
+
+    /// The least recently used values of a namespace, until they hold
+    /// `excess` bytes (or a batch is full). Entries whose value is gone are
+    /// returned too (holding nothing), so that they leave the index.
+    fn candidates(&self, ns_key: &[u8], excess: u64) -> Result<Vec<Candidate>, Error> {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for item in self.inner.eviction.lru.scan_prefix(ns_key).keys() {
+            let index_key = item.map_err(sled_error)?;
+            let source_key = index_key[ns_key.len() + 9..].to_vec();
+            let held = self.held_by(&source_key)?;
+            bytes += held;
+            out.push(Candidate {
+                index_key,
+                source_key,
+                bytes: held,
+            });
+            if bytes >= excess || out.len() >= BATCH {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Logical bytes held by the value under `source_key`.
+    fn held_by(&self, source_key: &[u8]) -> Result<u64, Error> {
+        let Some((&source, key)) = source_key.split_first() else {
+            return Ok(0);
+        };
+        if source == SOURCE_OBJECT {
+            return Ok(match self.inner.objects.get(key).map_err(sled_error)? {
+                Some(bytes) => record::decode(&bytes).map_or(0, |r| r.size),
+                None => 0,
+            });
+        }
+        let mut total = 0u64;
+        for value in self.inner.cache.refs.scan_prefix(key).values() {
+            total += record::decode(&value.map_err(sled_error)?).map_or(0, |r| r.size);
+        }
+        Ok(total)
+    }
+
+    /// Removes the candidates whose index entry is unchanged (a use or a
+    /// rewrite since they were chosen keeps them). Blocking.
+    fn evict(&self, candidates: &[Candidate]) -> Result<EvictionPass, Error> {
+        let ticket = self.ticket();
+        let mut done = EvictionPass::default();
+        let (objects, refs): (Vec<&Candidate>, Vec<&Candidate>) = candidates
+            .iter()
+            .partition(|c| c.source_key.first() == Some(&SOURCE_OBJECT));
+        if !objects.is_empty() {
+            let (removed, blobs) = self.evict_objects(&objects)?;
+            done.evicted += removed.len() as u64;
+            done.bytes += removed.iter().sum::<u64>();
+            self.retire_blobs(blobs, ticket);
+        }
+        let mut by_tier: BTreeMap<Vec<u8>, Vec<(String, u64)>> = BTreeMap::new();
+        for candidate in refs {
+            if let Some((tier, reference)) = split_ref_key(&candidate.source_key[1..]) {
+                by_tier
+                    .entry(tier)
+                    .or_default()
+                    .push((reference, candidate.bytes));
+            } else {
+                self.drop_index_entry(candidate)?;
+            }
+        }
+        for (tier, refs) in by_tier {
+            let names: Vec<String> = refs.iter().map(|(name, _)| name.clone()).collect();
+            let (removed, blobs) = self.evict_refs(&tier, &names)?;
+            done.evicted += removed.len() as u64;
+            done.bytes += refs
+                .iter()
+                .filter(|(name, _)| removed.contains(name))
+                .map(|(_, bytes)| bytes)
+                .sum::<u64>();
+            self.retire_blobs(blobs, ticket);
+        }
+        Ok(done)
+    }
+
+    /// Removes the objects among `candidates` whose index entry is
+    /// unchanged, in one logged write; returns their sizes and blobs.
+    fn evict_objects(&self, candidates: &[&Candidate]) -> Result<(Vec<u64>, Vec<u64>), Error> {
+        use sled::transaction::ConflictableTransactionError;
+        self.write(&[&self.inner.objects, &self.inner.blob_refs], |tx| {
+            let (objects, blob_refs, lru) = (tx.tree(0), tx.tree(1), tx.tree(4));
+            let (mut sizes, mut blobs) = (Vec::new(), Vec::new());
+            for candidate in candidates {
+                if lru.get(&candidate.index_key)?.is_none() {
+                    continue;
+                }
+                let key = &candidate.source_key[1..];
+                match objects.remove(key)? {
+                    Some(bytes) => {
+                        let old =
+                            record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+                        if let Some(id) = old.blob_id() {
+                            blob_refs.remove(id.to_be_bytes())?;
+                            blobs.push(id);
+                        }
+                        sizes.push(old.size);
+                    }
+                    // An entry without its value: let it go (track only
+                    // sees keys that changed).
+                    None => {
+                        lru.remove(&candidate.index_key)?;
+                        tx.tree(5).remove(&candidate.source_key)?;
+                    }
+                }
+            }
+            Ok((sizes, blobs))
+        })
+    }
+
+    fn drop_index_entry(&self, candidate: &Candidate) -> Result<(), Error> {
+        self.write(&[], |tx| {
+            tx.tree(2).remove(&candidate.index_key)?;
+            tx.tree(3).remove(&candidate.source_key)?;
+            Ok(())
+        })
+    }
+
+    /// Values evicted since the store opened.
+    pub fn evicted_total(&self) -> u64 {
+        self.inner.eviction.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Starts the maintenance task (when an evicting quota is set): it
+    /// indexes an older store, writes uses and evicts, when a write passes
+    /// a quota and once a second. It holds the store weakly and ends with
+    /// it. Needs a Tokio runtime; without one eviction runs only through
+    /// [`SledStore::run_eviction`].
+    pub(super) fn start_eviction(&self) {
+        if self.inner.options.quotas.evicting().next().is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no runtime: eviction runs only when asked");
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        let wake = Arc::clone(&self.inner.eviction.wake);
+        runtime.spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let store = SledStore { inner };
+                match super::blocking(move || store.run_eviction()).await {
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(error = %err, "eviction pass failed; retrying"),
+                }
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
+}
+
+/// Splits a `cache_ref_time` key (`tier, ref`) into the tier and the ref.
+fn split_ref_key(key: &[u8]) -> Option<(Vec<u8>, String)> {
+    let (_, rest) = keys::take_part(key)?;
+    let (_, rest) = keys::take_part(rest)?;
+    let rest = match rest.split_first()? {
+        (&schema::TIER_MAIN, rest) => rest,
+        (&schema::TIER_PR, rest) => keys::take_part(rest)?.1,
+        _ => return None,
+    };
+    let (reference, tail) = keys::take_part(rest)?;
+    if !tail.is_empty() {
+        return None;
+    }
+    let tier = key[..key.len() - rest.len()].to_vec();
+    Some((tier, String::from_utf8(reference).ok()?))
+}
+
+#[cfg(test)]
+mod tests;

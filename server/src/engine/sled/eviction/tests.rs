@@ -1,0 +1,333 @@
+//! Eviction: order with uses, tiers, records, the ceiling, older stores
+//! and reads racing eviction.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use sha2::Digest;
+use trove_proto::artifacts::PutOptions;
+use trove_proto::cache::{CacheScope, UploadOptions};
+use trove_proto::types::{ByteStream, Name, Namespace};
+use trove_proto::{ArtifactStore, CacheStore, Error, ObjectStore};
+
+use super::super::{SledStore, StoreOptions};
+use crate::engine::quota::{NamespaceQuota, OnFull, Quotas};
+
+fn evicting(ns: &str, max_bytes: u64) -> Arc<Quotas> {
+    Arc::new(Quotas {
+        max_disk_bytes: None,
+        namespaces: [(
+            ns.to_owned(),
+            NamespaceQuota {
+                max_bytes,
+                on_full: OnFull::Evict,
+            },
+        )]
+        .into(),
+        min_free_disk_bytes: 0,
+    })
+}
+
+fn open(dir: &std::path::Path, quotas: Arc<Quotas>) -> SledStore {
+    let options = StoreOptions {
+        quotas,
+        ..StoreOptions::default()
+    };
+    SledStore::open(dir, options).expect("open")
+}
+
+fn ns(name: &str) -> Namespace {
+    Namespace::new(name).expect("namespace")
+}
+
+/// A body of `len` bytes that differs for every `seed`, and its hash name.
+fn content(seed: usize, len: usize) -> (Name, Bytes) {
+    let mut data = format!("value {seed} ").into_bytes();
+    data.resize(len, b'.');
+    let hash = hex::encode(sha2::Sha256::digest(&data));
+    (Name::new("hash", &hash).expect("hash"), Bytes::from(data))
+}
+
+fn stream(data: Bytes) -> ByteStream {
+    futures::stream::iter([Ok(data)]).boxed()
+}
+
+async fn put(store: &SledStore, namespace: &Namespace, seed: usize, len: usize) -> Name {
+    let (hash, data) = content(seed, len);
+    store
+        .put_object(namespace, &hash, Some(len as u64), stream(data))
+        .await
+        .expect("put object");
+    hash
+}
+
+async fn present(store: &SledStore, namespace: &Namespace, hash: &Name) -> bool {
+    match store.stat_object(namespace, hash).await {
+        Ok(_) => true,
+        Err(Error::NotFound { .. }) => false,
+        Err(other) => panic!("stat: {other:?}"),
+    }
+}
+
+async fn held(store: &SledStore, namespace: &str) -> u64 {
+    let key = super::keys::key(&[namespace.as_bytes()]);
+    super::super::accounting::namespace_logical(&store.inner.usage.usage, &key).expect("usage")
+}
+
+/// The least recently used objects go first; a Get and a FindMissing that
+/// finds an object both count as uses; eviction stops at the low watermark.
+#[tokio::test]
+async fn least_recently_used_objects_go_first_and_uses_count() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(dir.path(), evicting("c", 10_000));
+    let c = ns("c");
+    let mut hashes = Vec::new();
+    for seed in 0..10 {
+        hashes.push(put(&store, &c, seed, 1000).await);
+    }
+    let (_, body) = store.get_object(&c, &hashes[0]).await.expect("get");
+    drop(body);
+    let missing = store
+        .find_missing(&c, &[hashes[1].clone()])
+        .await
+        .expect("find missing");
+    assert!(missing.is_empty());
+    hashes.push(put(&store, &c, 10, 1000).await);
+    store.run_eviction().expect("evict");
+    let mut gone = Vec::new();
+    for (seed, hash) in hashes.iter().enumerate() {
+        if !present(&store, &c, hash).await {
+            gone.push(seed);
+        }
+    }
+    assert_eq!(gone, vec![2, 3], "evicted: {gone:?}");
+    assert_eq!(held(&store, "c").await, 9000, "stops at the low watermark");
+    assert!(store.evicted_total() >= 2);
+}
+
+fn scope(branch: &str) -> CacheScope {
+    CacheScope {
+        namespace: ns("ci"),
+        prefix: "app".to_owned(),
+        branch: Name::new("branch", branch).expect("branch"),
+        default_branch: Name::new("branch", "main").expect("branch"),
+        test_suite_id: String::new(),
+    }
+}
+
+async fn upload(store: &SledStore, branch: &str, reference: &str, len: usize) {
+    let (_, data) = content(reference.len() * 7919 + len, len);
+    store
+        .upload(
+            &scope(branch),
+            &Name::new("reference", reference).expect("ref"),
+            UploadOptions::default(),
+            stream(data),
+        )
+        .await
+        .expect("upload");
+}
+
+async fn downloadable(store: &SledStore, branch: &str, reference: &str) -> bool {
+    store
+        .download(&scope(branch), reference, None)
+        .await
+        .expect("download")
+        .is_some()
+}
+
+/// A storm of pull-request uploads is evicted before the default branch's
+/// archives, however old those are; a branch left empty loses its map.
+#[tokio::test]
+async fn the_main_tier_survives_a_storm_of_branch_uploads() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(dir.path(), evicting("ci", 10_000));
+    for n in 0..4 {
+        upload(&store, "main", &format!("main-{n}"), 1000).await;
+    }
+    for n in 0..40 {
+        upload(
+            &store,
+            &format!("pr-{}", n % 8),
+            &format!("pr-ref-{n}"),
+            1000,
+        )
+        .await;
+        store.run_eviction().expect("evict");
+        assert!(held(&store, "ci").await <= 11_000, "past the ceiling");
+    }
+    for n in 0..4 {
+        assert!(
+            downloadable(&store, "main", &format!("main-{n}")).await,
+            "main-{n} was evicted"
+        );
+    }
+    // The newest branch uploads are kept, the oldest went.
+    assert!(downloadable(&store, "pr-7", "pr-ref-39").await);
+    assert!(!downloadable(&store, "pr-0", "pr-ref-0").await);
+    assert!(held(&store, "ci").await <= 10_000);
+}
+
+/// Records are never evicted: when they fill the quota, writes are refused
+/// with a message that says so, and nothing is stored.
+#[tokio::test]
+async fn records_that_fill_the_quota_refuse_writes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(dir.path(), evicting("c", 5000));
+    let c = ns("c");
+    let key = Name::new("key", "report").expect("key");
+    let options = PutOptions {
+        expected_size: Some(4500),
+        ..PutOptions::default()
+    };
+    store
+        .put_artifact(&c, &key, options, stream(Bytes::from(vec![b'r'; 4500])))
+        .await
+        .expect("artifact");
+    let (hash, data) = content(1, 1000);
+    let err = store
+        .put_object(&c, &hash, None, stream(data))
+        .await
+        .expect_err("records leave no room");
+    let Error::ResourceExhausted { message, .. } = &err else {
+        panic!("expected RESOURCE_EXHAUSTED, got {err:?}");
+    };
+    assert!(message.contains("never evicted"), "{message}");
+    assert!(!present(&store, &c, &hash).await);
+    assert_eq!(held(&store, "c").await, 4500);
+    // Room for a value that fits beside the records.
+    put(&store, &c, 2, 400).await;
+}
+
+/// Without eviction running, writes pass the quota up to the bounded
+/// overshoot (10%) and no further; once eviction ran they are accepted
+/// again.
+#[test]
+fn writes_stop_at_the_ceiling_until_eviction_catches_up() {
+    let dir = tempfile::tempdir().expect("dir");
+    // Opened outside a runtime: no maintenance task, eviction runs only
+    // when asked.
+    let store = open(dir.path(), evicting("c", 10_000));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let c = ns("c");
+    runtime.block_on(async {
+        for seed in 0..11 {
+            put(&store, &c, seed, 1000).await;
+        }
+        assert_eq!(held(&store, "c").await, 11_000);
+        let (hash, data) = content(11, 1000);
+        let err = store
+            .put_object(&c, &hash, Some(1000), stream(data.clone()))
+            .await
+            .expect_err("past the ceiling");
+        let Error::ResourceExhausted { message, .. } = &err else {
+            panic!("expected RESOURCE_EXHAUSTED, got {err:?}");
+        };
+        assert!(message.contains("retry shortly"), "{message}");
+        assert_eq!(held(&store, "c").await, 11_000, "nothing stored");
+        let pass = store.run_eviction().expect("evict");
+        assert_eq!(pass.evicted, 2);
+        store
+            .put_object(&c, &hash, Some(1000), stream(data))
+            .await
+            .expect("room again");
+    });
+}
+
+/// A store written before the index existed (or without an evicting
+/// quota) is indexed by the first pass, and then evicted in write order.
+#[tokio::test]
+async fn an_older_store_is_indexed_then_evicted() {
+    let dir = tempfile::tempdir().expect("dir");
+    let c = ns("c");
+    let mut hashes = Vec::new();
+    {
+        let store = open(dir.path(), Arc::default());
+        for seed in 0..6 {
+            hashes.push(put(&store, &c, seed, 1000).await);
+        }
+        // As if written by a version without the index.
+        store.inner.eviction.lru.clear().expect("clear");
+        store.inner.eviction.lru_at.clear().expect("clear");
+        store.flush().await.expect("flush");
+    }
+    let store = open(dir.path(), evicting("c", 5000));
+    store.run_eviction().expect("evict");
+    assert!(!present(&store, &c, &hashes[0]).await);
+    assert!(!present(&store, &c, &hashes[1]).await);
+    for hash in &hashes[2..] {
+        assert!(present(&store, &c, hash).await);
+    }
+    assert!(store.inner.eviction.indexed().expect("marker"));
+}
+
+/// Readers racing eviction (values in blob files, whose files go once the
+/// removal is durable) get either the whole value, verified, or NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_racing_eviction_get_whole_values_or_not_found() {
+    const LEN: usize = 100 * 1024;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(dir.path(), evicting("c", 20 * LEN as u64));
+    let c = ns("c");
+    let mut hashes = Vec::new();
+    for seed in 0..20 {
+        hashes.push(put(&store, &c, seed, LEN).await);
+    }
+    let hashes = Arc::new(hashes);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for reader in 0..4 {
+        let (store, c, hashes, done) = (
+            store.clone(),
+            c.clone(),
+            Arc::clone(&hashes),
+            Arc::clone(&done),
+        );
+        readers.push(tokio::spawn(async move {
+            let (mut whole, mut missing) = (0u64, 0u64);
+            let mut n = reader;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                // A NOT_FOUND answers without awaiting anything: yield, or
+                // four readers on two workers starve the writer's tasks.
+                tokio::task::yield_now().await;
+                let hash = &hashes[n % hashes.len()];
+                n += 1;
+                match store.get_object(&c, hash).await {
+                    Ok((_, body)) => {
+                        let chunks: Vec<Bytes> = body
+                            .map(|chunk| chunk.expect("a read began must finish"))
+                            .collect()
+                            .await;
+                        let digest = sha2::Sha256::digest(chunks.concat());
+                        assert_eq!(hex::encode(digest), hash.as_str(), "torn value");
+                        whole += 1;
+                    }
+                    Err(Error::NotFound { .. }) => missing += 1,
+                    Err(other) => panic!("read failed: {other:?}"),
+                }
+            }
+            (whole, missing)
+        }));
+    }
+    for seed in 20..40 {
+        put(&store, &c, seed, LEN).await;
+        let evicting = store.clone();
+        tokio::task::spawn_blocking(move || evicting.run_eviction())
+            .await
+            .expect("join")
+            .expect("evict");
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut whole, mut missing) = (0, 0);
+    for reader in readers {
+        let (w, m) = reader.await.expect("reader");
+        whole += w;
+        missing += m;
+    }
+    assert!(whole > 0 && missing > 0, "whole {whole}, missing {missing}");
+    assert!(store.evicted_total() >= 18);
+}
