@@ -101,12 +101,31 @@ pub async fn closed_loop(
     seq: &Arc<Sequence>,
     op: &Op,
 ) -> Result<Measured> {
+    let deadline = Instant::now() + duration;
+    closed_loop_while(
+        concurrency,
+        seq,
+        op,
+        Arc::new(move || Instant::now() < deadline),
+    )
+    .await
+}
+
+/// Runs `op` from `concurrency` callers as long as `keep_going` says so
+/// (each caller finishes at least one call), and records every call's
+/// latency: the load beside a task that runs for as long as it needs.
+pub async fn closed_loop_while(
+    concurrency: usize,
+    seq: &Arc<Sequence>,
+    op: &Op,
+    keep_going: Arc<dyn Fn() -> bool + Send + Sync>,
+) -> Result<Measured> {
     let start = Instant::now();
-    let deadline = start + duration;
     let mut workers = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let op = Arc::clone(op);
         let seq = Arc::clone(seq);
+        let keep_going = Arc::clone(&keep_going);
         workers.push(tokio::spawn(async move {
             let mut histogram = new_histogram()?;
             let (mut ops, mut bytes) = (0u64, 0u64);
@@ -115,7 +134,7 @@ pub async fn closed_loop(
                 bytes += op(seq.next()).await?;
                 histogram.saturating_record(micros(began.elapsed()));
                 ops += 1;
-                if Instant::now() >= deadline {
+                if !keep_going() {
                     break;
                 }
             }

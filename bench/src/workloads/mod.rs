@@ -32,6 +32,7 @@ mod bucket;
 mod bulk;
 mod cache;
 mod cassette;
+mod eviction;
 mod find_missing;
 mod params;
 mod scaling;
@@ -163,6 +164,7 @@ impl Bench {
         self.cassette_reads().await.context("cassette reads")?;
         self.bulk().await.context("bulk objects")?;
         self.cache().await.context("cache archives")?;
+        self.eviction().await.context("eviction")?;
         self.tls().await.context("TLS with a token")?;
         self.concurrency_curve()
             .await

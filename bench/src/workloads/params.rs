@@ -32,6 +32,8 @@ pub struct Params {
     pub payload_sizes: Vec<usize>,
     /// Stored-item counts of the scaling curve.
     pub store_levels: Vec<u64>,
+    /// 4 KiB values stored before the eviction run (about 55% are evicted).
+    pub eviction_values: usize,
 }
 
 impl Params {
@@ -50,6 +52,7 @@ impl Params {
             concurrency_levels: vec![1, 4, 16, 64, 256],
             payload_sizes: vec![KIB, 16 * KIB, 256 * KIB, 4 * MIB, 64 * MIB],
             store_levels: vec![1_000, 10_000, 100_000],
+            eviction_values: 40_000,
         }
     }
 
@@ -74,6 +77,7 @@ impl Params {
                 64 * MIB,
             ],
             store_levels: vec![1_000, 10_000, 100_000, 1_000_000],
+            eviction_values: 200_000,
             ..Self::quick()
         }
     }
@@ -92,6 +96,7 @@ impl Params {
             concurrency_levels: vec![1, 4],
             payload_sizes: vec![KIB, 128 * KIB],
             store_levels: vec![100, 300],
+            eviction_values: 400,
             ..Self::quick()
         }
     }

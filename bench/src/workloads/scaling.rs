@@ -152,7 +152,19 @@ impl Bench {
                 bail!("prefill to {level} items failed: {status}");
             }
             filled = level;
+            let starting = std::time::Instant::now();
             let mut server = ServerProcess::start_in(&dir, &[]).await;
+            let started = starting.elapsed();
+            // From spawning the process to its health check saying SERVING.
+            println!(
+                "  start to SERVING with {level} items: {:.3} s",
+                started.as_secs_f64()
+            );
+            self.report.fact(
+                &format!("start to SERVING with {level} items stored"),
+                started.as_secs_f64(),
+                "s",
+            );
             let client: Arc<dyn ArtifactStore> = Arc::new(server.client().await);
             let get = {
                 let (ns, client) = (self.ns.clone(), Arc::clone(&client));

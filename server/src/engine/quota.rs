@@ -36,8 +36,10 @@ impl NamespaceQuota {
     }
 
     /// The most an `evict` namespace may hold while eviction catches up:
-    /// writes past `max_bytes` are accepted up to 10% over it (the bounded
-    /// overshoot); a write beyond that is refused until eviction made room.
+    /// once past `max_bytes`, writes are accepted up to 10% over it; a write
+    /// beyond that is refused until eviction made room. A write that starts
+    /// at or under `max_bytes` is always accepted (records permitting), so
+    /// the overshoot is at most 10% or one value, whichever is larger.
     pub fn ceiling(&self) -> u64 {
         self.max_bytes.saturating_add(self.max_bytes / 10)
     }

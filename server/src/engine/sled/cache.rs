@@ -58,18 +58,6 @@ impl CacheTrees {
     }
 }
 
-impl CacheTrees {
-    /// Archives and their bytes. Blocking.
-    pub(super) fn usage(&self) -> Result<(u64, u64), Error> {
-        let (mut archives, mut bytes) = (0u64, 0u64);
-        for value in self.refs.iter().values() {
-            bytes += record::decode(&value.map_err(sled_error)?)?.size;
-            archives += 1;
-        }
-        Ok((archives, bytes))
-    }
-}
-
 fn cached_ref(tier: &TierKey, reference: &str, suite: &str, record: &ValueRecord) -> CachedRef {
     describe_archive(tier.tier, &tier.branch, reference, suite, record)
 }
@@ -77,12 +65,15 @@ fn cached_ref(tier: &TierKey, reference: &str, suite: &str, record: &ValueRecord
 impl SledStore {
     /// Removes one ref (all its suites) from `tier` if its last upload is
     /// still `expected`; returns the blob ids it referenced, or `None` when it
-    /// changed meanwhile (or was already gone). Blocking.
+    /// changed meanwhile (or was already gone). For eviction, `chosen` is
+    /// the eviction index entry it was chosen by: a use or an upload since
+    /// then moved it, and the ref stays. Blocking.
     pub(super) fn remove_ref(
         &self,
         tier: &[u8],
         reference: &str,
         expected: (i64, u64),
+        chosen: Option<&[u8]>,
     ) -> Result<Option<Vec<u64>>, Error> {
         use sled::transaction::ConflictableTransactionError;
         let cache = &self.inner.cache;
@@ -93,41 +84,50 @@ impl SledStore {
             .keys()
             .collect::<Result<_, _>>()
             .map_err(sled_error)?;
-        self.write(
-            &[
-                &cache.refs,
-                &self.inner.blob_refs,
-                &cache.ref_time,
-                &cache.recency,
-            ],
-            |tx| {
-                let (refs, blob_refs, ref_time, recency) =
-                    (tx.tree(0), tx.tree(1), tx.tree(2), tx.tree(3));
-                let current = ref_time.get(&ref_key)?.and_then(|t| decode_time(&t));
-                if current != Some(expected) {
+        let trees = [
+            &cache.refs,
+            &self.inner.blob_refs,
+            &cache.ref_time,
+            &cache.recency,
+        ];
+        let body = |tx: &super::wal::LoggedTx<'_>| {
+            let (refs, blob_refs, ref_time, recency) =
+                (tx.tree(0), tx.tree(1), tx.tree(2), tx.tree(3));
+            if let Some(index_key) = chosen {
+                // The `lru` tree follows the four data trees and the two
+                // counter trees (see `SledStore::write`).
+                if tx.tree(6).get(index_key)?.is_none() {
                     return Ok(None);
                 }
-                ref_time.remove(ref_key.as_slice())?;
-                recency.remove(recency_key(
-                    tier,
-                    expected.0,
-                    expected.1,
-                    reference.as_bytes(),
-                ))?;
-                let mut blobs = Vec::new();
-                for suite_key in &suites {
-                    if let Some(bytes) = refs.remove(suite_key)? {
-                        let old =
-                            record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
-                        if let Some(id) = old.blob_id() {
-                            blob_refs.remove(id.to_be_bytes())?;
-                            blobs.push(id);
-                        }
+            }
+            let current = ref_time.get(&ref_key)?.and_then(|t| decode_time(&t));
+            if current != Some(expected) {
+                return Ok(None);
+            }
+            ref_time.remove(ref_key.as_slice())?;
+            recency.remove(recency_key(
+                tier,
+                expected.0,
+                expected.1,
+                reference.as_bytes(),
+            ))?;
+            let mut blobs = Vec::new();
+            for suite_key in &suites {
+                if let Some(bytes) = refs.remove(suite_key)? {
+                    let old =
+                        record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+                    if let Some(id) = old.blob_id() {
+                        blob_refs.remove(id.to_be_bytes())?;
+                        blobs.push(id);
                     }
                 }
-                Ok(Some(blobs))
-            },
-        )
+            }
+            Ok(Some(blobs))
+        };
+        match chosen {
+            Some(_) => self.write_quiet(&trees, body),
+            None => self.write(&trees, body),
+        }
     }
 
     /// Refs of `tier`, oldest first: `(uploaded_at, seq, ref)`. Blocking.
@@ -153,7 +153,7 @@ impl SledStore {
         let mut blobs = Vec::new();
         let mut gone = HashSet::new();
         for (ts, seq, reference) in doomed {
-            if let Some(ids) = self.remove_ref(tier, reference, (*ts, *seq))? {
+            if let Some(ids) = self.remove_ref(tier, reference, (*ts, *seq), None)? {
                 removed += 1;
                 blobs.extend(ids);
                 gone.insert(reference.clone());

@@ -43,6 +43,7 @@ mod durable;
 mod entries;
 mod errors;
 mod eviction;
+mod faults;
 mod keys;
 mod objects;
 mod read;
@@ -51,6 +52,7 @@ mod usage;
 mod wal;
 
 pub use eviction::EvictionPass;
+pub use faults::Faults;
 pub use read::BodyReader;
 pub use usage::StoreStats;
 
@@ -108,44 +110,6 @@ impl Default for StoreOptions {
             quotas: Arc::default(),
             faults: None,
         }
-    }
-}
-
-/// Switches that make the storage boundary fail on purpose, so tests can
-/// check that a failing disk gives a clear status, leaves nothing partial
-/// behind, and that the store serves again once the fault clears.
-#[derive(Debug, Default)]
-pub struct Faults {
-    /// Every `fdatasync` of the log (the durability point) fails.
-    pub fail_flush: std::sync::atomic::AtomicBool,
-    /// Every write to the log fails with an I/O error.
-    pub fail_log_write: std::sync::atomic::AtomicBool,
-    /// Every write to a blob file fails with an I/O error.
-    pub fail_blob_write: std::sync::atomic::AtomicBool,
-    /// Every write to a blob file fails as if the disk were full.
-    pub disk_full: std::sync::atomic::AtomicBool,
-}
-
-impl Faults {
-    fn on(flag: &std::sync::atomic::AtomicBool) -> bool {
-        flag.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// The error an injected log-write fault produces, if one is set.
-    pub fn log_write_error(&self) -> Option<std::io::Error> {
-        if Self::on(&self.disk_full) {
-            return Some(std::io::Error::from(std::io::ErrorKind::StorageFull));
-        }
-        Self::on(&self.fail_log_write).then(|| std::io::Error::other("injected log write failure"))
-    }
-
-    /// The error an injected blob-write fault produces, if one is set.
-    pub fn blob_write_error(&self) -> Option<std::io::Error> {
-        if Self::on(&self.disk_full) {
-            return Some(std::io::Error::from(std::io::ErrorKind::StorageFull));
-        }
-        Self::on(&self.fail_blob_write)
-            .then(|| std::io::Error::other("injected blob write failure"))
     }
 }
 
@@ -321,7 +285,10 @@ impl SledStore {
     /// strict read never reports a write that a crash could still undo.
     /// Returns at once when no write is waiting for the log.
     async fn visible(&self, ticket: u64) -> Result<(), Error> {
-        self.durable(ticket).await
+        match self.inner.options.durability {
+            Durability::Strict => self.inner.wal.read_barrier(ticket).await,
+            Durability::Relaxed => Ok(()),
+        }
     }
 
     /// Runs `body` as one logged write over `trees` (all or nothing), then
@@ -332,6 +299,25 @@ impl SledStore {
         trees: &[&sled::Tree],
         body: impl Fn(&LoggedTx<'_>) -> sled::transaction::ConflictableTransactionResult<T, Error>,
     ) -> Result<T, Error> {
+        self.write_logged(trees, body, false)
+    }
+
+    /// [`SledStore::write`] for housekeeping that readers need not wait for
+    /// (see `Wal::write_quiet`).
+    fn write_quiet<T>(
+        &self,
+        trees: &[&sled::Tree],
+        body: impl Fn(&LoggedTx<'_>) -> sled::transaction::ConflictableTransactionResult<T, Error>,
+    ) -> Result<T, Error> {
+        self.write_logged(trees, body, true)
+    }
+
+    fn write_logged<T>(
+        &self,
+        trees: &[&sled::Tree],
+        body: impl Fn(&LoggedTx<'_>) -> sled::transaction::ConflictableTransactionResult<T, Error>,
+        quiet: bool,
+    ) -> Result<T, Error> {
         if let Some(reason) = self.inner.write_refusal.get() {
             return Err(Error::Unavailable {
                 message: reason.clone(),
@@ -339,7 +325,11 @@ impl SledStore {
         }
         let counted = trees.len();
         let usage = &self.inner.usage;
-        usage.free.check(0)?;
+        // Housekeeping frees space (eviction) or writes little: the floor
+        // must not stop it.
+        if !quiet {
+            usage.free.check(0)?;
+        }
         let index = &self.inner.eviction;
         let all = [
             trees,
@@ -347,16 +337,18 @@ impl SledStore {
         ]
         .concat();
         let past_quota = std::cell::Cell::new(false);
-        let out = self.inner.wal.write(&all, |tx| {
+        let logged = |tx: &LoggedTx<'_>| {
             let out = body(tx)?;
-            past_quota.set(accounting::account(
-                tx,
-                counted,
-                &self.inner.options.quotas,
-            )?);
+            let quotas = &self.inner.options.quotas;
+            past_quota.set(accounting::account(tx, counted, quotas)?);
             eviction::track(tx, counted)?;
             Ok(out)
-        })?;
+        };
+        let out = if quiet {
+            self.inner.wal.write_quiet(&all, logged)?
+        } else {
+            self.inner.wal.write(&all, logged)?
+        };
         if past_quota.get() {
             index.wake.notify_one();
         }

@@ -45,6 +45,11 @@ impl ObjectStore for SledStore {
                 object_record(verified, now, size, sha256),
             )
             .await?;
+        // Storing a value already there writes nothing: count it as a use,
+        // or the caller's fresh copy could be the next one evicted.
+        if record.updated_at != now {
+            self.note_object_use(ns.as_str(), &key);
+        }
         Ok(object_info(hash, &record))
     }
 

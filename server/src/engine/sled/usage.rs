@@ -136,6 +136,18 @@ impl Engine for SledStore {
     }
 }
 
+impl super::cache::CacheTrees {
+    /// Archives and their bytes. Blocking.
+    pub(super) fn usage(&self) -> Result<(u64, u64), Error> {
+        let (mut archives, mut bytes) = (0u64, 0u64);
+        for value in self.refs.iter().values() {
+            bytes += record::decode(&value.map_err(sled_error)?)?.size;
+            archives += 1;
+        }
+        Ok((archives, bytes))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -368,7 +368,9 @@ pub(super) fn account(
                         records,
                         delta.logical,
                     ))
-                } else if after > i128::from(quota.ceiling()) {
+                } else if before.logical > i128::from(quota.max_bytes)
+                    && after > i128::from(quota.ceiling())
+                {
                     Some(eviction_behind(&name, quota, before.logical, delta.logical))
                 } else {
                     past_quota |= after > i128::from(quota.max_bytes);
@@ -497,4 +499,4 @@ impl trove_proto::UsageStore for super::SledStore {
 #[cfg(test)]
 mod quota_tests;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

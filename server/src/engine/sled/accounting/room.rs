@@ -35,7 +35,10 @@ pub(in crate::engine::sled) fn records_fill_quota(
     Error::exhausted(
         format!("quota of namespace {namespace:?}"),
         format!(
-            "namespace {namespace:?} evicts objects and cache archives at its {max}-byte quota,              but its records (artifacts, cassettes, streams) alone hold {records} bytes and are              never evicted, so eviction cannot free room for {adding} more. Nothing was stored:              delete records in the namespace, or raise its max_bytes"
+            "namespace {namespace:?} evicts objects and cache archives at its {max}-byte quota, \
+             but its records (artifacts, cassettes, streams) alone hold {records} bytes and are \
+             never evicted, so eviction cannot free room for {adding} more. Nothing was stored: \
+             delete records in the namespace, or raise its max_bytes"
         ),
     )
 }
@@ -51,7 +54,9 @@ pub(in crate::engine::sled) fn eviction_behind(
     Error::exhausted(
         format!("quota of namespace {namespace:?}"),
         format!(
-            "namespace {namespace:?} holds {usage} bytes; storing {adding} more would pass              {ceiling} bytes (its {max}-byte quota plus 10% while eviction catches up). Nothing              was stored: eviction is running, retry shortly",
+            "namespace {namespace:?} holds {usage} bytes; storing {adding} more would pass \
+             {ceiling} bytes (its {max}-byte quota plus 10% while eviction catches up). Nothing \
+             was stored: eviction is running, retry shortly",
             ceiling = quota.ceiling(),
             max = quota.max_bytes
         ),
@@ -94,7 +99,9 @@ impl Room {
                         adding,
                     ));
                 }
-                OnFull::Evict if usage + adding > i128::from(quota.ceiling()) => {
+                OnFull::Evict
+                    if usage > i128::from(max) && usage + adding > i128::from(quota.ceiling()) =>
+                {
                     return Some(eviction_behind(&self.namespace, &quota, usage, adding));
                 }
                 _ => {}

@@ -37,7 +37,7 @@ fn figures(rows: &[UsageRow], ns: &str, group: &str) -> (u64, u64) {
 }
 
 /// Forgets the counters and counts the store again from scratch.
-async fn recount(store: &SledStore) -> Vec<UsageRow> {
+pub(in crate::engine::sled) async fn recount(store: &SledStore) -> Vec<UsageRow> {
     let trees = &store.inner.usage;
     let counters = |tree: &sled::Tree| -> Vec<(IVec, IVec)> {
         tree.iter().collect::<Result<_, _>>().expect("counters")

@@ -9,14 +9,15 @@ use super::super::schema::{decode_time, with_parts, TIER_PR};
 use super::super::{keys, sled_error, SledStore};
 
 impl SledStore {
-    /// Evicts the given refs of `tier` (each as last uploaded), the tree
+    /// Evicts the given refs of `tier` (each with the eviction index entry
+    /// it was chosen by, which must still be there), the tree
     /// pointers to them and, when a pull-request tier is left empty, its
     /// branch map; returns the refs removed and the blobs to retire.
     /// Blocking.
     pub(super) fn evict_refs(
         &self,
         tier: &[u8],
-        refs: &[String],
+        refs: &[(String, Vec<u8>)],
     ) -> Result<(Vec<String>, Vec<u64>), Error> {
         let cache = &self.inner.cache;
         // Read before the refs go: a map written after this point is a
@@ -27,7 +28,7 @@ impl SledStore {
             None => None,
         };
         let (mut removed, mut blobs) = (Vec::new(), Vec::new());
-        for reference in refs {
+        for (reference, index_key) in refs {
             let ref_key = with_parts(tier, &[reference.as_bytes()]);
             let Some(expected) = cache
                 .ref_time
@@ -37,7 +38,7 @@ impl SledStore {
             else {
                 continue;
             };
-            if let Some(ids) = self.remove_ref(tier, reference, expected)? {
+            if let Some(ids) = self.remove_ref(tier, reference, expected, Some(index_key))? {
                 removed.push(reference.clone());
                 blobs.extend(ids);
             }

@@ -22,7 +22,7 @@
 //! maintenance task: a use lost in a crash only makes the order less exact.
 //! Records (artifacts, cassettes, streams) are never indexed, never evicted.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -30,6 +30,7 @@ use sled::transaction::UnabortableTransactionError;
 use sled::IVec;
 use trove_proto::Error;
 
+mod backfill;
 mod cache_refs;
 
 use super::wal::{LoggedTree, LoggedTx};
@@ -65,7 +66,8 @@ type TxResult<T> = Result<T, UnabortableTransactionError>;
 pub(super) struct Eviction {
     pub(super) lru: sled::Tree,
     pub(super) lru_at: sled::Tree,
-    uses: Mutex<HashSet<Vec<u8>>>,
+    /// Uses not yet written: source key -> when it was used.
+    uses: Mutex<HashMap<Vec<u8>, u64>>,
     /// Woken by a write that took an evicting namespace past its quota.
     pub(super) wake: Arc<tokio::sync::Notify>,
     /// Passes never overlap (the task and a caller of [`SledStore::run_eviction`]).
@@ -99,12 +101,20 @@ impl Eviction {
                 let mut entry = Vec::with_capacity(key.len() + 1);
                 entry.push(source);
                 entry.extend_from_slice(key);
-                uses.insert(entry);
+                uses.insert(entry, now_stamp());
             }
         }
     }
 
-    fn take_uses(&self) -> Vec<Vec<u8>> {
+    /// True when a use of `source_key` waits to be written: the value was
+    /// used after the last flush, so a pass running now must keep it.
+    fn is_pending(&self, source_key: &[u8]) -> bool {
+        self.uses
+            .lock()
+            .map_or(true, |uses| uses.contains_key(source_key))
+    }
+
+    fn take_uses(&self) -> Vec<(Vec<u8>, u64)> {
         match self.uses.lock() {
             Ok(mut uses) => uses.drain().collect(),
             Err(_) => Vec::new(),
@@ -246,14 +256,15 @@ impl SledStore {
     fn flush_uses(&self) -> Result<(), Error> {
         let uses = self.inner.eviction.take_uses();
         for batch in uses.chunks(BATCH) {
-            let stamp = now_stamp();
-            self.write(&[], |tx| {
+            self.write_quiet(&[], |tx| {
                 let (lru, lru_at) = (tx.tree(2), tx.tree(3));
-                for source_key in batch {
-                    // Only a value still indexed moves: a use racing a
-                    // delete must not bring its entry back.
-                    if lru_at.get(source_key)?.is_some() {
-                        relink(&lru, &lru_at, source_key, true, stamp)?;
+                for (source_key, used_at) in batch {
+                    // Only a value still indexed moves (a use racing a
+                    // delete must not bring its entry back), and only
+                    // forward (it may have been rewritten since).
+                    let current = lru_at.get(source_key)?.as_deref().and_then(parse_at);
+                    if current.is_some_and(|(_, stamp)| stamp < *used_at) {
+                        relink(&lru, &lru_at, source_key, true, *used_at)?;
                     }
                 }
                 Ok(())
@@ -262,78 +273,10 @@ impl SledStore {
         Ok(())
     }
 
-    /// Indexes the evictable values of a store written before the index
-    /// existed (each at its last write), then sets the marker. Values
-    /// written meanwhile index themselves. Blocking.
-    fn backfill_index(&self) -> Result<(), Error> {
-        if self.inner.eviction.indexed()? {
-            return Ok(());
-        }
-        let sources = [
-            (SOURCE_OBJECT, self.inner.objects.clone()),
-            (SOURCE_CACHE, self.inner.cache.ref_time.clone()),
-        ];
-        let mut indexed = 0u64;
-        for (source, tree) in sources {
-            let mut batch: Vec<(Vec<u8>, u64)> = Vec::new();
-            let mut items = tree.iter();
-            loop {
-                let next = items.next().transpose().map_err(sled_error)?;
-                if let Some((key, value)) = &next {
-                    if classify(source, key).is_some() {
-                        let stamp = match source {
-                            SOURCE_OBJECT => record::decode(value).map_or(0, |r| r.updated_at),
-                            _ => schema::decode_time(value).map_or(0, |(at, _)| at),
-                        };
-                        let mut source_key = vec![source];
-                        source_key.extend_from_slice(key);
-                        batch.push((source_key, u64::try_from(stamp).unwrap_or(0)));
-                    }
-                }
-                if batch.len() >= BATCH || (next.is_none() && !batch.is_empty()) {
-                    indexed += self.index_missing(&tree, &batch)?;
-                    batch.clear();
-                }
-                if next.is_none() {
-                    break;
-                }
-            }
-        }
-        self.write(&[], |tx| {
-            tx.tree(3).insert(MARKER, FORMAT)?;
-            Ok(())
-        })?;
-        if indexed > 0 {
-            tracing::info!(indexed, "indexed the evictable values of an older store");
-        }
-        Ok(())
-    }
-
-    /// Adds index entries for the values of `batch` that still exist and
-    /// are not indexed yet; returns how many it added.
-    fn index_missing(&self, tree: &sled::Tree, batch: &[(Vec<u8>, u64)]) -> Result<u64, Error> {
-        self.write(&[], |tx| {
-            let (lru, lru_at) = (tx.tree(2), tx.tree(3));
-            let mut added = 0u64;
-            for (source_key, stamp) in batch {
-                // Writes are serialised by the log: what sled holds now is
-                // what every earlier write left.
-                let exists = tree
-                    .contains_key(&source_key[1..])
-                    .map_err(UnabortableTransactionError::Storage)?;
-                if exists && lru_at.get(source_key)?.is_none() {
-                    relink(&lru, &lru_at, source_key, true, *stamp)?;
-                    added += 1;
-                }
-            }
-            Ok(added)
-        })
-    }
-
     /// Flushes the pending uses, then evicts every evicting namespace that
     /// holds more than its quota down to its low watermark. Blocking; one
     /// pass at a time.
-    pub(crate) fn run_eviction(&self) -> Result<EvictionPass, Error> {
+    pub fn run_eviction(&self) -> Result<EvictionPass, Error> {
         let _pass = self
             .inner
             .eviction
@@ -454,25 +397,35 @@ impl SledStore {
             done.bytes += removed.iter().sum::<u64>();
             self.retire_blobs(blobs, ticket);
         }
-        let mut by_tier: BTreeMap<Vec<u8>, Vec<(String, u64)>> = BTreeMap::new();
+        let mut by_tier: BTreeMap<Vec<u8>, Vec<&Candidate>> = BTreeMap::new();
         for candidate in refs {
-            if let Some((tier, reference)) = split_ref_key(&candidate.source_key[1..]) {
-                by_tier
-                    .entry(tier)
-                    .or_default()
-                    .push((reference, candidate.bytes));
-            } else {
-                self.drop_index_entry(candidate)?;
+            let key = &candidate.source_key[1..];
+            let exists = self.inner.cache.ref_time.contains_key(key);
+            match split_ref_key(key) {
+                Some((tier, _)) if exists.map_err(sled_error)? => {
+                    if !self.inner.eviction.is_pending(&candidate.source_key) {
+                        by_tier.entry(tier).or_default().push(candidate);
+                    }
+                }
+                // An entry whose ref is gone (or unreadable) leaves the index.
+                _ => self.drop_index_entry(candidate)?,
             }
         }
-        for (tier, refs) in by_tier {
-            let names: Vec<String> = refs.iter().map(|(name, _)| name.clone()).collect();
-            let (removed, blobs) = self.evict_refs(&tier, &names)?;
+        for (tier, chosen) in by_tier {
+            let refs: Vec<(String, Vec<u8>)> = chosen
+                .iter()
+                .filter_map(|c| {
+                    let (_, name) = split_ref_key(&c.source_key[1..])?;
+                    Some((name, c.index_key.to_vec()))
+                })
+                .collect();
+            let (removed, blobs) = self.evict_refs(&tier, &refs)?;
             done.evicted += removed.len() as u64;
             done.bytes += refs
                 .iter()
-                .filter(|(name, _)| removed.contains(name))
-                .map(|(_, bytes)| bytes)
+                .zip(&chosen)
+                .filter(|((name, _), _)| removed.contains(name))
+                .map(|(_, c)| c.bytes)
                 .sum::<u64>();
             self.retire_blobs(blobs, ticket);
         }
@@ -482,28 +435,37 @@ impl SledStore {
     /// Removes the objects among `candidates` whose index entry is
     /// unchanged, in one logged write; returns their sizes and blobs.
     fn evict_objects(&self, candidates: &[&Candidate]) -> Result<(Vec<u64>, Vec<u64>), Error> {
-        use sled::transaction::ConflictableTransactionError;
-        self.write(&[&self.inner.objects, &self.inner.blob_refs], |tx| {
+        self.write_quiet(&[&self.inner.objects, &self.inner.blob_refs], |tx| {
             let (objects, blob_refs, lru) = (tx.tree(0), tx.tree(1), tx.tree(4));
             let (mut sizes, mut blobs) = (Vec::new(), Vec::new());
             for candidate in candidates {
-                if lru.get(&candidate.index_key)?.is_none() {
+                // Used or rewritten since it was chosen (the entry moved),
+                // or used since the last flush: it stays.
+                if lru.get(&candidate.index_key)?.is_none()
+                    || self.inner.eviction.is_pending(&candidate.source_key)
+                {
                     continue;
                 }
                 let key = &candidate.source_key[1..];
-                match objects.remove(key)? {
-                    Some(bytes) => {
-                        let old =
-                            record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+                let record = objects.get(key)?.map(|bytes| record::decode(&bytes));
+                match record {
+                    Some(Ok(old)) => {
+                        objects.remove(key)?;
                         if let Some(id) = old.blob_id() {
                             blob_refs.remove(id.to_be_bytes())?;
                             blobs.push(id);
                         }
                         sizes.push(old.size);
                     }
-                    // An entry without its value: let it go (track only
-                    // sees keys that changed).
-                    None => {
+                    // An entry without its value, or with a value this
+                    // engine cannot read (kept for an operator to look
+                    // at): the entry leaves the index, so that eviction
+                    // does not stop at it (track only sees keys that
+                    // changed).
+                    other => {
+                        if let Some(Err(err)) = other {
+                            tracing::warn!(error = %err, "an evictable value does not parse; left in place, out of the eviction index");
+                        }
                         lru.remove(&candidate.index_key)?;
                         tx.tree(5).remove(&candidate.source_key)?;
                     }
@@ -514,7 +476,7 @@ impl SledStore {
     }
 
     fn drop_index_entry(&self, candidate: &Candidate) -> Result<(), Error> {
-        self.write(&[], |tx| {
+        self.write_quiet(&[], |tx| {
             tx.tree(2).remove(&candidate.index_key)?;
             tx.tree(3).remove(&candidate.source_key)?;
             Ok(())

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use sha2::Digest;
 use trove_proto::artifacts::PutOptions;
-use trove_proto::cache::{CacheScope, UploadOptions};
+use trove_proto::cache::{BranchRefsKey, BranchRefsWrite, CacheScope, UploadOptions};
 use trove_proto::types::{ByteStream, Name, Namespace};
 use trove_proto::{ArtifactStore, CacheStore, Error, ObjectStore};
 
@@ -35,6 +35,51 @@ fn open(dir: &std::path::Path, quotas: Arc<Quotas>) -> SledStore {
         ..StoreOptions::default()
     };
     SledStore::open(dir, options).expect("open")
+}
+
+/// Opens on a thread of its own, outside the runtime: no maintenance task
+/// runs, so passes happen exactly where a test calls `run_eviction`.
+fn open_without_task(dir: &std::path::Path, quotas: Arc<Quotas>) -> SledStore {
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || open(&dir, quotas))
+        .join()
+        .expect("open thread")
+}
+
+/// The eviction index holds exactly one entry per evictable value (every
+/// object and every cached ref), and its two trees agree; the usage
+/// counters agree with a recount.
+async fn assert_consistent(store: &SledStore) {
+    let eviction = &store.inner.eviction;
+    let mut expected: Vec<Vec<u8>> = Vec::new();
+    for key in store.inner.objects.iter().keys() {
+        let key = key.expect("key");
+        if key.last() == Some(&super::schema::KIND_OBJECT) {
+            expected.push([&[super::SOURCE_OBJECT][..], &key].concat());
+        }
+    }
+    for key in store.inner.cache.ref_time.iter().keys() {
+        expected.push([&[super::SOURCE_CACHE][..], &key.expect("key")].concat());
+    }
+    expected.sort();
+    let mut indexed: Vec<Vec<u8>> = Vec::new();
+    for item in eviction.lru_at.iter() {
+        let (key, value) = item.expect("entry");
+        if key.is_empty() {
+            continue;
+        }
+        let (class, stamp) = super::parse_at(&value).expect("entry value");
+        let (_, ns_key) = super::classify(key[0], &key[1..]).expect("evictable key");
+        let index_key = super::index_key(&ns_key, class, stamp, &key);
+        assert!(
+            eviction.lru.contains_key(index_key).expect("lookup"),
+            "lru_at entry without its lru entry"
+        );
+        indexed.push(key.to_vec());
+    }
+    assert_eq!(indexed, expected, "the index and the data differ");
+    assert_eq!(eviction.lru.len(), indexed.len(), "stray lru entries");
+    super::super::accounting::tests::recount(store).await;
 }
 
 fn ns(name: &str) -> Namespace {
@@ -80,7 +125,7 @@ async fn held(store: &SledStore, namespace: &str) -> u64 {
 #[tokio::test]
 async fn least_recently_used_objects_go_first_and_uses_count() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = open(dir.path(), evicting("c", 10_000));
+    let store = open_without_task(dir.path(), evicting("c", 10_000));
     let c = ns("c");
     let mut hashes = Vec::new();
     for seed in 0..10 {
@@ -103,7 +148,8 @@ async fn least_recently_used_objects_go_first_and_uses_count() {
     }
     assert_eq!(gone, vec![2, 3], "evicted: {gone:?}");
     assert_eq!(held(&store, "c").await, 9000, "stops at the low watermark");
-    assert!(store.evicted_total() >= 2);
+    assert_eq!(store.evicted_total(), 2);
+    assert_consistent(&store).await;
 }
 
 fn scope(branch: &str) -> CacheScope {
@@ -118,11 +164,15 @@ fn scope(branch: &str) -> CacheScope {
 
 async fn upload(store: &SledStore, branch: &str, reference: &str, len: usize) {
     let (_, data) = content(reference.len() * 7919 + len, len);
+    let options = UploadOptions {
+        tree_sha: Some(Name::new("tree_sha", format!("tree-{reference}")).expect("tree")),
+        ..UploadOptions::default()
+    };
     store
         .upload(
             &scope(branch),
             &Name::new("reference", reference).expect("ref"),
-            UploadOptions::default(),
+            options,
             stream(data),
         )
         .await
@@ -137,15 +187,40 @@ async fn downloadable(store: &SledStore, branch: &str, reference: &str) -> bool 
         .is_some()
 }
 
+async fn by_tree(store: &SledStore, branch: &str, reference: &str) -> bool {
+    let tree = Name::new("tree_sha", format!("tree-{reference}")).expect("tree");
+    store
+        .download(&scope(branch), "", Some(&tree))
+        .await
+        .expect("download")
+        .is_some()
+}
+
+async fn write_map(store: &SledStore, branch: &str) {
+    let write = BranchRefsWrite {
+        namespace: ns("ci"),
+        prefix: "app".to_owned(),
+        target: Some((branch.to_owned(), [("abc".to_owned(), 1)].into())),
+    };
+    assert!(store.write_branch_refs(&write).await.expect("map"));
+}
+
+async fn has_map(store: &SledStore, branch: &str) -> bool {
+    let key = BranchRefsKey::new(ns("ci"), "app", branch).expect("key");
+    !store.branch_refs(&key).await.expect("map").is_empty()
+}
+
 /// A storm of pull-request uploads is evicted before the default branch's
-/// archives, however old those are; a branch left empty loses its map.
+/// archives, however old those are; a branch whose refs all went loses its
+/// tree pointers and its branch map, a branch that keeps some keeps both.
 #[tokio::test]
 async fn the_main_tier_survives_a_storm_of_branch_uploads() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = open(dir.path(), evicting("ci", 10_000));
+    let store = open_without_task(dir.path(), evicting("ci", 10_000));
     for n in 0..4 {
         upload(&store, "main", &format!("main-{n}"), 1000).await;
     }
+    write_map(&store, "pr-0").await;
     for n in 0..40 {
         upload(
             &store,
@@ -154,8 +229,13 @@ async fn the_main_tier_survives_a_storm_of_branch_uploads() {
             1000,
         )
         .await;
+        if n == 39 {
+            // Its earlier refs are gone by now: the map of a branch that
+            // still has a ref after this pass must stay.
+            write_map(&store, "pr-7").await;
+        }
         store.run_eviction().expect("evict");
-        assert!(held(&store, "ci").await <= 11_000, "past the ceiling");
+        assert!(held(&store, "ci").await <= 10_000, "eviction left it over");
     }
     for n in 0..4 {
         assert!(
@@ -163,10 +243,20 @@ async fn the_main_tier_survives_a_storm_of_branch_uploads() {
             "main-{n} was evicted"
         );
     }
-    // The newest branch uploads are kept, the oldest went.
+    // Branch pr-0 (refs 0, 8, .., 32) is all gone; pr-7 keeps ref 39.
+    assert!(!downloadable(&store, "pr-0", "pr-ref-32").await);
+    assert!(
+        !by_tree(&store, "pr-0", "pr-ref-32").await,
+        "dangling pointer"
+    );
+    assert!(
+        !has_map(&store, "pr-0").await,
+        "the empty branch kept its map"
+    );
     assert!(downloadable(&store, "pr-7", "pr-ref-39").await);
-    assert!(!downloadable(&store, "pr-0", "pr-ref-0").await);
-    assert!(held(&store, "ci").await <= 10_000);
+    assert!(by_tree(&store, "pr-7", "pr-ref-39").await);
+    assert!(has_map(&store, "pr-7").await);
+    assert_consistent(&store).await;
 }
 
 /// Records are never evicted: when they fill the quota, writes are refused
@@ -174,7 +264,7 @@ async fn the_main_tier_survives_a_storm_of_branch_uploads() {
 #[tokio::test]
 async fn records_that_fill_the_quota_refuse_writes() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = open(dir.path(), evicting("c", 5000));
+    let store = open_without_task(dir.path(), evicting("c", 5000));
     let c = ns("c");
     let key = Name::new("key", "report").expect("key");
     let options = PutOptions {
@@ -238,6 +328,29 @@ fn writes_stop_at_the_ceiling_until_eviction_catches_up() {
     });
 }
 
+/// A value larger than the overshoot is accepted while the namespace is
+/// at or under its quota, and eviction then makes room by removing older
+/// values, not the new one.
+#[tokio::test]
+async fn a_value_larger_than_the_overshoot_is_accepted_under_the_quota() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open_without_task(dir.path(), evicting("c", 10_000));
+    let c = ns("c");
+    let mut hashes = Vec::new();
+    for seed in 0..9 {
+        hashes.push(put(&store, &c, seed, 1000).await);
+    }
+    let big = put(&store, &c, 100, 3000).await;
+    assert_eq!(held(&store, "c").await, 12_000);
+    store.run_eviction().expect("evict");
+    assert!(present(&store, &c, &big).await, "the new value was evicted");
+    for (seed, hash) in hashes.iter().enumerate() {
+        assert_eq!(present(&store, &c, hash).await, seed >= 3, "value {seed}");
+    }
+    assert_eq!(held(&store, "c").await, 9000);
+    assert_consistent(&store).await;
+}
+
 /// A store written before the index existed (or without an evicting
 /// quota) is indexed by the first pass, and then evicted in write order.
 #[tokio::test]
@@ -255,7 +368,7 @@ async fn an_older_store_is_indexed_then_evicted() {
         store.inner.eviction.lru_at.clear().expect("clear");
         store.flush().await.expect("flush");
     }
-    let store = open(dir.path(), evicting("c", 5000));
+    let store = open_without_task(dir.path(), evicting("c", 5000));
     store.run_eviction().expect("evict");
     assert!(!present(&store, &c, &hashes[0]).await);
     assert!(!present(&store, &c, &hashes[1]).await);
@@ -263,6 +376,7 @@ async fn an_older_store_is_indexed_then_evicted() {
         assert!(present(&store, &c, hash).await);
     }
     assert!(store.inner.eviction.indexed().expect("marker"));
+    assert_consistent(&store).await;
 }
 
 /// Readers racing eviction (values in blob files, whose files go once the
@@ -271,7 +385,7 @@ async fn an_older_store_is_indexed_then_evicted() {
 async fn reads_racing_eviction_get_whole_values_or_not_found() {
     const LEN: usize = 100 * 1024;
     let dir = tempfile::tempdir().expect("dir");
-    let store = open(dir.path(), evicting("c", 20 * LEN as u64));
+    let store = open_without_task(dir.path(), evicting("c", 20 * LEN as u64));
     let c = ns("c");
     let mut hashes = Vec::new();
     for seed in 0..20 {
@@ -330,4 +444,5 @@ async fn reads_racing_eviction_get_whole_values_or_not_found() {
     }
     assert!(whole > 0 && missing > 0, "whole {whole}, missing {missing}");
     assert!(store.evicted_total() >= 18);
+    assert_consistent(&store).await;
 }

@@ -36,6 +36,7 @@
 //!   key (sled's scans were never atomic with its transactions), and writes
 //!   never overlap each other.
 
+mod apply;
 mod codec;
 mod logged;
 mod replay;
@@ -56,10 +57,12 @@ use tokio::sync::watch;
 use trove_proto::Error;
 
 use super::{body_error, sled_error, Faults};
-use codec::RedoRef;
-use logged::TreeChanges;
+#[cfg(test)]
+use apply::image_key;
+use apply::{apply, encode_redo, undo_of};
+pub(super) use apply::{image_head, read_image};
 use segments::Segment;
-use writer::{undo_one, Writer};
+use writer::Writer;
 
 /// The key, in the log's own tree, of the last LSN applied to sled.
 const APPLIED: &[u8] = b"applied";
@@ -125,6 +128,8 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     issued: AtomicU64,
+    /// The last LSN of a write that readers wait for (see [`Wal::write_quiet`]).
+    issued_for_readers: AtomicU64,
     /// Every LSN up to here is durable.
     durable: AtomicU64,
     /// Every LSN up to here is durable or was undone.
@@ -210,6 +215,7 @@ impl Wal {
             }),
             wake: Condvar::new(),
             issued: AtomicU64::new(recovered.last_lsn),
+            issued_for_readers: AtomicU64::new(recovered.last_lsn),
             durable: AtomicU64::new(recovered.last_lsn),
             settled: AtomicU64::new(recovered.last_lsn),
             progress,
@@ -242,6 +248,28 @@ impl Wal {
         trees: &[&sled::Tree],
         body: impl Fn(&LoggedTx<'_>) -> ConflictableTransactionResult<T, Error>,
     ) -> Result<T, Error> {
+        self.write_logged(trees, body, false)
+    }
+
+    /// Like [`Wal::write`], for housekeeping (eviction, recording uses)
+    /// that readers need not wait for: a read that sees it before it is
+    /// durable can only see a cache value gone that a crash brings back.
+    /// [`Wal::barrier`] still covers it, so a blob it unreferenced is
+    /// unlinked only once it is durable.
+    pub fn write_quiet<T>(
+        &self,
+        trees: &[&sled::Tree],
+        body: impl Fn(&LoggedTx<'_>) -> ConflictableTransactionResult<T, Error>,
+    ) -> Result<T, Error> {
+        self.write_logged(trees, body, true)
+    }
+
+    fn write_logged<T>(
+        &self,
+        trees: &[&sled::Tree],
+        body: impl Fn(&LoggedTx<'_>) -> ConflictableTransactionResult<T, Error>,
+        quiet: bool,
+    ) -> Result<T, Error> {
         let mut state = self.shared.lock()?;
         if let Some(reason) = &state.refusing {
             let message = format!("writes are refused until the log is reopened: {reason}");
@@ -255,6 +283,9 @@ impl Wal {
         // waits for this LSN.
         state.issued = lsn;
         self.shared.issued.store(lsn, Ordering::SeqCst);
+        if !quiet {
+            self.shared.issued_for_readers.store(lsn, Ordering::SeqCst);
+        }
         let trees: Vec<sled::Tree> = trees.iter().map(|t| (*t).clone()).collect();
         let tx = LoggedTx::new(&trees);
         let outcome = body(&tx).map_err(body_error);
@@ -326,6 +357,17 @@ impl Wal {
     /// nothing is waiting for the log.
     pub async fn barrier(&self, ticket: u64) -> Result<(), Error> {
         let target = self.shared.issued.load(Ordering::SeqCst);
+        self.settle(ticket, target).await
+    }
+
+    /// [`Wal::barrier`] for a read: waits for every change applied so far
+    /// except quiet ones (see [`Wal::write_quiet`]).
+    pub async fn read_barrier(&self, ticket: u64) -> Result<(), Error> {
+        let target = self.shared.issued_for_readers.load(Ordering::SeqCst);
+        self.settle(ticket, target).await
+    }
+
+    async fn settle(&self, ticket: u64, target: u64) -> Result<(), Error> {
         let mut progress = self.shared.progress.subscribe();
         loop {
             {
@@ -412,174 +454,6 @@ impl Wal {
 
 /// Writes are held while this lives (see [`Wal::hold_writes`]).
 pub struct WritesHeld<'a>(#[allow(dead_code)] MutexGuard<'a, State>);
-
-/// The largest piece of an undo image stored as one sled value: well under
-/// a quarter of the smallest sled segment in use (sled writes a larger item
-/// to a file of its own that it never syncs).
-const IMAGE_PIECE_BYTES: usize = 64 * 1024;
-
-/// The key of piece `index` of the undo image.
-fn image_key(index: u32) -> Vec<u8> {
-    let mut key = UNDO_IMAGE.to_vec();
-    key.extend_from_slice(&index.to_be_bytes());
-    key
-}
-
-/// Reads back the undo image of a write newer than `applied`: piece 0
-/// starts with the number of pieces and the write's LSN. `None` when there
-/// is no image, or it belongs to a write the marker covers (its other
-/// pieces may have been overwritten since).
-pub(super) fn read_image(log_tree: &sled::Tree, applied: u64) -> Result<Option<Vec<u8>>, Error> {
-    let Some(first) = log_tree.get(image_key(0)).map_err(sled_error)? else {
-        return Ok(None);
-    };
-    let damaged = || Error::DataLoss {
-        message: "the database's image of its last write is incomplete; restore the data \
-                  folder from a backup"
-            .into(),
-    };
-    let (count, rest) = first.split_first_chunk::<4>().ok_or_else(damaged)?;
-    let (lsn, head) = rest.split_first_chunk::<8>().ok_or_else(damaged)?;
-    if u64::from_be_bytes(*lsn) <= applied {
-        return Ok(None);
-    }
-    let mut image = head.to_vec();
-    for index in 1..u32::from_be_bytes(*count) {
-        let piece = log_tree.get(image_key(index)).map_err(sled_error)?;
-        image.extend_from_slice(&piece.ok_or_else(damaged)?);
-    }
-    Ok(Some(image))
-}
-
-/// The key whose removal forgets the undo image (piece 0 names the
-/// others).
-pub(super) fn image_head() -> Vec<u8> {
-    image_key(0)
-}
-
-/// Why [`apply`] failed, and whether sled was put back.
-#[derive(Debug)]
-struct ApplyFailed {
-    error: Error,
-    undone: bool,
-}
-
-/// Applies `changes` to sled between two writes of the log's own tree:
-/// first the values before ([`UNDO_IMAGE`], in pieces, piece 0 last), last
-/// the applied marker. sled recovers a prefix of its own log, so after a
-/// crash either the marker says the whole write is in, or the image is
-/// there to take a partial write out again ([`replay`]); a write whose
-/// record is durable is then replayed whole. When sled fails part way,
-/// what was applied is put back.
-fn apply(
-    trees: &[sled::Tree],
-    changes: &[TreeChanges],
-    log_tree: &sled::Tree,
-    lsn: u64,
-) -> Result<(), ApplyFailed> {
-    let failed = |error: Error| ApplyFailed {
-        error,
-        undone: true,
-    };
-    let names: Vec<IVec> = trees.iter().map(sled::Tree::name).collect();
-    let before = changes.iter().zip(&names).flat_map(|(tree, name)| {
-        tree.iter().map(move |(key, change)| RedoRef {
-            tree: name,
-            key,
-            value: change.before.as_deref(),
-        })
-    });
-    let mut image = Vec::new();
-    codec::encode(&mut image, lsn, before).map_err(|_| failed(too_large()))?;
-    let pieces: Vec<&[u8]> = image.chunks(IMAGE_PIECE_BYTES).collect();
-    let count = u32::try_from(pieces.len()).map_err(|_| failed(too_large()))?;
-    for (index, piece) in (1..count).zip(&pieces[1..]) {
-        log_tree
-            .insert(image_key(index), *piece)
-            .map_err(|e| failed(sled_error(e)))?;
-    }
-    let mut first = count.to_be_bytes().to_vec();
-    first.extend_from_slice(&lsn.to_be_bytes());
-    first.extend_from_slice(pieces.first().copied().unwrap_or_default());
-    log_tree
-        .insert(image_key(0), first)
-        .map_err(|e| failed(sled_error(e)))?;
-    let applied = (|| -> Result<(), sled::Error> {
-        for (tree, changes) in trees.iter().zip(changes) {
-            for (key, change) in changes {
-                match &change.after {
-                    Some(value) => tree.insert(key, value.clone())?,
-                    None => tree.remove(key)?,
-                };
-            }
-        }
-        log_tree.insert(APPLIED, &lsn.to_be_bytes()[..])?;
-        Ok(())
-    })();
-    let Err(err) = applied else {
-        return Ok(());
-    };
-    let undo = undo_of(lsn, trees, changes.to_vec());
-    match undo_one(log_tree, None, &undo) {
-        Ok(()) => Err(failed(sled_error(err))),
-        Err(undo_error) => Err(ApplyFailed {
-            error: Error::Unavailable {
-                message: format!(
-                    "the database failed part way through a write ({err}) and putting it back \
-                     failed too ({undo_error}); restart the server"
-                ),
-            },
-            undone: false,
-        }),
-    }
-}
-
-fn too_large() -> Error {
-    Error::invalid(
-        "request",
-        "it changes more than 4 GiB at once; send it in smaller parts",
-    )
-}
-
-/// Encodes the record `lsn` (the values after) into `out`.
-fn encode_redo(
-    out: &mut Vec<u8>,
-    lsn: u64,
-    trees: &[sled::Tree],
-    changes: &[TreeChanges],
-) -> Result<(), Error> {
-    let names: Vec<IVec> = trees.iter().map(sled::Tree::name).collect();
-    let redo = changes.iter().zip(&names).flat_map(|(tree, name)| {
-        tree.iter().map(move |(key, change)| RedoRef {
-            tree: name,
-            key,
-            value: change.after.as_deref(),
-        })
-    });
-    codec::encode(out, lsn, redo).map_err(|_| too_large())
-}
-
-/// How to undo the write `lsn`: its values before, per tree that changed.
-fn undo_of(lsn: u64, trees: &[sled::Tree], changes: Vec<TreeChanges>) -> Undo {
-    let mut undo = Undo {
-        lsn,
-        trees: Vec::new(),
-        before: Vec::new(),
-    };
-    for (tree, changes) in trees.iter().zip(changes) {
-        if changes.is_empty() {
-            continue;
-        }
-        undo.trees.push(tree.clone());
-        undo.before.push(
-            changes
-                .into_iter()
-                .map(|(key, change)| (key, change.before))
-                .collect(),
-        );
-    }
-    undo
-}
 
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::logged::TreeChanges;
 use super::*;
 
 struct Opened {

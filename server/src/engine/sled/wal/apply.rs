@@ -1,0 +1,181 @@
+//! Applying a logged write to sled between its undo image and the applied
+//! marker, and encoding its redo record and its undo.
+
+use sled::IVec;
+use trove_proto::Error;
+
+use super::codec::{self, RedoRef};
+use super::logged::TreeChanges;
+use super::writer::undo_one;
+use super::{sled_error, Undo, APPLIED, UNDO_IMAGE};
+
+/// The largest piece of an undo image stored as one sled value: well under
+/// a quarter of the smallest sled segment in use (sled writes a larger item
+/// to a file of its own that it never syncs).
+const IMAGE_PIECE_BYTES: usize = 64 * 1024;
+
+/// The key of piece `index` of the undo image.
+pub(super) fn image_key(index: u32) -> Vec<u8> {
+    let mut key = UNDO_IMAGE.to_vec();
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// Reads back the undo image of a write newer than `applied`: piece 0
+/// starts with the number of pieces and the write's LSN. `None` when there
+/// is no image, or it belongs to a write the marker covers (its other
+/// pieces may have been overwritten since).
+pub(in crate::engine::sled) fn read_image(
+    log_tree: &sled::Tree,
+    applied: u64,
+) -> Result<Option<Vec<u8>>, Error> {
+    let Some(first) = log_tree.get(image_key(0)).map_err(sled_error)? else {
+        return Ok(None);
+    };
+    let damaged = || Error::DataLoss {
+        message: "the database's image of its last write is incomplete; restore the data \
+                  folder from a backup"
+            .into(),
+    };
+    let (count, rest) = first.split_first_chunk::<4>().ok_or_else(damaged)?;
+    let (lsn, head) = rest.split_first_chunk::<8>().ok_or_else(damaged)?;
+    if u64::from_be_bytes(*lsn) <= applied {
+        return Ok(None);
+    }
+    let mut image = head.to_vec();
+    for index in 1..u32::from_be_bytes(*count) {
+        let piece = log_tree.get(image_key(index)).map_err(sled_error)?;
+        image.extend_from_slice(&piece.ok_or_else(damaged)?);
+    }
+    Ok(Some(image))
+}
+
+/// The key whose removal forgets the undo image (piece 0 names the
+/// others).
+pub(in crate::engine::sled) fn image_head() -> Vec<u8> {
+    image_key(0)
+}
+
+/// Why [`apply`] failed, and whether sled was put back.
+#[derive(Debug)]
+pub(super) struct ApplyFailed {
+    pub(super) error: Error,
+    pub(super) undone: bool,
+}
+
+/// Applies `changes` to sled between two writes of the log's own tree:
+/// first the values before ([`UNDO_IMAGE`], in pieces, piece 0 last), last
+/// the applied marker. sled recovers a prefix of its own log, so after a
+/// crash either the marker says the whole write is in, or the image is
+/// there to take a partial write out again ([`replay`]); a write whose
+/// record is durable is then replayed whole. When sled fails part way,
+/// what was applied is put back.
+pub(super) fn apply(
+    trees: &[sled::Tree],
+    changes: &[TreeChanges],
+    log_tree: &sled::Tree,
+    lsn: u64,
+) -> Result<(), ApplyFailed> {
+    let failed = |error: Error| ApplyFailed {
+        error,
+        undone: true,
+    };
+    let names: Vec<IVec> = trees.iter().map(sled::Tree::name).collect();
+    let before = changes.iter().zip(&names).flat_map(|(tree, name)| {
+        tree.iter().map(move |(key, change)| RedoRef {
+            tree: name,
+            key,
+            value: change.before.as_deref(),
+        })
+    });
+    let mut image = Vec::new();
+    codec::encode(&mut image, lsn, before).map_err(|_| failed(too_large()))?;
+    let pieces: Vec<&[u8]> = image.chunks(IMAGE_PIECE_BYTES).collect();
+    let count = u32::try_from(pieces.len()).map_err(|_| failed(too_large()))?;
+    for (index, piece) in (1..count).zip(&pieces[1..]) {
+        log_tree
+            .insert(image_key(index), *piece)
+            .map_err(|e| failed(sled_error(e)))?;
+    }
+    let mut first = count.to_be_bytes().to_vec();
+    first.extend_from_slice(&lsn.to_be_bytes());
+    first.extend_from_slice(pieces.first().copied().unwrap_or_default());
+    log_tree
+        .insert(image_key(0), first)
+        .map_err(|e| failed(sled_error(e)))?;
+    let applied = (|| -> Result<(), sled::Error> {
+        for (tree, changes) in trees.iter().zip(changes) {
+            for (key, change) in changes {
+                match &change.after {
+                    Some(value) => tree.insert(key, value.clone())?,
+                    None => tree.remove(key)?,
+                };
+            }
+        }
+        log_tree.insert(APPLIED, &lsn.to_be_bytes()[..])?;
+        Ok(())
+    })();
+    let Err(err) = applied else {
+        return Ok(());
+    };
+    let undo = undo_of(lsn, trees, changes.to_vec());
+    match undo_one(log_tree, None, &undo) {
+        Ok(()) => Err(failed(sled_error(err))),
+        Err(undo_error) => Err(ApplyFailed {
+            error: Error::Unavailable {
+                message: format!(
+                    "the database failed part way through a write ({err}) and putting it back \
+                     failed too ({undo_error}); restart the server"
+                ),
+            },
+            undone: false,
+        }),
+    }
+}
+
+fn too_large() -> Error {
+    Error::invalid(
+        "request",
+        "it changes more than 4 GiB at once; send it in smaller parts",
+    )
+}
+
+/// Encodes the record `lsn` (the values after) into `out`.
+pub(super) fn encode_redo(
+    out: &mut Vec<u8>,
+    lsn: u64,
+    trees: &[sled::Tree],
+    changes: &[TreeChanges],
+) -> Result<(), Error> {
+    let names: Vec<IVec> = trees.iter().map(sled::Tree::name).collect();
+    let redo = changes.iter().zip(&names).flat_map(|(tree, name)| {
+        tree.iter().map(move |(key, change)| RedoRef {
+            tree: name,
+            key,
+            value: change.after.as_deref(),
+        })
+    });
+    codec::encode(out, lsn, redo).map_err(|_| too_large())
+}
+
+/// How to undo the write `lsn`: its values before, per tree that changed.
+pub(super) fn undo_of(lsn: u64, trees: &[sled::Tree], changes: Vec<TreeChanges>) -> Undo {
+    let mut undo = Undo {
+        lsn,
+        trees: Vec::new(),
+        before: Vec::new(),
+    };
+    for (tree, changes) in trees.iter().zip(changes) {
+        if changes.is_empty() {
+            continue;
+        }
+        undo.trees.push(tree.clone());
+        undo.before.push(
+            changes
+                .into_iter()
+                .map(|(key, change)| (key, change.before))
+                .collect(),
+        );
+    }
+    undo
+}
