@@ -127,3 +127,94 @@ async fn a_namespace_quota_refuses_over_grpc() {
     let rows = client.namespace_usage(Some(&capped)).await.expect("usage");
     assert_eq!(figures(&rows, "capped", GROUP_ARTIFACTS), (1, 600));
 }
+
+/// An evicting namespace through the real binary: uploads past the quota
+/// are accepted, the server evicts in the background down to the low
+/// watermark (polled through Admin/Usage, never slept for), the least
+/// recently used objects go first while one that was read stays, and the
+/// figures are the same after a `kill -9` and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_namespace_evicts_least_recently_used_over_grpc() {
+    use sha2::Digest;
+    use trove_proto::admin::GROUP_OBJECTS;
+    use trove_proto::ObjectStore;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("trove.toml");
+    std::fs::write(
+        &config,
+        "[namespaces.\"cache\"]\nmax_bytes = 20000\non_full = \"evict\"\n",
+    )
+    .expect("config");
+    let mut server = ServerProcess::start_with(&["--config", config.to_str().expect("path")]).await;
+    let client = server.client().await;
+    let cache = Namespace::new("cache").expect("ns");
+    let mut hashes = Vec::new();
+    for n in 0..30u32 {
+        let mut value = format!("value {n} ").into_bytes();
+        value.resize(1000, b'.');
+        let hash = Name::new("hash", hex::encode(sha2::Sha256::digest(&value))).expect("hash");
+        // Past the quota plus 10%, a put waits for eviction: RESOURCE_EXHAUSTED
+        // "retry shortly", which a client retries.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let body = bytes_stream(vec![Bytes::from(value.clone())]);
+            match client.put_object(&cache, &hash, Some(1000), body).await {
+                Ok(_) => break,
+                Err(trove_proto::Error::ResourceExhausted { message, .. })
+                    if message.contains("retry shortly")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::task::yield_now().await;
+                }
+                Err(other) => panic!("put {n}: {other:?}"),
+            }
+        }
+        hashes.push(hash);
+        if n == 15 {
+            // Read the first value before the quota is reached: it is used
+            // now, after values 1..15, so eviction takes those first.
+            let (_, body) = client.get_object(&cache, &hashes[0]).await.expect("get");
+            drop(body);
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rows = client.namespace_usage(Some(&cache)).await.expect("usage");
+        if figures(&rows, "cache", GROUP_OBJECTS).1 <= 20_000 {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "eviction did not reach the low watermark: {rows:?}"
+        );
+        tokio::task::yield_now().await;
+    };
+    // Eviction ran one or more times while the uploads went on; each pass
+    // stopped at 18,000 bytes, so between 10 and 12 values went.
+    let (items, bytes) = figures(&rows, "cache", GROUP_OBJECTS);
+    assert_eq!(bytes, items * 1000);
+    assert!((18..=20).contains(&items), "{rows:?}");
+    let missing = client
+        .find_missing(&cache, &hashes)
+        .await
+        .expect("find missing");
+    let gone: Vec<usize> = hashes
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| missing.contains(h))
+        .map(|(n, _)| n)
+        .collect();
+    let evicted = 30 - usize::try_from(items).expect("items");
+    assert_eq!(
+        gone,
+        (1..=evicted).collect::<Vec<_>>(),
+        "not least recently used first"
+    );
+
+    server.kill9();
+    server.restart().await;
+    let client = server.client().await;
+    let after = client.namespace_usage(Some(&cache)).await.expect("usage");
+    assert_eq!(after, rows);
+}

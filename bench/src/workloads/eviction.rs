@@ -11,9 +11,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use trove_proto::types::{Name, Namespace};
-use trove_proto::ObjectStore;
+use trove_proto::{ObjectStore, UsageStore};
 use trove_server::engine::quota::{NamespaceQuota, OnFull, Quotas};
 use trove_server::engine::sled::{Durability, SledStore, StoreOptions};
+use trove_tests::harness::ServerProcess;
 
 use super::{body, drain, filler, sha256_hex, Bench, KIB};
 use crate::load::{closed_loop_while, op, Op};
@@ -52,7 +53,11 @@ async fn fill(store: &SledStore, ns: &Namespace, count: usize, seed: u64) -> Res
         .collect()
 }
 
-fn object_get(store: &SledStore, ns: &Namespace, hashes: Arc<Vec<Name>>) -> Op {
+fn object_get<S: ObjectStore + Clone + 'static>(
+    store: &S,
+    ns: &Namespace,
+    hashes: Arc<Vec<Name>>,
+) -> Op {
     let (store, ns) = (store.clone(), ns.clone());
     op(move |seq| {
         let (store, ns, hashes) = (store.clone(), ns.clone(), Arc::clone(&hashes));
@@ -69,6 +74,34 @@ fn object_get(store: &SledStore, ns: &Namespace, hashes: Arc<Vec<Name>>) -> Op {
     })
 }
 
+/// Fills `dir` with `count` 4 KiB objects in the namespace `evict` and
+/// [`READ_KEYS`] in `reads` (no quota, so nothing is evicted yet); returns
+/// the names of the latter. The store is closed on return.
+async fn prepare(dir: &std::path::Path, count: usize) -> Result<Arc<Vec<Name>>> {
+    let (cache, other) = (Namespace::new("evict")?, Namespace::new("reads")?);
+    let filling = StoreOptions {
+        durability: Durability::Relaxed,
+        ..StoreOptions::default()
+    };
+    let store = open_without_task(dir, filling)?;
+    // On an empty store this only marks the eviction index complete, so
+    // the timed pass does no indexing.
+    tokio::task::block_in_place(|| store.run_eviction())?;
+    fill(&store, &cache, count, 1).await?;
+    let read_keys = fill(&store, &other, READ_KEYS, 1 << 40).await?;
+    store.flush().await?;
+    Ok(Arc::new(read_keys))
+}
+
+/// The evicting quota: half the values fit, so eviction takes the
+/// namespace from 100% of the data to 45% of it (90% of the quota).
+fn half_of(count: usize) -> NamespaceQuota {
+    NamespaceQuota {
+        max_bytes: (count * 4 * KIB / 2) as u64,
+        on_full: OnFull::Evict,
+    }
+}
+
 impl Bench {
     /// Evictions per second, and small-get p99 while eviction runs against
     /// the same gets without it.
@@ -77,29 +110,9 @@ impl Bench {
         let count = p.eviction_values;
         println!("eviction ({count} values of 4 KiB, about 55% evicted)");
         let dir = self.work_dir.path().join("eviction");
-        let (cache, other) = (Namespace::new("evict")?, Namespace::new("reads")?);
-        let filling = StoreOptions {
-            durability: Durability::Relaxed,
-            ..StoreOptions::default()
-        };
-        let read_keys = {
-            let store = open_without_task(&dir, filling)?;
-            // On an empty store this only marks the eviction index complete,
-            // so the timed pass below does no indexing.
-            tokio::task::block_in_place(|| store.run_eviction())?;
-            fill(&store, &cache, count, 1).await?;
-            let read_keys = fill(&store, &other, READ_KEYS, 1 << 40).await?;
-            store.flush().await?;
-            Arc::new(read_keys)
-        };
-        // Half the values fit: eviction takes the namespace from 100% of
-        // the data to 45% of it (90% of the quota).
-        let quota = NamespaceQuota {
-            max_bytes: (count * 4 * KIB / 2) as u64,
-            on_full: OnFull::Evict,
-        };
+        let read_keys = prepare(&dir, count).await?;
         let quotas = Quotas {
-            namespaces: [("evict".to_owned(), quota)].into(),
+            namespaces: [("evict".to_owned(), half_of(count))].into(),
             ..Quotas::default()
         };
         let options = StoreOptions {
@@ -107,7 +120,7 @@ impl Bench {
             ..StoreOptions::default()
         };
         let store = open_without_task(&dir, options)?;
-        let get = object_get(&store, &other, read_keys);
+        let get = object_get(&store, &Namespace::new("reads")?, read_keys.clone());
         let concurrency = p.concurrency;
 
         let running = Arc::new(AtomicBool::new(true));
@@ -164,6 +177,79 @@ impl Bench {
             rate,
             "/s",
         );
+        self.report.compare_latency(
+            "in-process get p99 while eviction runs",
+            during.latency().p99_us,
+            "same gets, no eviction",
+            without.latency().p99_us,
+        );
+        drop(store);
+        self.eviction_served(count).await
+    }
+
+    /// The same eviction inside a running server (its backlog at start),
+    /// with small gets over gRPC while it runs and then without it: what a
+    /// caller of a server that is evicting sees.
+    async fn eviction_served(&mut self, count: usize) -> Result<()> {
+        let p = self.params.clone();
+        let dir = self.work_dir.path().join("eviction-served");
+        let read_keys = prepare(&dir, count).await?;
+        let quota = half_of(count);
+        let config = self.work_dir.path().join("eviction.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[namespaces.\"evict\"]\nmax_bytes = {}\non_full = \"evict\"\n",
+                quota.max_bytes
+            ),
+        )?;
+        let config = config.to_str().context("config path")?.to_owned();
+        let mut server = ServerProcess::start_in(&dir, &["--config", &config]).await;
+        let client = server.client().await;
+        let get = object_get(&client, &Namespace::new("reads")?, read_keys);
+        let running = Arc::new(AtomicBool::new(true));
+        let watcher = {
+            let (client, running) = (client.clone(), Arc::clone(&running));
+            let low = quota.low_watermark();
+            let ns = Namespace::new("evict")?;
+            tokio::spawn(async move {
+                let started = Instant::now();
+                loop {
+                    let rows = client.namespace_usage(Some(&ns)).await?;
+                    let held: u64 = rows.iter().map(|row| row.logical_bytes).sum();
+                    if held <= low {
+                        running.store(false, Ordering::SeqCst);
+                        return anyhow::Ok(started.elapsed());
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            })
+        };
+        let flag = Arc::clone(&running);
+        let during = closed_loop_while(
+            p.concurrency,
+            &self.seq,
+            &get,
+            Arc::new(move || flag.load(Ordering::SeqCst)),
+        )
+        .await?;
+        let took = watcher.await??;
+        let deadline = Instant::now() + during.elapsed.max(p.duration);
+        let without = closed_loop_while(
+            p.concurrency,
+            &self.seq,
+            &get,
+            Arc::new(move || Instant::now() < deadline),
+        )
+        .await?;
+        server.send_sigterm();
+        let _ = server.wait_exit(std::time::Duration::from_secs(60));
+        println!(
+            "  server brought the namespace to its low watermark {:.2} s after SERVING",
+            took.as_secs_f64()
+        );
+        self.row("get 4 KiB while evicting", "trove", p.concurrency, &during);
+        self.row("get 4 KiB, no eviction", "trove", p.concurrency, &without);
         self.report.compare_latency(
             "small get p99 while eviction runs",
             during.latency().p99_us,
