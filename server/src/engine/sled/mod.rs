@@ -350,7 +350,7 @@ impl SledStore {
             self.inner.wal.write(&all, logged)?
         };
         if past_quota.get() {
-            index.wake.notify_one();
+            index.wake();
         }
         Ok(out)
     }

@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use sled::transaction::UnabortableTransactionError;
 use sled::IVec;
@@ -68,8 +68,9 @@ pub(super) struct Eviction {
     pub(super) lru_at: sled::Tree,
     /// Uses not yet written: source key -> when it was used.
     uses: Mutex<HashMap<Vec<u8>, u64>>,
-    /// Woken by a write that took an evicting namespace past its quota.
-    pub(super) wake: Arc<tokio::sync::Notify>,
+    /// Set by a write that took an evicting namespace past its quota; the
+    /// maintenance thread waits on it.
+    wake: Arc<(Mutex<bool>, Condvar)>,
     /// Passes never overlap (the task and a caller of [`SledStore::run_eviction`]).
     pass: Mutex<()>,
     /// Values evicted since the store opened.
@@ -83,10 +84,19 @@ impl Eviction {
             lru: db.open_tree(LRU).map_err(sled_error)?,
             lru_at: db.open_tree(LRU_AT).map_err(sled_error)?,
             uses: Mutex::default(),
-            wake: Arc::new(tokio::sync::Notify::new()),
+            wake: Arc::new((Mutex::new(false), Condvar::new())),
             pass: Mutex::new(()),
             evicted: AtomicU64::new(0),
         })
+    }
+
+    /// Wakes the maintenance thread: a namespace passed its quota.
+    pub(super) fn wake(&self) {
+        let (flag, cond) = &*self.wake;
+        if let Ok(mut woken) = flag.lock() {
+            *woken = true;
+            cond.notify_one();
+        }
     }
 
     /// True once the format marker says every evictable value is indexed.
@@ -488,11 +498,15 @@ impl SledStore {
         self.inner.eviction.evicted.load(Ordering::Relaxed)
     }
 
-    /// Starts the maintenance task (when an evicting quota is set): it
+    /// Starts the maintenance thread (when an evicting quota is set): it
     /// indexes an older store, writes uses and evicts, when a write passes
-    /// a quota and once a second. It holds the store weakly and ends with
-    /// it. Needs a Tokio runtime; without one eviction runs only through
-    /// [`SledStore::run_eviction`].
+    /// a quota and once a second. It runs at a lower CPU priority than the
+    /// threads that serve calls (nice 10), so that a busy server keeps its
+    /// latency while eviction catches up on the CPU left over; writers past
+    /// the bounded overshoot wait for it. It holds the store weakly and
+    /// ends with it. Blob files it unreferences are unlinked on the Tokio
+    /// runtime that opened the store; without one, eviction runs only
+    /// through [`SledStore::run_eviction`].
     pub(super) fn start_eviction(&self) {
         if self.inner.options.quotas.evicting().next().is_none() {
             return;
@@ -503,22 +517,41 @@ impl SledStore {
         };
         let weak = Arc::downgrade(&self.inner);
         let wake = Arc::clone(&self.inner.eviction.wake);
-        runtime.spawn(async move {
-            loop {
-                let Some(inner) = weak.upgrade() else {
-                    return;
-                };
-                let store = SledStore { inner };
-                match super::blocking(move || store.run_eviction()).await {
-                    Ok(_) => {}
-                    Err(err) => tracing::warn!(error = %err, "eviction pass failed; retrying"),
+        let spawned = std::thread::Builder::new()
+            .name("trove-evict".into())
+            .spawn(move || {
+                let _runtime = runtime.enter();
+                // On Linux the nice value is per thread: this one only.
+                if let Err(err) = rustix::process::setpriority_process(None, 10) {
+                    tracing::debug!(error = %err, "eviction runs at normal priority");
                 }
-                tokio::select! {
-                    () = wake.notified() => {}
-                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                loop {
+                    let Some(inner) = weak.upgrade() else {
+                        return;
+                    };
+                    let store = SledStore { inner };
+                    if let Err(err) = store.run_eviction() {
+                        tracing::warn!(error = %err, "eviction pass failed; retrying");
+                    }
+                    drop(store);
+                    let (flag, cond) = &*wake;
+                    let Ok(woken) = flag.lock() else {
+                        return;
+                    };
+                    let waited = cond.wait_timeout_while(
+                        woken,
+                        std::time::Duration::from_secs(1),
+                        |woken| !*woken,
+                    );
+                    match waited {
+                        Ok((mut woken, _)) => *woken = false,
+                        Err(_) => return,
+                    }
                 }
-            }
-        });
+            });
+        if let Err(err) = spawned {
+            tracing::warn!(error = %err, "cannot start the eviction thread; eviction runs only when asked");
+        }
     }
 }
 
