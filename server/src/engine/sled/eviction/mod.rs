@@ -501,9 +501,9 @@ impl SledStore {
     /// Starts the maintenance thread (when an evicting quota is set): it
     /// indexes an older store, writes uses and evicts, when a write passes
     /// a quota and once a second. It runs at a lower CPU priority than the
-    /// threads that serve calls (nice 10), so that a busy server keeps its
-    /// latency while eviction catches up on the CPU left over; writers past
-    /// the bounded overshoot wait for it. It holds the store weakly and
+    /// threads that serve calls (nice 10): its own share of the work yields
+    /// to them (the log and sled writes it causes run on their threads at
+    /// normal priority). It holds the store weakly and
     /// ends with it. Blob files it unreferences are unlinked on the Tokio
     /// runtime that opened the store; without one, eviction runs only
     /// through [`SledStore::run_eviction`].
