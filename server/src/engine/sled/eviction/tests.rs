@@ -446,3 +446,65 @@ async fn reads_racing_eviction_get_whole_values_or_not_found() {
     assert!(store.evicted_total() >= 18);
     assert_consistent(&store).await;
 }
+
+/// An eviction whose log `fdatasync` fails is undone like any write: the
+/// values come back, and once the log is reopened a new pass evicts them,
+/// with the index and the counters consistent throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_whose_log_fails_is_undone_and_done_again() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().expect("dir");
+    let faults = Arc::new(super::super::Faults::default());
+    let options = StoreOptions {
+        quotas: evicting("c", 10_000),
+        faults: Some(Arc::clone(&faults)),
+        ..StoreOptions::default()
+    };
+    let path = dir.path().to_path_buf();
+    let store = std::thread::spawn(move || SledStore::open(&path, options))
+        .join()
+        .expect("open thread")
+        .expect("open");
+    let c = ns("c");
+    let mut hashes = Vec::new();
+    for seed in 0..11 {
+        hashes.push(put(&store, &c, seed, 1000).await);
+    }
+    faults.fail_flush.store(true, Ordering::SeqCst);
+    let ticket = store.ticket();
+    let evicting = store.clone();
+    // The pass itself may see the failure (its later writes are refused)
+    // or not (it does not wait for durability): either way it is undone.
+    let _ = tokio::task::spawn_blocking(move || evicting.run_eviction())
+        .await
+        .expect("join");
+    store
+        .inner
+        .wal
+        .barrier(ticket)
+        .await
+        .expect_err("the eviction was not durable");
+    faults.fail_flush.store(false, Ordering::SeqCst);
+    for hash in &hashes {
+        assert!(present(&store, &c, hash).await, "an undone eviction stuck");
+    }
+    let mut evicted = 0;
+    for _ in 0..200 {
+        let evicting = store.clone();
+        match tokio::task::spawn_blocking(move || evicting.run_eviction())
+            .await
+            .expect("join")
+        {
+            Ok(pass) if pass.evicted > 0 => {
+                evicted = pass.evicted;
+                break;
+            }
+            // Refused until the log is reopened on a fresh segment.
+            _ => tokio::time::sleep(std::time::Duration::from_millis(25)).await,
+        }
+    }
+    assert_eq!(evicted, 2, "eviction never resumed");
+    store.flush().await.expect("durable");
+    assert_eq!(held(&store, "c").await, 9000);
+    assert_consistent(&store).await;
+}
