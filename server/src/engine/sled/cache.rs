@@ -94,9 +94,8 @@ impl SledStore {
             let (refs, blob_refs, ref_time, recency) =
                 (tx.tree(0), tx.tree(1), tx.tree(2), tx.tree(3));
             if let Some(index_key) = chosen {
-                // The `lru` tree follows the four data trees and the two
-                // counter trees (see `SledStore::write`).
-                if tx.tree(6).get(index_key)?.is_none() {
+                let (lru, _) = super::eviction::index_trees(tx, trees.len());
+                if lru.get(index_key)?.is_none() {
                     return Ok(None);
                 }
             }

@@ -5,7 +5,7 @@ use sled::transaction::UnabortableTransactionError;
 use trove_proto::Error;
 
 use super::super::{record, schema, sled_error, SledStore};
-use super::{classify, relink, BATCH, FORMAT, MARKER, SOURCE_CACHE, SOURCE_OBJECT};
+use super::{classify, index_trees, relink, BATCH, FORMAT, MARKER, SOURCE_CACHE, SOURCE_OBJECT};
 
 impl SledStore {
     /// Indexes the evictable values of a store written before the index
@@ -46,7 +46,7 @@ impl SledStore {
             }
         }
         self.write_quiet(&[], |tx| {
-            tx.tree(3).insert(MARKER, FORMAT)?;
+            index_trees(tx, 0).1.insert(MARKER, FORMAT)?;
             Ok(())
         })?;
         if indexed > 0 {
@@ -59,7 +59,7 @@ impl SledStore {
     /// are not indexed yet; returns how many it added.
     fn index_missing(&self, tree: &sled::Tree, batch: &[(Vec<u8>, u64)]) -> Result<u64, Error> {
         self.write_quiet(&[], |tx| {
-            let (lru, lru_at) = (tx.tree(2), tx.tree(3));
+            let (lru, lru_at) = index_trees(tx, 0);
             let mut added = 0u64;
             for (source_key, stamp) in batch {
                 // Writes are serialised by the log: what sled holds now is

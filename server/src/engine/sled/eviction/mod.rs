@@ -200,11 +200,20 @@ fn relink(
     Ok(())
 }
 
+/// The eviction index trees (`lru`, `lru_at`) of a write over `data_trees`
+/// trees: `SledStore::write` puts them after the data and counter trees.
+pub(super) fn index_trees<'t>(
+    tx: &'t LoggedTx<'_>,
+    data_trees: usize,
+) -> (LoggedTree<'t>, LoggedTree<'t>) {
+    (tx.tree(data_trees + 2), tx.tree(data_trees + 3))
+}
+
 /// Keeps the index in step with what the write in `tx` changed in its first
 /// `data_trees` trees: a value written counts as used now, a value removed
 /// leaves the index. The index trees are `data_trees + 2` and `+ 3`.
 pub(super) fn track(tx: &LoggedTx<'_>, data_trees: usize) -> TxResult<()> {
-    let (lru, lru_at) = (tx.tree(data_trees + 2), tx.tree(data_trees + 3));
+    let (lru, lru_at) = index_trees(tx, data_trees);
     let mut stamp = None;
     for index in 0..data_trees {
         let name = tx.tree_name(index);
@@ -267,7 +276,7 @@ impl SledStore {
         let uses = self.inner.eviction.take_uses();
         for batch in uses.chunks(BATCH) {
             self.write_quiet(&[], |tx| {
-                let (lru, lru_at) = (tx.tree(2), tx.tree(3));
+                let (lru, lru_at) = index_trees(tx, 0);
                 for (source_key, used_at) in batch {
                     // Only a value still indexed moves (a use racing a
                     // delete must not bring its entry back), and only
@@ -446,7 +455,8 @@ impl SledStore {
     /// unchanged, in one logged write; returns their sizes and blobs.
     fn evict_objects(&self, candidates: &[&Candidate]) -> Result<(Vec<u64>, Vec<u64>), Error> {
         self.write_quiet(&[&self.inner.objects, &self.inner.blob_refs], |tx| {
-            let (objects, blob_refs, lru) = (tx.tree(0), tx.tree(1), tx.tree(4));
+            let (objects, blob_refs) = (tx.tree(0), tx.tree(1));
+            let (lru, lru_at) = index_trees(tx, 2);
             let (mut sizes, mut blobs) = (Vec::new(), Vec::new());
             for candidate in candidates {
                 // Used or rewritten since it was chosen (the entry moved),
@@ -477,7 +487,7 @@ impl SledStore {
                             tracing::warn!(error = %err, "an evictable value does not parse; left in place, out of the eviction index");
                         }
                         lru.remove(&candidate.index_key)?;
-                        tx.tree(5).remove(&candidate.source_key)?;
+                        lru_at.remove(&candidate.source_key)?;
                     }
                 }
             }
@@ -487,8 +497,9 @@ impl SledStore {
 
     fn drop_index_entry(&self, candidate: &Candidate) -> Result<(), Error> {
         self.write_quiet(&[], |tx| {
-            tx.tree(2).remove(&candidate.index_key)?;
-            tx.tree(3).remove(&candidate.source_key)?;
+            let (lru, lru_at) = index_trees(tx, 0);
+            lru.remove(&candidate.index_key)?;
+            lru_at.remove(&candidate.source_key)?;
             Ok(())
         })
     }

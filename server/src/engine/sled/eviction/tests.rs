@@ -29,21 +29,25 @@ fn evicting(ns: &str, max_bytes: u64) -> Arc<Quotas> {
     })
 }
 
-fn open(dir: &std::path::Path, quotas: Arc<Quotas>) -> SledStore {
-    let options = StoreOptions {
+fn options(quotas: Arc<Quotas>) -> StoreOptions {
+    StoreOptions {
         quotas,
         ..StoreOptions::default()
-    };
-    SledStore::open(dir, options).expect("open")
+    }
+}
+
+fn open(dir: &std::path::Path, quotas: Arc<Quotas>) -> SledStore {
+    SledStore::open(dir, options(quotas)).expect("open")
 }
 
 /// Opens on a thread of its own, outside the runtime: no maintenance task
 /// runs, so passes happen exactly where a test calls `run_eviction`.
-fn open_without_task(dir: &std::path::Path, quotas: Arc<Quotas>) -> SledStore {
+fn open_without_task(dir: &std::path::Path, options: StoreOptions) -> SledStore {
     let dir = dir.to_path_buf();
-    std::thread::spawn(move || open(&dir, quotas))
+    std::thread::spawn(move || SledStore::open(&dir, options))
         .join()
         .expect("open thread")
+        .expect("open")
 }
 
 /// The eviction index holds exactly one entry per evictable value (every
@@ -125,7 +129,7 @@ async fn held(store: &SledStore, namespace: &str) -> u64 {
 #[tokio::test]
 async fn least_recently_used_objects_go_first_and_uses_count() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = open_without_task(dir.path(), evicting("c", 10_000));
+    let store = open_without_task(dir.path(), options(evicting("c", 10_000)));
     let c = ns("c");
     let mut hashes = Vec::new();
     for seed in 0..10 {
@@ -216,7 +220,7 @@ async fn has_map(store: &SledStore, branch: &str) -> bool {
 #[tokio::test]
 async fn the_main_tier_survives_a_storm_of_branch_uploads() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = open_without_task(dir.path(), evicting("ci", 10_000));
+    let store = open_without_task(dir.path(), options(evicting("ci", 10_000)));
     for n in 0..4 {
         upload(&store, "main", &format!("main-{n}"), 1000).await;
     }
@@ -264,7 +268,7 @@ async fn the_main_tier_survives_a_storm_of_branch_uploads() {
 #[tokio::test]
 async fn records_that_fill_the_quota_refuse_writes() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = open_without_task(dir.path(), evicting("c", 5000));
+    let store = open_without_task(dir.path(), options(evicting("c", 5000)));
     let c = ns("c");
     let key = Name::new("key", "report").expect("key");
     let options = PutOptions {
@@ -334,7 +338,7 @@ fn writes_stop_at_the_ceiling_until_eviction_catches_up() {
 #[tokio::test]
 async fn a_value_larger_than_the_overshoot_is_accepted_under_the_quota() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = open_without_task(dir.path(), evicting("c", 10_000));
+    let store = open_without_task(dir.path(), options(evicting("c", 10_000)));
     let c = ns("c");
     let mut hashes = Vec::new();
     for seed in 0..9 {
@@ -368,7 +372,7 @@ async fn an_older_store_is_indexed_then_evicted() {
         store.inner.eviction.lru_at.clear().expect("clear");
         store.flush().await.expect("flush");
     }
-    let store = open_without_task(dir.path(), evicting("c", 5000));
+    let store = open_without_task(dir.path(), options(evicting("c", 5000)));
     store.run_eviction().expect("evict");
     assert!(!present(&store, &c, &hashes[0]).await);
     assert!(!present(&store, &c, &hashes[1]).await);
@@ -385,7 +389,7 @@ async fn an_older_store_is_indexed_then_evicted() {
 async fn reads_racing_eviction_get_whole_values_or_not_found() {
     const LEN: usize = 100 * 1024;
     let dir = tempfile::tempdir().expect("dir");
-    let store = open_without_task(dir.path(), evicting("c", 20 * LEN as u64));
+    let store = open_without_task(dir.path(), options(evicting("c", 20 * LEN as u64)));
     let c = ns("c");
     let mut hashes = Vec::new();
     for seed in 0..20 {
@@ -455,16 +459,13 @@ async fn an_eviction_whose_log_fails_is_undone_and_done_again() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().expect("dir");
     let faults = Arc::new(super::super::Faults::default());
-    let options = StoreOptions {
-        quotas: evicting("c", 10_000),
-        faults: Some(Arc::clone(&faults)),
-        ..StoreOptions::default()
-    };
-    let path = dir.path().to_path_buf();
-    let store = std::thread::spawn(move || SledStore::open(&path, options))
-        .join()
-        .expect("open thread")
-        .expect("open");
+    let store = open_without_task(
+        dir.path(),
+        StoreOptions {
+            faults: Some(Arc::clone(&faults)),
+            ..options(evicting("c", 10_000))
+        },
+    );
     let c = ns("c");
     let mut hashes = Vec::new();
     for seed in 0..11 {
