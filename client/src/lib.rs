@@ -123,53 +123,42 @@ impl TroveClient {
     /// address or when a CA or client identity is given; a bare
     /// `host:port` then means `https://host:port`.
     pub async fn connect_with(addr: &str, options: &ClientOptions) -> Result<Self, Error> {
-        let tls = addr.starts_with("https://")
-            || options.ca_pem.is_some()
-            || options.identity_pem.is_some();
-        if addr.starts_with("http://")
-            && (options.ca_pem.is_some() || options.identity_pem.is_some())
-        {
-            return Err(Error::invalid(
-                "addr",
-                format!("{addr} is plaintext but TLS settings were given; use https://"),
-            ));
-        }
-        let uri = match (addr.contains("://"), tls) {
-            (true, _) => addr.to_owned(),
-            (false, true) => format!("https://{addr}"),
-            (false, false) => format!("http://{addr}"),
-        };
-        if !tls && options.token.is_some() && !is_loopback(&uri) {
-            tracing::warn!(
-                addr = %uri,
-                "sending a bearer token without TLS: anyone on the path can read it"
-            );
-        }
-        let mut endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| Error::invalid("addr", format!("{uri:?} is not a valid address: {e}")))?
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true);
-        if tls {
-            let mut config = ClientTlsConfig::new();
-            config = match &options.ca_pem {
-                Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
-                None => config.with_webpki_roots(),
-            };
-            if let Some((cert, key)) = &options.identity_pem {
-                config = config.identity(Identity::from_pem(cert, key));
-            }
-            if let Some(domain) = &options.domain {
-                config = config.domain_name(domain.clone());
-            }
-            endpoint = endpoint
-                .tls_config(config)
-                .map_err(|e| Error::invalid("tls", format!("unusable TLS settings: {e}")))?;
-        }
+        let (endpoint, uri) = endpoint(addr, options, Duration::from_secs(10))?;
         let channel = endpoint.connect().await.map_err(|e| Error::Unavailable {
             message: format!("cannot connect to {uri}: {}", error_chain(&e)),
         })?;
         let transport = Authenticated::new(channel.clone(), options.token.as_deref())?;
         Ok(Self::build(channel, transport, None))
+    }
+
+    /// Like [`TroveClient::connect_with`], but connects on the first call
+    /// and again after the server went away, instead of now: for a process
+    /// that must start while the server is down and recover when it comes
+    /// back. A call made while the server cannot be reached fails with
+    /// `Unavailable` within `connect_timeout`.
+    pub fn connect_lazy_with(
+        addr: &str,
+        options: &ClientOptions,
+        connect_timeout: Duration,
+    ) -> Result<Self, Error> {
+        let (endpoint, _) = endpoint(addr, options, connect_timeout)?;
+        let channel = endpoint.connect_lazy();
+        let transport = Authenticated::new(channel.clone(), options.token.as_deref())?;
+        Ok(Self::build(channel, transport, None))
+    }
+
+    /// Asks the server's standard health check about `service` (empty for
+    /// the server as a whole): true when it answers SERVING.
+    pub async fn serving(&self, service: &str) -> Result<bool, Error> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.transport.clone());
+        let reply = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map_err(Error::from)?;
+        Ok(reply.into_inner().status == ServingStatus::Serving as i32)
     }
 
     /// Uses an existing channel (for custom TLS, timeouts or load balancing).
@@ -227,6 +216,54 @@ impl TroveClient {
         self.chunk_bytes = chunk_bytes.max(1);
         self
     }
+}
+
+/// The endpoint for `addr` with `options` (TLS, timeouts) and its URI.
+fn endpoint(
+    addr: &str,
+    options: &ClientOptions,
+    connect_timeout: Duration,
+) -> Result<(Endpoint, String), Error> {
+    let tls =
+        addr.starts_with("https://") || options.ca_pem.is_some() || options.identity_pem.is_some();
+    if addr.starts_with("http://") && (options.ca_pem.is_some() || options.identity_pem.is_some()) {
+        return Err(Error::invalid(
+            "addr",
+            format!("{addr} is plaintext but TLS settings were given; use https://"),
+        ));
+    }
+    let uri = match (addr.contains("://"), tls) {
+        (true, _) => addr.to_owned(),
+        (false, true) => format!("https://{addr}"),
+        (false, false) => format!("http://{addr}"),
+    };
+    if !tls && options.token.is_some() && !is_loopback(&uri) {
+        tracing::warn!(
+            addr = %uri,
+            "sending a bearer token without TLS: anyone on the path can read it"
+        );
+    }
+    let mut endpoint = Endpoint::from_shared(uri.clone())
+        .map_err(|e| Error::invalid("addr", format!("{uri:?} is not a valid address: {e}")))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true);
+    if tls {
+        let mut config = ClientTlsConfig::new();
+        config = match &options.ca_pem {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+            None => config.with_webpki_roots(),
+        };
+        if let Some((cert, key)) = &options.identity_pem {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &options.domain {
+            config = config.domain_name(domain.clone());
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| Error::invalid("tls", format!("unusable TLS settings: {e}")))?;
+    }
+    Ok((endpoint, uri))
 }
 
 /// Whether a URI's host is a loopback name or address.

@@ -60,6 +60,11 @@ const SERVICES: [&str; 5] = [
 /// everything else: probes keep routing traffic, alerts can page.
 pub const INTEGRITY_SERVICE: &str = "trove.integrity";
 
+/// The health service name of a tier's upstream: SERVING while the upstream
+/// answers its health check, so probes can tell "this server is up, its
+/// upstream is down" (locally held verified objects are still served).
+pub const UPSTREAM_SERVICE: &str = "trove.upstream";
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -365,6 +370,12 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             Arc::clone(&store),
             health.clone(),
         )));
+        let _upstream = store.upstream().is_some().then(|| {
+            AbortOnDrop(tokio::spawn(report_upstream(
+                Arc::clone(&store),
+                health.clone(),
+            )))
+        });
 
         let (drain_started_tx, drain_started_rx) = tokio::sync::oneshot::channel::<()>();
         let draining_health = health.clone();
@@ -417,6 +428,26 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             }
         };
         served
+    }
+}
+
+/// Mirrors what the engine last learnt of its upstream into the
+/// [`UPSTREAM_SERVICE`] health status.
+async fn report_upstream(engine: Arc<dyn Engine>, health: HealthReporter) {
+    let mut ticks = tokio::time::interval(WRITABLE_CHECK_PERIOD);
+    let mut reported = None;
+    loop {
+        ticks.tick().await;
+        let reachable = engine.upstream().is_some_and(|(_, reachable)| reachable);
+        if reported != Some(reachable) {
+            let status = if reachable {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(UPSTREAM_SERVICE, status).await;
+            reported = Some(reachable);
+        }
     }
 }
 

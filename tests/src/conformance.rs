@@ -810,6 +810,7 @@ pub async fn large_value_round_trip<S: Store>(t: &Target<S>) {
     let mib: u64 = std::env::var("TROVE_TEST_LARGE_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
+        .or(t.large_mib)
         .unwrap_or(256);
     let total = mib * 1024 * 1024;
     let ns = fresh_ns();

@@ -488,3 +488,27 @@ pub async fn health_status(addr: SocketAddr, service: &str) -> Option<ServingSta
         .ok()?;
     ServingStatus::try_from(reply.into_inner().status).ok()
 }
+
+/// The sum of every sample of counter `name` whose labels include `labels`,
+/// read from a server's `/metrics` (0 when there is none yet).
+pub async fn counter_sum(metrics: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = scrape(metrics).await;
+    let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid Prometheus text");
+    parsed
+        .samples
+        .iter()
+        .filter(|sample| sample.metric == name)
+        .filter(|sample| {
+            labels
+                .iter()
+                .all(|(key, value)| sample.labels.get(key) == Some(*value))
+        })
+        .map(|sample| match sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}

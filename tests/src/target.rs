@@ -17,6 +17,11 @@ pub struct Target<S> {
     pub data_dir: PathBuf,
     /// The server process, for remote targets.
     pub server: Option<ServerProcess>,
+    /// For a tier: the servers behind `server`, the last holding `data_dir`.
+    pub upstreams: Vec<ServerProcess>,
+    /// Size of the large value test in MiB, when not the default (a chain
+    /// of servers stores every value once per server).
+    pub large_mib: Option<u64>,
     /// For targets on an object store: the engine on the same bucket and
     /// root, to look at what is stored.
     pub bucket: Option<BucketStore>,
@@ -54,6 +59,8 @@ pub async fn sled_target(options: StoreOptions) -> Target<SledStore> {
         store,
         data_dir: dir,
         server: None,
+        upstreams: Vec::new(),
+        large_mib: None,
         bucket: None,
         _temp: Some(temp),
     }
@@ -74,6 +81,8 @@ fn bucket_target(store: BucketStore, temp: tempfile::TempDir) -> Target<BucketSt
         store: store.clone(),
         data_dir: temp.path().to_path_buf(),
         server: None,
+        upstreams: Vec::new(),
+        large_mib: None,
         bucket: Some(store),
         _temp: Some(temp),
     }
@@ -136,6 +145,32 @@ pub async fn remote_target() -> Target<trove_client::TroveClient> {
         store,
         data_dir: server.data_dir.clone(),
         server: Some(server),
+        upstreams: Vec::new(),
+        large_mib: None,
+        bucket: None,
+        _temp: None,
+    }
+}
+
+/// A chain of `tiers` servers, each started with `--upstream` pointing at
+/// the next, ending at a plain server that holds the data; the store under
+/// test is a client of the first tier. Disk checks look at the last server.
+pub async fn tier_target(tiers: usize) -> Target<trove_client::TroveClient> {
+    let shared = ServerProcess::start().await;
+    let data_dir = shared.data_dir.clone();
+    let mut chain = vec![shared];
+    for _ in 0..tiers {
+        let upstream = format!("http://{}", chain.last().expect("a server").addr);
+        chain.push(ServerProcess::start_with(&["--upstream", &upstream]).await);
+    }
+    let front = chain.pop().expect("the first tier");
+    chain.reverse();
+    Target {
+        store: front.client().await,
+        data_dir,
+        server: Some(front),
+        upstreams: chain,
+        large_mib: Some(128),
         bucket: None,
         _temp: None,
     }
@@ -188,9 +223,9 @@ impl<S> Target<S> {
         }
     }
 
-    /// Checks the server (if any) logged no panic.
+    /// Checks the servers (if any) logged no panic.
     pub fn assert_no_panic(&self) {
-        if let Some(server) = &self.server {
+        for server in self.server.iter().chain(&self.upstreams) {
             let log = server.log();
             assert!(!log.contains("panicked"), "server panicked:\n{log}");
         }

@@ -36,6 +36,7 @@ mod eviction;
 mod find_missing;
 mod params;
 mod scaling;
+mod sidecar;
 mod small_values;
 mod tls;
 
@@ -166,6 +167,7 @@ impl Bench {
         self.cache().await.context("cache archives")?;
         self.eviction().await.context("eviction")?;
         self.tls().await.context("TLS with a token")?;
+        self.sidecar().await.context("sidecar tier")?;
         self.concurrency_curve()
             .await
             .context("concurrency scaling")?;

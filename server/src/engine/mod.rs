@@ -14,6 +14,7 @@
 //! - [`retention`]: the pure function that plans a cache prune.
 //! - [`sled`]: the embedded engine (sled plus blob files), the default.
 //! - [`bucket`]: the object-storage engine (S3, GCS, Azure).
+//! - [`tier`]: a local engine in front of another Trove server (sidecars).
 //!
 //! Rules: `sled` and `bucket` never import each other; both may use the
 //! shared modules; nothing here imports tonic. `.ci/check-layout.sh` checks
@@ -25,6 +26,7 @@ pub mod quota;
 pub(crate) mod record;
 pub(crate) mod retention;
 pub mod sled;
+pub mod tier;
 pub(crate) mod values;
 
 use std::future::Future;
@@ -33,6 +35,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
+use trove_proto::objects::ObjectInfo;
+use trove_proto::types::{ByteStream, Name, Namespace};
 use trove_proto::{ArtifactStore, CacheStore, EntryStore, Error, ObjectStore, UsageStore};
 
 use crate::config::Config;
@@ -70,6 +74,28 @@ pub trait Engine: ObjectStore + ArtifactStore + EntryStore + CacheStore + UsageS
     /// until its log is reopened, or until a restart), if it does; health
     /// reports NOT_SERVING meanwhile.
     fn write_refusal(&self) -> Option<String> {
+        None
+    }
+
+    /// Stores a copy of an object first stored elsewhere, keeping that
+    /// store's creation time: `created_at` is called once the body has ended
+    /// cleanly. An engine that cannot keep it stores the object like
+    /// `put_object` (with its own clock).
+    async fn put_object_copy(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+        expected_size: Option<u64>,
+        data: ByteStream,
+        created_at: Box<dyn FnOnce() -> i64 + Send>,
+    ) -> Result<ObjectInfo, Error> {
+        drop(created_at);
+        self.put_object(ns, hash, expected_size, data).await
+    }
+
+    /// For a tier in front of another server: the upstream's address and
+    /// whether its last health check answered SERVING.
+    fn upstream(&self) -> Option<(String, bool)> {
         None
     }
 }
@@ -133,8 +159,24 @@ impl Drop for Background {
 }
 
 /// Opens the engine the settings select: sled in `data_dir` by default, or
-/// the object store named by `store`.
+/// the object store named by `store`; with an upstream, that engine is the
+/// local tier in front of it.
 pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn Engine>> {
+    let local = open_local(config).await?;
+    let Some(address) = config.upstream.as_deref() else {
+        return Ok(local);
+    };
+    let upstream = trove_client::TroveClient::connect_lazy_with(
+        address,
+        &config.upstream_options()?,
+        tier::UPSTREAM_CONNECT_TIMEOUT,
+    )
+    .with_context(|| format!("unusable upstream {address}"))?;
+    Ok(Arc::new(tier::Tier::new(local, upstream, address)))
+}
+
+/// Opens the engine that keeps this server's own data.
+async fn open_local(config: &Config) -> anyhow::Result<Arc<dyn Engine>> {
     if config.store.is_empty() {
         let dir = config.data_dir.clone();
         let options = config.store_options();

@@ -73,6 +73,22 @@ fn describe() {
         "Calls refused because max_concurrent_requests was reached."
     );
     metrics::describe_counter!(
+        "trove_upstream_calls_total",
+        "Calls a tier made to its upstream, by operation."
+    );
+    metrics::describe_counter!(
+        "trove_upstream_find_missing_hashes_total",
+        "Hashes a tier asked its upstream about in FindMissing calls (the local misses only)."
+    );
+    metrics::describe_counter!(
+        "trove_tier_local_hits_total",
+        "Reads of objects and artifacts a tier served from its local copy."
+    );
+    metrics::describe_counter!(
+        "trove_tier_local_misses_total",
+        "Reads of objects and artifacts a tier had to fetch from its upstream."
+    );
+    metrics::describe_counter!(
         "trove_evictions_total",
         "Values (objects, cache refs) evicted from namespaces with on_full = \"evict\"."
     );

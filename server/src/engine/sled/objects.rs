@@ -20,14 +20,17 @@ use crate::engine::values::{
     check_find_missing, object_info, object_record, stream_info, stream_record, verify_content,
 };
 
-#[async_trait]
-impl ObjectStore for SledStore {
-    async fn put_object(
+impl SledStore {
+    /// `put_object`, with the creation time a new object gets from
+    /// `created_at` (called once the body has ended cleanly): a tier keeps
+    /// the upstream's time on its local copy.
+    pub(crate) async fn put_object_as_of(
         &self,
         ns: &Namespace,
         hash: &Name,
         expected_size: Option<u64>,
         data: ByteStream,
+        created_at: Box<dyn FnOnce() -> i64 + Send>,
     ) -> Result<ObjectInfo, Error> {
         let at = object_key(ns, hash, KIND_OBJECT);
         let staged = self
@@ -35,7 +38,7 @@ impl ObjectStore for SledStore {
             .await?;
         let verified = verify_content(hash, &staged.sha256)?;
         let (size, sha256) = (staged.len, staged.sha256);
-        let now = now_micros();
+        let now = created_at();
         let key = object_key(ns, hash, KIND_OBJECT);
         let record = self
             .publish_and_commit(
@@ -51,6 +54,20 @@ impl ObjectStore for SledStore {
             self.note_object_use(ns.as_str(), &key);
         }
         Ok(object_info(hash, &record))
+    }
+}
+
+#[async_trait]
+impl ObjectStore for SledStore {
+    async fn put_object(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+        expected_size: Option<u64>,
+        data: ByteStream,
+    ) -> Result<ObjectInfo, Error> {
+        self.put_object_as_of(ns, hash, expected_size, data, Box::new(now_micros))
+            .await
     }
 
     async fn get_object(

@@ -113,6 +113,18 @@ impl Engine for SledStore {
         format!("sled in {}", self.root().display())
     }
 
+    async fn put_object_copy(
+        &self,
+        ns: &trove_proto::types::Namespace,
+        hash: &trove_proto::types::Name,
+        expected_size: Option<u64>,
+        data: trove_proto::types::ByteStream,
+        created_at: Box<dyn FnOnce() -> i64 + Send>,
+    ) -> Result<trove_proto::objects::ObjectInfo, Error> {
+        self.put_object_as_of(ns, hash, expected_size, data, created_at)
+            .await
+    }
+
     fn start_background(&self) -> Background {
         // Group commit and blob retiring run inside the store itself.
         Background::default()

@@ -3,11 +3,12 @@
 //! the environment over the file, the file over defaults. Everything is
 //! validated before anything starts, and errors name the setting.
 
+mod file;
+
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use serde::Serialize;
 
@@ -269,6 +270,29 @@ pub struct Config {
     #[arg(long, env = "TROVE_ALLOW_UNAUTHENTICATED", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub allow_unauthenticated: bool,
 
+    /// Another Trove server to be a tier in front of (`http://HOST:PORT` or
+    /// `https://HOST:PORT`): writes go through to it, verified objects are
+    /// kept and served locally, mutable data is revalidated or passed through.
+    #[arg(long, env = "TROVE_UPSTREAM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+
+    /// Bearer token sent to the upstream on every call.
+    #[arg(
+        long,
+        env = "TROVE_UPSTREAM_TOKEN",
+        requires = "upstream",
+        hide_env_values = true
+    )]
+    #[serde(skip)]
+    pub upstream_token: Option<String>,
+
+    /// PEM bundle of the CAs to trust for the upstream's certificate
+    /// (implies TLS to the upstream).
+    #[arg(long, env = "TROVE_UPSTREAM_CA", requires = "upstream")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ca: Option<PathBuf>,
+
     /// SHA-256 (64 lowercase hex) of a bearer token that `/metrics` requires;
     /// empty leaves it open (it binds to loopback by default).
     #[arg(long, env = "TROVE_METRICS_TOKEN_SHA256", default_value = "",
@@ -323,8 +347,8 @@ impl Config {
         let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
             return Ok(Config::from_arg_matches(&matches)?);
         };
-        let table = file_table(&path)?;
-        let from_file = file_arguments(&path, &table, &matches)?;
+        let table = file::file_table(&path)?;
+        let from_file = file::file_arguments(&path, &table, &matches)?;
         // File values are passed as flags only for settings that nothing
         // else set, so the environment and real flags keep precedence.
         let mut merged = args;
@@ -336,7 +360,7 @@ impl Config {
                 message: e.to_string().trim().to_owned(),
             })?;
         let mut config = Config::from_arg_matches(&matches)?;
-        config.namespaces = namespace_quotas(&path, &table)?;
+        config.namespaces = file::namespace_quotas(&path, &table)?;
         Ok(config)
     }
 
@@ -484,6 +508,21 @@ impl Config {
         }
     }
 
+    /// How to reach the upstream: its token and the CA to trust.
+    pub fn upstream_options(&self) -> anyhow::Result<trove_client::ClientOptions> {
+        let ca_pem = match &self.upstream_ca {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("--upstream-ca: cannot read {}: {e}", path.display())
+            })?),
+            None => None,
+        };
+        Ok(trove_client::ClientOptions {
+            token: self.upstream_token.clone().filter(|t| !t.is_empty()),
+            ca_pem,
+            ..Default::default()
+        })
+    }
+
     /// The largest message, as a `usize`.
     pub fn max_message(&self) -> usize {
         usize::try_from(self.max_message_bytes).unwrap_or(usize::MAX)
@@ -499,39 +538,6 @@ impl Config {
     }
 }
 
-/// An error about the config file at `path`.
-fn file_error(path: &Path, message: String) -> ConfigError {
-    ConfigError::File {
-        path: path.to_path_buf(),
-        message,
-    }
-}
-
-/// Reads and parses the config file, once.
-fn file_table(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| file_error(path, format!("cannot read it: {e}")))?;
-    text.parse()
-        .map_err(|e: toml::de::Error| file_error(path, e.to_string().trim().to_owned()))
-}
-
-/// The `[namespaces."name"]` quota tables of a config file.
-fn namespace_quotas(
-    path: &Path,
-    table: &toml::Table,
-) -> Result<std::collections::BTreeMap<String, crate::engine::quota::NamespaceQuota>, ConfigError> {
-    let fail = |message: String| file_error(path, message);
-    match table.get("namespaces") {
-        None => Ok(std::collections::BTreeMap::new()),
-        Some(toml::Value::Table(namespaces)) => {
-            crate::engine::quota::Quotas::parse_namespaces(namespaces).map_err(fail)
-        }
-        Some(_) => Err(fail(
-            "namespaces must be a table of [namespaces.\"name\"] tables".into(),
-        )),
-    }
-}
-
 /// The capacity limits these settings describe.
 impl Config {
     /// The quotas to enforce.
@@ -542,57 +548,6 @@ impl Config {
             min_free_disk_bytes: self.min_free_disk_bytes,
         }
     }
-}
-
-/// Turns the keys of a TOML file into `--flag value` arguments for the
-/// settings that were left at their defaults.
-fn file_arguments(
-    path: &Path,
-    table: &toml::Table,
-    matches: &clap::ArgMatches,
-) -> Result<Vec<OsString>, ConfigError> {
-    let fail = |message: String| file_error(path, message);
-    let command = Config::command();
-    let mut args = Vec::new();
-    for (key, value) in table {
-        if key == "namespaces" {
-            // Read by `namespace_quotas`: a table, not a flag.
-            continue;
-        }
-        let id = key.replace('-', "_");
-        let known = command.get_arguments().find(|a| {
-            a.get_id().as_str() == id
-                && a.get_long().is_some()
-                && !matches!(id.as_str(), "config" | "print_config")
-        });
-        let Some(arg) = known else {
-            return Err(fail(format!(
-                "unknown setting {key:?}; see trove-server --help for the settings"
-            )));
-        };
-        let value = match value {
-            toml::Value::String(s) => s.clone(),
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            other => {
-                return Err(fail(format!(
-                    "setting {key:?} must be a string, number or boolean, not {}",
-                    other.type_str()
-                )))
-            }
-        };
-        let explicit = matches!(
-            matches.value_source(&id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        );
-        if !explicit {
-            // `--flag=value` keeps values such as "-1" from reading as flags.
-            let long = arg.get_long().unwrap_or(&id);
-            args.push(OsString::from(format!("--{long}={value}")));
-        }
-    }
-    Ok(args)
 }
 
 #[cfg(test)]

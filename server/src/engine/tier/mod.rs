@@ -1,0 +1,470 @@
+//! The sidecar tier: a local engine in front of another Trove server (the
+//! upstream), reached through `trove-client`. [`Tier`] implements every
+//! store trait by composing two implementations of them, so it knows nothing
+//! of either side's storage or of the wire.
+//!
+//! # What is served from where, per group
+//! - **Objects under a verified SHA-256** are immutable: the local copy is
+//!   served without asking the upstream. A miss is fetched from the upstream,
+//!   streamed to the caller and kept locally at the same time.
+//!   `find_missing` asks the local tier first and sends one call to the
+//!   upstream carrying only the local misses. Objects under other names
+//!   (opaque, unverified) can change under the same name, so they pass
+//!   through, like chunk streams.
+//! - **Artifacts** are mutable: a read asks the upstream for the value's
+//!   metadata (a `Stat`) and serves the local copy only when its SHA-256,
+//!   size and content type match; otherwise it reads the upstream through
+//!   into the local copy. Never stale, and large values cross the network
+//!   once per change.
+//! - **Cassettes, cache archives, refs and branch maps** pass through: their
+//!   readers want the newest state, which only the upstream knows.
+//! - **Writes** go through to the upstream and are acknowledged after it
+//!   acknowledged them. The local copy of an object or artifact is written at
+//!   the same time and commits only once the upstream acknowledged, so the
+//!   local tier never holds what the upstream refused.
+//! - **Usage** and the engine lifecycle are the local tier's.
+//!
+//! While the upstream cannot be reached, locally held verified objects are
+//! still served; every other call fails fast with `Unavailable` naming the
+//! upstream.
+
+mod passthrough;
+mod tee;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use trove_client::TroveClient;
+use trove_proto::admin::UsageRow;
+use trove_proto::artifacts::{ArtifactInfo, ListedArtifact, PutOptions};
+use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo};
+use trove_proto::types::{now_micros, ByteStream, ListPage, Name, Namespace, Page};
+use trove_proto::{ArtifactStore, Error, ObjectStore, Result, UsageStore};
+
+use super::{Background, Engine, Usage};
+
+/// How long a call waits for a connection to the upstream before failing.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the upstream's health is checked.
+const PROBE_PERIOD: Duration = Duration::from_secs(1);
+
+/// A local engine in front of an upstream Trove server.
+pub struct Tier {
+    local: Arc<dyn Engine>,
+    upstream: TroveClient,
+    /// The upstream's address, for messages.
+    address: String,
+    /// What the last health check of the upstream found.
+    reachable: Arc<AtomicBool>,
+}
+
+impl Tier {
+    /// Puts `local` in front of `upstream` (reached at `address`).
+    pub fn new(local: Arc<dyn Engine>, upstream: TroveClient, address: &str) -> Self {
+        Tier {
+            local,
+            upstream,
+            address: address.to_owned(),
+            reachable: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Counts one call to the upstream, by operation.
+    fn calling(&self, call: &'static str) -> &TroveClient {
+        metrics::counter!("trove_upstream_calls_total", "call" => call).increment(1);
+        &self.upstream
+    }
+
+    /// Names the upstream in the errors a caller cannot fix by changing its
+    /// request: the upstream being away, or refusing this server's token.
+    fn upstream_error(&self, err: Error) -> Error {
+        match err {
+            Error::Unavailable { message } | Error::DeadlineExceeded { message } => {
+                Error::Unavailable {
+                    message: format!("the upstream {} cannot be reached: {message}", self.address),
+                }
+            }
+            Error::Unauthenticated { message } => Error::Unavailable {
+                message: format!(
+                    "the upstream {} refused this server's token (check --upstream-token): \
+                     {message}",
+                    self.address
+                ),
+            },
+            Error::Internal { message } => Error::Internal {
+                message: format!("the upstream {} failed: {message}", self.address),
+            },
+            other => other,
+        }
+    }
+
+    /// Whether `hash` names content the upstream verified: such an object
+    /// can never change, so a local copy of it is always current.
+    fn immutable(hash: &Name) -> bool {
+        hash.sha256_digest().is_some()
+    }
+
+    /// Fetches a verified object from the upstream, keeping a local copy
+    /// while the caller reads it.
+    async fn object_through(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+    ) -> Result<(ObjectInfo, ByteStream)> {
+        let (info, body) = self
+            .calling("get_object")
+            .get_object(ns, hash)
+            .await
+            .map_err(|e| self.upstream_error(e))?;
+        if !info.verified {
+            return Ok((info, body));
+        }
+        let (local, ns, hash) = (Arc::clone(&self.local), ns.clone(), hash.clone());
+        let (size, created_at) = (info.size, info.created_at);
+        let body = tee::read_through(body, move |copy| async move {
+            let copied = local
+                .put_object_copy(&ns, &hash, Some(size), copy, Box::new(move || created_at))
+                .await;
+            if let Err(err) = copied {
+                tracing::debug!(%hash, error = %err, "no local copy kept of an upstream object");
+            }
+        });
+        Ok((info, body))
+    }
+
+    /// Reads an artifact from the upstream, keeping a local copy while the
+    /// caller reads it.
+    async fn artifact_through(
+        &self,
+        ns: &Namespace,
+        key: &Name,
+    ) -> Result<(ArtifactInfo, ByteStream)> {
+        let (info, body) = self
+            .calling("get_artifact")
+            .get_artifact(ns, key)
+            .await
+            .map_err(|e| self.upstream_error(e))?;
+        let (local, ns, key) = (Arc::clone(&self.local), ns.clone(), key.clone());
+        let options = PutOptions {
+            content_type: info.content_type.clone(),
+            expected_size: Some(info.size),
+        };
+        let body = tee::read_through(body, move |copy| async move {
+            if let Err(err) = local.put_artifact(&ns, &key, options, copy).await {
+                tracing::debug!(%key, error = %err, "no local copy kept of an upstream artifact");
+            }
+        });
+        Ok((info, body))
+    }
+}
+
+/// Checks the upstream's health every [`PROBE_PERIOD`] until `stop`, keeping
+/// `reachable` current and logging each change.
+async fn probe_upstream(
+    upstream: TroveClient,
+    address: String,
+    reachable: Arc<AtomicBool>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(PROBE_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut first = true;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let check = tokio::time::timeout(PROBE_PERIOD, upstream.serving("")).await;
+        let now = matches!(check, Ok(Ok(true)));
+        let before = reachable.swap(now, Ordering::Relaxed);
+        if first || before != now {
+            match (now, check) {
+                (true, _) => tracing::info!(upstream = %address, "upstream reachable"),
+                (false, Ok(Ok(_))) => {
+                    tracing::warn!(upstream = %address, "upstream reports NOT_SERVING");
+                }
+                (false, Ok(Err(err))) => {
+                    tracing::warn!(upstream = %address, error = %err, "upstream unreachable");
+                }
+                (false, Err(_)) => {
+                    tracing::warn!(upstream = %address, "upstream health check timed out");
+                }
+            }
+        }
+        first = false;
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Tier {
+    async fn put_object(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+        expected_size: Option<u64>,
+        data: ByteStream,
+    ) -> Result<ObjectInfo> {
+        let upstream = self.calling("put_object");
+        if !Self::immutable(hash) {
+            return upstream
+                .put_object(ns, hash, expected_size, data)
+                .await
+                .map_err(|e| self.upstream_error(e));
+        }
+        // The local copy keeps the upstream's creation time, learnt from its
+        // answer, which comes before the copy's body ends (see `tee`).
+        let created_at = Arc::new(OnceLock::new());
+        let learnt = Arc::clone(&created_at);
+        let (answer, local) = tee::write_through(
+            data,
+            |body| async move {
+                let info = upstream.put_object(ns, hash, expected_size, body).await?;
+                let _ = learnt.set(info.created_at);
+                Ok(info)
+            },
+            |body| {
+                let created_at = move || created_at.get().copied().unwrap_or_else(now_micros);
+                self.local
+                    .put_object_copy(ns, hash, expected_size, body, Box::new(created_at))
+            },
+        )
+        .await;
+        if let (Ok(_), Err(err)) = (&answer, &local) {
+            tracing::debug!(%hash, error = %err, "object stored upstream; no local copy kept");
+        }
+        answer.map_err(|e| self.upstream_error(e))
+    }
+
+    async fn get_object(&self, ns: &Namespace, hash: &Name) -> Result<(ObjectInfo, ByteStream)> {
+        if Self::immutable(hash) {
+            match self.local.get_object(ns, hash).await {
+                Ok(found) => {
+                    metrics::counter!("trove_tier_local_hits_total").increment(1);
+                    return Ok(found);
+                }
+                Err(Error::NotFound { .. }) => {}
+                Err(err) => return Err(err),
+            }
+            metrics::counter!("trove_tier_local_misses_total").increment(1);
+            return self.object_through(ns, hash).await;
+        }
+        self.calling("get_object")
+            .get_object(ns, hash)
+            .await
+            .map_err(|e| self.upstream_error(e))
+    }
+
+    async fn delete_object(&self, ns: &Namespace, hash: &Name) -> Result<bool> {
+        let existed = self
+            .calling("delete_object")
+            .delete_object(ns, hash)
+            .await
+            .map_err(|e| self.upstream_error(e))?;
+        self.local.delete_object(ns, hash).await?;
+        Ok(existed)
+    }
+
+    async fn stat_object(&self, ns: &Namespace, hash: &Name) -> Result<ObjectInfo> {
+        if Self::immutable(hash) {
+            match self.local.stat_object(ns, hash).await {
+                Ok(info) => return Ok(info),
+                Err(Error::NotFound { .. }) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        self.calling("stat_object")
+            .stat_object(ns, hash)
+            .await
+            .map_err(|e| self.upstream_error(e))
+    }
+
+    async fn list_objects(&self, ns: &Namespace, page: &ListPage) -> Result<Page<ListedObject>> {
+        self.calling("list_objects")
+            .list_objects(ns, page)
+            .await
+            .map_err(|e| self.upstream_error(e))
+    }
+
+    async fn find_missing(&self, ns: &Namespace, hashes: &[Name]) -> Result<Vec<Name>> {
+        // Only verified hashes may be answered locally; the rest, and the
+        // local misses, go upstream in one call.
+        let verified: Vec<Name> = hashes
+            .iter()
+            .filter(|h| Self::immutable(h))
+            .cloned()
+            .collect();
+        let local_misses: HashSet<Name> = if verified.is_empty() {
+            HashSet::new()
+        } else {
+            self.local
+                .find_missing(ns, &verified)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        let ask: Vec<Name> = hashes
+            .iter()
+            .filter(|h| !Self::immutable(h) || local_misses.contains(*h))
+            .cloned()
+            .collect();
+        if ask.is_empty() {
+            return Ok(Vec::new());
+        }
+        metrics::counter!("trove_upstream_find_missing_hashes_total")
+            .increment(u64::try_from(ask.len()).unwrap_or(u64::MAX));
+        let missing: HashSet<Name> = self
+            .calling("find_missing")
+            .find_missing(ns, &ask)
+            .await
+            .map_err(|e| self.upstream_error(e))?
+            .into_iter()
+            .collect();
+        Ok(hashes
+            .iter()
+            .filter(|h| missing.contains(*h))
+            .cloned()
+            .collect())
+    }
+
+    async fn put_stream(
+        &self,
+        ns: &Namespace,
+        hash: &Name,
+        chunks: ChunkStream,
+    ) -> Result<StreamInfo> {
+        self.calling("put_stream")
+            .put_stream(ns, hash, chunks)
+            .await
+            .map_err(|e| self.upstream_error(e))
+    }
+
+    async fn get_stream(&self, ns: &Namespace, hash: &Name) -> Result<(StreamInfo, ChunkStream)> {
+        self.calling("get_stream")
+            .get_stream(ns, hash)
+            .await
+            .map_err(|e| self.upstream_error(e))
+    }
+}
+
+#[async_trait]
+impl ArtifactStore for Tier {
+    async fn put_artifact(
+        &self,
+        ns: &Namespace,
+        key: &Name,
+        options: PutOptions,
+        data: ByteStream,
+    ) -> Result<ArtifactInfo> {
+        let upstream = self.calling("put_artifact");
+        let local_options = options.clone();
+        let (answer, local) = tee::write_through(
+            data,
+            |body| upstream.put_artifact(ns, key, options, body),
+            |body| self.local.put_artifact(ns, key, local_options, body),
+        )
+        .await;
+        if let (Ok(_), Err(err)) = (&answer, &local) {
+            tracing::debug!(%key, error = %err, "artifact stored upstream; no local copy kept");
+        }
+        answer.map_err(|e| self.upstream_error(e))
+    }
+
+    async fn get_artifact(&self, ns: &Namespace, key: &Name) -> Result<(ArtifactInfo, ByteStream)> {
+        // Revalidate: the upstream's metadata says which value is current;
+        // the local copy is served only when it is that value.
+        let (current, local) = tokio::join!(
+            self.calling("stat_artifact").stat_artifact(ns, key),
+            self.local.get_artifact(ns, key)
+        );
+        let current = current.map_err(|e| self.upstream_error(e))?;
+        if let Ok((held, body)) = local {
+            if held.sha256 == current.sha256
+                && held.size == current.size
+                && held.content_type == current.content_type
+            {
+                metrics::counter!("trove_tier_local_hits_total").increment(1);
+                return Ok((current, body));
+            }
+        }
+        metrics::counter!("trove_tier_local_misses_total").increment(1);
+        self.artifact_through(ns, key).await
+    }
+
+    async fn delete_artifact(&self, ns: &Namespace, key: &Name) -> Result<bool> {
+        let existed = self
+            .calling("delete_artifact")
+            .delete_artifact(ns, key)
+            .await
+            .map_err(|e| self.upstream_error(e))?;
+        self.local.delete_artifact(ns, key).await?;
+        Ok(existed)
+    }
+
+    async fn stat_artifact(&self, ns: &Namespace, key: &Name) -> Result<ArtifactInfo> {
+        self.calling("stat_artifact")
+            .stat_artifact(ns, key)
+            .await
+            .map_err(|e| self.upstream_error(e))
+    }
+
+    async fn list_artifacts(
+        &self,
+        ns: &Namespace,
+        page: &ListPage,
+        with_values: bool,
+    ) -> Result<Page<ListedArtifact>> {
+        self.calling("list_artifacts")
+            .list_artifacts(ns, page, with_values)
+            .await
+            .map_err(|e| self.upstream_error(e))
+    }
+}
+
+#[async_trait]
+impl UsageStore for Tier {
+    async fn namespace_usage(&self, namespace: Option<&Namespace>) -> Result<Vec<UsageRow>> {
+        // What this server holds on its own disk: the upstream reports its own.
+        self.local.namespace_usage(namespace).await
+    }
+}
+
+#[async_trait]
+impl Engine for Tier {
+    fn describe(&self) -> String {
+        format!(
+            "tier in front of {}; local {}",
+            self.address,
+            self.local.describe()
+        )
+    }
+
+    fn start_background(&self) -> Background {
+        let mut background = self.local.start_background();
+        let (upstream, address, reachable) = (
+            self.upstream.clone(),
+            self.address.clone(),
+            Arc::clone(&self.reachable),
+        );
+        background.spawn(move |stop| probe_upstream(upstream, address, reachable, stop));
+        background
+    }
+
+    async fn usage(&self) -> Result<Usage, Error> {
+        self.local.usage().await
+    }
+
+    async fn flush(&self) -> Result<(), Error> {
+        self.local.flush().await
+    }
+
+    fn write_refusal(&self) -> Option<String> {
+        self.local.write_refusal()
+    }
+
+    fn upstream(&self) -> Option<(String, bool)> {
+        Some((self.address.clone(), self.reachable.load(Ordering::Relaxed)))
+    }
+}

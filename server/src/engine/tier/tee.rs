@@ -1,0 +1,157 @@
+//! Splitting one body between two tiers without holding it: the write-through
+//! split (the local copy commits only once the upstream acknowledged) and the
+//! read-through copy (what the upstream sends goes to the caller and into the
+//! local tier at once).
+//!
+//! Both rely on the store contract that a body ending in an `Err` item (or
+//! never ending cleanly) leaves the previous state untouched: the local copy
+//! is given a clean end only when the whole write is known to have happened.
+
+use futures::stream::{self, BoxStream};
+use futures::{Future, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use trove_proto::{Error, Result};
+
+/// Pieces buffered per tier: enough to keep both writers busy, few enough
+/// that a body is never held whole (pieces are at most a message each).
+const BUFFERED_PIECES: usize = 2;
+
+/// Why the local copy of a write was abandoned; never reaches a caller.
+fn not_acknowledged() -> Error {
+    Error::Unavailable {
+        message: "the upstream did not acknowledge the write; the local copy is dropped".into(),
+    }
+}
+
+/// A body ending cleanly only when `gate` says true.
+fn gated<T: Send + 'static>(
+    pieces: mpsc::Receiver<Result<T>>,
+    gate: oneshot::Receiver<bool>,
+) -> BoxStream<'static, Result<T>> {
+    let end = stream::once(async move {
+        match gate.await {
+            Ok(true) => None,
+            _ => Some(Err(not_acknowledged())),
+        }
+    })
+    .filter_map(std::future::ready);
+    ReceiverStream::new(pieces).chain(end).boxed()
+}
+
+/// Feeds `source` to both copies. Stops feeding the local copy once the
+/// local write gave up (the write still goes upstream), and stops
+/// everything once the upstream write gave up. A source error reaches both
+/// copies, so neither is stored.
+async fn pump<T: Clone + Send + 'static>(
+    mut source: BoxStream<'static, Result<T>>,
+    upstream: mpsc::Sender<Result<T>>,
+    local: mpsc::Sender<Result<T>>,
+) {
+    let mut local = Some(local);
+    while let Some(piece) = source.next().await {
+        let failed = piece.is_err();
+        if let Some(tx) = &local {
+            if tx.send(piece.clone()).await.is_err() {
+                local = None;
+            }
+        }
+        if upstream.send(piece).await.is_err() {
+            // The upstream write ended early (it failed): so does the
+            // local copy.
+            if let Some(tx) = &local {
+                let _ = tx.send(Err(not_acknowledged())).await;
+            }
+            return;
+        }
+        if failed {
+            return;
+        }
+    }
+}
+
+/// Writes `source` through both tiers at once: `upstream` and `local` are
+/// given their copies of the body, and the local copy ends cleanly (commits)
+/// only once the upstream write succeeded, so the local tier never holds a
+/// value the upstream does not. Returns both answers; a failed local copy is
+/// not a failed write (the upstream holds the value).
+pub(super) async fn write_through<T, UV, LV, U, L>(
+    source: BoxStream<'static, Result<T>>,
+    upstream: impl FnOnce(BoxStream<'static, Result<T>>) -> U,
+    local: impl FnOnce(BoxStream<'static, Result<T>>) -> L,
+) -> (Result<UV>, Result<LV>)
+where
+    T: Clone + Send + 'static,
+    U: Future<Output = Result<UV>>,
+    L: Future<Output = Result<LV>>,
+{
+    let (upstream_tx, upstream_rx) = mpsc::channel::<Result<T>>(BUFFERED_PIECES);
+    let (local_tx, local_rx) = mpsc::channel::<Result<T>>(BUFFERED_PIECES);
+    let (gate_tx, gate_rx) = oneshot::channel();
+    let upstream_write = upstream(ReceiverStream::new(upstream_rx).boxed());
+    let upstream_write = async move {
+        let answer = upstream_write.await;
+        let _ = gate_tx.send(answer.is_ok());
+        answer
+    };
+    let local_write = local(gated(local_rx, gate_rx));
+    let ((), upstream_answer, local_answer) = futures::join!(
+        pump(source, upstream_tx, local_tx),
+        upstream_write,
+        local_write
+    );
+    (upstream_answer, local_answer)
+}
+
+/// Copies what `body` yields into a local write while passing it on: the
+/// local write (given the copy as its body by `keep`) is spawned and ends
+/// cleanly only if `body` did and the caller read it to the end. A local
+/// write that gives up only stops the copying.
+pub(super) fn read_through<T, F>(
+    body: BoxStream<'static, Result<T>>,
+    keep: impl FnOnce(BoxStream<'static, Result<T>>) -> F,
+) -> BoxStream<'static, Result<T>>
+where
+    T: Clone + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Result<T>>(BUFFERED_PIECES);
+    let (done_tx, done_rx) = oneshot::channel();
+    tokio::spawn(keep(gated(rx, done_rx)));
+    struct Copying<T> {
+        body: BoxStream<'static, Result<T>>,
+        copy: Option<mpsc::Sender<Result<T>>>,
+        done: Option<oneshot::Sender<bool>>,
+    }
+    let state = Copying {
+        body,
+        copy: Some(tx),
+        done: Some(done_tx),
+    };
+    stream::unfold(state, |mut state| async move {
+        match state.body.next().await {
+            Some(Ok(piece)) => {
+                if let Some(tx) = &state.copy {
+                    if tx.send(Ok(piece.clone())).await.is_err() {
+                        state.copy = None;
+                    }
+                }
+                Some((Ok(piece), state))
+            }
+            Some(Err(err)) => {
+                // Dropping the gate's sender shuts the copy's end.
+                state.done = None;
+                state.copy = None;
+                Some((Err(err), state))
+            }
+            None => {
+                state.copy = None;
+                if let Some(done) = state.done.take() {
+                    let _ = done.send(true);
+                }
+                None
+            }
+        }
+    })
+    .boxed()
+}

@@ -1,0 +1,307 @@
+//! A shared server with two sidecar tiers in front of it (`--upstream`), all
+//! real processes on loopback: what one sidecar writes the other reads, a
+//! replace through one is never read stale through the other, an upstream
+//! outage leaves cached verified objects readable and refuses the rest, and
+//! FindMissing sends the upstream only the local misses, in one call.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tonic_health::pb::health_check_response::ServingStatus;
+use trove_client::TroveClient;
+use trove_proto::artifacts::PutOptions;
+use trove_proto::entries::{AppendOptions, NewEntry, ReadOptions};
+use trove_proto::types::{Name, Namespace};
+use trove_proto::{ArtifactStore, EntryStore, Error, ObjectStore};
+use trove_tests::conformance::fresh_ns;
+use trove_tests::harness::{counter_sum, health_status, ServerProcess};
+use trove_tests::{bytes_stream, collect_bytes, sha256_hex};
+
+/// A shared server and `n` sidecars in front of it.
+async fn fleet(n: usize) -> (ServerProcess, Vec<ServerProcess>) {
+    let shared = ServerProcess::start().await;
+    let upstream = format!("http://{}", shared.addr);
+    let mut sidecars = Vec::new();
+    for _ in 0..n {
+        sidecars.push(ServerProcess::start_with(&["--upstream", &upstream]).await);
+    }
+    (shared, sidecars)
+}
+
+fn key(s: &str) -> Name {
+    Name::new("key", s).expect("valid name")
+}
+
+fn one(data: &[u8]) -> trove_proto::types::ByteStream {
+    bytes_stream(vec![Bytes::copy_from_slice(data)])
+}
+
+/// Stores `data` as a verified object; returns its hash.
+async fn put_object(client: &TroveClient, ns: &Namespace, data: &[u8]) -> Name {
+    let hash = key(&sha256_hex(data));
+    client
+        .put_object(ns, &hash, Some(data.len() as u64), one(data))
+        .await
+        .expect("put object");
+    hash
+}
+
+async fn read_object(client: &TroveClient, ns: &Namespace, hash: &Name) -> Result<Vec<u8>, Error> {
+    let (_, body) = client.get_object(ns, hash).await?;
+    collect_bytes(body).await
+}
+
+async fn read_artifact(client: &TroveClient, ns: &Namespace, key: &Name) -> Vec<u8> {
+    let (_, body) = client.get_artifact(ns, key).await.expect("get artifact");
+    collect_bytes(body).await.expect("read artifact")
+}
+
+fn metrics(server: &ServerProcess) -> SocketAddr {
+    server.metrics_addr.expect("metrics endpoint")
+}
+
+/// Reads `hash` through `sidecar` until it is served from the local copy
+/// (the copy is kept while the first read streams, and commits just after).
+async fn until_local_hit(sidecar: &ServerProcess, ns: &Namespace, hash: &Name, data: &[u8]) {
+    let client = sidecar.client().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let hits = counter_sum(metrics(sidecar), "trove_tier_local_hits_total", &[]).await;
+        assert_eq!(read_object(&client, ns, hash).await.expect("read"), data);
+        if counter_sum(metrics(sidecar), "trove_tier_local_hits_total", &[]).await > hits {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar never kept a local copy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What sidecar A writes, sidecar B reads: objects, artifacts (also after a
+/// replace through A: B never serves its older local copy) and cassettes
+/// (appends and a replace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_sidecar_writes_the_other_reads_never_stale() {
+    let (_shared, sidecars) = fleet(2).await;
+    let (a, b) = (sidecars[0].client().await, sidecars[1].client().await);
+    let ns = fresh_ns();
+
+    let blob: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i % 251).to_le_bytes()[0])
+        .collect();
+    let hash = put_object(&a, &ns, &blob).await;
+    let misses = counter_sum(metrics(&sidecars[1]), "trove_tier_local_misses_total", &[]).await;
+    assert_eq!(
+        read_object(&b, &ns, &hash).await.expect("read through B"),
+        blob
+    );
+    assert!(
+        counter_sum(metrics(&sidecars[1]), "trove_tier_local_misses_total", &[]).await > misses,
+        "B had no copy yet: its first read must have gone upstream"
+    );
+    until_local_hit(&sidecars[1], &ns, &hash, &blob).await;
+
+    let artifact = key("reports/latest.json");
+    for version in ["v1: first", "v2: replaced through A"] {
+        a.put_artifact(
+            &ns,
+            &artifact,
+            PutOptions::default(),
+            one(version.as_bytes()),
+        )
+        .await
+        .expect("put artifact through A");
+        // Twice: the first read may fill B's copy, the second serves it.
+        for _ in 0..2 {
+            assert_eq!(read_artifact(&b, &ns, &artifact).await, version.as_bytes());
+        }
+    }
+    assert!(a.delete_artifact(&ns, &artifact).await.expect("delete"));
+    assert!(matches!(
+        b.get_artifact(&ns, &artifact).await,
+        Err(Error::NotFound { .. })
+    ));
+
+    let cassette = key("cassette");
+    let entry = |tag: &str| {
+        let json = serde_json::json!({ "tag": tag }).to_string();
+        NewEntry::parse("entry", Bytes::from(json), None).expect("entry")
+    };
+    a.append_entries(
+        &ns,
+        &cassette,
+        vec![entry("one"), entry("two")],
+        AppendOptions::default(),
+    )
+    .await
+    .expect("append through A");
+    let tags = |client: TroveClient, ns: Namespace, cassette: Name| async move {
+        let stream = client
+            .read_entries(&ns, &cassette, ReadOptions::default())
+            .await
+            .expect("read");
+        stream
+            .map(|e| {
+                let e = e.expect("entry");
+                let v: serde_json::Value = serde_json::from_slice(&e.json).expect("json");
+                v["tag"].as_str().unwrap_or_default().to_owned()
+            })
+            .collect::<Vec<_>>()
+            .await
+    };
+    assert_eq!(
+        tags(b.clone(), ns.clone(), cassette.clone()).await,
+        ["one", "two"]
+    );
+    let replacement = futures::stream::iter(vec![Ok(entry("only"))]).boxed();
+    a.replace_entries(&ns, &cassette, replacement)
+        .await
+        .expect("replace through A");
+    assert_eq!(
+        tags(b.clone(), ns.clone(), cassette.clone()).await,
+        ["only"]
+    );
+    for sidecar in &sidecars {
+        assert!(!sidecar.log().contains("panicked"), "{}", sidecar.log());
+    }
+}
+
+/// A FindMissing of 1,000 hashes of which 900 are held by the sidecar makes
+/// one upstream call, carrying the 100 others; the answer is still exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_missing_asks_the_upstream_only_for_local_misses_in_one_call() {
+    let (shared, sidecars) = fleet(2).await;
+    let (a, b) = (sidecars[0].client().await, sidecars[1].client().await);
+    let ns = fresh_ns();
+    let mut hashes = Vec::new();
+    // 900 written through A (so A holds them), 50 written through B (only
+    // the upstream and B hold them), 50 nowhere.
+    for i in 0..1000u32 {
+        let data = format!("value {i}").into_bytes();
+        let hash = match i {
+            0..=899 => put_object(&a, &ns, &data).await,
+            900..=949 => put_object(&b, &ns, &data).await,
+            _ => key(&sha256_hex(&data)),
+        };
+        hashes.push(hash);
+    }
+    let upstream_calls = || async {
+        counter_sum(
+            metrics(&shared),
+            "trove_requests_total",
+            &[("service", "trove.v1.Objects"), ("method", "FindMissing")],
+        )
+        .await
+    };
+    let asked = || async {
+        counter_sum(
+            metrics(&sidecars[0]),
+            "trove_upstream_find_missing_hashes_total",
+            &[],
+        )
+        .await
+    };
+    let (calls_before, asked_before) = (upstream_calls().await, asked().await);
+    let missing = a.find_missing(&ns, &hashes).await.expect("find missing");
+    assert_eq!(
+        missing,
+        hashes[950..].to_vec(),
+        "exactly the 50 stored nowhere"
+    );
+    assert_eq!(
+        upstream_calls().await - calls_before,
+        1.0,
+        "one upstream call"
+    );
+    assert_eq!(
+        asked().await - asked_before,
+        100.0,
+        "carrying the 100 local misses"
+    );
+}
+
+/// With the upstream down: verified objects the sidecar holds are still
+/// served; everything else fails fast with UNAVAILABLE naming the upstream;
+/// health tells "sidecar up, upstream down" apart. When the upstream comes
+/// back, so does everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_outage_keeps_cached_objects_readable_and_refuses_the_rest() {
+    let (mut shared, sidecars) = fleet(2).await;
+    let (a, b) = (sidecars[0].client().await, sidecars[1].client().await);
+    let ns = fresh_ns();
+    let data = b"a verified object cached by B".to_vec();
+    let hash = put_object(&a, &ns, &data).await;
+    until_local_hit(&sidecars[1], &ns, &hash, &data).await;
+    let artifact = key("config");
+    a.put_artifact(&ns, &artifact, PutOptions::default(), one(b"mutable"))
+        .await
+        .expect("put artifact");
+
+    shared.kill9();
+    let upstream = shared.addr.to_string();
+    wait_health(&sidecars[1], "trove.upstream", ServingStatus::NotServing).await;
+    assert_eq!(
+        health_status(sidecars[1].addr, "").await,
+        Some(ServingStatus::Serving),
+        "the sidecar itself stays up"
+    );
+    assert_eq!(
+        read_object(&b, &ns, &hash).await.expect("cached object"),
+        data
+    );
+
+    let started = Instant::now();
+    let refused = b
+        .put_artifact(&ns, &key("new"), PutOptions::default(), one(b"x"))
+        .await;
+    assert_unavailable_naming(refused, &upstream);
+    assert_unavailable_naming(b.get_artifact(&ns, &artifact).await.map(|_| ()), &upstream);
+    let unknown = key(&sha256_hex(b"never stored"));
+    assert_unavailable_naming(read_object(&b, &ns, &unknown).await, &upstream);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "refusals took {:?}: they must fail fast",
+        started.elapsed()
+    );
+    assert_eq!(
+        read_object(&b, &ns, &hash).await.expect("still cached"),
+        data
+    );
+
+    shared.restart_same_address().await;
+    wait_health(&sidecars[1], "trove.upstream", ServingStatus::Serving).await;
+    assert_eq!(read_artifact(&b, &ns, &artifact).await, b"mutable");
+    b.put_artifact(&ns, &key("new"), PutOptions::default(), one(b"x"))
+        .await
+        .expect("writes work again");
+}
+
+#[track_caller]
+fn assert_unavailable_naming<T: std::fmt::Debug>(result: Result<T, Error>, upstream: &str) {
+    match result {
+        Err(Error::Unavailable { message }) => {
+            assert!(message.contains(upstream), "{message}");
+        }
+        other => panic!("expected UNAVAILABLE naming {upstream}, got {other:?}"),
+    }
+}
+
+/// Polls `service`'s health on `server` until it reports `want`.
+async fn wait_health(server: &ServerProcess, service: &str, want: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = health_status(server.addr, service).await;
+        if status == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} never reported {want:?} (last {status:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
