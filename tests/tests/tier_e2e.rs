@@ -305,3 +305,139 @@ async fn wait_health(server: &ServerProcess, service: &str, want: ServingStatus)
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A sidecar reaches a shared server that requires TLS and tokens: `https://`
+/// with `--upstream-ca`, and its own token from `TROVE_UPSTREAM_TOKEN`, whose
+/// grant bounds what it may do there. A token the upstream does not know is
+/// UNAVAILABLE naming the setting to fix, never a silent failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_reaches_a_secured_upstream_with_its_ca_and_token() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = trove_tests::pki::TestCa::new("trove test CA");
+    let (cert, cert_key) = ca.server(&["127.0.0.1"], false).write(dir.path(), "server");
+    let ca_path = ca.write(dir.path(), "ca");
+    let grants = dir.path().join("grants.toml");
+    std::fs::write(
+        &grants,
+        format!(
+            "[[token]]\nname = \"sidecar\"\nsha256 = {:?}\nnamespaces = [\"fleet\"]\npermissions = [\"read\", \"write\"]\n",
+            hex::encode(sha2::Sha256::digest(b"sidecar-token"))
+        ),
+    )
+    .expect("write grants");
+    let direct = trove_client::ClientOptions {
+        ca_pem: Some(ca.pem.clone().into_bytes()),
+        token: Some("sidecar-token".to_owned()),
+        ..Default::default()
+    };
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_owned();
+    let shared = ServerProcess::start_secure(
+        &[
+            "--tls-cert",
+            &path(&cert),
+            "--tls-key",
+            &path(&cert_key),
+            "--auth-tokens",
+            &path(&grants),
+        ],
+        direct.clone(),
+    )
+    .await;
+    let upstream = format!("https://127.0.0.1:{}", shared.addr.port());
+    let sidecar_with = |token: &str| {
+        let (upstream, ca_path) = (upstream.clone(), path(&ca_path));
+        let env = vec![("TROVE_UPSTREAM_TOKEN".to_owned(), token.to_owned())];
+        async move {
+            ServerProcess::start_with_env(
+                &["--upstream", &upstream, "--upstream-ca", &ca_path],
+                &env,
+            )
+            .await
+        }
+    };
+    let sidecar = sidecar_with("sidecar-token").await;
+    let client = sidecar.client().await;
+    let fleet = Namespace::new("fleet").expect("namespace");
+    client
+        .put_artifact(
+            &fleet,
+            &key("k"),
+            PutOptions::default(),
+            one(b"through TLS"),
+        )
+        .await
+        .expect("write through the sidecar");
+    let shared_client = TroveClient::connect_with(&shared.addr.to_string(), &direct)
+        .await
+        .expect("connect directly");
+    assert_eq!(
+        read_artifact(&shared_client, &fleet, &key("k")).await,
+        b"through TLS"
+    );
+    let other = Namespace::new("other").expect("namespace");
+    let denied = client
+        .put_artifact(&other, &key("k"), PutOptions::default(), one(b"x"))
+        .await;
+    assert!(
+        matches!(denied, Err(Error::PermissionDenied { .. })),
+        "{denied:?}"
+    );
+
+    let impostor = sidecar_with("not-a-known-token").await;
+    let refused = impostor
+        .client()
+        .await
+        .put_artifact(&fleet, &key("k2"), PutOptions::default(), one(b"x"))
+        .await;
+    match refused {
+        Err(Error::Unavailable { message }) => {
+            assert!(message.contains("--upstream-token"), "{message}");
+        }
+        other => panic!("expected UNAVAILABLE naming --upstream-token, got {other:?}"),
+    }
+}
+
+/// A write the upstream refuses (here: over its disk quota) is refused to
+/// the caller with the upstream's status, and leaves no local copy: the
+/// sidecar must never report as present what its upstream does not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_upstream_refuses_leaves_no_local_copy() {
+    let shared = ServerProcess::start_with(&["--max-disk-bytes", "4096"]).await;
+    let upstream = format!("http://{}", shared.addr);
+    let sidecar = ServerProcess::start_with(&["--upstream", &upstream]).await;
+    let client = sidecar.client().await;
+    let ns = fresh_ns();
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 7).to_le_bytes()[0]).collect();
+    let hash = key(&sha256_hex(&data));
+    let refused = client
+        .put_object(&ns, &hash, Some(data.len() as u64), one(&data))
+        .await;
+    assert!(
+        matches!(refused, Err(Error::ResourceExhausted { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(
+        client
+            .find_missing(&ns, std::slice::from_ref(&hash))
+            .await
+            .expect("find missing"),
+        vec![hash.clone()]
+    );
+    assert!(matches!(
+        read_object(&client, &ns, &hash).await,
+        Err(Error::NotFound { .. })
+    ));
+    let artifact = client
+        .put_artifact(&ns, &key("big"), PutOptions::default(), one(&data))
+        .await;
+    assert!(
+        matches!(artifact, Err(Error::ResourceExhausted { .. })),
+        "{artifact:?}"
+    );
+    let small = put_object(&client, &ns, b"fits").await;
+    assert_eq!(
+        read_object(&client, &ns, &small).await.expect("read"),
+        b"fits"
+    );
+}

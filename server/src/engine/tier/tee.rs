@@ -155,3 +155,134 @@ where
     })
     .boxed()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(pieces: Vec<Result<u32>>) -> BoxStream<'static, Result<u32>> {
+        stream::iter(pieces).boxed()
+    }
+
+    /// Reads a body to its end: its pieces, and whether it ended cleanly.
+    async fn consume(mut body: BoxStream<'static, Result<u32>>) -> (Vec<u32>, bool) {
+        let mut pieces = Vec::new();
+        while let Some(piece) = body.next().await {
+            match piece {
+                Ok(piece) => pieces.push(piece),
+                Err(_) => return (pieces, false),
+            }
+        }
+        (pieces, true)
+    }
+
+    fn refusal() -> Error {
+        Error::invalid("test", "refused at the end")
+    }
+
+    #[tokio::test]
+    async fn the_local_copy_ends_cleanly_only_after_the_upstream_acknowledged() {
+        let (upstream, local) = write_through(
+            source((0..10).map(Ok).collect()),
+            |body| async move { Ok(consume(body).await) },
+            |body| async move { Ok(consume(body).await) },
+        )
+        .await;
+        assert_eq!(upstream, Ok(((0..10).collect(), true)));
+        assert_eq!(local, Ok(((0..10).collect(), true)));
+
+        // The upstream read everything, then failed (at its commit): the
+        // local copy saw every piece but no clean end, so it stores nothing.
+        let (upstream, local) = write_through(
+            source((0..10).map(Ok).collect()),
+            |body| async move {
+                consume(body).await;
+                Err::<(), _>(refusal())
+            },
+            |body| async move { Ok(consume(body).await) },
+        )
+        .await;
+        assert_eq!(upstream, Err(refusal()));
+        assert_eq!(local, Ok(((0..10).collect(), false)));
+    }
+
+    #[tokio::test]
+    async fn a_local_copy_that_gives_up_does_not_stop_the_write() {
+        let (upstream, local) = write_through(
+            source((0..50).map(Ok).collect()),
+            |body| async move { Ok(consume(body).await) },
+            |mut body| async move {
+                let _ = body.next().await;
+                Err::<(), _>(refusal())
+            },
+        )
+        .await;
+        assert_eq!(upstream, Ok(((0..50).collect(), true)));
+        assert_eq!(local, Err(refusal()));
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_gives_up_early_fails_the_local_copy_and_stops_reading() {
+        let (upstream, local) = write_through(
+            source((0..50).map(Ok).collect()),
+            |mut body| async move {
+                let _ = body.next().await;
+                Err::<(), _>(refusal())
+            },
+            |body| async move { Ok(consume(body).await) },
+        )
+        .await;
+        assert_eq!(upstream, Err(refusal()));
+        let (pieces, clean) = local.expect("local answer");
+        assert!(!clean);
+        assert!(pieces.len() < 50, "read on after the upstream gave up");
+    }
+
+    #[tokio::test]
+    async fn a_source_error_reaches_both_copies() {
+        let (upstream, local) = write_through(
+            source(vec![Ok(1), Ok(2), Err(refusal()), Ok(3)]),
+            |body| async move { Ok(consume(body).await) },
+            |body| async move { Ok(consume(body).await) },
+        )
+        .await;
+        assert_eq!(upstream, Ok((vec![1, 2], false)));
+        assert_eq!(local, Ok((vec![1, 2], false)));
+    }
+
+    #[tokio::test]
+    async fn a_read_through_copy_commits_only_when_the_caller_read_to_the_end() {
+        for read_all in [true, false] {
+            let (kept_tx, kept_rx) = oneshot::channel();
+            let mut body =
+                read_through(source((0..10).map(Ok).collect()), move |copy| async move {
+                    let _ = kept_tx.send(consume(copy).await);
+                });
+            if read_all {
+                while body.next().await.is_some() {}
+            } else {
+                let _ = body.next().await;
+                drop(body);
+            }
+            let (pieces, clean) = kept_rx.await.expect("the copy finished");
+            assert_eq!(clean, read_all);
+            if read_all {
+                assert_eq!(pieces, (0..10).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_through_error_fails_the_copy() {
+        let (kept_tx, kept_rx) = oneshot::channel();
+        let body = read_through(
+            source(vec![Ok(1), Err(refusal())]),
+            move |copy| async move {
+                let _ = kept_tx.send(consume(copy).await);
+            },
+        );
+        let (pieces, clean) = consume(body).await;
+        assert_eq!((pieces, clean), (vec![1], false));
+        assert!(!kept_rx.await.expect("the copy finished").1);
+    }
+}
