@@ -441,3 +441,78 @@ async fn a_write_the_upstream_refuses_leaves_no_local_copy() {
         b"fits"
     );
 }
+
+/// A sidecar whose local copy is bounded (`[namespaces."*"]`, which evicts
+/// by default in a tier) keeps serving everything written through it: its
+/// local copy goes back under the quota, and what was evicted is fetched
+/// from the upstream again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_sidecar_evicts_its_local_copy_and_still_serves_everything() {
+    use trove_proto::UsageStore;
+    const QUOTA: u64 = 200_000;
+    let shared = ServerProcess::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("trove.toml");
+    std::fs::write(
+        &config,
+        format!("[namespaces.\"*\"]\nmax_bytes = {QUOTA}\n"),
+    )
+    .expect("write config");
+    let upstream = format!("http://{}", shared.addr);
+    let sidecar = ServerProcess::start_with(&[
+        "--upstream",
+        &upstream,
+        "--config",
+        config.to_str().expect("path"),
+    ])
+    .await;
+    let client = sidecar.client().await;
+    let ns = fresh_ns();
+    let local_bytes = || async {
+        client
+            .namespace_usage(Some(&ns))
+            .await
+            .expect("usage")
+            .iter()
+            .map(|row| row.logical_bytes)
+            .sum::<u64>()
+    };
+    let settle = || async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let held = local_bytes().await;
+            if held <= QUOTA {
+                return held;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the local copy stays at {held} bytes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let mut stored = Vec::new();
+    for i in 0..40u32 {
+        let data: Vec<u8> = (0..20_000u32)
+            .map(|j| (i * 31 + j % 253).to_le_bytes()[0])
+            .collect();
+        stored.push((put_object(&client, &ns, &data).await, data));
+    }
+    let held = settle().await;
+    assert!(held > 0, "the sidecar keeps local copies");
+    for (hash, data) in &stored {
+        assert_eq!(&read_object(&client, &ns, hash).await.expect("read"), data);
+    }
+    settle().await;
+    let evicted = counter_sum(metrics(&sidecar), "trove_evictions_total", &[]).await;
+    assert!(evicted > 0.0, "nothing was evicted");
+    let direct = shared.client().await;
+    let missing = direct
+        .find_missing(
+            &ns,
+            &stored.iter().map(|(h, _)| h.clone()).collect::<Vec<_>>(),
+        )
+        .await
+        .expect("find missing upstream");
+    assert!(missing.is_empty(), "the upstream lost {missing:?}");
+}

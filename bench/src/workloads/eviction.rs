@@ -23,13 +23,24 @@ use crate::load::{closed_loop_while, op, Op};
 const READ_KEYS: usize = 1000;
 
 /// Opens a store on a thread of its own: outside the runtime it starts no
-/// maintenance task, so eviction runs exactly when the bench asks.
+/// maintenance task, so eviction runs exactly when the bench asks. The
+/// store closed just before may still be finishing on other threads (tasks
+/// retiring its files hold it until they end), keeping its folder locked:
+/// the open is tried again for a few seconds.
 fn open_without_task(dir: &std::path::Path, options: StoreOptions) -> Result<SledStore> {
-    let dir = dir.to_path_buf();
-    std::thread::spawn(move || SledStore::open(&dir, options))
-        .join()
-        .map_err(|_| anyhow::anyhow!("the store's open thread panicked"))?
-        .context("open the store")
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (dir, options) = (dir.to_path_buf(), options.clone());
+        let opened = std::thread::spawn(move || SledStore::open(&dir, options))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the store's open thread panicked"))?;
+        match opened {
+            Err(trove_proto::Error::Unavailable { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other.context("open the store"),
+        }
+    }
 }
 
 /// Stores `count` distinct 4 KiB objects in `ns`; returns their names.

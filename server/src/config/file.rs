@@ -29,12 +29,14 @@ pub(super) fn file_table(path: &Path) -> Result<toml::Table, ConfigError> {
 pub(super) fn namespace_quotas(
     path: &Path,
     table: &toml::Table,
+    default_on_full: crate::engine::quota::OnFull,
 ) -> Result<std::collections::BTreeMap<String, crate::engine::quota::NamespaceQuota>, ConfigError> {
     let fail = |message: String| file_error(path, message);
     match table.get("namespaces") {
         None => Ok(std::collections::BTreeMap::new()),
         Some(toml::Value::Table(namespaces)) => {
-            crate::engine::quota::Quotas::parse_namespaces(namespaces).map_err(fail)
+            crate::engine::quota::Quotas::parse_namespaces(namespaces, default_on_full)
+                .map_err(fail)
         }
         Some(_) => Err(fail(
             "namespaces must be a table of [namespaces.\"name\"] tables".into(),

@@ -360,7 +360,14 @@ impl Config {
                 message: e.to_string().trim().to_owned(),
             })?;
         let mut config = Config::from_arg_matches(&matches)?;
-        config.namespaces = file::namespace_quotas(&path, &table)?;
+        // A tier's local copies are caches of its upstream: evicting them
+        // loses nothing, so its quotas evict unless told otherwise.
+        let default_on_full = if config.upstream.is_some() {
+            crate::engine::quota::OnFull::Evict
+        } else {
+            crate::engine::quota::OnFull::Reject
+        };
+        config.namespaces = file::namespace_quotas(&path, &table, default_on_full)?;
         Ok(config)
     }
 
@@ -538,13 +545,19 @@ impl Config {
     }
 }
 
+/// The `[namespaces."*"]` table: the quota of every namespace without one.
+const EVERY_NAMESPACE: &str = "*";
+
 /// The capacity limits these settings describe.
 impl Config {
     /// The quotas to enforce.
     pub fn quotas(&self) -> crate::engine::quota::Quotas {
+        let mut namespaces = self.namespaces.clone();
+        let every_namespace = namespaces.remove(EVERY_NAMESPACE);
         crate::engine::quota::Quotas {
             max_disk_bytes: (self.max_disk_bytes > 0).then_some(self.max_disk_bytes),
-            namespaces: self.namespaces.clone(),
+            namespaces,
+            every_namespace,
             min_free_disk_bytes: self.min_free_disk_bytes,
         }
     }
@@ -658,6 +671,47 @@ mod tests {
 
     /// Quotas come from the file's `[namespaces."name"]` tables and the
     /// `max_disk_bytes` setting; a mistake in a table stops the start.
+    /// `[namespaces."*"]` is the quota of every namespace without one; in
+    /// a tier (`--upstream`) quotas evict unless `on_full` says otherwise.
+    #[test]
+    fn a_quota_for_every_namespace_and_the_tier_default() {
+        use crate::engine::quota::OnFull;
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("trove.toml");
+        std::fs::write(
+            &file,
+            "[namespaces.\"*\"]\nmax_bytes = 1000\n[namespaces.\"kept\"]\nmax_bytes = 50\non_full = \"reject\"\n",
+        )
+        .expect("write");
+        let file = file.to_str().expect("path");
+        let plain = Config::load_from(["trove-server", "--config", file]).expect("load");
+        let quotas = plain.quotas();
+        assert_eq!(
+            quotas.namespace("any").map(|q| (q.max_bytes, q.on_full)),
+            Some((1000, OnFull::Reject))
+        );
+        assert_eq!(quotas.namespace("kept").map(|q| q.max_bytes), Some(50));
+        assert!(!quotas.namespaces.contains_key("*"));
+        let tier = Config::load_from([
+            "trove-server",
+            "--config",
+            file,
+            "--upstream",
+            "http://127.0.0.1:1",
+        ])
+        .expect("load");
+        let quotas = tier.quotas();
+        assert_eq!(
+            quotas.namespace("any").map(|q| q.on_full),
+            Some(OnFull::Evict)
+        );
+        assert_eq!(
+            quotas.namespace("kept").map(|q| q.on_full),
+            Some(OnFull::Reject)
+        );
+        assert!(quotas.evicts_anywhere());
+    }
+
     #[test]
     fn quotas_come_from_the_config_file() {
         let dir = tempfile::tempdir().expect("dir");

@@ -54,6 +54,9 @@ pub struct Quotas {
     pub max_disk_bytes: Option<u64>,
     /// Quotas by namespace name.
     pub namespaces: BTreeMap<String, NamespaceQuota>,
+    /// The quota of every namespace without one of its own (the config
+    /// file's `[namespaces."*"]`), each namespace held to it separately.
+    pub every_namespace: Option<NamespaceQuota>,
     /// Free bytes the data folder's filesystem keeps: a write that would
     /// leave less is refused (0: no floor).
     pub min_free_disk_bytes: u64,
@@ -67,6 +70,14 @@ impl Quotas {
             .filter(|(_, quota)| quota.on_full == OnFull::Evict)
     }
 
+    /// True when some namespace, named or not, has an evicting quota.
+    pub fn evicts_anywhere(&self) -> bool {
+        self.evicting().next().is_some()
+            || self
+                .every_namespace
+                .is_some_and(|quota| quota.on_full == OnFull::Evict)
+    }
+
     /// True when `namespace` has an evicting quota.
     pub fn evicts(&self, namespace: &str) -> bool {
         self.namespace(namespace)
@@ -75,19 +86,26 @@ impl Quotas {
 
     /// True when no limit is set.
     pub fn is_empty(&self) -> bool {
-        self.max_disk_bytes.is_none() && self.namespaces.is_empty() && self.min_free_disk_bytes == 0
+        self.max_disk_bytes.is_none()
+            && self.namespaces.is_empty()
+            && self.every_namespace.is_none()
+            && self.min_free_disk_bytes == 0
     }
 
-    /// The quota of `namespace`, if it has one.
+    /// The quota of `namespace`: its own, else the one of every namespace.
     pub fn namespace(&self, namespace: &str) -> Option<&NamespaceQuota> {
-        self.namespaces.get(namespace)
+        self.namespaces
+            .get(namespace)
+            .or(self.every_namespace.as_ref())
     }
 
-    /// Reads the `[namespaces."name"]` tables of a config file: each needs
-    /// `max_bytes` (a positive integer) and may set `on_full` to `"reject"`
-    /// or `"evict"`.
+    /// Reads the `[namespaces."name"]` tables of a config file (`"*"` names
+    /// every namespace without a table of its own): each needs `max_bytes`
+    /// (a positive integer) and may set `on_full` to `"reject"` or
+    /// `"evict"`; without it, `on_full` is `default_on_full`.
     pub fn parse_namespaces(
         table: &toml::Table,
+        default_on_full: OnFull,
     ) -> Result<BTreeMap<String, NamespaceQuota>, String> {
         let mut out = BTreeMap::new();
         for (name, settings) in table {
@@ -95,7 +113,7 @@ impl Quotas {
                 .as_table()
                 .ok_or_else(|| format!("namespaces.{name:?} must be a table"))?;
             let mut max_bytes = None;
-            let mut on_full = OnFull::Reject;
+            let mut on_full = default_on_full;
             for (key, value) in settings {
                 match key.as_str() {
                     "max_bytes" => {
@@ -208,13 +226,13 @@ mod tests {
             "[ci]\nmax_bytes = 1000\non_full = \"reject\"\n[other]\nmax_bytes = 5\n"
                 .parse()
                 .expect("toml");
-        let quotas = Quotas::parse_namespaces(&table).expect("valid");
+        let quotas = Quotas::parse_namespaces(&table, OnFull::Reject).expect("valid");
         assert_eq!(quotas["ci"].max_bytes, 1000);
         assert_eq!(quotas["other"].on_full, OnFull::Reject);
         let table: toml::Table = "[cache]\nmax_bytes = 1000\non_full = \"evict\"\n"
             .parse()
             .expect("toml");
-        let quotas = Quotas::parse_namespaces(&table).expect("valid");
+        let quotas = Quotas::parse_namespaces(&table, OnFull::Reject).expect("valid");
         assert_eq!(quotas["cache"].on_full, OnFull::Evict);
         assert_eq!(quotas["cache"].low_watermark(), 900);
         assert_eq!(quotas["cache"].ceiling(), 1100);
@@ -228,7 +246,7 @@ mod tests {
             ("[ci]\nmax_bytes = 1\nmax_items = 3\n", "unknown setting"),
         ] {
             let table: toml::Table = text.parse().expect("toml");
-            let err = Quotas::parse_namespaces(&table).expect_err(text);
+            let err = Quotas::parse_namespaces(&table, OnFull::Reject).expect_err(text);
             assert!(err.contains(needle), "{text}: {err}");
         }
     }

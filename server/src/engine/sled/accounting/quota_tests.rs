@@ -35,6 +35,7 @@ fn quota(ns: &str, max_bytes: u64) -> Quotas {
         )]
         .into(),
         min_free_disk_bytes: 0,
+        every_namespace: None,
     }
 }
 
@@ -155,6 +156,7 @@ async fn the_server_limit_counts_every_namespace() {
         max_disk_bytes: Some(100),
         namespaces: Default::default(),
         min_free_disk_bytes: 0,
+        every_namespace: None,
     });
     let (a, b) = (
         Namespace::new("a").expect("ns"),

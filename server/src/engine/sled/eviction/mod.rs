@@ -32,6 +32,7 @@ use trove_proto::Error;
 
 mod backfill;
 mod cache_refs;
+mod namespaces;
 
 use super::wal::{LoggedTree, LoggedTx};
 use super::{keys, schema, sled_error, SledStore};
@@ -305,8 +306,7 @@ impl SledStore {
         self.backfill_index()?;
         self.flush_uses()?;
         let mut done = EvictionPass::default();
-        let quotas = Arc::clone(&self.inner.options.quotas);
-        for (name, quota) in quotas.evicting() {
+        for (name, quota) in self.evicting_namespaces()? {
             let ns_key = keys::key(&[name.as_bytes()]);
             let held = self.namespace_bytes(&ns_key)?;
             if held <= quota.max_bytes {
@@ -354,11 +354,6 @@ impl SledStore {
             );
         }
         Ok(done)
-    }
-
-    fn namespace_bytes(&self, ns_key: &[u8]) -> Result<u64, Error> {
-        let total = super::accounting::namespace_logical(&self.inner.usage.usage, ns_key)?;
-        Ok(total)
     }
 
     /// The least recently used values of a namespace, until they hold
@@ -519,7 +514,7 @@ impl SledStore {
     /// runtime that opened the store; without one, eviction runs only
     /// through [`SledStore::run_eviction`].
     pub(super) fn start_eviction(&self) {
-        if self.inner.options.quotas.evicting().next().is_none() {
+        if !self.inner.options.quotas.evicts_anywhere() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

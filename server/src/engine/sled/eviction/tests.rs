@@ -26,6 +26,7 @@ fn evicting(ns: &str, max_bytes: u64) -> Arc<Quotas> {
         )]
         .into(),
         min_free_disk_bytes: 0,
+        every_namespace: None,
     })
 }
 
@@ -153,6 +154,34 @@ async fn least_recently_used_objects_go_first_and_uses_count() {
     assert_eq!(gone, vec![2, 3], "evicted: {gone:?}");
     assert_eq!(held(&store, "c").await, 9000, "stops at the low watermark");
     assert_eq!(store.evicted_total(), 2);
+    assert_consistent(&store).await;
+}
+
+/// A quota for every namespace (`[namespaces."*"]`) holds each namespace
+/// to it on its own, and evicts in every namespace over it; a namespace
+/// with a quota of its own keeps that one.
+#[tokio::test]
+async fn a_quota_for_every_namespace_evicts_each_namespace_on_its_own() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut quotas = (*evicting("own", 20_000)).clone();
+    quotas.every_namespace = Some(NamespaceQuota {
+        max_bytes: 5_000,
+        on_full: OnFull::Evict,
+    });
+    let store = open_without_task(dir.path(), options(Arc::new(quotas)));
+    let mut seed = 0;
+    // Six values each: the sixth starts at the quota, so it is accepted
+    // (see `NamespaceQuota::ceiling`).
+    for name in ["a", "b", "own"] {
+        for _ in 0..6 {
+            put(&store, &ns(name), seed, 1000).await;
+            seed += 1;
+        }
+    }
+    store.run_eviction().expect("evict");
+    assert_eq!(held(&store, "a").await, 4000, "a down to its low watermark");
+    assert_eq!(held(&store, "b").await, 4000, "b down to its low watermark");
+    assert_eq!(held(&store, "own").await, 6000, "under its own quota");
     assert_consistent(&store).await;
 }
 
