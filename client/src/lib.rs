@@ -142,6 +142,12 @@ impl TroveClient {
         connect_timeout: Duration,
     ) -> Result<Self, Error> {
         let (endpoint, _) = endpoint(addr, options, connect_timeout)?;
+        // A server that stops answering on an open connection (host down,
+        // partition) is noticed by pings while calls wait on it.
+        let endpoint = endpoint
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(false);
         let channel = endpoint.connect_lazy();
         let transport = Authenticated::new(channel.clone(), options.token.as_deref())?;
         Ok(Self::build(channel, transport, None))

@@ -29,12 +29,14 @@
 //! upstream.
 
 mod passthrough;
+mod probe;
 mod tee;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use probe::UpstreamState;
 
 use async_trait::async_trait;
 use trove_client::TroveClient;
@@ -48,8 +50,6 @@ use super::{Background, Engine, Usage};
 
 /// How long a call waits for a connection to the upstream before failing.
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often the upstream's health is checked.
-const PROBE_PERIOD: Duration = Duration::from_secs(1);
 
 /// A local engine in front of an upstream Trove server.
 pub struct Tier {
@@ -57,8 +57,8 @@ pub struct Tier {
     upstream: TroveClient,
     /// The upstream's address, for messages.
     address: String,
-    /// What the last health check of the upstream found.
-    reachable: Arc<AtomicBool>,
+    /// What the health checks of the upstream found.
+    state: Arc<UpstreamState>,
 }
 
 impl Tier {
@@ -68,14 +68,25 @@ impl Tier {
             local,
             upstream,
             address: address.to_owned(),
-            reachable: Arc::new(AtomicBool::new(false)),
+            state: Arc::default(),
         }
     }
 
-    /// Counts one call to the upstream, by operation.
-    fn calling(&self, call: &'static str) -> &TroveClient {
+    /// The upstream, for one call (counted, by operation); refused at once
+    /// while the upstream is known to be unreachable, rather than each call
+    /// waiting for a connection that will not come.
+    fn calling(&self, call: &'static str) -> Result<&TroveClient> {
+        if self.state.down() {
+            return Err(Error::Unavailable {
+                message: format!(
+                    "the upstream {} cannot be reached (its health checks fail); retry once \
+                     it is back",
+                    self.address
+                ),
+            });
+        }
         metrics::counter!("trove_upstream_calls_total", "call" => call).increment(1);
-        &self.upstream
+        Ok(&self.upstream)
     }
 
     /// Names the upstream in the errors a caller cannot fix by changing its
@@ -115,7 +126,7 @@ impl Tier {
         hash: &Name,
     ) -> Result<(ObjectInfo, ByteStream)> {
         let (info, body) = self
-            .calling("get_object")
+            .calling("get_object")?
             .get_object(ns, hash)
             .await
             .map_err(|e| self.upstream_error(e))?;
@@ -143,7 +154,7 @@ impl Tier {
         key: &Name,
     ) -> Result<(ArtifactInfo, ByteStream)> {
         let (info, body) = self
-            .calling("get_artifact")
+            .calling("get_artifact")?
             .get_artifact(ns, key)
             .await
             .map_err(|e| self.upstream_error(e))?;
@@ -161,43 +172,6 @@ impl Tier {
     }
 }
 
-/// Checks the upstream's health every [`PROBE_PERIOD`] until `stop`, keeping
-/// `reachable` current and logging each change.
-async fn probe_upstream(
-    upstream: TroveClient,
-    address: String,
-    reachable: Arc<AtomicBool>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut ticks = tokio::time::interval(PROBE_PERIOD);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut first = true;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let check = tokio::time::timeout(PROBE_PERIOD, upstream.serving("")).await;
-        let now = matches!(check, Ok(Ok(true)));
-        let before = reachable.swap(now, Ordering::Relaxed);
-        if first || before != now {
-            match (now, check) {
-                (true, _) => tracing::info!(upstream = %address, "upstream reachable"),
-                (false, Ok(Ok(_))) => {
-                    tracing::warn!(upstream = %address, "upstream reports NOT_SERVING");
-                }
-                (false, Ok(Err(err))) => {
-                    tracing::warn!(upstream = %address, error = %err, "upstream unreachable");
-                }
-                (false, Err(_)) => {
-                    tracing::warn!(upstream = %address, "upstream health check timed out");
-                }
-            }
-        }
-        first = false;
-    }
-}
-
 #[async_trait]
 impl ObjectStore for Tier {
     async fn put_object(
@@ -207,7 +181,7 @@ impl ObjectStore for Tier {
         expected_size: Option<u64>,
         data: ByteStream,
     ) -> Result<ObjectInfo> {
-        let upstream = self.calling("put_object");
+        let upstream = self.calling("put_object")?;
         if !Self::immutable(hash) {
             return upstream
                 .put_object(ns, hash, expected_size, data)
@@ -251,7 +225,7 @@ impl ObjectStore for Tier {
             metrics::counter!("trove_tier_local_misses_total").increment(1);
             return self.object_through(ns, hash).await;
         }
-        self.calling("get_object")
+        self.calling("get_object")?
             .get_object(ns, hash)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -259,7 +233,7 @@ impl ObjectStore for Tier {
 
     async fn delete_object(&self, ns: &Namespace, hash: &Name) -> Result<bool> {
         let existed = self
-            .calling("delete_object")
+            .calling("delete_object")?
             .delete_object(ns, hash)
             .await
             .map_err(|e| self.upstream_error(e))?;
@@ -275,14 +249,14 @@ impl ObjectStore for Tier {
                 Err(err) => return Err(err),
             }
         }
-        self.calling("stat_object")
+        self.calling("stat_object")?
             .stat_object(ns, hash)
             .await
             .map_err(|e| self.upstream_error(e))
     }
 
     async fn list_objects(&self, ns: &Namespace, page: &ListPage) -> Result<Page<ListedObject>> {
-        self.calling("list_objects")
+        self.calling("list_objects")?
             .list_objects(ns, page)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -316,7 +290,7 @@ impl ObjectStore for Tier {
         metrics::counter!("trove_upstream_find_missing_hashes_total")
             .increment(u64::try_from(ask.len()).unwrap_or(u64::MAX));
         let missing: HashSet<Name> = self
-            .calling("find_missing")
+            .calling("find_missing")?
             .find_missing(ns, &ask)
             .await
             .map_err(|e| self.upstream_error(e))?
@@ -335,14 +309,14 @@ impl ObjectStore for Tier {
         hash: &Name,
         chunks: ChunkStream,
     ) -> Result<StreamInfo> {
-        self.calling("put_stream")
+        self.calling("put_stream")?
             .put_stream(ns, hash, chunks)
             .await
             .map_err(|e| self.upstream_error(e))
     }
 
     async fn get_stream(&self, ns: &Namespace, hash: &Name) -> Result<(StreamInfo, ChunkStream)> {
-        self.calling("get_stream")
+        self.calling("get_stream")?
             .get_stream(ns, hash)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -358,7 +332,7 @@ impl ArtifactStore for Tier {
         options: PutOptions,
         data: ByteStream,
     ) -> Result<ArtifactInfo> {
-        let upstream = self.calling("put_artifact");
+        let upstream = self.calling("put_artifact")?;
         let local_options = options.clone();
         let (answer, local) = tee::write_through(
             data,
@@ -376,7 +350,7 @@ impl ArtifactStore for Tier {
         // Revalidate: the upstream's metadata says which value is current;
         // the local copy is served only when it is that value.
         let (current, local) = tokio::join!(
-            self.calling("stat_artifact").stat_artifact(ns, key),
+            self.calling("stat_artifact")?.stat_artifact(ns, key),
             self.local.get_artifact(ns, key)
         );
         let current = current.map_err(|e| self.upstream_error(e))?;
@@ -395,7 +369,7 @@ impl ArtifactStore for Tier {
 
     async fn delete_artifact(&self, ns: &Namespace, key: &Name) -> Result<bool> {
         let existed = self
-            .calling("delete_artifact")
+            .calling("delete_artifact")?
             .delete_artifact(ns, key)
             .await
             .map_err(|e| self.upstream_error(e))?;
@@ -404,7 +378,7 @@ impl ArtifactStore for Tier {
     }
 
     async fn stat_artifact(&self, ns: &Namespace, key: &Name) -> Result<ArtifactInfo> {
-        self.calling("stat_artifact")
+        self.calling("stat_artifact")?
             .stat_artifact(ns, key)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -416,7 +390,7 @@ impl ArtifactStore for Tier {
         page: &ListPage,
         with_values: bool,
     ) -> Result<Page<ListedArtifact>> {
-        self.calling("list_artifacts")
+        self.calling("list_artifacts")?
             .list_artifacts(ns, page, with_values)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -443,12 +417,12 @@ impl Engine for Tier {
 
     fn start_background(&self) -> Background {
         let mut background = self.local.start_background();
-        let (upstream, address, reachable) = (
+        let (upstream, address, state) = (
             self.upstream.clone(),
             self.address.clone(),
-            Arc::clone(&self.reachable),
+            Arc::clone(&self.state),
         );
-        background.spawn(move |stop| probe_upstream(upstream, address, reachable, stop));
+        background.spawn(move |stop| probe::watch(upstream, address, state, stop));
         background
     }
 
@@ -465,6 +439,6 @@ impl Engine for Tier {
     }
 
     fn upstream(&self) -> Option<(String, bool)> {
-        Some((self.address.clone(), self.reachable.load(Ordering::Relaxed)))
+        Some((self.address.clone(), self.state.serving()))
     }
 }

@@ -24,7 +24,7 @@ impl EntryStore for Tier {
         entries: Vec<NewEntry>,
         options: AppendOptions,
     ) -> Result<u64> {
-        self.calling("append_entries")
+        self.calling("append_entries")?
             .append_entries(ns, cassette, entries, options)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -36,7 +36,7 @@ impl EntryStore for Tier {
         cassette: &Name,
         options: ReadOptions,
     ) -> Result<EntryStream> {
-        self.calling("read_entries")
+        self.calling("read_entries")?
             .read_entries(ns, cassette, options)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -48,21 +48,21 @@ impl EntryStore for Tier {
         cassette: &Name,
         entries: NewEntryStream,
     ) -> Result<u64> {
-        self.calling("replace_entries")
+        self.calling("replace_entries")?
             .replace_entries(ns, cassette, entries)
             .await
             .map_err(|e| self.upstream_error(e))
     }
 
     async fn delete_cassette(&self, ns: &Namespace, cassette: &Name) -> Result<bool> {
-        self.calling("delete_cassette")
+        self.calling("delete_cassette")?
             .delete_cassette(ns, cassette)
             .await
             .map_err(|e| self.upstream_error(e))
     }
 
     async fn cassette_exists(&self, ns: &Namespace, cassette: &Name) -> Result<bool> {
-        self.calling("cassette_exists")
+        self.calling("cassette_exists")?
             .cassette_exists(ns, cassette)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -74,7 +74,7 @@ impl EntryStore for Tier {
     }
 
     async fn list_cassettes(&self, ns: &Namespace, page: &ListPage) -> Result<Page<String>> {
-        self.calling("list_cassettes")
+        self.calling("list_cassettes")?
             .list_cassettes(ns, page)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -90,7 +90,7 @@ impl CacheStore for Tier {
         options: UploadOptions,
         data: ByteStream,
     ) -> Result<CachedRef> {
-        self.calling("upload")
+        self.calling("upload")?
             .upload(scope, reference, options, data)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -102,28 +102,28 @@ impl CacheStore for Tier {
         reference: &str,
         tree_sha: Option<&Name>,
     ) -> Result<Option<(CachedRef, ByteStream)>> {
-        self.calling("download")
+        self.calling("download")?
             .download(scope, reference, tree_sha)
             .await
             .map_err(|e| self.upstream_error(e))
     }
 
     async fn branch_refs(&self, key: &BranchRefsKey) -> Result<BTreeMap<String, i64>> {
-        self.calling("branch_refs")
+        self.calling("branch_refs")?
             .branch_refs(key)
             .await
             .map_err(|e| self.upstream_error(e))
     }
 
     async fn write_branch_refs(&self, write: &BranchRefsWrite) -> Result<bool> {
-        self.calling("write_branch_refs")
+        self.calling("write_branch_refs")?
             .write_branch_refs(write)
             .await
             .map_err(|e| self.upstream_error(e))
     }
 
     async fn prune(&self, scope: &CacheScope, options: PruneOptions) -> Result<u64> {
-        self.calling("prune")
+        self.calling("prune")?
             .prune(scope, options)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -135,7 +135,7 @@ impl CacheStore for Tier {
         prefix: &str,
         pr_branch_ttl_seconds: i64,
     ) -> Result<u64> {
-        self.calling("prune_all")
+        self.calling("prune_all")?
             .prune_all(ns, prefix, pr_branch_ttl_seconds)
             .await
             .map_err(|e| self.upstream_error(e))
@@ -147,7 +147,7 @@ impl CacheStore for Tier {
         page_size: u32,
         page_token: &str,
     ) -> Result<Page<CachedRef>> {
-        self.calling("list_refs")
+        self.calling("list_refs")?
             .list_refs(scope, page_size, page_token)
             .await
             .map_err(|e| self.upstream_error(e))
