@@ -104,6 +104,18 @@ async fn what_one_sidecar_writes_the_other_reads_never_stale() {
         "B had no copy yet: its first read must have gone upstream"
     );
     until_local_hit(&sidecars[1], &ns, &hash, &blob).await;
+    // A delete through A reaches the upstream and A's own copy.
+    assert!(a.delete_object(&ns, &hash).await.expect("delete through A"));
+    assert!(matches!(
+        read_object(&a, &ns, &hash).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(
+        a.find_missing(&ns, std::slice::from_ref(&hash))
+            .await
+            .expect("find missing"),
+        vec![hash.clone()]
+    );
 
     let artifact = key("reports/latest.json");
     for version in ["v1: first", "v2: replaced through A"] {

@@ -21,16 +21,17 @@ use crate::engine::values::{
 };
 
 impl SledStore {
-    /// `put_object`, with the creation time a new object gets from
-    /// `created_at` (called once the body has ended cleanly): a tier keeps
-    /// the upstream's time on its local copy.
+    /// `put_object`; for a copy of an object stored elsewhere, with the
+    /// creation time a new object gets from `copy_created_at` (called once
+    /// the body has ended cleanly): a tier keeps the upstream's time on its
+    /// local copy.
     pub(crate) async fn put_object_as_of(
         &self,
         ns: &Namespace,
         hash: &Name,
         expected_size: Option<u64>,
         data: ByteStream,
-        created_at: Box<dyn FnOnce() -> i64 + Send>,
+        copy_created_at: Option<Box<dyn FnOnce() -> i64 + Send>>,
     ) -> Result<ObjectInfo, Error> {
         let at = object_key(ns, hash, KIND_OBJECT);
         let staged = self
@@ -38,7 +39,8 @@ impl SledStore {
             .await?;
         let verified = verify_content(hash, &staged.sha256)?;
         let (size, sha256) = (staged.len, staged.sha256);
-        let now = created_at();
+        let copy = copy_created_at.is_some();
+        let now = copy_created_at.map_or_else(now_micros, |created_at| created_at());
         let key = object_key(ns, hash, KIND_OBJECT);
         let record = self
             .publish_and_commit(
@@ -49,8 +51,9 @@ impl SledStore {
             )
             .await?;
         // Storing a value already there writes nothing: count it as a use,
-        // or the caller's fresh copy could be the next one evicted.
-        if record.updated_at != now {
+        // or the caller's fresh copy could be the next one evicted. (A copy
+        // carries another store's time, so it always counts.)
+        if copy || record.updated_at != now {
             self.note_object_use(ns.as_str(), &key);
         }
         Ok(object_info(hash, &record))
@@ -66,7 +69,7 @@ impl ObjectStore for SledStore {
         expected_size: Option<u64>,
         data: ByteStream,
     ) -> Result<ObjectInfo, Error> {
-        self.put_object_as_of(ns, hash, expected_size, data, Box::new(now_micros))
+        self.put_object_as_of(ns, hash, expected_size, data, None)
             .await
     }
 

@@ -121,7 +121,7 @@ impl Engine for SledStore {
         data: trove_proto::types::ByteStream,
         created_at: Box<dyn FnOnce() -> i64 + Send>,
     ) -> Result<trove_proto::objects::ObjectInfo, Error> {
-        self.put_object_as_of(ns, hash, expected_size, data, created_at)
+        self.put_object_as_of(ns, hash, expected_size, data, Some(created_at))
             .await
     }
 

@@ -33,6 +33,7 @@ mod probe;
 mod tee;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -46,6 +47,7 @@ use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo};
 use trove_proto::types::{now_micros, ByteStream, ListPage, Name, Namespace, Page};
 use trove_proto::{ArtifactStore, Error, ObjectStore, Result, UsageStore};
 
+use super::values::check_find_missing;
 use super::{Background, Engine, Usage};
 
 /// How long a call waits for a connection to the upstream before failing.
@@ -59,6 +61,10 @@ pub struct Tier {
     address: String,
     /// What the health checks of the upstream found.
     state: Arc<UpstreamState>,
+    /// Deletes made through this tier so far, counted before and after
+    /// each: a local copy started before a delete may hold what it deleted,
+    /// so it is kept only if no delete ran meanwhile.
+    deletes: Arc<AtomicU64>,
 }
 
 impl Tier {
@@ -69,6 +75,7 @@ impl Tier {
             upstream,
             address: address.to_owned(),
             state: Arc::default(),
+            deletes: Arc::default(),
         }
     }
 
@@ -79,9 +86,10 @@ impl Tier {
         if self.state.down() {
             return Err(Error::Unavailable {
                 message: format!(
-                    "the upstream {} cannot be reached (its health checks fail); retry once \
-                     it is back",
-                    self.address
+                    "the upstream {} cannot be reached (its health checks fail: {}); retry \
+                     once it is back",
+                    self.address,
+                    self.state.last_failure()
                 ),
             });
         }
@@ -89,27 +97,69 @@ impl Tier {
         Ok(&self.upstream)
     }
 
-    /// Names the upstream in the errors a caller cannot fix by changing its
-    /// request: the upstream being away, or refusing this server's token.
+    /// Names the upstream in the errors that come from it rather than from
+    /// the request: the upstream being away or slow, refusing or limiting
+    /// this server's token, out of room, failing.
     fn upstream_error(&self, err: Error) -> Error {
+        let at = &self.address;
         match err {
-            Error::Unavailable { message } | Error::DeadlineExceeded { message } => {
-                Error::Unavailable {
-                    message: format!("the upstream {} cannot be reached: {message}", self.address),
-                }
-            }
+            Error::Unavailable { message } => Error::Unavailable {
+                message: format!("the upstream {at} cannot be reached: {message}"),
+            },
+            Error::DeadlineExceeded { message } => Error::DeadlineExceeded {
+                message: format!("the upstream {at} did not answer in time: {message}"),
+            },
             Error::Unauthenticated { message } => Error::Unavailable {
                 message: format!(
-                    "the upstream {} refused this server's token (check --upstream-token): \
-                     {message}",
-                    self.address
+                    "the upstream {at} refused this server's token (check --upstream-token): \
+                     {message}"
                 ),
             },
+            Error::PermissionDenied { message } => Error::PermissionDenied {
+                message: format!(
+                    "the upstream {at} does not grant this server's token (--upstream-token) \
+                     that: {message}"
+                ),
+            },
+            Error::ResourceExhausted { limit, message } => Error::ResourceExhausted {
+                limit,
+                message: format!("at the upstream {at}: {message}"),
+            },
             Error::Internal { message } => Error::Internal {
-                message: format!("the upstream {} failed: {message}", self.address),
+                message: format!("the upstream {at} failed: {message}"),
             },
             other => other,
         }
+    }
+
+    /// A local copy that cannot be read (damaged, or a failing disk) is not
+    /// the caller's problem while the upstream holds the value: the read
+    /// goes upstream, and a damaged copy is dropped so it is fetched again.
+    async fn local_copy_failed(&self, ns: &Namespace, hash: &Name, err: &Error) {
+        tracing::warn!(%hash, error = %err, "local copy unreadable; reading the upstream");
+        if matches!(err, Error::DataLoss { .. }) {
+            if let Err(err) = self.local.delete_object(ns, hash).await {
+                tracing::warn!(%hash, error = %err, "cannot drop a damaged local copy");
+            }
+        }
+    }
+
+    /// A check that no delete ran through this tier since it was made.
+    fn no_delete_since(&self) -> impl FnOnce() -> bool + Send + 'static {
+        let (deletes, seen) = (
+            Arc::clone(&self.deletes),
+            self.deletes.load(Ordering::SeqCst),
+        );
+        move || deletes.load(Ordering::SeqCst) == seen
+    }
+
+    /// Runs `delete` (upstream, then local) between two counts of deletes,
+    /// so that every local copy in flight meanwhile is dropped.
+    async fn deleting<T>(&self, delete: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        self.deletes.fetch_add(1, Ordering::SeqCst);
+        let done = delete.await;
+        self.deletes.fetch_add(1, Ordering::SeqCst);
+        done
     }
 
     /// Whether `hash` names content the upstream verified: such an object
@@ -125,6 +175,7 @@ impl Tier {
         ns: &Namespace,
         hash: &Name,
     ) -> Result<(ObjectInfo, ByteStream)> {
+        let still_current = self.no_delete_since();
         let (info, body) = self
             .calling("get_object")?
             .get_object(ns, hash)
@@ -135,14 +186,18 @@ impl Tier {
         }
         let (local, ns, hash) = (Arc::clone(&self.local), ns.clone(), hash.clone());
         let (size, created_at) = (info.size, info.created_at);
-        let body = tee::read_through(body, move |copy| async move {
-            let copied = local
-                .put_object_copy(&ns, &hash, Some(size), copy, Box::new(move || created_at))
-                .await;
-            if let Err(err) = copied {
-                tracing::debug!(%hash, error = %err, "no local copy kept of an upstream object");
-            }
-        });
+        let body = tee::read_through(
+            body,
+            move |copy| async move {
+                let copied = local
+                    .put_object_copy(&ns, &hash, Some(size), copy, Box::new(move || created_at))
+                    .await;
+                if let Err(err) = copied {
+                    tracing::debug!(%hash, error = %err, "no local copy kept of an upstream object");
+                }
+            },
+            still_current,
+        );
         Ok((info, body))
     }
 
@@ -153,6 +208,7 @@ impl Tier {
         ns: &Namespace,
         key: &Name,
     ) -> Result<(ArtifactInfo, ByteStream)> {
+        let still_current = self.no_delete_since();
         let (info, body) = self
             .calling("get_artifact")?
             .get_artifact(ns, key)
@@ -163,11 +219,15 @@ impl Tier {
             content_type: info.content_type.clone(),
             expected_size: Some(info.size),
         };
-        let body = tee::read_through(body, move |copy| async move {
-            if let Err(err) = local.put_artifact(&ns, &key, options, copy).await {
-                tracing::debug!(%key, error = %err, "no local copy kept of an upstream artifact");
-            }
-        });
+        let body = tee::read_through(
+            body,
+            move |copy| async move {
+                if let Err(err) = local.put_artifact(&ns, &key, options, copy).await {
+                    tracing::debug!(%key, error = %err, "no local copy kept of an upstream artifact");
+                }
+            },
+            still_current,
+        );
         Ok((info, body))
     }
 }
@@ -204,6 +264,7 @@ impl ObjectStore for Tier {
                 self.local
                     .put_object_copy(ns, hash, expected_size, body, Box::new(created_at))
             },
+            self.no_delete_since(),
         )
         .await;
         if let (Ok(_), Err(err)) = (&answer, &local) {
@@ -220,7 +281,7 @@ impl ObjectStore for Tier {
                     return Ok(found);
                 }
                 Err(Error::NotFound { .. }) => {}
-                Err(err) => return Err(err),
+                Err(err) => self.local_copy_failed(ns, hash, &err).await,
             }
             metrics::counter!("trove_tier_local_misses_total").increment(1);
             return self.object_through(ns, hash).await;
@@ -232,13 +293,16 @@ impl ObjectStore for Tier {
     }
 
     async fn delete_object(&self, ns: &Namespace, hash: &Name) -> Result<bool> {
-        let existed = self
-            .calling("delete_object")?
-            .delete_object(ns, hash)
-            .await
-            .map_err(|e| self.upstream_error(e))?;
-        self.local.delete_object(ns, hash).await?;
-        Ok(existed)
+        let upstream = self.calling("delete_object")?;
+        self.deleting(async {
+            let existed = upstream
+                .delete_object(ns, hash)
+                .await
+                .map_err(|e| self.upstream_error(e))?;
+            self.local.delete_object(ns, hash).await?;
+            Ok(existed)
+        })
+        .await
     }
 
     async fn stat_object(&self, ns: &Namespace, hash: &Name) -> Result<ObjectInfo> {
@@ -246,7 +310,7 @@ impl ObjectStore for Tier {
             match self.local.stat_object(ns, hash).await {
                 Ok(info) => return Ok(info),
                 Err(Error::NotFound { .. }) => {}
-                Err(err) => return Err(err),
+                Err(err) => self.local_copy_failed(ns, hash, &err).await,
             }
         }
         self.calling("stat_object")?
@@ -263,6 +327,7 @@ impl ObjectStore for Tier {
     }
 
     async fn find_missing(&self, ns: &Namespace, hashes: &[Name]) -> Result<Vec<Name>> {
+        check_find_missing(hashes.len())?;
         // Only verified hashes may be answered locally; the rest, and the
         // local misses, go upstream in one call.
         let verified: Vec<Name> = hashes
@@ -338,6 +403,7 @@ impl ArtifactStore for Tier {
             data,
             |body| upstream.put_artifact(ns, key, options, body),
             |body| self.local.put_artifact(ns, key, local_options, body),
+            self.no_delete_since(),
         )
         .await;
         if let (Ok(_), Err(err)) = (&answer, &local) {
@@ -353,7 +419,20 @@ impl ArtifactStore for Tier {
             self.calling("stat_artifact")?.stat_artifact(ns, key),
             self.local.get_artifact(ns, key)
         );
-        let current = current.map_err(|e| self.upstream_error(e))?;
+        let current = match current {
+            Ok(current) => current,
+            Err(Error::NotFound { kind, key: shown }) => {
+                // Deleted upstream (by another tier, say): the local copy
+                // only takes room now.
+                if local.is_ok() {
+                    if let Err(err) = self.local.delete_artifact(ns, key).await {
+                        tracing::debug!(%key, error = %err, "stale local artifact copy kept");
+                    }
+                }
+                return Err(Error::NotFound { kind, key: shown });
+            }
+            Err(err) => return Err(self.upstream_error(err)),
+        };
         if let Ok((held, body)) = local {
             if held.sha256 == current.sha256
                 && held.size == current.size
@@ -368,13 +447,16 @@ impl ArtifactStore for Tier {
     }
 
     async fn delete_artifact(&self, ns: &Namespace, key: &Name) -> Result<bool> {
-        let existed = self
-            .calling("delete_artifact")?
-            .delete_artifact(ns, key)
-            .await
-            .map_err(|e| self.upstream_error(e))?;
-        self.local.delete_artifact(ns, key).await?;
-        Ok(existed)
+        let upstream = self.calling("delete_artifact")?;
+        self.deleting(async {
+            let existed = upstream
+                .delete_artifact(ns, key)
+                .await
+                .map_err(|e| self.upstream_error(e))?;
+            self.local.delete_artifact(ns, key).await?;
+            Ok(existed)
+        })
+        .await
     }
 
     async fn stat_artifact(&self, ns: &Namespace, key: &Name) -> Result<ArtifactInfo> {

@@ -3,14 +3,18 @@
 //! fail at once while the upstream cannot be reached.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use trove_client::TroveClient;
+use trove_proto::Error;
 
-/// How often the upstream's health is checked, and how long a check may take.
+/// How often the upstream's health is checked.
 const PROBE_PERIOD: Duration = Duration::from_secs(1);
+/// How long a check may take: past the connect timeout, so that a slow
+/// connection is not taken for an outage.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Checks in a row that must fail to reach the upstream before calls are
 /// refused without trying: one lost check is not an outage.
 const FAILURES_BEFORE_DOWN: u32 = 2;
@@ -20,6 +24,8 @@ const FAILURES_BEFORE_DOWN: u32 = 2;
 pub(super) struct UpstreamState {
     serving: AtomicBool,
     failures: AtomicU32,
+    /// Why the last check did not reach the upstream.
+    last_failure: Mutex<String>,
 }
 
 impl UpstreamState {
@@ -35,12 +41,24 @@ impl UpstreamState {
         self.failures.load(Ordering::Relaxed) >= FAILURES_BEFORE_DOWN
     }
 
-    /// Records one check: reached (and whether SERVING), or not reached.
-    fn record(&self, reached: bool, serving: bool) {
+    /// Why the last check did not reach the upstream.
+    pub fn last_failure(&self) -> String {
+        self.last_failure
+            .lock()
+            .map(|why| why.clone())
+            .unwrap_or_default()
+    }
+
+    /// Records one check: reached (and whether SERVING), or not reached
+    /// and why.
+    fn record(&self, reached: bool, serving: bool, why: &str) {
         self.serving.store(reached && serving, Ordering::Relaxed);
         if reached {
             self.failures.store(0, Ordering::Relaxed);
         } else {
+            if let Ok(mut last) = self.last_failure.lock() {
+                why.clone_into(&mut last);
+            }
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -62,18 +80,28 @@ pub(super) async fn watch(
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let check = tokio::time::timeout(PROBE_PERIOD, upstream.serving("")).await;
+        let check = tokio::time::timeout(PROBE_TIMEOUT, upstream.serving("")).await;
         let (reached, serving, found) = match check {
             Ok(Ok(true)) => (true, true, "reachable and SERVING".to_owned()),
             Ok(Ok(false)) => (true, false, "reachable but NOT_SERVING".to_owned()),
-            Ok(Err(err)) => (false, false, format!("unreachable: {err}")),
+            // Only a connection that fails or hangs means unreachable; any
+            // other answer (no health service behind a proxy, a full call
+            // budget) came from something alive, and calls may still work.
+            Ok(Err(err @ (Error::Unavailable { .. } | Error::DeadlineExceeded { .. }))) => {
+                (false, false, format!("unreachable: {err}"))
+            }
+            Ok(Err(err)) => (
+                true,
+                false,
+                format!("reachable, but its health check failed: {err}"),
+            ),
             Err(_) => (
                 false,
                 false,
                 "unreachable: the health check timed out".to_owned(),
             ),
         };
-        state.record(reached, serving);
+        state.record(reached, serving, &found);
         // Log changes only (an error's text may vary between checks: its
         // kind is what changed).
         let kind = found.split(':').next().unwrap_or_default().to_owned();
@@ -96,14 +124,15 @@ mod tests {
     fn one_failed_check_is_not_an_outage_and_one_answer_ends_it() {
         let state = UpstreamState::default();
         assert!(!state.down() && !state.serving());
-        state.record(false, false);
+        state.record(false, false, "unreachable: refused");
         assert!(!state.down(), "one lost check");
-        state.record(false, false);
+        state.record(false, false, "unreachable: refused");
         assert!(state.down());
-        state.record(true, false);
+        assert_eq!(state.last_failure(), "unreachable: refused");
+        state.record(true, false, "");
         assert!(!state.down(), "NOT_SERVING is reachable");
         assert!(!state.serving());
-        state.record(true, true);
+        state.record(true, true, "");
         assert!(state.serving());
     }
 }

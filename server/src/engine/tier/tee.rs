@@ -13,6 +13,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use trove_proto::{Error, Result};
 
+/// Says, once a copy is complete, whether it may still be kept.
+type StillCurrent = Box<dyn FnOnce() -> bool + Send>;
+
 /// Pieces buffered per tier: enough to keep both writers busy, few enough
 /// that a body is never held whole (pieces are at most a message each).
 const BUFFERED_PIECES: usize = 2;
@@ -72,13 +75,15 @@ async fn pump<T: Clone + Send + 'static>(
 
 /// Writes `source` through both tiers at once: `upstream` and `local` are
 /// given their copies of the body, and the local copy ends cleanly (commits)
-/// only once the upstream write succeeded, so the local tier never holds a
-/// value the upstream does not. Returns both answers; a failed local copy is
+/// only once the upstream write succeeded and `still_current` agrees (no
+/// delete raced it), so the local tier never holds a value the upstream
+/// does not. Returns both answers; a failed local copy is
 /// not a failed write (the upstream holds the value).
 pub(super) async fn write_through<T, UV, LV, U, L>(
     source: BoxStream<'static, Result<T>>,
     upstream: impl FnOnce(BoxStream<'static, Result<T>>) -> U,
     local: impl FnOnce(BoxStream<'static, Result<T>>) -> L,
+    still_current: impl FnOnce() -> bool,
 ) -> (Result<UV>, Result<LV>)
 where
     T: Clone + Send + 'static,
@@ -91,7 +96,7 @@ where
     let upstream_write = upstream(ReceiverStream::new(upstream_rx).boxed());
     let upstream_write = async move {
         let answer = upstream_write.await;
-        let _ = gate_tx.send(answer.is_ok());
+        let _ = gate_tx.send(answer.is_ok() && still_current());
         answer
     };
     let local_write = local(gated(local_rx, gate_rx));
@@ -105,11 +110,13 @@ where
 
 /// Copies what `body` yields into a local write while passing it on: the
 /// local write (given the copy as its body by `keep`) is spawned and ends
-/// cleanly only if `body` did and the caller read it to the end. A local
+/// cleanly only if `body` did, the caller read it to the end and
+/// `still_current` agrees at that moment. A local
 /// write that gives up only stops the copying.
 pub(super) fn read_through<T, F>(
     body: BoxStream<'static, Result<T>>,
     keep: impl FnOnce(BoxStream<'static, Result<T>>) -> F,
+    still_current: impl FnOnce() -> bool + Send + 'static,
 ) -> BoxStream<'static, Result<T>>
 where
     T: Clone + Send + 'static,
@@ -121,12 +128,12 @@ where
     struct Copying<T> {
         body: BoxStream<'static, Result<T>>,
         copy: Option<mpsc::Sender<Result<T>>>,
-        done: Option<oneshot::Sender<bool>>,
+        done: Option<(oneshot::Sender<bool>, StillCurrent)>,
     }
     let state = Copying {
         body,
         copy: Some(tx),
-        done: Some(done_tx),
+        done: Some((done_tx, Box::new(still_current))),
     };
     stream::unfold(state, |mut state| async move {
         match state.body.next().await {
@@ -146,8 +153,8 @@ where
             }
             None => {
                 state.copy = None;
-                if let Some(done) = state.done.take() {
-                    let _ = done.send(true);
+                if let Some((done, still_current)) = state.done.take() {
+                    let _ = done.send(still_current());
                 }
                 None
             }
@@ -186,6 +193,7 @@ mod tests {
             source((0..10).map(Ok).collect()),
             |body| async move { Ok(consume(body).await) },
             |body| async move { Ok(consume(body).await) },
+            || true,
         )
         .await;
         assert_eq!(upstream, Ok(((0..10).collect(), true)));
@@ -200,6 +208,7 @@ mod tests {
                 Err::<(), _>(refusal())
             },
             |body| async move { Ok(consume(body).await) },
+            || true,
         )
         .await;
         assert_eq!(upstream, Err(refusal()));
@@ -215,6 +224,7 @@ mod tests {
                 let _ = body.next().await;
                 Err::<(), _>(refusal())
             },
+            || true,
         )
         .await;
         assert_eq!(upstream, Ok(((0..50).collect(), true)));
@@ -230,6 +240,7 @@ mod tests {
                 Err::<(), _>(refusal())
             },
             |body| async move { Ok(consume(body).await) },
+            || true,
         )
         .await;
         assert_eq!(upstream, Err(refusal()));
@@ -244,6 +255,7 @@ mod tests {
             source(vec![Ok(1), Ok(2), Err(refusal()), Ok(3)]),
             |body| async move { Ok(consume(body).await) },
             |body| async move { Ok(consume(body).await) },
+            || true,
         )
         .await;
         assert_eq!(upstream, Ok((vec![1, 2], false)));
@@ -254,10 +266,13 @@ mod tests {
     async fn a_read_through_copy_commits_only_when_the_caller_read_to_the_end() {
         for read_all in [true, false] {
             let (kept_tx, kept_rx) = oneshot::channel();
-            let mut body =
-                read_through(source((0..10).map(Ok).collect()), move |copy| async move {
+            let mut body = read_through(
+                source((0..10).map(Ok).collect()),
+                move |copy| async move {
                     let _ = kept_tx.send(consume(copy).await);
-                });
+                },
+                || true,
+            );
             if read_all {
                 while body.next().await.is_some() {}
             } else {
@@ -280,9 +295,33 @@ mod tests {
             move |copy| async move {
                 let _ = kept_tx.send(consume(copy).await);
             },
+            || true,
         );
         let (pieces, clean) = consume(body).await;
         assert_eq!((pieces, clean), (vec![1], false));
+        assert!(!kept_rx.await.expect("the copy finished").1);
+    }
+
+    #[tokio::test]
+    async fn a_copy_overtaken_by_a_delete_is_not_kept() {
+        let (upstream, local) = write_through(
+            source((0..3).map(Ok).collect()),
+            |body| async move { Ok(consume(body).await) },
+            |body| async move { Ok(consume(body).await) },
+            || false,
+        )
+        .await;
+        assert_eq!(upstream, Ok(((0..3).collect(), true)));
+        assert_eq!(local, Ok(((0..3).collect(), false)));
+        let (kept_tx, kept_rx) = oneshot::channel();
+        let body = read_through(
+            source((0..3).map(Ok).collect()),
+            move |copy| async move {
+                let _ = kept_tx.send(consume(copy).await);
+            },
+            || false,
+        );
+        assert_eq!(consume(body).await, ((0..3).collect(), true));
         assert!(!kept_rx.await.expect("the copy finished").1);
     }
 }
