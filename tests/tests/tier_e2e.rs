@@ -528,3 +528,77 @@ async fn a_bounded_sidecar_evicts_its_local_copy_and_still_serves_everything() {
         .expect("find missing upstream");
     assert!(missing.is_empty(), "the upstream lost {missing:?}");
 }
+
+/// Artifact copies are records (never evicted): a bounded sidecar keeps
+/// them only while they hold at most half of the quota, so they never crowd
+/// out the object copies it can evict. Every value is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifact_copies_keep_within_half_of_a_bounded_sidecars_quota() {
+    use trove_proto::UsageStore;
+    const QUOTA: u64 = 100_000;
+    let shared = ServerProcess::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("trove.toml");
+    std::fs::write(
+        &config,
+        format!("[namespaces.\"*\"]\nmax_bytes = {QUOTA}\n"),
+    )
+    .expect("write config");
+    let upstream = format!("http://{}", shared.addr);
+    let sidecar = ServerProcess::start_with(&[
+        "--upstream",
+        &upstream,
+        "--config",
+        config.to_str().expect("path"),
+    ])
+    .await;
+    let client = sidecar.client().await;
+    let ns = fresh_ns();
+    let artifact_bytes = || async {
+        client
+            .namespace_usage(Some(&ns))
+            .await
+            .expect("usage")
+            .iter()
+            .filter(|row| row.group == "artifacts")
+            .map(|row| row.logical_bytes)
+            .sum::<u64>()
+    };
+    let value = |i: u32| -> Vec<u8> {
+        (0..20_000u32)
+            .map(|j| (i + j % 241).to_le_bytes()[0])
+            .collect()
+    };
+    for i in 0..10 {
+        client
+            .put_artifact(
+                &ns,
+                &key(&format!("a/{i}")),
+                PutOptions::default(),
+                one(&value(i)),
+            )
+            .await
+            .expect("put artifact through the sidecar");
+    }
+    // Uploads here declare no size: the last copy kept may pass half the
+    // quota by its own size.
+    let held = artifact_bytes().await;
+    assert!(
+        held > 0 && held <= QUOTA / 2 + 20_000,
+        "{held} bytes of artifact copies"
+    );
+    for i in 0..10 {
+        assert_eq!(
+            read_artifact(&client, &ns, &key(&format!("a/{i}"))).await,
+            value(i)
+        );
+    }
+    let held = artifact_bytes().await;
+    assert!(
+        held <= QUOTA / 2 + 20_000,
+        "{held} bytes of artifact copies after reads"
+    );
+    let object = vec![9u8; 20_000];
+    let hash = put_object(&client, &ns, &object).await;
+    until_local_hit(&sidecar, &ns, &hash, &object).await;
+}

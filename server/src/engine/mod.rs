@@ -172,7 +172,8 @@ pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn Engine>> {
         tier::UPSTREAM_CONNECT_TIMEOUT,
     )
     .with_context(|| format!("unusable upstream {address}"))?;
-    Ok(Arc::new(tier::Tier::new(local, upstream, address)))
+    let quotas = Arc::new(config.quotas());
+    Ok(Arc::new(tier::Tier::new(local, upstream, address, quotas)))
 }
 
 /// Opens the engine that keeps this server's own data.

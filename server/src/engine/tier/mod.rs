@@ -47,6 +47,7 @@ use trove_proto::objects::{ChunkStream, ListedObject, ObjectInfo, StreamInfo};
 use trove_proto::types::{now_micros, ByteStream, ListPage, Name, Namespace, Page};
 use trove_proto::{ArtifactStore, Error, ObjectStore, Result, UsageStore};
 
+use super::quota::Quotas;
 use super::values::check_find_missing;
 use super::{Background, Engine, Usage};
 
@@ -59,6 +60,10 @@ pub struct Tier {
     upstream: TroveClient,
     /// The upstream's address, for messages.
     address: String,
+    /// The local engine's quotas: artifact copies are records there (never
+    /// evicted), so they are kept only while they hold at most half of
+    /// their namespace's quota, leaving the rest to evictable objects.
+    quotas: Arc<Quotas>,
     /// What the health checks of the upstream found.
     state: Arc<UpstreamState>,
     /// Deletes made through this tier so far, counted before and after
@@ -68,11 +73,18 @@ pub struct Tier {
 }
 
 impl Tier {
-    /// Puts `local` in front of `upstream` (reached at `address`).
-    pub fn new(local: Arc<dyn Engine>, upstream: TroveClient, address: &str) -> Self {
+    /// Puts `local` in front of `upstream` (reached at `address`); `quotas`
+    /// are the local engine's.
+    pub fn new(
+        local: Arc<dyn Engine>,
+        upstream: TroveClient,
+        address: &str,
+        quotas: Arc<Quotas>,
+    ) -> Self {
         Tier {
             local,
             upstream,
+            quotas,
             address: address.to_owned(),
             state: Arc::default(),
             deletes: Arc::default(),
@@ -141,6 +153,26 @@ impl Tier {
             if let Err(err) = self.local.delete_object(ns, hash).await {
                 tracing::warn!(%hash, error = %err, "cannot drop a damaged local copy");
             }
+        }
+    }
+
+    /// Whether a local copy of an artifact of `size` bytes may be kept in
+    /// `ns`: always without a quota, else while the namespace's records
+    /// (artifacts, cassettes, streams) stay within half of it.
+    async fn room_for_artifact_copy(&self, ns: &Namespace, size: u64) -> bool {
+        let Some(quota) = self.quotas.namespace(ns.as_str()) else {
+            return true;
+        };
+        match self.local.namespace_usage(Some(ns)).await {
+            Ok(rows) => {
+                let records: u64 = rows
+                    .iter()
+                    .filter(|row| row.group != "objects" && row.group != "cache")
+                    .map(|row| row.logical_bytes)
+                    .sum();
+                records.saturating_add(size) <= quota.max_bytes / 2
+            }
+            Err(_) => false,
         }
     }
 
@@ -214,6 +246,9 @@ impl Tier {
             .get_artifact(ns, key)
             .await
             .map_err(|e| self.upstream_error(e))?;
+        if !self.room_for_artifact_copy(ns, info.size).await {
+            return Ok((info, body));
+        }
         let (local, ns, key) = (Arc::clone(&self.local), ns.clone(), key.clone());
         let options = PutOptions {
             content_type: info.content_type.clone(),
@@ -398,6 +433,13 @@ impl ArtifactStore for Tier {
         data: ByteStream,
     ) -> Result<ArtifactInfo> {
         let upstream = self.calling("put_artifact")?;
+        let size = options.expected_size.unwrap_or(0);
+        if !self.room_for_artifact_copy(ns, size).await {
+            return upstream
+                .put_artifact(ns, key, options, data)
+                .await
+                .map_err(|e| self.upstream_error(e));
+        }
         let local_options = options.clone();
         let (answer, local) = tee::write_through(
             data,
