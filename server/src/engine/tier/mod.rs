@@ -115,8 +115,10 @@ impl Tier {
     fn upstream_error(&self, err: Error) -> Error {
         let at = &self.address;
         match err {
+            // Unreachable, or up but refusing writes for now (a failed
+            // fsync there): its own message says which.
             Error::Unavailable { message } => Error::Unavailable {
-                message: format!("the upstream {at} cannot be reached: {message}"),
+                message: format!("the upstream {at} is unavailable: {message}"),
             },
             Error::DeadlineExceeded { message } => Error::DeadlineExceeded {
                 message: format!("the upstream {at} did not answer in time: {message}"),
