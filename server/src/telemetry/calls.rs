@@ -418,10 +418,20 @@ where
             ));
             record.deadline_timer = Some(timer.abort_handle());
         }
+        // tonic's own grpc-timeout handling wraps this layer and answers
+        // CANCELLED ("Timeout expired") when it fires first: the answer is
+        // given a moment before the caller's deadline, so that the caller
+        // reliably gets DEADLINE_EXCEEDED naming its deadline.
+        let answer_within = match (deadline, caller_deadline) {
+            (Some(applied), Some(callers)) if applied == callers => {
+                Some(applied.saturating_sub((applied / 100).clamp(HEAD_START, 10 * HEAD_START)))
+            }
+            _ => deadline,
+        };
         Box::pin(async move {
             let call = inner.call(request);
-            let response = match deadline {
-                Some(deadline) => match tokio::time::timeout(deadline, call).await {
+            let response = match (deadline, answer_within) {
+                (Some(deadline), Some(within)) => match tokio::time::timeout(within, call).await {
                     Ok(result) => result?,
                     Err(_) => tonic::Status::deadline_exceeded(format!(
                         "the call did not complete within its deadline of {} ms",
@@ -429,7 +439,7 @@ where
                     ))
                     .into_http(),
                 },
-                None => call.await?,
+                _ => call.await?,
             };
             let (mut parts, body) = response.into_parts();
             oversize_is_resource_exhausted(&mut parts.headers, limit);
@@ -452,6 +462,10 @@ where
         })
     }
 }
+
+/// How much earlier than a caller's deadline its answer is due, at least
+/// (see `answer_within`): more than the timer's 1 ms resolution.
+const HEAD_START: Duration = Duration::from_millis(2);
 
 /// A response body the deadline timer can take away from the connection.
 type SharedBody = Arc<std::sync::Mutex<Option<Body>>>;
