@@ -266,9 +266,10 @@ pub(super) fn sled_segment_size(sled_dir: &Path) -> usize {
         .unwrap_or(SLED_SEGMENT_BYTES)
 }
 
-/// The offset that keeps generated ids above the largest blob id in use.
-pub(super) fn id_offset(db: &sled::Db, blob_refs: &sled::Tree) -> Result<u64, Error> {
-    let first = db.generate_id().map_err(sled_error)?;
+/// Where ids start in a store created before ids were reserved durably
+/// (see `ids`): above sled's counter and above every blob id in use.
+pub(super) fn legacy_id_floor(db: &sled::Db, blob_refs: &sled::Tree) -> Result<u64, Error> {
+    let counter = db.generate_id().map_err(sled_error)?;
     let largest = match blob_refs.last().map_err(sled_error)? {
         Some((key, _)) => key
             .as_ref()
@@ -278,11 +279,7 @@ pub(super) fn id_offset(db: &sled::Db, blob_refs: &sled::Tree) -> Result<u64, Er
             .unwrap_or(0),
         None => 0,
     };
-    Ok(if largest >= first {
-        largest - first + 1
-    } else {
-        0
-    })
+    Ok(counter.max(largest.saturating_add(1)))
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@
 //! - `read`: opening a value's record and body, streaming it verified.
 //! - `wal`: the write-ahead log (group commit, undo on failure, replay).
 //! - `durable`: checkpoints (sled's flush, then real fsyncs).
+//! - `ids`: unique ids, reserved durably in blocks.
 //! - `usage`: the usage scan and the [`crate::engine::Engine`] lifecycle.
 //! - `objects`, `artifacts`, `entries`, `cache`: the trait implementations.
 //!
@@ -44,6 +45,7 @@ mod entries;
 mod errors;
 mod eviction;
 mod faults;
+mod ids;
 mod keys;
 mod objects;
 mod read;
@@ -127,9 +129,8 @@ struct Inner {
     /// Checkpoints sled; also run at shutdown.
     checkpoints: Arc<std::sync::Mutex<DurableFlush>>,
     _checkpointer: Checkpointer,
-    /// Added to sled's generated ids: keeps new ids above every blob id in
-    /// use when sled's own counter was not persisted before a crash.
-    id_offset: u64,
+    /// Unique ids: entry sequence numbers, generations, blob ids.
+    ids: ids::Ids,
     /// Set once an fsync of sled failed: no write is acknowledged from then on.
     write_refusal: Arc<std::sync::OnceLock<String>>,
     options: StoreOptions,
@@ -192,7 +193,7 @@ impl SledStore {
         if files > 0 {
             tracing::info!(files, bytes, "reclaimed staged and orphaned blob files");
         }
-        let id_offset = durable::id_offset(&db, &blob_refs)?;
+        let ids = ids::Ids::open(root, || durable::legacy_id_floor(&db, &blob_refs))?;
         let undo_flush = Arc::clone(&checkpoints);
         let make_durable: wal::MakeDurable = Box::new(move || {
             undo_flush
@@ -234,7 +235,7 @@ impl SledStore {
                 wal,
                 checkpoints,
                 _checkpointer: checkpointer,
-                id_offset,
+                ids,
                 write_refusal,
                 options,
                 root: root.to_path_buf(),
@@ -381,9 +382,7 @@ impl SledStore {
     }
 
     fn next_id(&self) -> Result<u64, Error> {
-        let id = self.inner.db.generate_id().map_err(sled_error)?;
-        id.checked_add(self.inner.id_offset)
-            .ok_or_else(|| Error::internal("ids exhausted"))
+        self.inner.ids.next()
     }
 
     /// Writes `make(old)` under `key` together with its blob reference, in one
