@@ -727,6 +727,25 @@ async fn acknowledged_writes_survive_power_cuts() {
     .await;
 }
 
+/// sled, relaxed durability, power cuts: what was acknowledged in the last
+/// moments before a cut may be lost (the documented window), but nothing is
+/// torn: a value is whole or absent, and every restart is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxed_durability_never_tears_across_power_cuts() {
+    if !trove_tests::lazyfs::available() {
+        eprintln!("power-cut test not run: FUSE needs root and /dev/fuse");
+        return;
+    }
+    drive(Drive {
+        args: vec!["--durability".into(), "relaxed".into()],
+        strict: false,
+        sled: true,
+        cycles: 10,
+        power_cut: true,
+    })
+    .await;
+}
+
 /// sled, relaxed durability: acknowledged writes of the last moments may
 /// be lost to kill -9 (the documented window), but nothing is ever torn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

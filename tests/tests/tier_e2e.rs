@@ -454,20 +454,16 @@ async fn a_write_the_upstream_refuses_leaves_no_local_copy() {
     );
 }
 
-/// A sidecar whose local copy is bounded (`[namespaces."*"]`, which evicts
-/// by default in a tier) keeps serving everything written through it: its
-/// local copy goes back under the quota, and what was evicted is fetched
-/// from the upstream again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bounded_sidecar_evicts_its_local_copy_and_still_serves_everything() {
-    use trove_proto::UsageStore;
-    const QUOTA: u64 = 200_000;
+/// A shared server and a sidecar in front of it whose every namespace is
+/// bounded by `quota` bytes (`[namespaces."*"]`, evicting by default in a
+/// tier); the config's folder lives as long as the returned guard.
+async fn bounded_sidecar(quota: u64) -> (ServerProcess, ServerProcess, tempfile::TempDir) {
     let shared = ServerProcess::start().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("trove.toml");
     std::fs::write(
         &config,
-        format!("[namespaces.\"*\"]\nmax_bytes = {QUOTA}\n"),
+        format!("[namespaces.\"*\"]\nmax_bytes = {quota}\n"),
     )
     .expect("write config");
     let upstream = format!("http://{}", shared.addr);
@@ -478,6 +474,18 @@ async fn a_bounded_sidecar_evicts_its_local_copy_and_still_serves_everything() {
         config.to_str().expect("path"),
     ])
     .await;
+    (shared, sidecar, dir)
+}
+
+/// A sidecar whose local copy is bounded (`[namespaces."*"]`, which evicts
+/// by default in a tier) keeps serving everything written through it: its
+/// local copy goes back under the quota, and what was evicted is fetched
+/// from the upstream again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_sidecar_evicts_its_local_copy_and_still_serves_everything() {
+    use trove_proto::UsageStore;
+    const QUOTA: u64 = 200_000;
+    let (shared, sidecar, _config) = bounded_sidecar(QUOTA).await;
     let client = sidecar.client().await;
     let ns = fresh_ns();
     let local_bytes = || async {
@@ -536,22 +544,7 @@ async fn a_bounded_sidecar_evicts_its_local_copy_and_still_serves_everything() {
 async fn artifact_copies_keep_within_half_of_a_bounded_sidecars_quota() {
     use trove_proto::UsageStore;
     const QUOTA: u64 = 100_000;
-    let shared = ServerProcess::start().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("trove.toml");
-    std::fs::write(
-        &config,
-        format!("[namespaces.\"*\"]\nmax_bytes = {QUOTA}\n"),
-    )
-    .expect("write config");
-    let upstream = format!("http://{}", shared.addr);
-    let sidecar = ServerProcess::start_with(&[
-        "--upstream",
-        &upstream,
-        "--config",
-        config.to_str().expect("path"),
-    ])
-    .await;
+    let (_shared, sidecar, _config) = bounded_sidecar(QUOTA).await;
     let client = sidecar.client().await;
     let ns = fresh_ns();
     let artifact_bytes = || async {
