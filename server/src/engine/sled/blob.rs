@@ -330,6 +330,10 @@ impl StagedBody {
     }
 }
 
+/// How long a write to an evicting namespace waits for eviction to make
+/// room before it is refused.
+const EVICTION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl super::SledStore {
     /// Drains `data` into a new body for `key` of `tree` in a namespace,
     /// enforcing `expected_size` and the capacity limits as bytes arrive.
@@ -340,9 +344,9 @@ impl super::SledStore {
         expected_size: Option<u64>,
     ) -> Result<StagedBody, trove_proto::Error> {
         let declared = crate::engine::values::DeclaredSize::new(expected_size);
-        let room = self.room(ns, tree, key)?;
-        if let Some(refused) = expected_size.and_then(|size| room.refuse(size)) {
-            return Err(refused);
+        let mut room = self.room(ns, tree, key)?;
+        if let Some(size) = expected_size {
+            room = self.room_for((ns, tree, key), room, size).await?;
         }
         let mut writer = BodyWriter::new(
             &self.inner.blobs,
@@ -355,11 +359,10 @@ impl super::SledStore {
                 .write(&chunk)
                 .await
                 .map_err(|e| super::io_error("stage upload", &e))?;
-            if let Some(refused) = (!room.unlimited())
-                .then(|| room.refuse(writer.written()))
-                .flatten()
-            {
-                return Err(refused);
+            if !room.unlimited() && room.refuse(writer.written()).is_some() {
+                room = self
+                    .room_for((ns, tree, key), room, writer.written())
+                    .await?;
             }
             // The injected failure comes once the body has spilled into its
             // staging file, so the cleanup of a real failure is exercised.
@@ -382,6 +385,38 @@ impl super::SledStore {
             .finish()
             .await
             .map_err(|e| super::io_error("stage upload", &e))
+    }
+
+    /// `room` if `bytes` fit it; otherwise, when only eviction running
+    /// behind stands in the way, waits for it to make room (up to
+    /// [`EVICTION_WAIT`]): a write to an evicting namespace is slowed, not
+    /// refused, while eviction can free what it needs. Else the refusal.
+    async fn room_for(
+        &self,
+        (ns, tree, key): (&trove_proto::types::Namespace, &sled::Tree, &[u8]),
+        mut room: super::accounting::Room,
+        bytes: u64,
+    ) -> Result<super::accounting::Room, trove_proto::Error> {
+        let deadline = tokio::time::Instant::now() + EVICTION_WAIT;
+        loop {
+            let Some(refused) = room.refuse(bytes) else {
+                return Ok(room);
+            };
+            let evicting = self
+                .inner
+                .eviction
+                .running
+                .load(std::sync::atomic::Ordering::Acquire);
+            if !evicting
+                || !room.waits_for_eviction(bytes)
+                || tokio::time::Instant::now() > deadline
+            {
+                return Err(refused);
+            }
+            self.inner.eviction.wake();
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            room = self.room(ns, tree, key)?;
+        }
     }
 }
 

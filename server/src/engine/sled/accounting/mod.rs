@@ -36,6 +36,7 @@ use crate::engine::record;
 
 mod recount;
 mod room;
+pub(in crate::engine::sled) use room::Room;
 
 pub(super) use recount::Sources;
 use room::{eviction_behind, over_quota, records_fill_quota};

@@ -81,41 +81,52 @@ impl Room {
     /// The refusal for a body of `bytes` that does not fit, if it does not.
     /// Best effort: the exact check runs with the write itself.
     pub(in crate::engine::sled) fn refuse(&self, bytes: u64) -> Option<Error> {
+        self.verdict(bytes).map(|(refusal, _)| refusal)
+    }
+
+    /// True when the only thing refusing `bytes` is eviction running behind:
+    /// the namespace evicts and its evictable values can make the room.
+    pub(in crate::engine::sled) fn waits_for_eviction(&self, bytes: u64) -> bool {
+        matches!(self.verdict(bytes), Some((_, true)))
+    }
+
+    /// The refusal, and whether eviction catching up would lift it.
+    fn verdict(&self, bytes: u64) -> Option<(Error, bool)> {
         if let Err(full) = self.free.check(bytes) {
-            return Some(full);
+            return Some((full, false));
         }
         let adding = i128::from(bytes);
         if let Some((quota, usage)) = self.quota {
             let max = quota.max_bytes;
             match quota.on_full {
                 OnFull::Reject if usage + adding > i128::from(max) => {
-                    return Some(over_quota(&self.namespace, max, usage, adding));
+                    return Some((over_quota(&self.namespace, max, usage, adding), false));
                 }
                 OnFull::Evict if self.records + adding > i128::from(max) => {
-                    return Some(records_fill_quota(
-                        &self.namespace,
-                        max,
-                        self.records,
-                        adding,
-                    ));
+                    let refusal = records_fill_quota(&self.namespace, max, self.records, adding);
+                    return Some((refusal, false));
                 }
                 OnFull::Evict
                     if usage > i128::from(max) && usage + adding > i128::from(quota.ceiling()) =>
                 {
-                    return Some(eviction_behind(&self.namespace, &quota, usage, adding));
+                    return Some((
+                        eviction_behind(&self.namespace, &quota, usage, adding),
+                        true,
+                    ));
                 }
                 _ => {}
             }
         }
         if let Some((max, stored)) = self.server {
             if stored + adding > i128::from(max) {
-                return Some(Error::exhausted(
+                let refusal = Error::exhausted(
                     "max_disk_bytes",
                     format!(
                         "the server stores {stored} bytes of its max_disk_bytes of {max}; a \
                          {bytes}-byte value does not fit. Nothing was stored"
                     ),
-                ));
+                );
+                return Some((refusal, false));
             }
         }
         None

@@ -76,6 +76,8 @@ pub(super) struct Eviction {
     pass: Mutex<()>,
     /// Values evicted since the store opened.
     pub(super) evicted: AtomicU64,
+    /// Whether the maintenance thread runs (writes then wait for it).
+    pub(super) running: std::sync::atomic::AtomicBool,
 }
 
 impl Eviction {
@@ -88,6 +90,7 @@ impl Eviction {
             wake: Arc::new((Mutex::new(false), Condvar::new())),
             pass: Mutex::new(()),
             evicted: AtomicU64::new(0),
+            running: Default::default(),
         })
     }
 
@@ -555,8 +558,11 @@ impl SledStore {
                     }
                 }
             });
-        if let Err(err) = spawned {
-            tracing::warn!(error = %err, "cannot start the eviction thread; eviction runs only when asked");
+        match spawned {
+            Ok(_) => self.inner.eviction.running.store(true, Ordering::Release),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot start the eviction thread; eviction runs only when asked")
+            }
         }
     }
 }

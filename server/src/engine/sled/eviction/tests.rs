@@ -323,6 +323,44 @@ async fn records_that_fill_the_quota_refuse_writes() {
     put(&store, &c, 2, 400).await;
 }
 
+/// With the eviction thread running, a write that would pass the ceiling
+/// waits for eviction to make room instead of being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The pass lock is held across awaits on purpose: it keeps eviction behind
+// while the write arrives.
+#[allow(clippy::await_holding_lock)]
+async fn a_write_past_the_ceiling_waits_for_running_eviction() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().to_path_buf();
+    let store = tokio::task::spawn_blocking(move || open(&path, evicting("c", 10_000)))
+        .await
+        .expect("open task");
+    assert!(store
+        .inner
+        .eviction
+        .running
+        .load(std::sync::atomic::Ordering::Acquire));
+    let c = ns("c");
+    let held_back = store.inner.eviction.pass.lock().expect("pass lock");
+    for seed in 0..11 {
+        put(&store, &c, seed, 1000).await;
+    }
+    let (hash, data) = content(11, 1000);
+    let write = {
+        let (store, c, hash) = (store.clone(), c.clone(), hash.clone());
+        tokio::spawn(async move { store.put_object(&c, &hash, Some(1000), stream(data)).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!write.is_finished(), "the write did not wait for eviction");
+    drop(held_back);
+    write
+        .await
+        .expect("write task")
+        .expect("room made by eviction");
+    assert!(present(&store, &c, &hash).await);
+    assert!(held(&store, "c").await <= 11_000);
+}
+
 /// Without eviction running, writes pass the quota up to the bounded
 /// overshoot (10%) and no further; once eviction ran they are accepted
 /// again.
