@@ -639,14 +639,7 @@ async fn drive(run: Drive) {
         total_verified = verified;
     }
     let acknowledged = ledger.lock().expect("ledger").acknowledged;
-    assert!(
-        !server.log().contains("panicked"),
-        "the server panicked:\n{}",
-        server.log()
-    );
-    // The server goes before its filesystem.
-    server.kill9();
-    drop(power);
+    shut_down(server, power);
     println!(
         "crash recovery [{label}]: seed {seed}, {cycles} kill -9 cycles, {acknowledged} writes \
          acknowledged (at least one per cycle), {total_verified} items verified in the final \
@@ -655,6 +648,18 @@ async fn drive(run: Drive) {
     );
     // How long restarts take is a figure, not a property: it is printed
     // above, and start-up time is measured by trove-bench.
+}
+
+/// Checks that the server never panicked, then stops it, then its
+/// filesystem (in that order: the mount must outlive the process).
+fn shut_down(mut server: ServerProcess, power: Option<PowerSwitch>) {
+    assert!(
+        !server.log().contains("panicked"),
+        "the server panicked:\n{}",
+        server.log()
+    );
+    server.kill9();
+    drop(power);
 }
 
 /// Drops from the ledger the acknowledged writes a relaxed run lost, so
@@ -692,18 +697,33 @@ fn forget_lost(ledger: &mut Ledger, lost: &[String]) {
     }
 }
 
+/// A driver run on sled with `--durability mode`; strict runs must lose nothing.
+fn on_sled(mode: &str, cycles: u64, power_cut: bool) -> Drive {
+    Drive {
+        args: vec!["--durability".into(), mode.into()],
+        strict: mode == "strict",
+        sled: true,
+        cycles,
+        power_cut,
+    }
+}
+
+/// Whether power cuts can be simulated here; says so when they cannot. Not a
+/// recorded skip: FUSE needs root and /dev/fuse, which some CI machines
+/// lack; the kill -9 drivers still run there.
+fn power_cuts_possible() -> bool {
+    let possible = trove_tests::lazyfs::available();
+    if !possible {
+        eprintln!("power-cut test not run: FUSE needs root and /dev/fuse");
+    }
+    possible
+}
+
 /// sled, strict durability: every acknowledged write survives kill -9 across
 /// many cycles; nothing is torn; staging is reclaimed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_repeated_kill9() {
-    drive(Drive {
-        args: vec!["--durability".into(), "strict".into()],
-        strict: true,
-        sled: true,
-        cycles: 20,
-        power_cut: false,
-    })
-    .await;
+    drive(on_sled("strict", 20, false)).await;
 }
 
 /// sled, strict durability, power cuts: after each kill every byte the
@@ -711,20 +731,10 @@ async fn acknowledged_writes_survive_repeated_kill9() {
 /// survives, nothing is torn, every restart is clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_power_cuts() {
-    if !trove_tests::lazyfs::available() {
-        // Not a recorded skip: FUSE needs root and /dev/fuse, which some CI
-        // machines lack; the kill -9 driver above still runs there.
-        eprintln!("power-cut test not run: FUSE needs root and /dev/fuse");
+    if !power_cuts_possible() {
         return;
     }
-    drive(Drive {
-        args: vec!["--durability".into(), "strict".into()],
-        strict: true,
-        sled: true,
-        cycles: 20,
-        power_cut: true,
-    })
-    .await;
+    drive(on_sled("strict", 20, true)).await;
 }
 
 /// sled, relaxed durability, power cuts: what was acknowledged in the last
@@ -732,32 +742,17 @@ async fn acknowledged_writes_survive_power_cuts() {
 /// torn: a value is whole or absent, and every restart is clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relaxed_durability_never_tears_across_power_cuts() {
-    if !trove_tests::lazyfs::available() {
-        eprintln!("power-cut test not run: FUSE needs root and /dev/fuse");
+    if !power_cuts_possible() {
         return;
     }
-    drive(Drive {
-        args: vec!["--durability".into(), "relaxed".into()],
-        strict: false,
-        sled: true,
-        cycles: 10,
-        power_cut: true,
-    })
-    .await;
+    drive(on_sled("relaxed", 10, true)).await;
 }
 
 /// sled, relaxed durability: acknowledged writes of the last moments may
 /// be lost to kill -9 (the documented window), but nothing is ever torn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relaxed_durability_never_tears() {
-    drive(Drive {
-        args: vec!["--durability".into(), "relaxed".into()],
-        strict: false,
-        sled: true,
-        cycles: 10,
-        power_cut: false,
-    })
-    .await;
+    drive(on_sled("relaxed", 10, false)).await;
 }
 
 /// The object-storage engine on the S3 cluster: a server killed mid-write
@@ -785,8 +780,7 @@ async fn object_storage_engine_survives_kill9() {
 /// exactly like an older one and overwrite it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_are_never_reused_after_power_cuts() {
-    if !trove_tests::lazyfs::available() {
-        eprintln!("power-cut test not run: FUSE needs root and /dev/fuse");
+    if !power_cuts_possible() {
         return;
     }
     let ns = Namespace::new("ids").expect("ns");
@@ -821,8 +815,7 @@ async fn ids_are_never_reused_after_power_cuts() {
         .map(|json| json["cycle"].clone())
         .collect()
         .await;
-    server.kill9();
-    drop(power);
+    shut_down(server, Some(power));
     let expected: Vec<serde_json::Value> = (0..cycles).map(serde_json::Value::from).collect();
     assert_eq!(
         cycles_seen, expected,
@@ -837,8 +830,7 @@ async fn ids_are_never_reused_after_power_cuts() {
 /// removed before its removal was durable would read as DATA_LOSS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eviction_never_leaves_a_dangling_value_across_power_cuts() {
-    if !trove_tests::lazyfs::available() {
-        eprintln!("power-cut test not run: FUSE needs root and /dev/fuse");
+    if !power_cuts_possible() {
         return;
     }
     const SIZE: u64 = 100_000;
@@ -949,13 +941,7 @@ async fn eviction_never_leaves_a_dangling_value_across_power_cuts() {
         }
         assert!(present > 0, "cycle {cycle}: nothing kept at all");
     }
-    assert!(
-        !server.log().contains("panicked"),
-        "the server panicked:\n{}",
-        server.log()
-    );
-    server.kill9();
-    drop(power);
+    shut_down(server, Some(power));
     assert!(
         evicted_some,
         "no acknowledged object was ever evicted: the quota did not bite"
