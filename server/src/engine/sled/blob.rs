@@ -159,16 +159,61 @@ impl Drop for FileGuard {
     }
 }
 
+/// Where an upload's SHA-256 is computed.
+enum Hashing {
+    /// On the calling task.
+    Here(Sha256),
+    /// On a thread of the blocking pool, one chunk behind: the previous
+    /// chunk is hashed while the calling task receives and writes the next.
+    /// A job per chunk, not a thread per upload, so that idle uploads hold
+    /// no thread of the pool that file writes need too.
+    Behind(tokio::task::JoinHandle<Sha256>),
+}
+
+impl Hashing {
+    /// Adds `data`: on the calling task while `here`, else on the pool.
+    async fn update(&mut self, data: bytes::Bytes, here: bool) -> io::Result<()> {
+        let placeholder = Hashing::Here(Sha256::new());
+        let mut hasher = match std::mem::replace(self, placeholder) {
+            Hashing::Here(hasher) => hasher,
+            Hashing::Behind(job) => job.await.map_err(hashing_failed)?,
+        };
+        *self = if here {
+            hasher.update(&data);
+            Hashing::Here(hasher)
+        } else {
+            Hashing::Behind(tokio::task::spawn_blocking(move || {
+                hasher.update(&data);
+                hasher
+            }))
+        };
+        Ok(())
+    }
+
+    async fn finish(self) -> io::Result<[u8; 32]> {
+        let hasher = match self {
+            Hashing::Here(hasher) => hasher,
+            Hashing::Behind(job) => job.await.map_err(hashing_failed)?,
+        };
+        Ok(hasher.finalize().into())
+    }
+}
+
+fn hashing_failed(err: tokio::task::JoinError) -> io::Error {
+    io::Error::other(format!("hashing the upload failed: {err}"))
+}
+
 /// Accumulates an upload's bytes: in memory up to the inline limit, then in a
-/// staging file. Computes the SHA-256 and length as it goes. Dropping it
-/// before [`BodyWriter::finish`] discards everything.
+/// staging file. Computes the SHA-256 and length as it goes (on another
+/// thread once the body spilled to a file). Dropping it before
+/// [`BodyWriter::finish`] discards everything.
 pub struct BodyWriter {
     dir: BlobDir,
     id: u64,
     inline_limit: usize,
     buffer: Vec<u8>,
     file: Option<(tokio::io::BufWriter<tokio::fs::File>, FileGuard)>,
-    hasher: Sha256,
+    hashing: Hashing,
     len: u64,
 }
 
@@ -181,7 +226,7 @@ impl BodyWriter {
             inline_limit,
             buffer: Vec::new(),
             file: None,
-            hasher: Sha256::new(),
+            hashing: Hashing::Here(Sha256::new()),
             len: 0,
         }
     }
@@ -192,14 +237,16 @@ impl BodyWriter {
     }
 
     /// Appends bytes.
-    pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.hasher.update(data);
+    pub async fn write(&mut self, data: bytes::Bytes) -> io::Result<()> {
+        // Small bodies hash here: a hand-off costs more than it saves.
+        let here = self.file.is_none() && self.buffer.len() + data.len() <= self.inline_limit;
+        self.hashing.update(data.clone(), here).await?;
         self.len += data.len() as u64;
         if let Some((file, _)) = self.file.as_mut() {
-            return file.write_all(data).await;
+            return file.write_all(&data).await;
         }
         if self.buffer.len() + data.len() <= self.inline_limit {
-            self.buffer.extend_from_slice(data);
+            self.buffer.extend_from_slice(&data);
             return Ok(());
         }
         let path = self.dir.staging_path(self.id);
@@ -216,7 +263,7 @@ impl BodyWriter {
         let file = tokio::fs::File::from_std(file);
         let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
         file.write_all(&self.buffer).await?;
-        file.write_all(data).await?;
+        file.write_all(&data).await?;
         self.buffer = Vec::new();
         self.file = Some((file, guard));
         Ok(())
@@ -224,7 +271,7 @@ impl BodyWriter {
 
     /// Ends the upload: a spilled value is flushed and fsynced (not yet published).
     pub async fn finish(self) -> io::Result<StagedBody> {
-        let sha256: [u8; 32] = self.hasher.finalize().into();
+        let sha256 = self.hashing.finish().await?;
         let content = match self.file {
             None => StagedContent::Inline(self.buffer),
             Some((mut file, guard)) => {
@@ -356,7 +403,7 @@ impl super::SledStore {
         while let Some(chunk) = data.next().await {
             let chunk = chunk?;
             writer
-                .write(&chunk)
+                .write(chunk)
                 .await
                 .map_err(|e| super::io_error("stage upload", &e))?;
             if !room.unlimited() && room.refuse(writer.written()).is_some() {
@@ -433,7 +480,10 @@ mod tests {
             let dir = &dir;
             async move {
                 let mut writer = BodyWriter::new(dir, 7, 0);
-                writer.write(&[fill; 4096]).await.expect("write");
+                writer
+                    .write(bytes::Bytes::from(vec![fill; 4096]))
+                    .await
+                    .expect("write");
                 writer.finish().await.expect("finish")
             }
         };
