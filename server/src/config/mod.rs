@@ -511,6 +511,14 @@ impl Config {
             },
             cache_bytes: self.db_cache_bytes,
             quotas: std::sync::Arc::new(self.quotas()),
+            // A tier's local writes are copies fed beside the upstream's
+            // write or the caller's read: waiting for eviction would stall
+            // those; a refused copy is simply not kept.
+            eviction_wait: if self.upstream.is_some() {
+                std::time::Duration::ZERO
+            } else {
+                crate::engine::sled::DEFAULT_EVICTION_WAIT
+            },
             faults: None,
         }
     }
@@ -710,6 +718,12 @@ mod tests {
             Some(OnFull::Reject)
         );
         assert!(quotas.evicts_anywhere());
+        // A tier's local copies never wait for eviction; a server's uploads do.
+        assert_eq!(
+            tier.store_options().eviction_wait,
+            std::time::Duration::ZERO
+        );
+        assert!(plain.store_options().eviction_wait > std::time::Duration::ZERO);
     }
 
     #[test]

@@ -377,10 +377,6 @@ impl StagedBody {
     }
 }
 
-/// How long a write to an evicting namespace waits for eviction to make
-/// room before it is refused.
-const EVICTION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 impl super::SledStore {
     /// Drains `data` into a new body for `key` of `tree` in a namespace,
     /// enforcing `expected_size` and the capacity limits as bytes arrive.
@@ -436,7 +432,7 @@ impl super::SledStore {
 
     /// `room` if `bytes` fit it; otherwise, when only eviction running
     /// behind stands in the way, waits for it to make room (up to
-    /// [`EVICTION_WAIT`]): a write to an evicting namespace is slowed, not
+    /// `eviction_wait`): a write to an evicting namespace is slowed, not
     /// refused, while eviction can free what it needs. Else the refusal.
     async fn room_for(
         &self,
@@ -444,7 +440,7 @@ impl super::SledStore {
         mut room: super::accounting::Room,
         bytes: u64,
     ) -> Result<super::accounting::Room, trove_proto::Error> {
-        let deadline = tokio::time::Instant::now() + EVICTION_WAIT;
+        let deadline = tokio::time::Instant::now() + self.inner.options.eviction_wait;
         loop {
             let Some(refused) = room.refuse(bytes) else {
                 return Ok(room);
@@ -456,7 +452,7 @@ impl super::SledStore {
                 .load(std::sync::atomic::Ordering::Acquire);
             if !evicting
                 || !room.waits_for_eviction(bytes)
-                || tokio::time::Instant::now() > deadline
+                || tokio::time::Instant::now() >= deadline
             {
                 return Err(refused);
             }

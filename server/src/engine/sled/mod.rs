@@ -98,9 +98,15 @@ pub struct StoreOptions {
     pub cache_bytes: u64,
     /// Capacity limits, enforced with each write.
     pub quotas: Arc<crate::engine::quota::Quotas>,
+    /// How long an upload to an evicting namespace past its overshoot
+    /// ceiling waits for eviction to make room before it is refused.
+    pub eviction_wait: std::time::Duration,
     /// Failures to inject at the storage boundary (tests only; `None` in production).
     pub faults: Option<Arc<Faults>>,
 }
+
+/// The default of [`StoreOptions::eviction_wait`].
+pub const DEFAULT_EVICTION_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Default for StoreOptions {
     fn default() -> Self {
@@ -110,6 +116,7 @@ impl Default for StoreOptions {
             durability: Durability::Strict,
             cache_bytes: DEFAULT_CACHE_BYTES,
             quotas: Arc::default(),
+            eviction_wait: DEFAULT_EVICTION_WAIT,
             faults: None,
         }
     }
