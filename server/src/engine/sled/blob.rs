@@ -163,20 +163,24 @@ impl Drop for FileGuard {
 enum Hashing {
     /// On the calling task.
     Here(Sha256),
-    /// On a thread of the blocking pool, one chunk behind: the previous
-    /// chunk is hashed while the calling task receives and writes the next.
+    /// On a thread of the blocking pool, one chunk behind: a chunk is
+    /// hashed while the calling task writes it and receives the next.
     /// A job per chunk, not a thread per upload, so that idle uploads hold
     /// no thread of the pool that file writes need too.
     Behind(tokio::task::JoinHandle<Sha256>),
+    /// A job failed or an update was cancelled part way: no digest can be
+    /// trusted any more.
+    Lost,
 }
 
 impl Hashing {
     /// Adds `data`: on the calling task while `here`, else on the pool.
     async fn update(&mut self, data: bytes::Bytes, here: bool) -> io::Result<()> {
-        let placeholder = Hashing::Here(Sha256::new());
-        let mut hasher = match std::mem::replace(self, placeholder) {
+        // Left in place if this update fails or is cancelled part way.
+        let mut hasher = match std::mem::replace(self, Hashing::Lost) {
             Hashing::Here(hasher) => hasher,
             Hashing::Behind(job) => job.await.map_err(hashing_failed)?,
+            Hashing::Lost => return Err(lost()),
         };
         *self = if here {
             hasher.update(&data);
@@ -194,9 +198,14 @@ impl Hashing {
         let hasher = match self {
             Hashing::Here(hasher) => hasher,
             Hashing::Behind(job) => job.await.map_err(hashing_failed)?,
+            Hashing::Lost => return Err(lost()),
         };
         Ok(hasher.finalize().into())
     }
+}
+
+fn lost() -> io::Error {
+    io::Error::other("an earlier chunk of the upload was not hashed")
 }
 
 fn hashing_failed(err: tokio::task::JoinError) -> io::Error {
@@ -388,8 +397,13 @@ impl super::SledStore {
     ) -> Result<StagedBody, trove_proto::Error> {
         let declared = crate::engine::values::DeclaredSize::new(expected_size);
         let mut room = self.room(ns, tree, key)?;
+        // One wait for the whole upload, however many of its chunks meet
+        // the ceiling.
+        let waits_until = tokio::time::Instant::now() + self.inner.options.eviction_wait;
         if let Some(size) = expected_size {
-            room = self.room_for((ns, tree, key), room, size).await?;
+            room = self
+                .room_for((ns, tree, key), room, size, waits_until)
+                .await?;
         }
         let mut writer = BodyWriter::new(
             &self.inner.blobs,
@@ -404,7 +418,7 @@ impl super::SledStore {
                 .map_err(|e| super::io_error("stage upload", &e))?;
             if !room.unlimited() && room.refuse(writer.written()).is_some() {
                 room = self
-                    .room_for((ns, tree, key), room, writer.written())
+                    .room_for((ns, tree, key), room, writer.written(), waits_until)
                     .await?;
             }
             // The injected failure comes once the body has spilled into its
@@ -431,16 +445,19 @@ impl super::SledStore {
     }
 
     /// `room` if `bytes` fit it; otherwise, when only eviction running
-    /// behind stands in the way, waits for it to make room (up to
-    /// `eviction_wait`): a write to an evicting namespace is slowed, not
+    /// behind stands in the way, waits for it to make room (until
+    /// `deadline`): a write to an evicting namespace is slowed, not
     /// refused, while eviction can free what it needs. Else the refusal.
+    /// (The exact check at commit cannot wait: uploads released together
+    /// may still meet at the ceiling there and be refused.)
     async fn room_for(
         &self,
         (ns, tree, key): (&trove_proto::types::Namespace, &sled::Tree, &[u8]),
         mut room: super::accounting::Room,
         bytes: u64,
+        deadline: tokio::time::Instant,
     ) -> Result<super::accounting::Room, trove_proto::Error> {
-        let deadline = tokio::time::Instant::now() + self.inner.options.eviction_wait;
+        let mut woke = false;
         loop {
             let Some(refused) = room.refuse(bytes) else {
                 return Ok(room);
@@ -456,7 +473,12 @@ impl super::SledStore {
             {
                 return Err(refused);
             }
-            self.inner.eviction.wake();
+            // One wake-up is enough: the thread runs passes until the
+            // namespace is under its quota.
+            if !woke {
+                self.inner.eviction.wake();
+                woke = true;
+            }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             room = self.room(ns, tree, key)?;
         }

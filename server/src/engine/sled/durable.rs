@@ -266,8 +266,16 @@ pub(super) fn sled_segment_size(sled_dir: &Path) -> usize {
         .unwrap_or(SLED_SEGMENT_BYTES)
 }
 
+/// Ids skipped when a store first reserves ids: far more than sled's
+/// counter could ever have fallen behind (it resumes 2 million past the
+/// last value it persisted).
+const LEGACY_ID_MARGIN: u64 = 1 << 40;
+
 /// Where ids start in a store created before ids were reserved durably
-/// (see `ids`): above sled's counter and above every blob id in use.
+/// (see `ids`): above sled's counter and every blob id in use, plus a wide
+/// margin, because sled's counter may have been rolled back by a power cut
+/// and ids other than blob ids (entry sequences, generations) are not
+/// scanned for. The margin costs nothing: ids are 64 bits.
 pub(super) fn legacy_id_floor(db: &sled::Db, blob_refs: &sled::Tree) -> Result<u64, Error> {
     let counter = db.generate_id().map_err(sled_error)?;
     let largest = match blob_refs.last().map_err(sled_error)? {
@@ -279,7 +287,9 @@ pub(super) fn legacy_id_floor(db: &sled::Db, blob_refs: &sled::Tree) -> Result<u
             .unwrap_or(0),
         None => 0,
     };
-    Ok(counter.max(largest.saturating_add(1)))
+    Ok(counter
+        .max(largest.saturating_add(1))
+        .saturating_add(LEGACY_ID_MARGIN))
 }
 
 #[cfg(test)]

@@ -81,10 +81,12 @@ impl Ids {
     /// Makes the ceiling durably exceed `id`. An id whose reservation
     /// failed is never handed out; a later call tries again with a new file.
     fn reserve_past(&self, id: u64) -> Result<(), Error> {
+        // The lock guards no data, only the order of reservations: a panic
+        // while holding it leaves nothing inconsistent.
         let _one_at_a_time = self
             .reserving
             .lock()
-            .map_err(|_| Error::internal("the id reservation lock is poisoned"))?;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if id < self.ceiling.load(Ordering::Acquire) {
             return Ok(());
         }

@@ -77,7 +77,7 @@ pub(super) struct Eviction {
     /// Values evicted since the store opened.
     pub(super) evicted: AtomicU64,
     /// Whether the maintenance thread runs (writes then wait for it).
-    pub(super) running: std::sync::atomic::AtomicBool,
+    pub(super) running: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Eviction {
@@ -526,10 +526,14 @@ impl SledStore {
         };
         let weak = Arc::downgrade(&self.inner);
         let wake = Arc::clone(&self.inner.eviction.wake);
+        // Set before the thread starts: it clears it when it ends.
+        let running = Arc::clone(&self.inner.eviction.running);
+        running.store(true, Ordering::Release);
         let spawned = std::thread::Builder::new()
             .name("trove-evict".into())
             .spawn(move || {
                 let _runtime = runtime.enter();
+                let _running = Running(running);
                 // On Linux the nice value is per thread: this one only.
                 if let Err(err) = rustix::process::setpriority_process(None, 10) {
                     tracing::debug!(error = %err, "eviction runs at normal priority");
@@ -558,12 +562,19 @@ impl SledStore {
                     }
                 }
             });
-        match spawned {
-            Ok(_) => self.inner.eviction.running.store(true, Ordering::Release),
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot start the eviction thread; eviction runs only when asked")
-            }
+        if let Err(err) = spawned {
+            self.inner.eviction.running.store(false, Ordering::Release);
+            tracing::warn!(error = %err, "cannot start the eviction thread; eviction runs only when asked");
         }
+    }
+}
+
+/// Clears [`Eviction::running`] however the thread ends (panics included).
+struct Running(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

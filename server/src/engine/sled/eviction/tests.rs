@@ -361,6 +361,28 @@ async fn a_write_past_the_ceiling_waits_for_running_eviction() {
     assert!(held(&store, "c").await <= 11_000);
 }
 
+/// Once the eviction thread ends (here: its store is gone), the flag that
+/// makes writes wait for it is cleared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_flag_ends_with_the_eviction_thread() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().to_path_buf();
+    let store = tokio::task::spawn_blocking(move || open(&path, evicting("c", 10_000)))
+        .await
+        .expect("open task");
+    let running = Arc::clone(&store.inner.eviction.running);
+    assert!(running.load(std::sync::atomic::Ordering::Acquire));
+    drop(store);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while running.load(std::sync::atomic::Ordering::Acquire) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flag outlived the thread"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Without eviction running, writes pass the quota up to the bounded
 /// overshoot (10%) and no further; once eviction ran they are accepted
 /// again.
