@@ -51,6 +51,14 @@ fn open_without_task(dir: &std::path::Path, options: StoreOptions) -> SledStore 
         .expect("open")
 }
 
+/// Opens on the runtime's blocking pool: the eviction thread starts.
+async fn open_with_task(dir: &std::path::Path, quotas: Arc<Quotas>) -> SledStore {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || open(&dir, quotas))
+        .await
+        .expect("open task")
+}
+
 /// The eviction index holds exactly one entry per evictable value (every
 /// object and every cached ref), and its two trees agree; the usage
 /// counters agree with a recount.
@@ -331,10 +339,7 @@ async fn records_that_fill_the_quota_refuse_writes() {
 #[allow(clippy::await_holding_lock)]
 async fn a_write_past_the_ceiling_waits_for_running_eviction() {
     let dir = tempfile::tempdir().expect("dir");
-    let path = dir.path().to_path_buf();
-    let store = tokio::task::spawn_blocking(move || open(&path, evicting("c", 10_000)))
-        .await
-        .expect("open task");
+    let store = open_with_task(dir.path(), evicting("c", 10_000)).await;
     assert!(store
         .inner
         .eviction
@@ -366,10 +371,7 @@ async fn a_write_past_the_ceiling_waits_for_running_eviction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_running_flag_ends_with_the_eviction_thread() {
     let dir = tempfile::tempdir().expect("dir");
-    let path = dir.path().to_path_buf();
-    let store = tokio::task::spawn_blocking(move || open(&path, evicting("c", 10_000)))
-        .await
-        .expect("open task");
+    let store = open_with_task(dir.path(), evicting("c", 10_000)).await;
     let running = Arc::clone(&store.inner.eviction.running);
     assert!(running.load(std::sync::atomic::Ordering::Acquire));
     drop(store);
