@@ -19,6 +19,12 @@ use clap::{Parser, Subcommand};
 use report::{Machine, Report};
 use workloads::{Bench, Params};
 
+/// The same allocator as the server, so that the baselines that run in this
+/// process (the in-process store, the null gRPC server) are measured on
+/// equal terms.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Benchmark a Trove server against baselines measured in the same run.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -51,6 +57,12 @@ struct Args {
     /// Sizes of the bulk objects, in MiB, comma separated (overrides the mode).
     #[arg(long, value_delimiter = ',')]
     bulk_mib: Option<Vec<usize>>,
+    /// Run only these workload groups, comma separated (for profiling one
+    /// path): small-values, find-missing, appends, cassette-reads, bulk,
+    /// cache, eviction, tls, sidecar, concurrency-curve, payload-curve,
+    /// store-size-curve, bucket.
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
     #[command(subcommand)]
     command: Option<Internal>,
 }
@@ -88,6 +100,9 @@ fn params(args: &Args) -> Params {
     }
     if let Some(bytes) = args.small_bytes {
         params.small_bytes = bytes.max(1);
+    }
+    if let Some(only) = &args.only {
+        params.only = only.clone();
     }
     if let Some(sizes) = &args.bulk_mib {
         params.bulk_sizes = sizes.iter().map(|m| m.max(&1) * 1024 * 1024).collect();

@@ -159,23 +159,48 @@ impl Bench {
                     .to_owned(),
             );
         }
-        self.small_values().await.context("small values")?;
-        self.find_missing().await.context("find missing")?;
-        self.appends().await.context("durable appends")?;
-        self.cassette_reads().await.context("cassette reads")?;
-        self.bulk().await.context("bulk objects")?;
-        self.cache().await.context("cache archives")?;
-        self.eviction().await.context("eviction")?;
-        self.tls().await.context("TLS with a token")?;
-        self.sidecar().await.context("sidecar tier")?;
-        self.concurrency_curve()
-            .await
-            .context("concurrency scaling")?;
-        self.payload_curve().await.context("payload scaling")?;
-        self.store_size_curve()
-            .await
-            .context("store-size scaling")?;
+        if self.params.runs("small-values") {
+            self.small_values().await.context("small values")?;
+        }
+        if self.params.runs("find-missing") {
+            self.find_missing().await.context("find missing")?;
+        }
+        if self.params.runs("appends") {
+            self.appends().await.context("durable appends")?;
+        }
+        if self.params.runs("cassette-reads") {
+            self.cassette_reads().await.context("cassette reads")?;
+        }
+        if self.params.runs("bulk") {
+            self.bulk().await.context("bulk objects")?;
+        }
+        if self.params.runs("cache") {
+            self.cache().await.context("cache archives")?;
+        }
+        if self.params.runs("eviction") {
+            self.eviction().await.context("eviction")?;
+        }
+        if self.params.runs("tls") {
+            self.tls().await.context("TLS with a token")?;
+        }
+        if self.params.runs("sidecar") {
+            self.sidecar().await.context("sidecar tier")?;
+        }
+        if self.params.runs("concurrency-curve") {
+            self.concurrency_curve()
+                .await
+                .context("concurrency scaling")?;
+        }
+        if self.params.runs("payload-curve") {
+            self.payload_curve().await.context("payload scaling")?;
+        }
+        if self.params.runs("store-size-curve") {
+            self.store_size_curve()
+                .await
+                .context("store-size scaling")?;
+        }
         match bucket::S3Cluster::from_env() {
+            Some(_) if !self.params.runs("bucket") => {}
             Some(cluster) => self
                 .bucket_workloads(&cluster)
                 .await

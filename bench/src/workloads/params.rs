@@ -34,9 +34,16 @@ pub struct Params {
     pub store_levels: Vec<u64>,
     /// 4 KiB values stored before the eviction run (about 55% are evicted).
     pub eviction_values: usize,
+    /// The workload groups to run (every group when empty).
+    pub only: Vec<String>,
 }
 
 impl Params {
+    /// Whether the workload group `name` runs in this run.
+    pub fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|n| n == name)
+    }
+
     /// Finishes in under two minutes on 2 cores.
     pub fn quick() -> Self {
         Params {
@@ -53,6 +60,7 @@ impl Params {
             payload_sizes: vec![KIB, 16 * KIB, 256 * KIB, 4 * MIB, 64 * MIB],
             store_levels: vec![1_000, 10_000, 100_000],
             eviction_values: 40_000,
+            only: Vec::new(),
         }
     }
 
@@ -78,6 +86,7 @@ impl Params {
             ],
             store_levels: vec![1_000, 10_000, 100_000, 1_000_000],
             eviction_values: 200_000,
+            only: Vec::new(),
             ..Self::quick()
         }
     }
@@ -97,6 +106,7 @@ impl Params {
             payload_sizes: vec![KIB, 128 * KIB],
             store_levels: vec![100, 300],
             eviction_values: 400,
+            only: Vec::new(),
             ..Self::quick()
         }
     }

@@ -30,11 +30,14 @@ impl Writer {
         writer
     }
 
+    /// Prepares the next segment's file, already under its name, on a
+    /// thread of its own.
     fn prepare_spare(&mut self, bytes: u64) {
         let dir = self.shared.dir.clone();
+        let number = self.segment.number + 1;
         self.spare = std::thread::Builder::new()
             .name("trove-log-spare".into())
-            .spawn(move || segments::prepare(&dir, bytes))
+            .spawn(move || segments::prepare_named(&dir, bytes, number))
             .ok();
     }
 
@@ -192,6 +195,7 @@ impl Writer {
                     if let Ok(mut sealed) = self.shared.sealed.lock() {
                         sealed.push((old.number, durable));
                     }
+                    self.prepare_spare(segments::SEGMENT_BYTES);
                     let Ok(mut state) = self.shared.state.lock() else {
                         return false;
                     };
@@ -241,9 +245,7 @@ impl Writer {
             let _ = handle.join();
         }
         let spare = segments::prepare(&self.shared.dir, segments::SEGMENT_BYTES)?;
-        let segment = Segment::install(&self.shared.dir, spare, self.segment.number + 1, durable)?;
-        self.prepare_spare(segments::SEGMENT_BYTES);
-        Ok(segment)
+        Segment::install(&self.shared.dir, spare, self.segment.number + 1, durable)
     }
 }
 
