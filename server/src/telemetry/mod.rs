@@ -15,8 +15,12 @@ use crate::config::{Config, LogFormat};
 pub fn init(config: &Config) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.log)
         .map_err(|e| anyhow::anyhow!("invalid --log filter {:?}: {e}", config.log))?;
+    // Colours only for a person at a terminal: a log collector would keep
+    // the escape codes, and writing them costs every call's log line.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colours)
         .with_writer(std::io::stderr);
     let result = match config.log_format {
         LogFormat::Human => builder.try_init(),

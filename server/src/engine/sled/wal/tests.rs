@@ -165,13 +165,18 @@ async fn writes_roll_into_the_next_segment_and_replay_skips_an_unbegun_spare() {
         begun >= 3,
         "{count} writes of {value_bytes} B began {begun} segments"
     );
+    // Closed first: its own spare is prepared under the same temporary name.
+    let Opened {
+        db: closed, wal, ..
+    } = opened;
+    drop(wal);
+    drop(closed);
     segments::prepare_named(&log, 64 * 1024, 1_000_000).expect("unbegun spare");
     let (_copy, db) = replay_copy(&log);
     for i in 0..count {
         let got = value(&db, &format!("k{i}")).expect("replayed");
         assert_eq!(got, format!("{i:08}").repeat(value_bytes / 8), "k{i}");
     }
-    drop(opened.db);
 }
 
 /// Bytes after the last whole record (a write cut short) are reported and

@@ -19,6 +19,17 @@ pub(super) struct Writer {
     spare: Option<std::thread::JoinHandle<std::io::Result<Spare>>>,
 }
 
+/// The spare's thread renames a file into the log folder: it must be done
+/// before the store is closed, or it could rename over a spare of the next
+/// store opened on the same folder.
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(spare) = self.spare.take() {
+            let _ = spare.join();
+        }
+    }
+}
+
 impl Writer {
     pub(super) fn new(shared: Arc<Shared>, segment: Segment) -> Self {
         let mut writer = Writer {
