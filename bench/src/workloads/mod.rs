@@ -93,8 +93,14 @@ fn name(field: &str, value: String) -> Result<Name> {
 
 /// On-disk bytes (allocated blocks) under `dir`.
 pub fn disk_usage(dir: &Path) -> u64 {
+    disk_usage_except(dir, &[])
+}
+
+/// [`disk_usage`] without the top-level folders named in `skipped`.
+pub fn disk_usage_except(dir: &Path, skipped: &[&str]) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
+    let skipped: Vec<std::path::PathBuf> = skipped.iter().map(|name| dir.join(name)).collect();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -103,7 +109,9 @@ pub fn disk_usage(dir: &Path) -> u64 {
         for entry in entries.flatten() {
             let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() {
-                stack.push(entry.path());
+                if !skipped.contains(&entry.path()) {
+                    stack.push(entry.path());
+                }
             } else {
                 total += meta.blocks() * 512;
             }
