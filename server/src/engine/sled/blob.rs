@@ -458,6 +458,7 @@ impl super::SledStore {
         deadline: tokio::time::Instant,
     ) -> Result<super::accounting::Room, trove_proto::Error> {
         let mut woke = false;
+        let mut waiting = None;
         loop {
             let Some(refused) = room.refuse(bytes) else {
                 return Ok(room);
@@ -479,6 +480,8 @@ impl super::SledStore {
                 self.inner.eviction.wake();
                 woke = true;
             }
+            // Eviction runs at full speed while any write waits.
+            waiting.get_or_insert_with(|| self.inner.eviction.waiting_write());
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             room = self.room(ns, tree, key)?;
         }

@@ -277,6 +277,7 @@ impl SledStore {
     /// Taken when an operation starts, before it reads or writes; see
     /// [`SledStore::durable`] and [`SledStore::visible`].
     fn ticket(&self) -> u64 {
+        self.inner.eviction.note_call();
         self.inner.wal.ticket()
     }
 

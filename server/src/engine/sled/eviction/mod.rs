@@ -32,9 +32,12 @@ use trove_proto::Error;
 
 mod backfill;
 mod cache_refs;
+mod index;
 mod namespaces;
 
-use super::wal::{LoggedTree, LoggedTx};
+use index::{classify, now_stamp, parse_at, relink};
+pub(super) use index::{index_trees, track};
+
 use super::{keys, schema, sled_error, SledStore};
 use crate::engine::record;
 
@@ -56,6 +59,15 @@ const CLASS_MAIN: u8 = 1;
 
 /// Values removed per logged write, and candidates read per scan.
 const BATCH: usize = 512;
+/// Candidates per batch while calls are being served: shorter bursts of
+/// eviction work between the rests (see [`Eviction::rest_after`]).
+const BUSY_BATCH: usize = 64;
+/// While calls are being served and no write waits for room, a pass rests
+/// this many times as long as its last batch took, so that eviction takes
+/// about `1 / (1 + BUSY_REST_FACTOR)` of the time it would alone.
+const BUSY_REST_FACTOR: u32 = 2;
+/// The longest single rest: a slow batch must not stall the pass for long.
+const MAX_REST: std::time::Duration = std::time::Duration::from_millis(50);
 /// Uses kept in memory between two flushes; more are dropped (the order
 /// gets less exact, nothing else).
 const MAX_PENDING_USES: usize = 200_000;
@@ -78,6 +90,12 @@ pub(super) struct Eviction {
     pub(super) evicted: AtomicU64,
     /// Whether the maintenance thread runs (writes then wait for it).
     pub(super) running: Arc<std::sync::atomic::AtomicBool>,
+    /// Operations the store started (reads and writes of callers): a
+    /// pass that sees it move knows it shares the machine with them.
+    calls: AtomicU64,
+    /// Writes waiting for eviction to make room: while any does, a pass
+    /// never rests.
+    waiting_writes: AtomicU64,
 }
 
 impl Eviction {
@@ -91,7 +109,34 @@ impl Eviction {
             pass: Mutex::new(()),
             evicted: AtomicU64::new(0),
             running: Default::default(),
+            calls: AtomicU64::new(0),
+            waiting_writes: AtomicU64::new(0),
         })
+    }
+
+    /// Counts an operation of a caller (see [`Eviction::rest_after`]).
+    pub(super) fn note_call(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks a write as waiting for room until the guard drops.
+    pub(super) fn waiting_write(&self) -> WaitingWrite<'_> {
+        self.waiting_writes.fetch_add(1, Ordering::AcqRel);
+        WaitingWrite(&self.waiting_writes)
+    }
+
+    /// How long a pass rests after a batch that took `took`, given the
+    /// call count when the batch started: eviction is background work, so
+    /// while callers are being served it takes a bounded share of the
+    /// machine (on two cores a full-speed pass doubled the p99 of small
+    /// gets), unless a write waits for the room it makes. An idle store,
+    /// or one whose writers wait, is evicted at full speed.
+    fn rest_after(&self, calls_before: u64, took: std::time::Duration) -> std::time::Duration {
+        let busy = self.calls.load(Ordering::Relaxed) != calls_before;
+        if !busy || self.waiting_writes.load(Ordering::Acquire) > 0 {
+            return std::time::Duration::ZERO;
+        }
+        (took * BUSY_REST_FACTOR).min(MAX_REST)
     }
 
     /// Wakes the maintenance thread: a namespace passed its quota.
@@ -134,114 +179,6 @@ impl Eviction {
             Err(_) => Vec::new(),
         }
     }
-}
-
-/// Microseconds since the epoch: the stamp of a use.
-fn now_stamp() -> u64 {
-    u64::try_from(trove_proto::types::now_micros()).unwrap_or(0)
-}
-
-/// The class and namespace key part of the value under `key` of `source`,
-/// or `None` when it is not evictable (a stream, a key this engine did not
-/// write).
-fn classify(source: u8, key: &[u8]) -> Option<(u8, Vec<u8>)> {
-    let (ns, rest) = keys::take_part(key)?;
-    let (_, rest) = keys::take_part(rest)?;
-    let class = match (source, rest.first()) {
-        (SOURCE_OBJECT, Some(&schema::KIND_OBJECT)) => CLASS_MAIN,
-        (SOURCE_CACHE, Some(&schema::TIER_MAIN)) => CLASS_MAIN,
-        (SOURCE_CACHE, Some(&schema::TIER_PR)) => CLASS_PR,
-        _ => return None,
-    };
-    Some((class, keys::key(&[&ns])))
-}
-
-fn index_key(ns_key: &[u8], class: u8, stamp: u64, source_key: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(ns_key.len() + 9 + source_key.len());
-    key.extend_from_slice(ns_key);
-    key.push(class);
-    key.extend_from_slice(&stamp.to_be_bytes());
-    key.extend_from_slice(source_key);
-    key
-}
-
-fn at_value(class: u8, stamp: u64) -> [u8; 9] {
-    let mut out = [0u8; 9];
-    out[0] = class;
-    out[1..].copy_from_slice(&stamp.to_be_bytes());
-    out
-}
-
-fn parse_at(value: &[u8]) -> Option<(u8, u64)> {
-    let (&class, rest) = value.split_first()?;
-    Some((class, keys::take_u64(rest)?.0))
-}
-
-/// Moves (or adds) the index entry of `source_key` (source byte + key) to
-/// `stamp`; removes it when `present` is false.
-fn relink(
-    lru: &LoggedTree<'_>,
-    lru_at: &LoggedTree<'_>,
-    source_key: &[u8],
-    present: bool,
-    stamp: u64,
-) -> TxResult<()> {
-    let Some((&source, key)) = source_key.split_first() else {
-        return Ok(());
-    };
-    let Some((class, ns_key)) = classify(source, key) else {
-        return Ok(());
-    };
-    if let Some((old_class, old_stamp)) = lru_at.get(source_key)?.as_deref().and_then(parse_at) {
-        lru.remove(index_key(&ns_key, old_class, old_stamp, source_key))?;
-    }
-    if present {
-        lru.insert(index_key(&ns_key, class, stamp, source_key), &[][..])?;
-        lru_at.insert(source_key, &at_value(class, stamp)[..])?;
-    } else {
-        lru_at.remove(source_key)?;
-    }
-    Ok(())
-}
-
-/// The eviction index trees (`lru`, `lru_at`) of a write over `data_trees`
-/// trees: `SledStore::write` puts them after the data and counter trees.
-pub(super) fn index_trees<'t>(
-    tx: &'t LoggedTx<'_>,
-    data_trees: usize,
-) -> (LoggedTree<'t>, LoggedTree<'t>) {
-    (tx.tree(data_trees + 2), tx.tree(data_trees + 3))
-}
-
-/// Keeps the index in step with what the write in `tx` changed in its first
-/// `data_trees` trees: a value written counts as used now, a value removed
-/// leaves the index. The index trees are `data_trees + 2` and `+ 3`.
-pub(super) fn track(tx: &LoggedTx<'_>, data_trees: usize) -> TxResult<()> {
-    let (lru, lru_at) = index_trees(tx, data_trees);
-    let mut stamp = None;
-    for index in 0..data_trees {
-        let name = tx.tree_name(index);
-        let source = if *name == *schema::OBJECTS.as_bytes() {
-            SOURCE_OBJECT
-        } else if *name == *schema::CACHE_REF_TIME.as_bytes() {
-            SOURCE_CACHE
-        } else {
-            continue;
-        };
-        let changed: Vec<(IVec, bool)> = tx
-            .changes(index)
-            .iter()
-            .map(|(key, change)| (key.clone(), change.after.is_some()))
-            .collect();
-        for (key, present) in changed {
-            let stamp = *stamp.get_or_insert_with(now_stamp);
-            let mut source_key = Vec::with_capacity(key.len() + 1);
-            source_key.push(source);
-            source_key.extend_from_slice(&key);
-            relink(&lru, &lru_at, &source_key, present, stamp)?;
-        }
-    }
-    Ok(())
 }
 
 /// What one eviction pass did.
@@ -317,8 +254,11 @@ impl SledStore {
             }
             let mut excess = held - quota.low_watermark();
             let mut idle_rounds = 0;
+            let mut batch = BATCH;
             while excess > 0 && idle_rounds < 3 {
-                let candidates = self.candidates(&ns_key, excess)?;
+                let calls_before = self.inner.eviction.calls.load(Ordering::Relaxed);
+                let started = std::time::Instant::now();
+                let candidates = self.candidates(&ns_key, excess, batch)?;
                 if candidates.is_empty() {
                     tracing::warn!(
                         namespace = %name,
@@ -341,6 +281,14 @@ impl SledStore {
                 done.bytes += pass.bytes;
                 let held = self.namespace_bytes(&ns_key)?;
                 excess = held.saturating_sub(quota.low_watermark());
+                let rest = self
+                    .inner
+                    .eviction
+                    .rest_after(calls_before, started.elapsed());
+                batch = if rest.is_zero() { BATCH } else { BUSY_BATCH };
+                if excess > 0 && !rest.is_zero() {
+                    std::thread::sleep(rest);
+                }
             }
         }
         self.inner
@@ -362,7 +310,12 @@ impl SledStore {
     /// The least recently used values of a namespace, until they hold
     /// `excess` bytes (or a batch is full). Entries whose value is gone are
     /// returned too (holding nothing), so that they leave the index.
-    fn candidates(&self, ns_key: &[u8], excess: u64) -> Result<Vec<Candidate>, Error> {
+    fn candidates(
+        &self,
+        ns_key: &[u8],
+        excess: u64,
+        batch: usize,
+    ) -> Result<Vec<Candidate>, Error> {
         let mut out = Vec::new();
         let mut bytes = 0u64;
         for item in self.inner.eviction.lru.scan_prefix(ns_key).keys() {
@@ -375,7 +328,7 @@ impl SledStore {
                 source_key,
                 bytes: held,
             });
-            if bytes >= excess || out.len() >= BATCH {
+            if bytes >= excess || out.len() >= batch {
                 break;
             }
         }
@@ -403,7 +356,8 @@ impl SledStore {
     /// Removes the candidates whose index entry is unchanged (a use or a
     /// rewrite since they were chosen keeps them). Blocking.
     fn evict(&self, candidates: &[Candidate]) -> Result<EvictionPass, Error> {
-        let ticket = self.ticket();
+        // Not `self.ticket()`: eviction is not a caller's operation.
+        let ticket = self.inner.wal.ticket();
         let mut done = EvictionPass::default();
         let (objects, refs): (Vec<&Candidate>, Vec<&Candidate>) = candidates
             .iter()
@@ -512,7 +466,8 @@ impl SledStore {
     /// a quota and once a second. It runs at a lower CPU priority than the
     /// threads that serve calls (nice 10): its own share of the work yields
     /// to them (the log and sled writes it causes run on their threads at
-    /// normal priority). It holds the store weakly and
+    /// normal priority, which is why passes also rest while calls are
+    /// served, see [`Eviction::rest_after`]). It holds the store weakly and
     /// ends with it. Blob files it unreferences are unlinked on the Tokio
     /// runtime that opened the store; without one, eviction runs only
     /// through [`SledStore::run_eviction`].
@@ -566,6 +521,15 @@ impl SledStore {
             self.inner.eviction.running.store(false, Ordering::Release);
             tracing::warn!(error = %err, "cannot start the eviction thread; eviction runs only when asked");
         }
+    }
+}
+
+/// A write waiting for eviction to make room (see [`Eviction::waiting_write`]).
+pub(super) struct WaitingWrite<'a>(&'a AtomicU64);
+
+impl Drop for WaitingWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

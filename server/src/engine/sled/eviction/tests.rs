@@ -81,9 +81,9 @@ async fn assert_consistent(store: &SledStore) {
         if key.is_empty() {
             continue;
         }
-        let (class, stamp) = super::parse_at(&value).expect("entry value");
+        let (class, stamp) = super::index::parse_at(&value).expect("entry value");
         let (_, ns_key) = super::classify(key[0], &key[1..]).expect("evictable key");
-        let index_key = super::index_key(&ns_key, class, stamp, &key);
+        let index_key = super::index::index_key(&ns_key, class, stamp, &key);
         assert!(
             eviction.lru.contains_key(index_key).expect("lookup"),
             "lru_at entry without its lru entry"
@@ -357,6 +357,14 @@ async fn a_write_past_the_ceiling_waits_for_running_eviction() {
     };
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(!write.is_finished(), "the write did not wait for eviction");
+    let waiting = || {
+        store
+            .inner
+            .eviction
+            .waiting_writes
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
+    assert_eq!(waiting(), 1, "the pass must know a write waits (no rests)");
     drop(held_back);
     write
         .await
@@ -364,6 +372,62 @@ async fn a_write_past_the_ceiling_waits_for_running_eviction() {
         .expect("room made by eviction");
     assert!(present(&store, &c, &hash).await);
     assert!(held(&store, "c").await <= 11_000);
+    assert_eq!(waiting(), 0);
+}
+
+/// A pass rests between batches only while callers are being served and
+/// no write waits for the room it makes; an idle store is evicted at full
+/// speed, and no rest is longer than the cap.
+#[tokio::test]
+async fn a_pass_rests_only_while_calls_are_served_and_no_write_waits() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open_without_task(dir.path(), options(evicting("c", 10_000)));
+    let eviction = &store.inner.eviction;
+    let took = Duration::from_millis(4);
+    let before = eviction.calls.load(Relaxed);
+    assert_eq!(eviction.rest_after(before, took), Duration::ZERO, "idle");
+    // A caller's read is what makes the store busy.
+    let (hash, _) = content(1, 10);
+    assert!(!present(&store, &ns("c"), &hash).await);
+    assert!(eviction.calls.load(Relaxed) > before);
+    assert_eq!(
+        eviction.rest_after(before, took),
+        took * super::BUSY_REST_FACTOR
+    );
+    assert_eq!(
+        eviction.rest_after(before, Duration::from_secs(5)),
+        super::MAX_REST
+    );
+    {
+        let _waiting = eviction.waiting_write();
+        assert_eq!(
+            eviction.rest_after(before, took),
+            Duration::ZERO,
+            "a write waits"
+        );
+    }
+    assert_eq!(
+        eviction.rest_after(before, took),
+        took * super::BUSY_REST_FACTOR
+    );
+    // The pass's own writes are not calls: a pass alone never rests.
+    for seed in 0..11 {
+        put(&store, &ns("c"), seed, 1000).await;
+    }
+    let before = eviction.calls.load(Relaxed);
+    let store_for_pass = store.clone();
+    let pass = tokio::task::spawn_blocking(move || store_for_pass.run_eviction())
+        .await
+        .expect("pass task")
+        .expect("pass");
+    assert!(pass.evicted > 0);
+    assert_eq!(
+        eviction.calls.load(Relaxed),
+        before,
+        "eviction counted as a call"
+    );
 }
 
 /// Once the eviction thread ends (here: its store is gone), the flag that
