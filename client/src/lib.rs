@@ -48,6 +48,12 @@ pub use trove_proto;
 
 /// Default size of the chunks uploads are split into.
 pub const DEFAULT_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Largest HTTP/2 frame the server may send this client (the protocol's
+/// default is 16 KiB): downloads arrive in 1 MiB messages, and fewer, larger
+/// frames cost less to take apart. The flow-control windows, not this,
+/// bound what a connection buffers.
+const MAX_FRAME_BYTES: u32 = 1024 * 1024;
 /// Largest message the client accepts: the most a server can be configured to send.
 const MAX_DECODE_BYTES: usize = 1024 * 1024 * 1024 + 1024 * 1024;
 
@@ -252,7 +258,8 @@ fn endpoint(
     let mut endpoint = Endpoint::from_shared(uri.clone())
         .map_err(|e| Error::invalid("addr", format!("{uri:?} is not a valid address: {e}")))?
         .connect_timeout(connect_timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .max_frame_size(MAX_FRAME_BYTES);
     if tls {
         let mut config = ClientTlsConfig::new();
         config = match &options.ca_pem {

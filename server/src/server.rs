@@ -55,6 +55,15 @@ const SERVICES: [&str; 5] = [
     "trove.v1.Admin",
 ];
 
+/// Largest HTTP/2 frame a client may send (the protocol's default is
+/// 16 KiB). Uploads arrive in 1 MiB messages; frames of up to 1 MiB cut the
+/// per-frame work of a 64 MiB put about 64-fold, and it measured 10 to 25%
+/// faster. What a hostile connection can make the server hold rises from
+/// about 1 MiB (the flow-control window, left at its default) to about
+/// 2 MiB (the window plus one partly sent frame); the per-peer connection
+/// cap and the idle and first-message timeouts bound it as before.
+const MAX_FRAME_BYTES: u32 = 1024 * 1024;
+
 /// The health service name that turns NOT_SERVING once stored data was
 /// found damaged (a DATA_LOSS answer), while the server goes on serving
 /// everything else: probes keep routing traffic, alerts can page.
@@ -349,6 +358,7 @@ impl<H: tonic_health::pb::health_server::Health> Serving<'_, H> {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .max_concurrent_streams(config.max_concurrent_streams)
+            .max_frame_size(Some(MAX_FRAME_BYTES))
             .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
             .layer(calls)
             .layer(AuthLayer::new(access))
