@@ -488,6 +488,107 @@ async fn finished_calls_leave_no_task_behind() {
     );
 }
 
+/// Opens a raw TCP connection from the hostile peer, speaks just enough
+/// HTTP/2 for the server to apply its own settings (the client preface, an
+/// empty SETTINGS frame, and the acknowledgement of the server's), then sends
+/// the 9-byte header of a HEADERS frame announcing `length` bytes and
+/// `sent` bytes of it. Returns the socket, still open.
+async fn partial_frame(
+    addr: std::net::SocketAddr,
+    length: u32,
+    sent: usize,
+) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(hostile(), 0))?;
+    let mut tcp = socket.connect(addr).await?;
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    tcp.write_all(&frame_header(0, 4, 0, 0)).await?;
+    // The server's first frame is its SETTINGS; its maximum frame size
+    // applies once acknowledged.
+    let mut head = [0u8; 9];
+    tcp.read_exact(&mut head).await?;
+    assert_eq!(head[3], 4, "the server opens with SETTINGS");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await?;
+    tcp.write_all(&frame_header(0, 4, 1, 0)).await?;
+    // HEADERS with END_HEADERS on stream 1, its block never completed.
+    tcp.write_all(&frame_header(length, 1, 4, 1)).await?;
+    tcp.write_all(&vec![0u8; sent]).await?;
+    tcp.flush().await?;
+    Ok(tcp)
+}
+
+/// An HTTP/2 frame header: 24-bit length, type, flags, stream id.
+fn frame_header(length: u32, kind: u8, flags: u8, stream: u32) -> [u8; 9] {
+    let l = length.to_be_bytes();
+    let s = stream.to_be_bytes();
+    [l[1], l[2], l[3], kind, flags, s[0], s[1], s[2], s[3]]
+}
+
+/// Item 6: a frame is buffered whole before the server can look at it, so
+/// the largest frame it accepts (128 KiB) times the connections one peer may
+/// hold (256) bounds what partly sent frames cost: 255 connections each
+/// holding all but 16 bytes of a 128 KiB frame add about 32 MiB.
+/// A frame one byte larger closes its connection at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partly_sent_frames_are_bounded_by_the_frame_size() {
+    use tokio::io::AsyncReadExt;
+    const MAX_FRAME: u32 = 128 * 1024;
+    let server = ServerProcess::start().await;
+    let pid = server.pid();
+    let fds_before = raw::open_fds(pid);
+    let rss_before = raw::rss_mib(pid);
+    let bystander = Bystander::start(&server).await;
+    let peak = PeakRss::start(pid);
+    // First, while the peer holds no connection: a frame one byte over the
+    // limit gets GOAWAY and the end of the connection, never a wait for the
+    // rest of it.
+    let mut oversized = partial_frame(server.addr, MAX_FRAME + 1, 16)
+        .await
+        .expect("a first connection");
+    let mut rest = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(10), oversized.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "a frame over the limit did not close its connection"
+    );
+    drop(oversized);
+    // Then the peer's other 255 connections (the cap is 256, and the one
+    // above may still be counted for a moment).
+    let mut held = Vec::new();
+    for _ in 0..255 {
+        let conn = partial_frame(server.addr, MAX_FRAME, MAX_FRAME as usize - 16)
+            .await
+            .expect("a connection under the per-peer cap");
+        held.push(conn);
+    }
+    // Give the sampler a moment of wall time to see the peak.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fds_peak = raw::open_fds(pid);
+    let rounds = bystander.finish().await;
+    let peak_rss = peak.finish().await;
+    drop(held);
+    println!(
+        "rss before {rss_before} MiB, peak {peak_rss} MiB; bystander made {rounds} round trips"
+    );
+    assert!(
+        peak_rss < rss_before + 64,
+        "255 partly sent frames took the server from {rss_before} to {peak_rss} MiB"
+    );
+    assert!(rounds > 0);
+    let fds_after = raw::fds_settle(pid, fds_before + FD_SLACK, Duration::from_secs(30)).await;
+    report(
+        "255 connections, each all but 16 bytes of a 128 KiB frame",
+        peak_rss,
+        fds_before,
+        fds_peak,
+        fds_after,
+    );
+}
+
 /// The limits are settings: a budget smaller than one largest message is
 /// refused at start, naming both settings.
 #[test]
