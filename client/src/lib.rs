@@ -51,9 +51,10 @@ pub const DEFAULT_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Largest HTTP/2 frame the server may send this client (the protocol's
 /// default is 16 KiB): downloads arrive in 1 MiB messages, and fewer, larger
-/// frames cost less to take apart. The flow-control windows, not this,
-/// bound what a connection buffers.
-const MAX_FRAME_BYTES: u32 = 1024 * 1024;
+/// frames cost less to take apart. Measured on 64 MiB gets, three runs each:
+/// 128 KiB frames were 10 to 15% faster than 16 KiB in plaintext and over
+/// TLS; 1 MiB frames were faster still in plaintext but not over TLS.
+const MAX_FRAME_BYTES: u32 = 128 * 1024;
 /// Largest message the client accepts: the most a server can be configured to send.
 const MAX_DECODE_BYTES: usize = 1024 * 1024 * 1024 + 1024 * 1024;
 
