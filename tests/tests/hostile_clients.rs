@@ -568,6 +568,25 @@ async fn partly_sent_frames_are_bounded_by_the_frame_size() {
     // Give the sampler a moment of wall time to see the peak.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let fds_peak = raw::open_fds(pid);
+    // The frames are held, not refused: every connection is still open
+    // (whatever control frames the server sent are read; no end of stream).
+    // Within the slack: the store's own files may have been open for a
+    // moment when `fds_before` was counted.
+    assert!(
+        fds_peak + FD_SLACK >= fds_before + 255,
+        "the server holds {fds_peak} descriptors, {fds_before} before 255 connections"
+    );
+    for conn in &held {
+        let mut scratch = [0u8; 4096];
+        loop {
+            match conn.try_read(&mut scratch) {
+                Ok(0) => panic!("the server closed a connection holding a frame within the limit"),
+                Ok(_) => continue,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(err) => panic!("a held connection failed: {err}"),
+            }
+        }
+    }
     let rounds = bystander.finish().await;
     let peak_rss = peak.finish().await;
     drop(held);

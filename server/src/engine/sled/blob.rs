@@ -412,6 +412,8 @@ impl super::SledStore {
         );
         while let Some(chunk) = data.next().await {
             let chunk = chunk?;
+            // A long upload keeps the store busy for eviction's pacing.
+            self.inner.eviction.note_call();
             writer
                 .write(chunk)
                 .await

@@ -92,8 +92,13 @@ impl SledStore {
     /// their recorded SHA-256 end the stream with DATA_LOSS naming `what`.
     pub(super) fn byte_stream(&self, reader: BodyReader, what: String) -> ByteStream {
         let chunk = self.inner.options.read_chunk_bytes.max(1);
+        // A long download keeps the store busy for eviction's pacing.
+        let calls = self.inner.eviction.call_counter();
         tokio_util::io::ReaderStream::with_capacity(reader, chunk)
-            .map(move |r| r.map_err(|e| read_error(&what, &e)))
+            .map(move |r| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                r.map_err(|e| read_error(&what, &e))
+            })
             .boxed()
     }
 }

@@ -59,15 +59,20 @@ const CLASS_MAIN: u8 = 1;
 
 /// Values removed per logged write, and candidates read per scan.
 const BATCH: usize = 512;
-/// Candidates per batch while calls are being served: shorter bursts of
-/// eviction work between the rests (see [`Eviction::rest_after`]).
+/// Candidates per batch while calls are being served (and in a pass's
+/// first batch, before it knows): shorter bursts of eviction work between
+/// the rests (see [`Eviction::rest_after`]).
 const BUSY_BATCH: usize = 64;
 /// While calls are being served and no write waits for room, a pass rests
 /// this many times as long as its last batch took, so that eviction takes
-/// about `1 / (1 + BUSY_REST_FACTOR)` of the time it would alone.
+/// about `1 / (1 + BUSY_REST_FACTOR)` of the time it would alone (less
+/// when batches take longer than `MAX_REST / BUSY_REST_FACTOR`).
 const BUSY_REST_FACTOR: u32 = 2;
 /// The longest single rest: a slow batch must not stall the pass for long.
 const MAX_REST: std::time::Duration = std::time::Duration::from_millis(50);
+/// A rest is slept in slices this long, so that a write that starts
+/// waiting for room ends it early.
+const REST_SLICE: std::time::Duration = std::time::Duration::from_millis(5);
 /// Uses kept in memory between two flushes; more are dropped (the order
 /// gets less exact, nothing else).
 const MAX_PENDING_USES: usize = 200_000;
@@ -90,9 +95,10 @@ pub(super) struct Eviction {
     pub(super) evicted: AtomicU64,
     /// Whether the maintenance thread runs (writes then wait for it).
     pub(super) running: Arc<std::sync::atomic::AtomicBool>,
-    /// Operations the store started (reads and writes of callers): a
-    /// pass that sees it move knows it shares the machine with them.
-    calls: AtomicU64,
+    /// Operations started through the store's traits, and chunks they
+    /// stream in or out: a pass that sees it move knows it shares the
+    /// machine with them. Shared with download streams.
+    calls: Arc<AtomicU64>,
     /// Writes waiting for eviction to make room: while any does, a pass
     /// never rests.
     waiting_writes: AtomicU64,
@@ -109,14 +115,32 @@ impl Eviction {
             pass: Mutex::new(()),
             evicted: AtomicU64::new(0),
             running: Default::default(),
-            calls: AtomicU64::new(0),
+            calls: Arc::new(AtomicU64::new(0)),
             waiting_writes: AtomicU64::new(0),
         })
     }
 
-    /// Counts an operation of a caller (see [`Eviction::rest_after`]).
+    /// Counts an operation of a caller, or a chunk it sent or received
+    /// (see [`Eviction::rest_after`]).
     pub(super) fn note_call(&self) {
         self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The call counter, for a download stream to count its chunks with.
+    pub(super) fn call_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.calls)
+    }
+
+    /// Sleeps `rest`, in slices, ending early once a write waits for room.
+    fn rest(&self, rest: std::time::Duration) {
+        let until = std::time::Instant::now() + rest;
+        loop {
+            let now = std::time::Instant::now();
+            if now >= until || self.waiting_writes.load(Ordering::Acquire) > 0 {
+                return;
+            }
+            std::thread::sleep(REST_SLICE.min(until - now));
+        }
     }
 
     /// Marks a write as waiting for room until the guard drops.
@@ -128,9 +152,9 @@ impl Eviction {
     /// How long a pass rests after a batch that took `took`, given the
     /// call count when the batch started: eviction is background work, so
     /// while callers are being served it takes a bounded share of the
-    /// machine (on two cores a full-speed pass doubled the p99 of small
-    /// gets), unless a write waits for the room it makes. An idle store,
-    /// or one whose writers wait, is evicted at full speed.
+    /// machine (on two cores a full-speed pass raised the p99 of small
+    /// gets about 1.5x), unless a write waits for the room it makes. An
+    /// idle store, or one whose writers wait, is evicted at full speed.
     fn rest_after(&self, calls_before: u64, took: std::time::Duration) -> std::time::Duration {
         let busy = self.calls.load(Ordering::Relaxed) != calls_before;
         if !busy || self.waiting_writes.load(Ordering::Acquire) > 0 {
@@ -254,11 +278,18 @@ impl SledStore {
             }
             let mut excess = held - quota.low_watermark();
             let mut idle_rounds = 0;
-            let mut batch = BATCH;
+            let mut batch = BUSY_BATCH;
             while excess > 0 && idle_rounds < 3 {
                 let calls_before = self.inner.eviction.calls.load(Ordering::Relaxed);
                 let started = std::time::Instant::now();
-                let candidates = self.candidates(&ns_key, excess, batch)?;
+                let (candidates, skipped_used) = self.candidates(&ns_key, excess, batch)?;
+                if candidates.is_empty() && skipped_used {
+                    // Everything left was used during this pass: write those
+                    // uses (their entries move back) and look again.
+                    self.flush_uses()?;
+                    idle_rounds += 1;
+                    continue;
+                }
                 if candidates.is_empty() {
                     tracing::warn!(
                         namespace = %name,
@@ -287,7 +318,7 @@ impl SledStore {
                     .rest_after(calls_before, started.elapsed());
                 batch = if rest.is_zero() { BATCH } else { BUSY_BATCH };
                 if excess > 0 && !rest.is_zero() {
-                    std::thread::sleep(rest);
+                    self.inner.eviction.rest(rest);
                 }
             }
         }
@@ -309,18 +340,25 @@ impl SledStore {
 
     /// The least recently used values of a namespace, until they hold
     /// `excess` bytes (or a batch is full). Entries whose value is gone are
-    /// returned too (holding nothing), so that they leave the index.
+    /// returned too (holding nothing), so that they leave the index. Values
+    /// used since the last flush of uses are skipped (they stay), and the
+    /// flag says whether any was.
     fn candidates(
         &self,
         ns_key: &[u8],
         excess: u64,
         batch: usize,
-    ) -> Result<Vec<Candidate>, Error> {
+    ) -> Result<(Vec<Candidate>, bool), Error> {
         let mut out = Vec::new();
         let mut bytes = 0u64;
+        let mut skipped_used = false;
         for item in self.inner.eviction.lru.scan_prefix(ns_key).keys() {
             let index_key = item.map_err(sled_error)?;
             let source_key = index_key[ns_key.len() + 9..].to_vec();
+            if self.inner.eviction.is_pending(&source_key) {
+                skipped_used = true;
+                continue;
+            }
             let held = self.held_by(&source_key)?;
             bytes += held;
             out.push(Candidate {
@@ -332,7 +370,7 @@ impl SledStore {
                 break;
             }
         }
-        Ok(out)
+        Ok((out, skipped_used))
     }
 
     /// Logical bytes held by the value under `source_key`.

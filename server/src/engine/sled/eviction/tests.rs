@@ -165,6 +165,38 @@ async fn least_recently_used_objects_go_first_and_uses_count() {
     assert_consistent(&store).await;
 }
 
+/// Values used since the last flush of uses are not candidates (a pass
+/// running meanwhile must keep them), and do not take a batch's places;
+/// when only such values are left, the caller learns it.
+#[tokio::test]
+async fn values_used_during_a_pass_are_skipped_not_counted() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open_without_task(dir.path(), options(evicting("c", 10_000)));
+    let c = ns("c");
+    let mut hashes = Vec::new();
+    for seed in 0..4 {
+        hashes.push(put(&store, &c, seed, 1000).await);
+    }
+    let ns_key = super::keys::key(&[b"c"]);
+    let (first, skipped) = store.candidates(&ns_key, u64::MAX, 1).expect("scan");
+    assert!(!skipped);
+    assert_eq!(first.len(), 1);
+    // Using the oldest value (not yet flushed) moves the batch of one on.
+    let (_, body) = store.get_object(&c, &hashes[0]).await.expect("get");
+    drop(body);
+    let (next, skipped) = store.candidates(&ns_key, u64::MAX, 1).expect("scan");
+    assert!(skipped);
+    assert_eq!(next.len(), 1);
+    assert_ne!(next[0].source_key, first[0].source_key);
+    // With every value used, nothing is a candidate, and the caller knows why.
+    for hash in &hashes[1..] {
+        let (_, body) = store.get_object(&c, hash).await.expect("get");
+        drop(body);
+    }
+    let (none, skipped) = store.candidates(&ns_key, u64::MAX, 8).expect("scan");
+    assert!(none.is_empty() && skipped);
+}
+
 /// A quota for every namespace (`[namespaces."*"]`) holds each namespace
 /// to it on its own, and evicts in every namespace over it; a namespace
 /// with a quota of its own keeps that one.
@@ -411,6 +443,18 @@ async fn a_pass_rests_only_while_calls_are_served_and_no_write_waits() {
     assert_eq!(
         eviction.rest_after(before, took),
         took * super::BUSY_REST_FACTOR
+    );
+    // A write that starts waiting ends a rest early.
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        let resting = scope.spawn(|| eviction.rest(Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(20));
+        let _waiting = eviction.waiting_write();
+        resting.join().expect("rest thread");
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a waiting write did not end the rest"
     );
     // The pass's own writes are not calls: a pass alone never rests.
     for seed in 0..11 {
