@@ -120,6 +120,26 @@ async fn put(store: &SledStore, namespace: &Namespace, seed: usize, len: usize) 
     hash
 }
 
+/// Puts one value of `len` bytes per seed; returns their hashes in order.
+async fn put_many(
+    store: &SledStore,
+    namespace: &Namespace,
+    seeds: std::ops::Range<usize>,
+    len: usize,
+) -> Vec<Name> {
+    let mut hashes = Vec::new();
+    for seed in seeds {
+        hashes.push(put(store, namespace, seed, len).await);
+    }
+    hashes
+}
+
+/// Reads an object once: a use that eviction counts.
+async fn use_object(store: &SledStore, namespace: &Namespace, hash: &Name) {
+    let (_, body) = store.get_object(namespace, hash).await.expect("get");
+    drop(body);
+}
+
 async fn present(store: &SledStore, namespace: &Namespace, hash: &Name) -> bool {
     match store.stat_object(namespace, hash).await {
         Ok(_) => true,
@@ -140,12 +160,8 @@ async fn least_recently_used_objects_go_first_and_uses_count() {
     let dir = tempfile::tempdir().expect("dir");
     let store = open_without_task(dir.path(), options(evicting("c", 10_000)));
     let c = ns("c");
-    let mut hashes = Vec::new();
-    for seed in 0..10 {
-        hashes.push(put(&store, &c, seed, 1000).await);
-    }
-    let (_, body) = store.get_object(&c, &hashes[0]).await.expect("get");
-    drop(body);
+    let mut hashes = put_many(&store, &c, 0..10, 1000).await;
+    use_object(&store, &c, &hashes[0]).await;
     let missing = store
         .find_missing(&c, &[hashes[1].clone()])
         .await
@@ -173,25 +189,20 @@ async fn values_used_during_a_pass_are_skipped_not_counted() {
     let dir = tempfile::tempdir().expect("dir");
     let store = open_without_task(dir.path(), options(evicting("c", 10_000)));
     let c = ns("c");
-    let mut hashes = Vec::new();
-    for seed in 0..4 {
-        hashes.push(put(&store, &c, seed, 1000).await);
-    }
+    let hashes = put_many(&store, &c, 0..4, 1000).await;
     let ns_key = super::keys::key(&[b"c"]);
     let (first, skipped) = store.candidates(&ns_key, u64::MAX, 1).expect("scan");
     assert!(!skipped);
     assert_eq!(first.len(), 1);
     // Using the oldest value (not yet flushed) moves the batch of one on.
-    let (_, body) = store.get_object(&c, &hashes[0]).await.expect("get");
-    drop(body);
+    use_object(&store, &c, &hashes[0]).await;
     let (next, skipped) = store.candidates(&ns_key, u64::MAX, 1).expect("scan");
     assert!(skipped);
     assert_eq!(next.len(), 1);
     assert_ne!(next[0].source_key, first[0].source_key);
     // With every value used, nothing is a candidate, and the caller knows why.
     for hash in &hashes[1..] {
-        let (_, body) = store.get_object(&c, hash).await.expect("get");
-        drop(body);
+        use_object(&store, &c, hash).await;
     }
     let (none, skipped) = store.candidates(&ns_key, u64::MAX, 8).expect("scan");
     assert!(none.is_empty() && skipped);
@@ -539,10 +550,7 @@ async fn a_value_larger_than_the_overshoot_is_accepted_under_the_quota() {
     let dir = tempfile::tempdir().expect("dir");
     let store = open_without_task(dir.path(), options(evicting("c", 10_000)));
     let c = ns("c");
-    let mut hashes = Vec::new();
-    for seed in 0..9 {
-        hashes.push(put(&store, &c, seed, 1000).await);
-    }
+    let hashes = put_many(&store, &c, 0..9, 1000).await;
     let big = put(&store, &c, 100, 3000).await;
     assert_eq!(held(&store, "c").await, 12_000);
     store.run_eviction().expect("evict");
@@ -590,10 +598,7 @@ async fn reads_racing_eviction_get_whole_values_or_not_found() {
     let dir = tempfile::tempdir().expect("dir");
     let store = open_without_task(dir.path(), options(evicting("c", 20 * LEN as u64)));
     let c = ns("c");
-    let mut hashes = Vec::new();
-    for seed in 0..20 {
-        hashes.push(put(&store, &c, seed, LEN).await);
-    }
+    let hashes = put_many(&store, &c, 0..20, LEN).await;
     let hashes = Arc::new(hashes);
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut readers = Vec::new();
@@ -666,10 +671,7 @@ async fn an_eviction_whose_log_fails_is_undone_and_done_again() {
         },
     );
     let c = ns("c");
-    let mut hashes = Vec::new();
-    for seed in 0..11 {
-        hashes.push(put(&store, &c, seed, 1000).await);
-    }
+    let hashes = put_many(&store, &c, 0..11, 1000).await;
     faults.fail_flush.store(true, Ordering::SeqCst);
     let ticket = store.ticket();
     let evicting = store.clone();
