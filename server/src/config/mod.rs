@@ -504,6 +504,7 @@ impl Config {
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
             inline_limit: usize::try_from(self.inline_limit_bytes).unwrap_or(usize::MAX),
+            pack_bytes: crate::engine::sled::PACK_BYTES,
             read_chunk_bytes: usize::try_from(self.chunk_bytes).unwrap_or(usize::MAX),
             durability: match self.durability {
                 DurabilityMode::Strict => Durability::Strict,

@@ -20,6 +20,17 @@ pub enum Body {
     Inline(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Stored in blob file `id`.
     Blob(u64),
+    /// Stored in the sled engine's value pack `pack` at byte `offset`
+    /// (`body_len` bytes whose CRC-32 is `crc`). Added after the others so
+    /// that their encoding is unchanged.
+    Packed {
+        /// The pack file's number.
+        pack: u64,
+        /// Where the bytes start in it.
+        offset: u64,
+        /// CRC-32 of the bytes, checked on every read.
+        crc: u32,
+    },
 }
 
 /// Metadata (and, for small values, the bytes) of one stored value.
@@ -78,7 +89,7 @@ impl ValueRecord {
     pub fn blob_id(&self) -> Option<u64> {
         match self.body {
             Body::Blob(id) => Some(id),
-            Body::Inline(_) => None,
+            Body::Inline(_) | Body::Packed { .. } => None,
         }
     }
 }

@@ -5,6 +5,16 @@
 use super::*;
 use bytes::Bytes;
 
+/// A record pointing into the embedded engine's value packs, which this
+/// engine never writes: the bucket holds data it cannot have written.
+pub(super) fn packed_here() -> Error {
+    Error::DataLoss {
+        message: "a value record points into a local value pack, which the object-storage \
+                  engine never writes; the bucket holds data from elsewhere"
+            .into(),
+    }
+}
+
 impl BucketStore {
     /// Opens a record's body for reading. A blob deleted in the meantime (a
     /// concurrent replace) is `Ok(None)`: read the record again.
@@ -27,6 +37,7 @@ impl BucketStore {
                 }
                 self.open_blob(*id, record.body_len).await
             }
+            Body::Packed { .. } => Err(packed_here()),
         }
     }
 
@@ -58,6 +69,7 @@ impl BucketStore {
                 Some((bytes, _)) => Ok(Some(bytes.to_vec())),
                 None => Ok(None),
             },
+            Body::Packed { .. } => Err(packed_here()),
         }
     }
 

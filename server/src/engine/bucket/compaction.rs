@@ -137,7 +137,7 @@ impl BucketStore {
             .iter()
             .filter_map(|run| match run.body {
                 Body::Blob(id) => Some(id),
-                Body::Inline(_) => None,
+                Body::Inline(_) | Body::Packed { .. } => None,
             })
             .collect();
         let mut markers = Vec::new();

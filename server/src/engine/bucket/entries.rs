@@ -63,6 +63,7 @@ impl BucketStore {
                         Err(object_store::Error::NotFound { .. }) => return Ok(None),
                         Err(e) => return Err(bucket_error("open a cassette run", &e)),
                     },
+                    Body::Packed { .. } => return Err(super::bodies::packed_here()),
                 };
                 Ok(Some(RunReader::new(run.clone(), body)))
             }

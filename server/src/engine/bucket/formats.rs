@@ -127,7 +127,7 @@ pub(super) fn decode_head(bytes: &[u8]) -> Result<Head, Error> {
                     .map(|run| Run {
                         bytes: match &run.body {
                             Body::Inline(data) => data.len() as u64,
-                            Body::Blob(_) => 0,
+                            Body::Blob(_) | Body::Packed { .. } => 0,
                         },
                         id: run.id,
                         first_seq: run.first_seq,
@@ -242,7 +242,7 @@ impl Head {
             .iter()
             .filter_map(|run| match run.body {
                 Body::Blob(id) => Some(id),
-                Body::Inline(_) => None,
+                Body::Inline(_) | Body::Packed { .. } => None,
             })
             .collect()
     }

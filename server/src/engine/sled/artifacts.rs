@@ -14,16 +14,32 @@ use trove_proto::types::{
 use trove_proto::{ArtifactStore, Error};
 
 use super::blob::BlobDir;
+use super::packs::{PackLoc, Packs};
 use super::schema::*;
 use super::{blocking, io_error, keys, scan_after, sled_error, SledStore};
 use crate::engine::record::{self, Body, ValueRecord};
 use crate::engine::values::{artifact_info, artifact_record};
 
-/// Reads a small value whole, for listings. `None` when its blob vanished
-/// (a concurrent overwrite), so the caller can re-read the record.
-fn read_small_value(blobs: &BlobDir, record: &ValueRecord) -> Result<Option<Vec<u8>>, Error> {
+/// Reads a small value whole, for listings. `None` when its blob or pack
+/// vanished (a concurrent overwrite or compaction), so the caller can
+/// re-read the record.
+fn read_small_value(
+    blobs: &BlobDir,
+    packs: &Packs,
+    record: &ValueRecord,
+    key: &str,
+) -> Result<Option<Vec<u8>>, Error> {
     match &record.body {
         Body::Inline(data) => Ok(Some(data.clone())),
+        Body::Packed { pack, offset, crc } => {
+            let loc = PackLoc {
+                pack: *pack,
+                offset: *offset,
+            };
+            packs
+                .read(loc, record.body_len, *crc)
+                .map_err(|err| super::read::pack_error("artifact", key, err))
+        }
         Body::Blob(id) => match std::fs::read(blobs.blob_path(*id)) {
             Ok(data) => Ok(Some(data)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -116,6 +132,7 @@ impl ArtifactStore for SledStore {
         let ticket = self.ticket();
         let tree = self.inner.artifacts.clone();
         let blobs = self.inner.blobs.clone();
+        let packs = std::sync::Arc::clone(&self.inner.packs);
         let ns_key = namespace_key(ns);
         let page = page.clone();
         let page = blocking(move || {
@@ -148,7 +165,7 @@ impl ArtifactStore for SledStore {
                         if record.size > MAX_LISTED_VALUE_BYTES {
                             break;
                         }
-                        if let Some(data) = read_small_value(&blobs, &record)? {
+                        if let Some(data) = read_small_value(&blobs, &packs, &record, &key)? {
                             inline_value = Some(data);
                             break;
                         }

@@ -115,10 +115,9 @@ impl SledStore {
                 if let Some(bytes) = refs.remove(suite_key)? {
                     let old =
                         record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
-                    if let Some(id) = old.blob_id() {
-                        blob_refs.remove(id.to_be_bytes())?;
-                        blobs.push(id);
-                    }
+                    let freed = super::packs::refs::swap(&blob_refs, suite_key, Some(&old), None)?;
+                    self.inner.packs.note_freed(freed);
+                    blobs.extend(old.blob_id());
                 }
             }
             Ok(Some(blobs))
@@ -289,21 +288,19 @@ impl CacheStore for SledStore {
                     }
                     None => None,
                 };
-                let new = ValueRecord {
+                let mut new = ValueRecord {
                     seq,
                     ..ValueRecord::replacing(old.as_ref(), uploaded_at, size, size, sha256, body)
                 };
+                super::packs::refs::pack_body(tx, &mut new);
                 refs.insert(
                     archive_key.as_slice(),
                     record::encode(&new).map_err(ConflictableTransactionError::Abort)?,
                 )?;
                 let old_blob = old.as_ref().and_then(ValueRecord::blob_id);
-                if let Some(id) = old_blob {
-                    blob_refs.remove(id.to_be_bytes())?;
-                }
-                if let Some(id) = new.blob_id() {
-                    blob_refs.insert(id.to_be_bytes(), archive_key.as_slice())?;
-                }
+                let freed =
+                    super::packs::refs::swap(&blob_refs, &archive_key, old.as_ref(), Some(&new))?;
+                store.inner.packs.note_freed(freed);
                 if let Some((ts, old_seq)) = ref_time.get(&ref_key)?.and_then(|t| decode_time(&t)) {
                     recency.remove(recency_key(&tier.key, ts, old_seq, reference.as_bytes()))?;
                 }

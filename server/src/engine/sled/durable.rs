@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::packs::Packs;
 use super::sled_error;
 use super::wal::Wal;
 use trove_proto::Error;
@@ -46,11 +47,14 @@ pub struct DurableFlush {
     poisoned: Option<String>,
     /// The same, readable without the flush lock (for health).
     refusal: std::sync::Arc<std::sync::OnceLock<String>>,
+    /// The value packs, synced before a checkpoint is recorded.
+    packs: Option<Arc<Packs>>,
 }
 
 impl DurableFlush {
-    /// Opens the flush of `db`, whose files are in `sled_dir`.
-    pub fn open(db: sled::Db, sled_dir: &Path) -> std::io::Result<Self> {
+    /// Opens the flush of `db`, whose files are in `sled_dir`, with the
+    /// store's value packs.
+    pub fn open(db: sled::Db, sled_dir: &Path, packs: Option<Arc<Packs>>) -> std::io::Result<Self> {
         let log = File::open(sled_dir.join("db"))?;
         // sled never syncs its configuration file, and reopening with
         // another segment size than the one it records is refused.
@@ -67,7 +71,35 @@ impl DurableFlush {
             synced: HashSet::new(),
             poisoned: None,
             refusal: std::sync::Arc::default(),
+            packs,
         })
+    }
+
+    /// `fdatasync`s the value packs written since their last sync. A
+    /// failure poisons every later flush, as a failed sync of sled does.
+    pub fn sync_packs(&mut self) -> Result<(), String> {
+        if let Some(reason) = &self.poisoned {
+            return Err(reason.clone());
+        }
+        let Some(packs) = &self.packs else {
+            return Ok(());
+        };
+        if let Err(err) = packs.sync() {
+            return Err(self.poison(&err));
+        }
+        Ok(())
+    }
+
+    fn poison(&mut self, err: &std::io::Error) -> String {
+        let reason = format!(
+            "an fsync of the database failed ({err}); writes since the last durable point \
+             may be lost and a retry cannot tell: no write is acknowledged until the server \
+             is restarted"
+        );
+        tracing::error!(error = %err, "fsync failed; the store refuses to acknowledge writes until restarted");
+        self.poisoned = Some(reason.clone());
+        let _ = self.refusal.set(reason.clone());
+        reason
     }
 
     /// Where the reason writes are refused appears, once they are.
@@ -88,15 +120,7 @@ impl DurableFlush {
         }
         self.db.flush().map_err(|e| e.to_string())?;
         if let Err(err) = self.sync_files() {
-            let reason = format!(
-                "an fsync of the database failed ({err}); writes since the last durable point \
-                 may be lost and a retry cannot tell: no write is acknowledged until the server \
-                 is restarted"
-            );
-            tracing::error!(error = %err, "fsync failed; the store refuses to acknowledge writes until restarted");
-            self.poisoned = Some(reason.clone());
-            let _ = self.refusal.set(reason.clone());
-            return Err(reason);
+            return Err(self.poison(&err));
         }
         Ok(())
     }
@@ -239,10 +263,20 @@ pub fn checkpoint(wal: &Wal, flush: &Mutex<DurableFlush>) -> Result<u64, String>
     let mut flush = flush
         .lock()
         .map_err(|_| "the checkpoint lock is poisoned".to_owned())?;
+    // Most of the packs' bytes are synced before writes are held; what
+    // was written meanwhile, under the hold.
+    flush.sync_packs()?;
     let held = wal.hold_writes().map_err(|e| e.to_string())?;
+    flush.sync_packs()?;
+    // After the packs' sync and before sled's: a start that finds this
+    // marker finds every packed value through it in place.
+    wal.mark_checkpoint(lsn).map_err(|e| e.to_string())?;
     flush.flush()?;
     drop(held);
     wal.release_through(lsn);
+    if let Err(err) = wal.forget_images_through(lsn) {
+        tracing::warn!(error = %err, "could not remove the images a checkpoint covers; retried at the next one");
+    }
     Ok(lsn)
 }
 
@@ -303,7 +337,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let sled_dir = dir.path().join("db");
         let db = sled::Config::new().path(&sled_dir).open().expect("open");
-        let mut flush = DurableFlush::open(db.clone(), &sled_dir).expect("flush");
+        let mut flush = DurableFlush::open(db.clone(), &sled_dir, None).expect("flush");
         // Over a quarter of sled's 512 KiB segments: stored as an item file.
         db.insert(b"big", vec![7u8; 400 * 1024]).expect("insert");
         flush.flush().expect("flush");

@@ -48,6 +48,7 @@ mod faults;
 mod ids;
 mod keys;
 mod objects;
+mod packs;
 mod read;
 mod schema;
 mod usage;
@@ -55,6 +56,7 @@ mod wal;
 
 pub use eviction::EvictionPass;
 pub use faults::Faults;
+pub use packs::{CompactionPass, PACK_BYTES};
 pub use read::BodyReader;
 pub use usage::StoreStats;
 
@@ -87,8 +89,11 @@ pub const DEFAULT_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
 /// Tuning of a [`SledStore`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// Values up to this size are stored inside sled; larger ones in blob files.
+    /// Values up to this size are stored in sled's records or in value
+    /// packs (see `packs`); larger ones in blob files.
     pub inline_limit: usize,
+    /// The size at which a value pack is sealed (and may be compacted).
+    pub pack_bytes: u64,
     /// Size of the chunks values are read back in.
     pub read_chunk_bytes: usize,
     /// When writes are acknowledged.
@@ -112,6 +117,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             inline_limit: 64 * 1024,
+            pack_bytes: packs::PACK_BYTES,
             read_chunk_bytes: 1024 * 1024,
             durability: Durability::Strict,
             cache_bytes: DEFAULT_CACHE_BYTES,
@@ -132,6 +138,8 @@ struct Inner {
     usage: accounting::UsageTrees,
     eviction: eviction::Eviction,
     blobs: BlobDir,
+    /// Small values' bytes, outside sled (see `packs`).
+    packs: Arc<packs::Packs>,
     wal: Wal,
     /// Checkpoints sled; also run at shutdown.
     checkpoints: Arc<std::sync::Mutex<DurableFlush>>,
@@ -179,12 +187,17 @@ impl SledStore {
         let artifacts = tree(schema::ARTIFACTS)?;
         let blob_refs = tree(schema::BLOB_REFS)?;
         let log_tree = tree(wal::LOG_TREE)?;
-        let checkpoints = DurableFlush::open(db.clone(), &root.join("db"))
-            .map_err(|e| io_error("open the database files for fsync", &e))?;
+        let packs = Arc::new(
+            packs::Packs::open(&root.join("packs"), options.pack_bytes)
+                .map_err(|e| io_error("open the value packs", &e))?,
+        );
+        let checkpoints =
+            DurableFlush::open(db.clone(), &root.join("db"), Some(Arc::clone(&packs)))
+                .map_err(|e| io_error("open the database files for fsync", &e))?;
         let write_refusal = checkpoints.refusal();
         let checkpoints = Arc::new(std::sync::Mutex::new(checkpoints));
         let log_dir = root.join("log");
-        let recovered = wal::recover(&db, &log_tree, &log_dir, || {
+        let recovered = wal::recover(&db, &log_tree, &log_dir, Some(&packs), || {
             checkpoints
                 .lock()
                 .map_err(|_| "the checkpoint lock is poisoned".to_owned())?
@@ -214,6 +227,7 @@ impl SledStore {
             &recovered,
             options.faults.clone(),
             make_durable,
+            Some(Arc::clone(&packs)),
         )
         .map_err(|e| io_error("start the log", &e))?;
         let checkpointer = Checkpointer::start(wal.clone(), Arc::clone(&checkpoints))
@@ -239,6 +253,7 @@ impl SledStore {
                 usage,
                 eviction,
                 blobs,
+                packs,
                 wal,
                 checkpoints,
                 _checkpointer: checkpointer,
@@ -251,6 +266,7 @@ impl SledStore {
         // Indexing an older store and any eviction backlog run in the
         // background: the server serves meanwhile.
         store.start_eviction();
+        store.start_compaction();
         Ok(store)
     }
 
@@ -411,20 +427,14 @@ impl SledStore {
                 }
                 None => None,
             };
-            let Some(new) = make(old.as_ref()) else {
+            let Some(mut new) = make(old.as_ref()) else {
                 return Ok((old, None));
             };
+            packs::refs::pack_body(tx, &mut new);
             let encoded = record::encode(&new).map_err(ConflictableTransactionError::Abort)?;
             t.insert(key, encoded)?;
-            let old_blob = old.as_ref().and_then(ValueRecord::blob_id);
-            if let Some(id) = old_blob {
-                if Some(id) != new.blob_id() {
-                    refs.remove(id.to_be_bytes())?;
-                }
-            }
-            if let Some(id) = new.blob_id() {
-                refs.insert(id.to_be_bytes(), key)?;
-            }
+            let freed = packs::refs::swap(&refs, key, old.as_ref(), Some(&new))?;
+            self.inner.packs.note_freed(freed);
             Ok((old, Some(new)))
         })
     }
@@ -440,9 +450,8 @@ impl SledStore {
                 if let Some(bytes) = t.remove(key.as_slice())? {
                     let old =
                         record::decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
-                    if let Some(id) = old.blob_id() {
-                        refs.remove(id.to_be_bytes())?;
-                    }
+                    let freed = packs::refs::swap(&refs, key, Some(&old), None)?;
+                    self.inner.packs.note_freed(freed);
                     removed.push(old);
                 }
             }

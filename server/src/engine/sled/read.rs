@@ -8,6 +8,20 @@ use trove_proto::Error;
 use super::{io_error, read_error, sled_error, SledStore};
 use crate::engine::chunks::VerifyingReader;
 use crate::engine::record::{self, Body, ValueRecord};
+use crate::engine::sled::packs::{PackLoc, ReadError};
+
+/// The status of a packed value that could not be read.
+pub(super) fn pack_error(kind: &str, display_key: &str, err: ReadError) -> Error {
+    match err {
+        ReadError::Damaged { reason } => Error::DataLoss {
+            message: format!(
+                "{kind} {}: {reason}",
+                trove_proto::error::shorten(display_key)
+            ),
+        },
+        ReadError::Io(err) => io_error("read a value from its pack", &err),
+    }
+}
 
 impl SledStore {
     /// Reads the record under `key` and opens its body. A blob replaced
@@ -51,6 +65,21 @@ impl SledStore {
                 Body::Inline(data) => {
                     let reader = BodyReader::Memory(std::io::Cursor::new(data.clone()));
                     return Ok((record, reader));
+                }
+                Body::Packed { pack, offset, crc } => {
+                    let loc = PackLoc {
+                        pack: *pack,
+                        offset: *offset,
+                    };
+                    match self.inner.packs.read(loc, record.body_len, *crc) {
+                        Ok(Some(bytes)) => {
+                            let reader = BodyReader::Memory(std::io::Cursor::new(bytes));
+                            return Ok((record, reader));
+                        }
+                        // Moved by compaction since the record was read.
+                        Ok(None) => continue,
+                        Err(err) => return Err(pack_error(kind, display_key, err)),
+                    }
                 }
                 Body::Blob(id) => {
                     match tokio::fs::File::open(self.inner.blobs.blob_path(*id)).await {

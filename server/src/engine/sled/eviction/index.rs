@@ -88,6 +88,10 @@ pub(crate) fn index_trees<'t>(
 /// `data_trees` trees: a value written counts as used now, a value removed
 /// leaves the index. The index trees are `data_trees + 2` and `+ 3`.
 pub(crate) fn track(tx: &LoggedTx<'_>, data_trees: usize) -> TxResult<()> {
+    // Moving a value between packs is not a use.
+    if tx.relocating() {
+        return Ok(());
+    }
     let (lru, lru_at) = index_trees(tx, data_trees);
     let mut stamp = None;
     for index in 0..data_trees {

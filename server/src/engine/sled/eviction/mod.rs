@@ -38,6 +38,7 @@ mod namespaces;
 use index::{classify, now_stamp, parse_at, relink};
 pub(super) use index::{index_trees, track};
 
+use super::packs::refs::swap as swap_refs;
 use super::{keys, schema, sled_error, SledStore};
 use crate::engine::record;
 
@@ -461,10 +462,9 @@ impl SledStore {
                 match record {
                     Some(Ok(old)) => {
                         objects.remove(key)?;
-                        if let Some(id) = old.blob_id() {
-                            blob_refs.remove(id.to_be_bytes())?;
-                            blobs.push(id);
-                        }
+                        let freed = swap_refs(&blob_refs, key, Some(&old), None)?;
+                        self.inner.packs.note_freed(freed);
+                        blobs.extend(old.blob_id());
                         sizes.push(old.size);
                     }
                     // An entry without its value, or with a value this

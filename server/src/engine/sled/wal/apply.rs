@@ -4,56 +4,100 @@
 use sled::IVec;
 use trove_proto::Error;
 
-use super::codec::{self, RedoRef};
+use super::codec::{self, RedoRef, PACK_TREE};
 use super::logged::TreeChanges;
 use super::writer::undo_one;
-use super::{sled_error, Undo, APPLIED, UNDO_IMAGE};
+use super::{sled_error, Undo, APPLIED, IMAGES, UNDO_IMAGE};
+use crate::engine::sled::io_error;
+use crate::engine::sled::packs::{PackLoc, Packs};
 
 /// The largest piece of an undo image stored as one sled value: well under
 /// a quarter of the smallest sled segment in use (sled writes a larger item
 /// to a file of its own that it never syncs).
 const IMAGE_PIECE_BYTES: usize = 64 * 1024;
 
-/// The key of piece `index` of the undo image.
-pub(super) fn image_key(index: u32) -> Vec<u8> {
+/// The key of piece `index` of the undo image of write `lsn`. Images are
+/// kept per write until a checkpoint covers it: a start that finds sled
+/// ahead of the durable log takes every write beyond it out again.
+pub(super) fn image_key(lsn: u64, index: u32) -> Vec<u8> {
+    let mut key = IMAGES.to_vec();
+    key.extend_from_slice(&lsn.to_be_bytes());
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// The write and piece an image key names.
+pub(super) fn parse_image_key(key: &[u8]) -> Option<(u64, u32)> {
+    let rest = key.strip_prefix(IMAGES)?;
+    let lsn = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let index = u32::from_be_bytes(rest.get(8..12)?.try_into().ok()?);
+    Some((lsn, index))
+}
+
+/// Assembles an image from its pieces (piece 0 first; it starts with the
+/// number of pieces and the write's LSN). `None` when piece 0 is missing:
+/// the write was cut before it began changing sled.
+pub(super) fn assemble_image(
+    mut piece: impl FnMut(u32) -> Result<Option<IVec>, Error>,
+) -> Result<Option<Vec<u8>>, Error> {
+    let Some(first) = piece(0)? else {
+        return Ok(None);
+    };
+    let damaged = || Error::DataLoss {
+        message: "the database's image of a write is incomplete; restore the data folder from a \
+                  backup"
+            .into(),
+    };
+    let (count, rest) = first.split_first_chunk::<4>().ok_or_else(damaged)?;
+    let (_lsn, head) = rest.split_first_chunk::<8>().ok_or_else(damaged)?;
+    let mut image = head.to_vec();
+    for index in 1..u32::from_be_bytes(*count) {
+        image.extend_from_slice(&piece(index)?.ok_or_else(damaged)?);
+    }
+    Ok(Some(image))
+}
+
+/// The key of piece `index` of the single undo image older versions kept.
+fn legacy_image_key(index: u32) -> Vec<u8> {
     let mut key = UNDO_IMAGE.to_vec();
     key.extend_from_slice(&index.to_be_bytes());
     key
 }
 
-/// Reads back the undo image of a write newer than `applied`: piece 0
-/// starts with the number of pieces and the write's LSN. `None` when there
-/// is no image, or it belongs to a write the marker covers (its other
-/// pieces may have been overwritten since).
-pub(in crate::engine::sled) fn read_image(
+/// Reads back the undo image an older version left, if it belongs to a
+/// write newer than `applied` (else it is stale: its other pieces may have
+/// been overwritten since).
+pub(in crate::engine::sled) fn read_legacy_image(
     log_tree: &sled::Tree,
     applied: u64,
 ) -> Result<Option<Vec<u8>>, Error> {
-    let Some(first) = log_tree.get(image_key(0)).map_err(sled_error)? else {
+    let Some(first) = log_tree.get(legacy_image_key(0)).map_err(sled_error)? else {
         return Ok(None);
     };
-    let damaged = || Error::DataLoss {
-        message: "the database's image of its last write is incomplete; restore the data \
-                  folder from a backup"
-            .into(),
-    };
-    let (count, rest) = first.split_first_chunk::<4>().ok_or_else(damaged)?;
-    let (lsn, head) = rest.split_first_chunk::<8>().ok_or_else(damaged)?;
-    if u64::from_be_bytes(*lsn) <= applied {
+    if first
+        .get(4..12)
+        .and_then(|lsn| lsn.try_into().ok())
+        .map(u64::from_be_bytes)
+        .is_some_and(|lsn| lsn <= applied)
+    {
         return Ok(None);
     }
-    let mut image = head.to_vec();
-    for index in 1..u32::from_be_bytes(*count) {
-        let piece = log_tree.get(image_key(index)).map_err(sled_error)?;
-        image.extend_from_slice(&piece.ok_or_else(damaged)?);
-    }
-    Ok(Some(image))
+    assemble_image(|index| log_tree.get(legacy_image_key(index)).map_err(sled_error))
 }
 
-/// The key whose removal forgets the undo image (piece 0 names the
-/// others).
-pub(in crate::engine::sled) fn image_head() -> Vec<u8> {
-    image_key(0)
+/// Every key of the image an older version left.
+pub(in crate::engine::sled) fn legacy_image_keys(log_tree: &sled::Tree) -> Vec<IVec> {
+    log_tree
+        .scan_prefix(UNDO_IMAGE)
+        .keys()
+        .filter_map(Result::ok)
+        .collect()
+}
+
+/// The key whose removal forgets the undo image of write `lsn` (piece 0
+/// names the others).
+pub(in crate::engine::sled) fn image_head(lsn: u64) -> Vec<u8> {
+    image_key(lsn, 0)
 }
 
 /// Why [`apply`] failed, and whether sled was put back.
@@ -63,9 +107,10 @@ pub(super) struct ApplyFailed {
     pub(super) undone: bool,
 }
 
-/// Applies `changes` to sled between two writes of the log's own tree:
-/// first the values before ([`UNDO_IMAGE`], in pieces, piece 0 last), last
-/// the applied marker. sled recovers a prefix of its own log, so after a
+/// Applies a write: first its packed values to their places, then its
+/// `changes` to sled between two writes of the log's own tree: first the
+/// values before (its image, in pieces, piece 0 last), last the applied
+/// marker. sled recovers a prefix of its own log, so after a
 /// crash either the marker says the whole write is in, or the image is
 /// there to take a partial write out again ([`replay`]); a write whose
 /// record is durable is then replayed whole. When sled fails part way,
@@ -73,6 +118,8 @@ pub(super) struct ApplyFailed {
 pub(super) fn apply(
     trees: &[sled::Tree],
     changes: &[TreeChanges],
+    packed: &[(PackLoc, IVec)],
+    packs: Option<&Packs>,
     log_tree: &sled::Tree,
     lsn: u64,
 ) -> Result<(), ApplyFailed> {
@@ -80,6 +127,15 @@ pub(super) fn apply(
         error,
         undone: true,
     };
+    // Before any pointer to them is in sled: a reader that finds the
+    // pointer finds the bytes.
+    if let Some(packs) = packs {
+        for (loc, bytes) in packed {
+            packs
+                .write_at(*loc, bytes)
+                .map_err(|e| failed(io_error("write a value to its pack", &e)))?;
+        }
+    }
     let names: Vec<IVec> = trees.iter().map(sled::Tree::name).collect();
     let before = changes.iter().zip(&names).flat_map(|(tree, name)| {
         tree.iter().map(move |(key, change)| RedoRef {
@@ -94,14 +150,14 @@ pub(super) fn apply(
     let count = u32::try_from(pieces.len()).map_err(|_| failed(too_large()))?;
     for (index, piece) in (1..count).zip(&pieces[1..]) {
         log_tree
-            .insert(image_key(index), *piece)
+            .insert(image_key(lsn, index), *piece)
             .map_err(|e| failed(sled_error(e)))?;
     }
     let mut first = count.to_be_bytes().to_vec();
     first.extend_from_slice(&lsn.to_be_bytes());
     first.extend_from_slice(pieces.first().copied().unwrap_or_default());
     log_tree
-        .insert(image_key(0), first)
+        .insert(image_key(lsn, 0), first)
         .map_err(|e| failed(sled_error(e)))?;
     let applied = (|| -> Result<(), sled::Error> {
         for (tree, changes) in trees.iter().zip(changes) {
@@ -140,21 +196,37 @@ fn too_large() -> Error {
     )
 }
 
-/// Encodes the record `lsn` (the values after) into `out`.
+/// Encodes the record `lsn` (the values after, then the packed values
+/// with their places) into `out`.
 pub(super) fn encode_redo(
     out: &mut Vec<u8>,
     lsn: u64,
     trees: &[sled::Tree],
     changes: &[TreeChanges],
+    packed: &[(PackLoc, IVec)],
 ) -> Result<(), Error> {
     let names: Vec<IVec> = trees.iter().map(sled::Tree::name).collect();
-    let redo = changes.iter().zip(&names).flat_map(|(tree, name)| {
-        tree.iter().map(move |(key, change)| RedoRef {
-            tree: name,
-            key,
-            value: change.after.as_deref(),
+    let places: Vec<[u8; 16]> = packed.iter().map(|(loc, _)| loc.to_bytes()).collect();
+    let redo = changes
+        .iter()
+        .zip(&names)
+        .flat_map(|(tree, name)| {
+            tree.iter().map(move |(key, change)| RedoRef {
+                tree: name,
+                key,
+                value: change.after.as_deref(),
+            })
         })
-    });
+        .chain(
+            packed
+                .iter()
+                .zip(&places)
+                .map(|((_, bytes), place)| RedoRef {
+                    tree: PACK_TREE,
+                    key: place,
+                    value: Some(bytes),
+                }),
+        );
     codec::encode(out, lsn, redo).map_err(|_| too_large())
 }
 

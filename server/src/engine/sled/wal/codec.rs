@@ -8,11 +8,17 @@
 //! A record is `len: u32 LE`, `crc: u32 LE` (CRC-32 of the body), then a
 //! body of `len` bytes: `lsn: u64 LE`, `count: u32 LE` and `count` changes,
 //! each `tree: u16 LE + bytes`, `key: u32 LE + bytes`, `present: u8` and,
-//! when present, `value: u32 LE + bytes`. Segments are zero-filled before
+//! when present, `value: u32 LE + bytes` (a value bound for a pack is a
+//! change to the tree named [`PACK_TREE`]). Segments are zero-filled before
 //! use, so a zero length marks the end of the written part; a length that
 //! runs past the segment or a body that fails its CRC is a torn record.
 
 use sled::IVec;
+
+/// The tree name under which a record carries a value for a pack: the key
+/// is its place (`PackLoc::to_bytes`), the value its bytes. No sled tree of
+/// the store has this name (they are ASCII words).
+pub const PACK_TREE: &[u8] = b"\0pack";
 
 /// Bytes of the segment header.
 pub const SEGMENT_HEADER: usize = 16;

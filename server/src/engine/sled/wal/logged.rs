@@ -15,11 +15,13 @@
 //! to sled's I/O threads: that cost, not the log's `fdatasync`, bounded
 //! strict writes.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
 use sled::transaction::UnabortableTransactionError;
 use sled::IVec;
+
+use crate::engine::sled::packs::{PackLoc, Packs};
 
 /// One key's change: its value before and after (absent when `None`).
 #[derive(Debug, Clone)]
@@ -40,15 +42,43 @@ pub struct LoggedTx<'a> {
     /// Values read from sled and not (yet) changed, so that a key read and
     /// then written is read once.
     reads: Vec<RefCell<BTreeMap<IVec, Option<IVec>>>>,
+    packs: Option<&'a Packs>,
+    /// Values to put in packs, with their places.
+    packed: RefCell<Vec<(PackLoc, IVec)>>,
+    relocating: Cell<bool>,
 }
 
 impl<'a> LoggedTx<'a> {
-    pub(super) fn new(trees: &'a [sled::Tree]) -> Self {
+    pub(super) fn new(trees: &'a [sled::Tree], packs: Option<&'a Packs>) -> Self {
         LoggedTx {
             trees,
             changes: trees.iter().map(|_| RefCell::default()).collect(),
             reads: trees.iter().map(|_| RefCell::default()).collect(),
+            packs,
+            packed: RefCell::default(),
+            relocating: Cell::new(false),
         }
+    }
+
+    /// Reserves a place in a pack for `bytes`; the write's record carries
+    /// them, and applying it puts them there before any pointer to them is
+    /// visible. `None` when this log keeps no packs. A write that fails
+    /// afterwards leaves the place unused (dead bytes for compaction).
+    pub fn pack(&self, bytes: &[u8]) -> Option<PackLoc> {
+        let loc = self.packs?.reserve(bytes.len() as u64);
+        self.packed.borrow_mut().push((loc, IVec::from(bytes)));
+        Some(loc)
+    }
+
+    /// Marks this write as moving values between packs: the records change
+    /// only where their bytes are, which is not a use.
+    pub fn set_relocating(&self) {
+        self.relocating.set(true);
+    }
+
+    /// See [`LoggedTx::set_relocating`].
+    pub fn relocating(&self) -> bool {
+        self.relocating.get()
     }
 
     /// The `index`-th tree given to the write, in the order given.
@@ -74,9 +104,13 @@ impl<'a> LoggedTx<'a> {
         self.changes[index].borrow()
     }
 
-    /// The changes made, one map per tree; empty when nothing changed.
-    pub(super) fn into_changes(self) -> Vec<TreeChanges> {
-        self.changes.into_iter().map(RefCell::into_inner).collect()
+    /// The changes made, one map per tree (empty when nothing changed),
+    /// and the values to put in packs.
+    pub(super) fn into_changes(self) -> (Vec<TreeChanges>, Vec<(PackLoc, IVec)>) {
+        (
+            self.changes.into_iter().map(RefCell::into_inner).collect(),
+            self.packed.into_inner(),
+        )
     }
 }
 

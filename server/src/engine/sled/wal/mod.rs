@@ -56,27 +56,43 @@ use sled::IVec;
 use tokio::sync::watch;
 use trove_proto::Error;
 
+use super::packs::Packs;
 use super::{body_error, sled_error, Faults};
 #[cfg(test)]
 use apply::image_key;
 use apply::{apply, encode_redo, undo_of};
-pub(super) use apply::{image_head, read_image};
+pub(super) use apply::{image_head, read_legacy_image};
 use segments::Segment;
 use writer::Writer;
 
 /// The key, in the log's own tree, of the last LSN applied to sled.
 const APPLIED: &[u8] = b"applied";
-/// The key, in the log's own tree, of the values before the last write
-/// applied to sled: written before its changes, so that a start that finds
-/// it newer than [`APPLIED`] can put back a write that was cut part way.
+/// The prefix, in the log's own tree, of the images of the values before
+/// each write (by LSN, then piece): written before its changes, and kept
+/// until a checkpoint covers the write, so that a start can put back a
+/// write that was cut part way, or whose record never became durable.
+const IMAGES: &[u8] = b"img:";
+/// The key older versions kept a single image under.
 const UNDO_IMAGE: &[u8] = b"undo";
-/// Name of the tree holding [`APPLIED`] and [`UNDO_IMAGE`].
+/// The key, in the log's own tree, of the last LSN a checkpoint covered:
+/// packs were synced through it, and the log holds every record after it.
+const CHECKPOINTED: &[u8] = b"checkpointed";
+/// Name of the tree holding [`APPLIED`], [`CHECKPOINTED`] and the images.
 pub const LOG_TREE: &str = "trove_log";
 
 /// The LSN of the last record sled holds (0 for none).
 pub fn applied(log_tree: &sled::Tree) -> Result<u64, Error> {
+    read_lsn(log_tree, APPLIED)
+}
+
+/// The LSN of the last checkpoint (0 for none).
+pub fn checkpointed(log_tree: &sled::Tree) -> Result<u64, Error> {
+    read_lsn(log_tree, CHECKPOINTED)
+}
+
+fn read_lsn(log_tree: &sled::Tree, key: &[u8]) -> Result<u64, Error> {
     Ok(log_tree
-        .get(APPLIED)
+        .get(key)
         .map_err(super::sled_error)?
         .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
         .unwrap_or(0))
@@ -144,6 +160,8 @@ struct Shared {
     groups: AtomicU64,
     /// Flushes and syncs sled: run after an undo, before writes resume.
     make_durable: MakeDurable,
+    /// Where values bound for packs go; `None` keeps them in their records.
+    packs: Option<Arc<Packs>>,
 }
 
 /// Flushes sled and syncs its files; the reason when that failed.
@@ -194,13 +212,15 @@ impl Drop for StopOnDrop {
 
 impl Wal {
     /// Starts the log in `dir` after [`recover`]: a fresh segment following
-    /// `recovered`, and the writer thread.
+    /// `recovered`, and the writer thread. Values bound for packs go to
+    /// `packs` (when `None`, they stay in their records).
     pub fn start(
         log_tree: sled::Tree,
         dir: PathBuf,
         recovered: &Recovered,
         faults: Option<Arc<Faults>>,
         make_durable: MakeDurable,
+        packs: Option<Arc<Packs>>,
     ) -> std::io::Result<Self> {
         let spare = segments::prepare(&dir, segments::SEGMENT_BYTES)?;
         let segment = Segment::install(&dir, spare, recovered.next_segment, recovered.last_lsn)?;
@@ -225,6 +245,7 @@ impl Wal {
             sealed: Mutex::new(Vec::new()),
             groups: AtomicU64::new(0),
             make_durable,
+            packs,
         });
         let writer = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -287,18 +308,19 @@ impl Wal {
             self.shared.issued_for_readers.store(lsn, Ordering::SeqCst);
         }
         let trees: Vec<sled::Tree> = trees.iter().map(|t| (*t).clone()).collect();
-        let tx = LoggedTx::new(&trees);
+        let packs = self.shared.packs.as_deref();
+        let tx = LoggedTx::new(&trees, packs);
         let outcome = body(&tx).map_err(body_error);
-        let changes = tx.into_changes();
+        let (changes, packed) = tx.into_changes();
         let log_tree = &self.shared.log_tree;
         let outcome = match outcome {
             Ok(value) if changes.iter().any(|c| !c.is_empty()) => {
                 // Encoded before anything is applied: a change set too large
                 // for a record is refused without touching sled.
                 let mut record = Vec::new();
-                match encode_redo(&mut record, lsn, &trees, &changes) {
+                match encode_redo(&mut record, lsn, &trees, &changes, &packed) {
                     Err(err) => Err(err),
-                    Ok(()) => match apply(&trees, &changes, log_tree, lsn) {
+                    Ok(()) => match apply(&trees, &changes, &packed, packs, log_tree, lsn) {
                         Ok(()) => Ok((value, Some((record, changes)))),
                         Err(failed) => {
                             if !failed.undone {
@@ -398,6 +420,11 @@ impl Wal {
         }
     }
 
+    /// The last LSN taken by a write.
+    pub fn issued(&self) -> u64 {
+        self.shared.issued.load(Ordering::SeqCst)
+    }
+
     /// The last durable LSN.
     pub fn durable_lsn(&self) -> u64 {
         self.shared.durable.load(Ordering::SeqCst)
@@ -416,6 +443,22 @@ impl Wal {
     /// were synced would survive a power cut while the item did not.
     pub fn hold_writes(&self) -> Result<WritesHeld<'_>, Error> {
         Ok(WritesHeld(self.shared.lock()?))
+    }
+
+    /// Records, under held writes and before sled is flushed, that a
+    /// checkpoint covers `lsn`: the packs were synced through it.
+    pub fn mark_checkpoint(&self, lsn: u64) -> Result<(), Error> {
+        self.shared
+            .log_tree
+            .insert(CHECKPOINTED, &lsn.to_be_bytes()[..])
+            .map(|_| ())
+            .map_err(sled_error)
+    }
+
+    /// Removes the images of writes at or below `lsn`, which a checkpoint
+    /// covers: no start will need to put them back.
+    pub fn forget_images_through(&self, lsn: u64) -> Result<(), Error> {
+        forget_images(&self.shared.log_tree, lsn)
     }
 
     /// Deletes the segments whose every record is at or below `lsn`, which
@@ -450,6 +493,17 @@ impl Wal {
     pub fn sealed_segments(&self) -> usize {
         self.shared.sealed.lock().map(|s| s.len()).unwrap_or(0)
     }
+}
+
+/// Removes the images of writes at or below `lsn` from `log_tree`.
+fn forget_images(log_tree: &sled::Tree, lsn: u64) -> Result<(), Error> {
+    let end = apply::image_key(lsn.saturating_add(1), 0);
+    for key in log_tree.range(IMAGES.to_vec()..end).keys() {
+        log_tree
+            .remove(key.map_err(sled_error)?)
+            .map_err(sled_error)?;
+    }
+    Ok(())
 }
 
 /// Writes are held while this lives (see [`Wal::hold_writes`]).

@@ -284,7 +284,7 @@ pub(super) fn undo_one(
         }
         // The image of an undone write must not be put back at the next
         // start, over what later writes leave.
-        view[count].remove(image_head())?;
+        view[count].remove(image_head(undo.lsn))?;
         Ok::<(), sled::transaction::ConflictableTransactionError<Error>>(())
     });
     result.map_err(tx_error)

@@ -1,0 +1,291 @@
+//! Compaction: reclaiming the space of packed values that were deleted,
+//! replaced or evicted.
+//!
+//! A sealed pack whose dead share reaches [`DEAD_PERCENT`] has its live
+//! values rewritten at the tail, in logged writes that move each record's
+//! pointer only if it still points there (a concurrent overwrite wins).
+//! The pack is deleted only once those writes are durable, a checkpoint
+//! covers them (so no replay writes into it again, and no start puts back
+//! a pointer to it), and a last scan finds no record pointing into it.
+//! Readers that found an old pointer read the file they opened, or read
+//! the record again.
+//!
+//! Live bytes per pack come from a scan of the records (packed values keep
+//! no reference of their own, see `refs`). A pass runs only after a good
+//! share of a pack was freed, in a thread of low priority.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use sled::transaction::ConflictableTransactionError;
+use sled::IVec;
+use trove_proto::Error;
+
+use super::refs;
+use super::PackLoc;
+use crate::engine::record::{self, Body};
+use crate::engine::sled::{durable, io_error, sled_error, SledStore};
+
+/// A sealed pack is compacted once at least this share of it is dead.
+pub const DEAD_PERCENT: u64 = 50;
+/// Values moved per logged write.
+const MOVE_BATCH: usize = 256;
+/// How long a pass waits for its moves to become durable.
+const DURABLE_WAIT: Duration = Duration::from_secs(60);
+/// How often the compaction thread looks for work.
+const POLL: Duration = Duration::from_secs(2);
+/// Bytes freed that make a pass worth its scan of the references.
+const PASS_AFTER_FREED: u64 = super::PACK_BYTES / 4;
+/// Any freed bytes make a pass worth it after this long.
+const PASS_AT_LEAST_EVERY: Duration = Duration::from_secs(60);
+
+/// What one compaction pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactionPass {
+    /// Packs deleted.
+    pub packs_removed: u64,
+    /// Values rewritten at the tail.
+    pub values_moved: u64,
+    /// Bytes those values hold.
+    pub bytes_moved: u64,
+    /// Bytes of pack files deleted.
+    pub bytes_reclaimed: u64,
+}
+
+impl SledStore {
+    /// Starts the compaction thread: a first pass a while after start
+    /// (what was freed before a restart is not counted; starting is left
+    /// to the callers), then one whenever enough space was freed. It holds
+    /// the store only while a pass runs.
+    pub(in crate::engine::sled) fn start_compaction(&self) {
+        let weak = std::sync::Arc::downgrade(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("trove-compact".into())
+            .spawn(move || {
+                // On Linux the nice value is per thread: this one only.
+                if let Err(err) = rustix::process::setpriority_process(None, 10) {
+                    tracing::debug!(error = %err, "compaction runs at normal priority");
+                }
+                let mut freed = 0u64;
+                let started = Instant::now();
+                let mut last_pass: Option<Instant> = None;
+                loop {
+                    {
+                        let Some(inner) = weak.upgrade() else {
+                            return;
+                        };
+                        freed += inner.packs.take_freed();
+                        let due = match last_pass {
+                            None => started.elapsed() >= PASS_AT_LEAST_EVERY,
+                            Some(at) => {
+                                freed >= PASS_AFTER_FREED
+                                    || (freed > 0 && at.elapsed() >= PASS_AT_LEAST_EVERY)
+                            }
+                        };
+                        if due {
+                            let store = SledStore { inner };
+                            if let Err(err) = store.compact_packs() {
+                                tracing::warn!(error = %err, "compaction pass failed; retried later");
+                            }
+                            freed = 0;
+                            last_pass = Some(Instant::now());
+                        }
+                    }
+                    std::thread::sleep(POLL);
+                }
+            });
+        if let Err(err) = spawned {
+            tracing::warn!(error = %err, "cannot start the compaction thread; packs are not compacted");
+        }
+    }
+
+    /// Runs one compaction pass over the sealed packs. Blocking (it waits
+    /// for its moves to become durable and runs a checkpoint).
+    pub fn compact_packs(&self) -> Result<CompactionPass, Error> {
+        let packs = &self.inner.packs;
+        let sealed = packs
+            .sealed()
+            .map_err(|e| io_error("list the value packs", &e))?;
+        let mut pass = CompactionPass::default();
+        if sealed.is_empty() {
+            return Ok(pass);
+        }
+        let live = self.live_bytes(&BTreeSet::new())?.0;
+        let chosen: BTreeMap<u64, u64> = sealed
+            .into_iter()
+            .filter(|(pack, len)| {
+                let live = live.get(pack).copied().unwrap_or(0);
+                live.saturating_mul(100) <= len.saturating_mul(100 - DEAD_PERCENT)
+            })
+            .collect();
+        if chosen.is_empty() {
+            return Ok(pass);
+        }
+        let packs_chosen: BTreeSet<u64> = chosen.keys().copied().collect();
+        for tree in self.record_trees() {
+            let (values, bytes) = self.move_out(tree, &packs_chosen)?;
+            pass.values_moved += values;
+            pass.bytes_moved += bytes;
+        }
+        self.wait_durable(self.inner.wal.issued())?;
+        durable::checkpoint(&self.inner.wal, &self.inner.checkpoints).map_err(|reason| {
+            Error::Unavailable {
+                message: format!("compaction's checkpoint failed: {reason}"),
+            }
+        })?;
+        // A move undone by a failed log, or a value that could not be read,
+        // keeps its pack.
+        let still_used = self.live_bytes(&packs_chosen)?.1;
+        for (pack, len) in chosen {
+            if still_used.contains(&pack) {
+                continue;
+            }
+            packs
+                .remove(pack)
+                .map_err(|e| io_error("delete a compacted pack", &e))?;
+            pass.packs_removed += 1;
+            pass.bytes_reclaimed += len;
+        }
+        packs
+            .sync()
+            .map_err(|e| io_error("sync the value packs' folder", &e))?;
+        if pass.packs_removed > 0 {
+            tracing::info!(
+                packs = pass.packs_removed,
+                moved = pass.values_moved,
+                reclaimed = pass.bytes_reclaimed,
+                "compacted value packs"
+            );
+        }
+        Ok(pass)
+    }
+
+    /// Live bytes per pack, from a scan of every record, and which of
+    /// `among` any record points into.
+    fn live_bytes(
+        &self,
+        among: &BTreeSet<u64>,
+    ) -> Result<(BTreeMap<u64, u64>, BTreeSet<u64>), Error> {
+        let mut live = BTreeMap::new();
+        let mut used = BTreeSet::new();
+        for tree in self.record_trees() {
+            for entry in tree.iter().values() {
+                let bytes = entry.map_err(sled_error)?;
+                let Ok(found) = record::decode(&bytes) else {
+                    continue;
+                };
+                if let Some((loc, len)) = refs::packed(&found) {
+                    *live.entry(loc.pack).or_insert(0) += len;
+                    if among.contains(&loc.pack) {
+                        used.insert(loc.pack);
+                    }
+                }
+            }
+        }
+        Ok((live, used))
+    }
+
+    /// Rewrites at the tail every value of `tree` that lives in one of
+    /// `packs`; returns how many values and bytes moved.
+    fn move_out(&self, tree: &sled::Tree, packs: &BTreeSet<u64>) -> Result<(u64, u64), Error> {
+        let (mut values, mut bytes) = (0, 0);
+        let mut batch: Vec<(IVec, PackLoc, Vec<u8>, u32)> = Vec::new();
+        for entry in tree.iter() {
+            let (key, value) = entry.map_err(sled_error)?;
+            let Ok(found) = record::decode(&value) else {
+                continue;
+            };
+            let Body::Packed { pack, offset, crc } = found.body else {
+                continue;
+            };
+            if !packs.contains(&pack) {
+                continue;
+            }
+            let loc = PackLoc { pack, offset };
+            // Read outside the write: bytes at a place never change.
+            match self.inner.packs.read(loc, found.body_len, crc) {
+                Ok(Some(data)) => batch.push((key, loc, data, crc)),
+                Ok(None) => {}
+                Err(err) => {
+                    // Left where it is (and its pack with it) for an
+                    // operator to look at; a read reports it as damaged.
+                    tracing::warn!(error = ?err, pack, offset, "a packed value cannot be read; compaction leaves it");
+                }
+            }
+            if batch.len() == MOVE_BATCH {
+                let (moved, moved_bytes) = self.move_batch(tree, &batch)?;
+                values += moved;
+                bytes += moved_bytes;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            let (moved, moved_bytes) = self.move_batch(tree, &batch)?;
+            values += moved;
+            bytes += moved_bytes;
+        }
+        Ok((values, bytes))
+    }
+
+    /// Moves the values `batch` of `tree` in one logged write, each only if
+    /// its record still points where it was read from.
+    fn move_batch(
+        &self,
+        tree: &sled::Tree,
+        batch: &[(IVec, PackLoc, Vec<u8>, u32)],
+    ) -> Result<(u64, u64), Error> {
+        self.write_quiet(&[tree, &self.inner.blob_refs], |tx| {
+            tx.set_relocating();
+            let (records, blob_refs) = (tx.tree(0), tx.tree(1));
+            let (mut values, mut bytes) = (0u64, 0u64);
+            for (key, loc, data, crc) in batch {
+                let Some(current) = records.get(key)? else {
+                    continue;
+                };
+                let old = record::decode(&current).map_err(ConflictableTransactionError::Abort)?;
+                let unchanged = old.body
+                    == Body::Packed {
+                        pack: loc.pack,
+                        offset: loc.offset,
+                        crc: *crc,
+                    };
+                if !unchanged {
+                    continue;
+                }
+                let mut new = old.clone();
+                new.body = Body::Inline(data.clone());
+                refs::pack_body(tx, &mut new);
+                let encoded = record::encode(&new).map_err(ConflictableTransactionError::Abort)?;
+                records.insert(key, encoded)?;
+                refs::swap(&blob_refs, key, Some(&old), Some(&new))?;
+                values += 1;
+                bytes += data.len() as u64;
+            }
+            Ok((values, bytes))
+        })
+    }
+
+    /// The trees whose records may point into packs.
+    fn record_trees(&self) -> [&sled::Tree; 3] {
+        [
+            &self.inner.objects,
+            &self.inner.artifacts,
+            &self.inner.cache.refs,
+        ]
+    }
+
+    /// Waits until every LSN through `lsn` is durable.
+    fn wait_durable(&self, lsn: u64) -> Result<(), Error> {
+        let deadline = Instant::now() + DURABLE_WAIT;
+        while self.inner.wal.durable_lsn() < lsn {
+            if Instant::now() > deadline {
+                return Err(Error::Unavailable {
+                    message: "compaction's moves did not become durable in time; the packs stay"
+                        .into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,345 @@
+//! Value packs: small values in append-only files of the store's own,
+//! with sled holding only a pointer to them.
+//!
+//! Why: sled keeps its log segments until at most half of one is live, and
+//! rewrites a whole leaf each time it consolidates one, so values kept
+//! inside sled settle near twice their size on disk. A pack holds each
+//! value once, back to back.
+//!
+//! How a value gets here (see `wal`): a logged write reserves room at the
+//! active pack's tail ([`Packs::reserve`], under the log's lock), and its
+//! log record carries the bytes with their place. Applying the write puts
+//! the bytes there (`pwrite`, no sync) before the pointer reaches sled.
+//! Packs are synced by checkpoints before the log segments that carry
+//! their bytes are deleted, and replay puts every logged value back at its
+//! place (writing the same bytes at the same offset twice is harmless). A
+//! pointer whose record never became durable is taken out of sled at start
+//! with the rest of its write (see `wal::replay`), so no pointer outlives
+//! its bytes.
+//!
+//! Space of values deleted or replaced is reclaimed by compaction
+//! (`compact`): a sealed pack that is mostly dead has its live values
+//! rewritten at the tail and is deleted once a checkpoint covers the moves.
+
+mod compact;
+pub(super) mod refs;
+
+pub use compact::CompactionPass;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Values at least this long go to a pack; smaller ones stay inside their
+/// record, where a pointer would save nothing.
+pub const PACK_MIN_BYTES: usize = 128;
+
+/// The default size at which a pack is sealed. Smaller packs make
+/// compaction finer; each one costs an open file while it holds values.
+pub const PACK_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Where one value's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PackLoc {
+    /// The pack file's number.
+    pub pack: u64,
+    /// The first byte's offset in it.
+    pub offset: u64,
+}
+
+impl PackLoc {
+    /// The 16-byte form used in log records and reference keys.
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.pack.to_be_bytes());
+        out[8..].copy_from_slice(&self.offset.to_be_bytes());
+        out
+    }
+
+    /// Reads back [`PackLoc::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let pack = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let offset = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+        Some(PackLoc { pack, offset })
+    }
+}
+
+struct Tail {
+    pack: u64,
+    len: u64,
+}
+
+/// The pack files of one store.
+pub struct Packs {
+    dir: PathBuf,
+    /// The size at which a pack is sealed.
+    pack_bytes: u64,
+    tail: Mutex<Tail>,
+    files: RwLock<HashMap<u64, Arc<File>>>,
+    /// Packs written since their last sync.
+    dirty: Mutex<BTreeSet<u64>>,
+    /// A pack file was created (or removed) since the folder's last sync.
+    names_changed: AtomicBool,
+    /// Bytes whose last reference went since the last compaction pass
+    /// (a hint of when one is worth running; not persisted).
+    freed: AtomicU64,
+}
+
+impl std::fmt::Debug for Packs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Packs")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The file name of pack `number`.
+fn file_name(number: u64) -> String {
+    format!("{number:016x}.pack")
+}
+
+fn parse_name(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".pack")?;
+    (hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
+}
+
+impl Packs {
+    /// Opens (creating if needed) the packs in `dir`, sealed once they
+    /// reach `pack_bytes`. New values go after the end of the
+    /// highest-numbered pack.
+    pub fn open(dir: &Path, pack_bytes: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let packs = Packs {
+            dir: dir.to_path_buf(),
+            pack_bytes: pack_bytes.max(1),
+            tail: Mutex::new(Tail { pack: 1, len: 0 }),
+            files: RwLock::new(HashMap::new()),
+            dirty: Mutex::new(BTreeSet::new()),
+            names_changed: AtomicBool::new(true),
+            freed: AtomicU64::new(0),
+        };
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let Some(number) = entry.file_name().to_str().and_then(parse_name) else {
+                continue;
+            };
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(entry.path())?;
+            packs.lock_files_mut().insert(number, Arc::new(file));
+        }
+        packs.find_tail()?;
+        Ok(packs)
+    }
+
+    /// Puts the tail after the end of the highest-numbered pack (again
+    /// after replay, which may have written past it).
+    pub fn find_tail(&self) -> std::io::Result<()> {
+        let last = self
+            .lock_files()
+            .iter()
+            .max_by_key(|(number, _)| **number)
+            .map(|(number, file)| (*number, Arc::clone(file)));
+        let tail = match last {
+            Some((pack, file)) => Tail {
+                pack,
+                len: file.metadata()?.len(),
+            },
+            None => Tail { pack: 1, len: 0 },
+        };
+        *self.lock_tail() = tail;
+        Ok(())
+    }
+
+    fn lock_tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_files(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Arc<File>>> {
+        self.files.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_files_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Arc<File>>> {
+        self.files.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves `len` bytes at the tail, sealing the active pack first
+    /// when they would take it past its size. Called under the log's lock,
+    /// so places are handed out in log order.
+    pub fn reserve(&self, len: u64) -> PackLoc {
+        let mut tail = self.lock_tail();
+        if tail.len > 0 && tail.len.saturating_add(len) > self.pack_bytes {
+            tail.pack += 1;
+            tail.len = 0;
+        }
+        let loc = PackLoc {
+            pack: tail.pack,
+            offset: tail.len,
+        };
+        tail.len = tail.len.saturating_add(len);
+        loc
+    }
+
+    /// The pack new values go to.
+    pub fn active(&self) -> u64 {
+        self.lock_tail().pack
+    }
+
+    /// Writes `bytes` at `loc`, creating the pack when it is new.
+    pub fn write_at(&self, loc: PackLoc, bytes: &[u8]) -> std::io::Result<()> {
+        let file = match self.file(loc.pack) {
+            Some(file) => file,
+            None => self.create(loc.pack)?,
+        };
+        file.write_all_at(bytes, loc.offset)?;
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(loc.pack);
+        Ok(())
+    }
+
+    fn create(&self, number: u64) -> std::io::Result<Arc<File>> {
+        let mut files = self.lock_files_mut();
+        if let Some(file) = files.get(&number) {
+            return Ok(Arc::clone(file));
+        }
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(self.dir.join(file_name(number)))?,
+        );
+        files.insert(number, Arc::clone(&file));
+        self.names_changed.store(true, Ordering::SeqCst);
+        Ok(file)
+    }
+
+    fn file(&self, number: u64) -> Option<Arc<File>> {
+        self.lock_files().get(&number).cloned()
+    }
+
+    /// Reads `len` bytes at `loc` and checks them against `crc`. `Ok(None)`
+    /// when the pack is gone (compacted since the pointer was read: read
+    /// the record again); an error names what is wrong.
+    pub fn read(&self, loc: PackLoc, len: u64, crc: u32) -> Result<Option<Vec<u8>>, ReadError> {
+        let Some(file) = self.file(loc.pack) else {
+            return Ok(None);
+        };
+        let len = usize::try_from(len).map_err(|_| ReadError::Damaged {
+            reason: format!("a length of {len} bytes does not fit in memory"),
+        })?;
+        let mut bytes = vec![0u8; len];
+        match file.read_exact_at(&mut bytes, loc.offset) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(ReadError::Damaged {
+                    reason: format!(
+                        "pack {} ends before byte {} of the value at {}",
+                        loc.pack, len, loc.offset
+                    ),
+                })
+            }
+            Err(err) => return Err(ReadError::Io(err)),
+        }
+        if crc32fast::hash(&bytes) != crc {
+            return Err(ReadError::Damaged {
+                reason: format!(
+                    "the {len} bytes at {} of pack {} fail their checksum",
+                    loc.offset, loc.pack
+                ),
+            });
+        }
+        Ok(Some(bytes))
+    }
+
+    /// `fdatasync`s every pack written since its last sync, and the folder
+    /// when a pack was created or removed. A failure is returned, and the
+    /// packs stay marked: the caller must not treat their bytes as durable.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        for number in &dirty {
+            let Some(file) = self.file(*number) else {
+                continue;
+            };
+            if let Err(err) = file.sync_data() {
+                self.dirty
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(dirty.iter().copied());
+                return Err(err);
+            }
+        }
+        if self.names_changed.swap(false, Ordering::SeqCst) {
+            if let Err(err) = File::open(&self.dir).and_then(|dir| dir.sync_all()) {
+                self.names_changed.store(true, Ordering::SeqCst);
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every pack but the active one, with its size in bytes.
+    pub fn sealed(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        let active = self.active();
+        let files: Vec<(u64, Arc<File>)> = self
+            .lock_files()
+            .iter()
+            .filter(|(number, _)| **number != active)
+            .map(|(number, file)| (*number, Arc::clone(file)))
+            .collect();
+        let mut sealed = Vec::with_capacity(files.len());
+        for (number, file) in files {
+            sealed.push((number, file.metadata()?.len()));
+        }
+        sealed.sort_unstable();
+        Ok(sealed)
+    }
+
+    /// Deletes pack `number`. Readers that opened it keep reading it.
+    pub fn remove(&self, number: u64) -> std::io::Result<()> {
+        self.lock_files_mut().remove(&number);
+        match std::fs::remove_file(self.dir.join(file_name(number))) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
+        }
+        self.names_changed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Notes that `bytes` of packed values lost their last reference.
+    pub fn note_freed(&self, bytes: u64) {
+        self.freed.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Takes the bytes freed since the last call.
+    pub fn take_freed(&self) -> u64 {
+        self.freed.swap(0, Ordering::Relaxed)
+    }
+}
+
+/// Why a packed value could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The bytes are not what the pointer says.
+    Damaged {
+        /// What was found.
+        reason: String,
+    },
+    /// Reading failed.
+    Io(std::io::Error),
+}
+
+#[cfg(test)]
+mod store_tests;
+#[cfg(test)]
+mod tests;

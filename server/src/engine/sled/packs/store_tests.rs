@@ -1,0 +1,202 @@
+//! Packs through the store: which values go where, reads after a restart,
+//! and compaction reclaiming the space of deleted and replaced values.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use trove_proto::artifacts::PutOptions;
+use trove_proto::types::{ByteStream, Name, Namespace};
+use trove_proto::{ArtifactStore, Error};
+
+use crate::engine::record::{self, Body};
+use crate::engine::sled::schema::artifact_key;
+use crate::engine::sled::{SledStore, StoreOptions};
+
+fn body(bytes: Vec<u8>) -> ByteStream {
+    futures::stream::once(async move { Ok(Bytes::from(bytes)) }).boxed()
+}
+
+/// A value no other value in a test equals.
+fn value(seed: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed.wrapping_mul(131) ^ i.wrapping_mul(7)).to_le_bytes()[0])
+        .collect()
+}
+
+fn key(i: usize) -> Name {
+    Name::new("key", format!("k{i:04}")).expect("name")
+}
+
+async fn open(dir: &std::path::Path, pack_bytes: u64) -> SledStore {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        SledStore::open(
+            &dir,
+            StoreOptions {
+                pack_bytes,
+                ..StoreOptions::default()
+            },
+        )
+    })
+    .await
+    .expect("open task")
+    .expect("open")
+}
+
+async fn put(store: &SledStore, ns: &Namespace, key: &Name, bytes: Vec<u8>) {
+    store
+        .put_artifact(ns, key, PutOptions::default(), body(bytes))
+        .await
+        .expect("put");
+}
+
+async fn get(store: &SledStore, ns: &Namespace, key: &Name) -> Result<Vec<u8>, Error> {
+    let (_, mut stream) = store.get_artifact(ns, key).await?;
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(out)
+}
+
+fn body_of(store: &SledStore, ns: &Namespace, key: &Name) -> Body {
+    let bytes = store
+        .inner
+        .artifacts
+        .get(artifact_key(ns, key))
+        .expect("get")
+        .expect("present");
+    record::decode(&bytes).expect("decode").body
+}
+
+fn pack_files(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir.join("packs"))
+        .expect("packs folder")
+        .map(|e| e.expect("entry"))
+        .map(|e| {
+            let len = e.metadata().expect("metadata").len();
+            (e.file_name().to_string_lossy().into_owned(), len)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[tokio::test]
+async fn values_go_inline_packed_or_to_blobs_by_size_and_read_back_after_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ns = Namespace::new("ns").expect("namespace");
+    let sizes = [10, 1024, 60_000, 100_000];
+    {
+        let store = open(dir.path(), super::PACK_BYTES).await;
+        for (i, size) in sizes.iter().enumerate() {
+            put(&store, &ns, &key(i), value(i, *size)).await;
+        }
+        assert!(matches!(body_of(&store, &ns, &key(0)), Body::Inline(_)));
+        assert!(matches!(body_of(&store, &ns, &key(1)), Body::Packed { .. }));
+        assert!(matches!(body_of(&store, &ns, &key(2)), Body::Packed { .. }));
+        assert!(matches!(body_of(&store, &ns, &key(3)), Body::Blob(_)));
+        for (i, size) in sizes.iter().enumerate() {
+            assert_eq!(
+                get(&store, &ns, &key(i)).await.expect("get"),
+                value(i, *size)
+            );
+        }
+    }
+    let store = open(dir.path(), super::PACK_BYTES).await;
+    for (i, size) in sizes.iter().enumerate() {
+        assert_eq!(
+            get(&store, &ns, &key(i)).await.expect("get after restart"),
+            value(i, *size)
+        );
+    }
+    let packed: u64 = pack_files(dir.path()).iter().map(|(_, len)| len).sum();
+    assert_eq!(
+        packed,
+        1024 + 60_000,
+        "the packs hold the two packed values once"
+    );
+}
+
+#[tokio::test]
+async fn a_packed_value_that_fails_its_checksum_is_data_loss() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ns = Namespace::new("ns").expect("namespace");
+    let store = open(dir.path(), super::PACK_BYTES).await;
+    put(&store, &ns, &key(1), value(1, 2048)).await;
+    let (name, _) = pack_files(dir.path()).remove(0);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("packs").join(name))
+        .expect("open pack");
+    std::os::unix::fs::FileExt::write_all_at(&file, b"garbage", 100).expect("damage");
+    match get(&store, &ns, &key(1)).await {
+        Err(Error::DataLoss { message }) => {
+            assert!(message.contains("checksum"), "{message}");
+            assert!(message.contains("k0001"), "{message}");
+        }
+        other => panic!("damage was not reported: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn compaction_moves_live_values_and_deletes_mostly_dead_packs() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ns = Namespace::new("ns").expect("namespace");
+    let pack_bytes = 16 * 1024;
+    let store = open(dir.path(), pack_bytes).await;
+    let count = 64;
+    for i in 0..count {
+        put(&store, &ns, &key(i), value(i, 1024)).await;
+    }
+    // Three of every four go; two of the kept ones are replaced.
+    for i in (0..count).filter(|i| i % 4 != 0) {
+        assert!(store.delete_artifact(&ns, &key(i)).await.expect("delete"));
+    }
+    put(&store, &ns, &key(0), value(1000, 1500)).await;
+    put(&store, &ns, &key(4), value(1004, 700)).await;
+    let expected = |i: usize| match i {
+        0 => value(1000, 1500),
+        4 => value(1004, 700),
+        i => value(i, 1024),
+    };
+    let before = pack_files(dir.path());
+    let compacting = store.clone();
+    let pass = tokio::task::spawn_blocking(move || compacting.compact_packs())
+        .await
+        .expect("task")
+        .expect("compaction pass");
+    let after = pack_files(dir.path());
+    assert!(pass.packs_removed >= 3, "{pass:?}: {before:?} -> {after:?}");
+    assert!(pass.values_moved > 0 && pass.values_moved <= 16, "{pass:?}");
+    let (bytes_before, bytes_after): (u64, u64) = (
+        before.iter().map(|(_, len)| len).sum(),
+        after.iter().map(|(_, len)| len).sum(),
+    );
+    assert!(
+        bytes_after * 2 < bytes_before,
+        "{bytes_before} -> {bytes_after} bytes"
+    );
+    for i in 0..count {
+        let read = get(&store, &ns, &key(i)).await;
+        if i % 4 == 0 {
+            assert_eq!(read.expect("a kept value reads"), expected(i), "key {i}");
+        } else {
+            assert!(matches!(read, Err(Error::NotFound { .. })), "key {i}");
+        }
+    }
+    // A second pass finds nothing more to do.
+    let compacting = store.clone();
+    let again = tokio::task::spawn_blocking(move || compacting.compact_packs())
+        .await
+        .expect("task")
+        .expect("second pass");
+    assert_eq!(again.packs_removed, 0, "{again:?}");
+    drop(store);
+    let store = open(dir.path(), pack_bytes).await;
+    for i in (0..count).filter(|i| i % 4 == 0) {
+        assert_eq!(
+            get(&store, &ns, &key(i)).await.expect("read after restart"),
+            expected(i)
+        );
+    }
+}
