@@ -259,10 +259,12 @@ impl Checkpointer {
 pub fn checkpoint(wal: &Wal, flush: &Mutex<DurableFlush>) -> Result<u64, String> {
     // Every change up to this LSN is in sled: a record is queued only after
     // its change is applied.
-    let lsn = wal.durable_lsn();
     let mut flush = flush
         .lock()
         .map_err(|_| "the checkpoint lock is poisoned".to_owned())?;
+    // Read under the lock, so that checkpoints (the thread's, compaction's,
+    // shutdown's) record ever larger LSNs.
+    let lsn = wal.durable_lsn();
     // Most of the packs' bytes are synced before writes are held; what
     // was written meanwhile, under the hold.
     flush.sync_packs()?;

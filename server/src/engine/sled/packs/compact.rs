@@ -122,20 +122,25 @@ impl SledStore {
             return Ok(pass);
         }
         let packs_chosen: BTreeSet<u64> = chosen.keys().copied().collect();
+        let wal = &self.inner.wal;
+        let moving = wal.ticket();
         for tree in self.record_trees() {
             let (values, bytes) = self.move_out(tree, &packs_chosen)?;
             pass.values_moved += values;
             pass.bytes_moved += bytes;
         }
-        self.wait_durable(self.inner.wal.issued())?;
-        durable::checkpoint(&self.inner.wal, &self.inner.checkpoints).map_err(|reason| {
-            Error::Unavailable {
-                message: format!("compaction's checkpoint failed: {reason}"),
-            }
+        // Durable and not undone: no start puts a pointer back into a
+        // chosen pack, and after the checkpoint no replay writes into one.
+        wal.barrier_blocking(moving, DURABLE_WAIT)?;
+        durable::checkpoint(wal, &self.inner.checkpoints).map_err(|reason| Error::Unavailable {
+            message: format!("compaction's checkpoint failed: {reason}"),
         })?;
-        // A move undone by a failed log, or a value that could not be read,
-        // keeps its pack.
+        // A value that could not be read keeps its pack. So does one whose
+        // removal the scan saw but a failed log could still undo: the
+        // barrier after the scan fails then.
+        let scanning = wal.ticket();
         let still_used = self.live_bytes(&packs_chosen)?.1;
+        wal.barrier_blocking(scanning, DURABLE_WAIT)?;
         for (pack, len) in chosen {
             if still_used.contains(&pack) {
                 continue;
@@ -272,20 +277,5 @@ impl SledStore {
             &self.inner.artifacts,
             &self.inner.cache.refs,
         ]
-    }
-
-    /// Waits until every LSN through `lsn` is durable.
-    fn wait_durable(&self, lsn: u64) -> Result<(), Error> {
-        let deadline = Instant::now() + DURABLE_WAIT;
-        while self.inner.wal.durable_lsn() < lsn {
-            if Instant::now() > deadline {
-                return Err(Error::Unavailable {
-                    message: "compaction's moves did not become durable in time; the packs stay"
-                        .into(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(())
     }
 }

@@ -81,6 +81,10 @@ pub struct Packs {
     files: RwLock<HashMap<u64, Arc<File>>>,
     /// Packs written since their last sync.
     dirty: Mutex<BTreeSet<u64>>,
+    /// Held through a whole sync, so that a sync that returns has covered
+    /// every write made before it was called (even one another sync took
+    /// off the dirty set); holds why syncing failed, once it did.
+    syncing: Mutex<Option<String>>,
     /// A pack file was created (or removed) since the folder's last sync.
     names_changed: AtomicBool,
     /// Bytes whose last reference went since the last compaction pass
@@ -120,6 +124,7 @@ impl Packs {
             tail: Mutex::new(Tail { pack: 1, len: 0 }),
             files: RwLock::new(HashMap::new()),
             dirty: Mutex::new(BTreeSet::new()),
+            syncing: Mutex::new(None),
             names_changed: AtomicBool::new(true),
             freed: AtomicU64::new(0),
         };
@@ -262,41 +267,49 @@ impl Packs {
     }
 
     /// `fdatasync`s every pack written since its last sync, and the folder
-    /// when a pack was created or removed. A failure is returned, and the
-    /// packs stay marked: the caller must not treat their bytes as durable.
+    /// when a pack was created or removed. A failed sync is never retried
+    /// as if it could succeed (the kernel may have dropped the pages it
+    /// could not write): it and every later sync fail, until a restart.
     pub fn sync(&self) -> std::io::Result<()> {
+        let mut failed = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(reason) = failed.as_ref() {
+            return Err(std::io::Error::other(reason.clone()));
+        }
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut fail = |err: std::io::Error| {
+            *failed = Some(format!(
+                "an fsync of the value packs failed ({err}); their unsynced bytes may be lost"
+            ));
+            Err(err)
+        };
         for number in &dirty {
             let Some(file) = self.file(*number) else {
                 continue;
             };
             if let Err(err) = file.sync_data() {
-                self.dirty
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(dirty.iter().copied());
-                return Err(err);
+                return fail(err);
             }
         }
         if self.names_changed.swap(false, Ordering::SeqCst) {
             if let Err(err) = File::open(&self.dir).and_then(|dir| dir.sync_all()) {
-                self.names_changed.store(true, Ordering::SeqCst);
-                return Err(err);
+                return fail(err);
             }
         }
         Ok(())
     }
 
-    /// Every pack but the active one, with its size in bytes.
+    /// Every pack below the active one (no value goes there any more),
+    /// with its size in bytes.
     pub fn sealed(&self) -> std::io::Result<Vec<(u64, u64)>> {
-        let active = self.active();
         let files: Vec<(u64, Arc<File>)> = self
             .lock_files()
             .iter()
-            .filter(|(number, _)| **number != active)
             .map(|(number, file)| (*number, Arc::clone(file)))
             .collect();
-        let mut sealed = Vec::with_capacity(files.len());
+        // Read after listing: a pack created meanwhile is above it.
+        let active = self.active();
+        let files = files.into_iter().filter(|(number, _)| *number < active);
+        let mut sealed = Vec::new();
         for (number, file) in files {
             sealed.push((number, file.metadata()?.len()));
         }
@@ -304,8 +317,14 @@ impl Packs {
         Ok(sealed)
     }
 
-    /// Deletes pack `number`. Readers that opened it keep reading it.
+    /// Deletes pack `number`, unless values still go there. Readers that
+    /// opened it keep reading it.
     pub fn remove(&self, number: u64) -> std::io::Result<()> {
+        if number >= self.active() {
+            return Err(std::io::Error::other(format!(
+                "pack {number} is the active pack; it is never deleted"
+            )));
+        }
         self.lock_files_mut().remove(&number);
         match std::fs::remove_file(self.dir.join(file_name(number))) {
             Ok(()) => {}

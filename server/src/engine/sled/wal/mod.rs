@@ -313,6 +313,7 @@ impl Wal {
         let outcome = body(&tx).map_err(body_error);
         let (changes, packed) = tx.into_changes();
         let log_tree = &self.shared.log_tree;
+        let mut partly_applied = false;
         let outcome = match outcome {
             Ok(value) if changes.iter().any(|c| !c.is_empty()) => {
                 // Encoded before anything is applied: a change set too large
@@ -326,6 +327,7 @@ impl Wal {
                             if !failed.undone {
                                 // sled holds part of this write and its image:
                                 // only a restart can take it out again.
+                                partly_applied = true;
                                 state.refusing = Some(format!(
                                     "a write failed part way in the database and could not be \
                                      undone ({}); restart the server",
@@ -352,10 +354,17 @@ impl Wal {
             // and the marker covers it so that a checkpoint may release the
             // segment that holds it.
             other => {
-                let marked = log_tree
-                    .insert(APPLIED, &lsn.to_be_bytes()[..])
-                    .map(|_| ())
-                    .map_err(sled_error);
+                // Except over a write sled holds part of: the marker stays
+                // below it, so that the next start puts it back from its
+                // image (and replays this empty record after).
+                let marked = if partly_applied {
+                    Ok(())
+                } else {
+                    log_tree
+                        .insert(APPLIED, &lsn.to_be_bytes()[..])
+                        .map(|_| ())
+                        .map_err(sled_error)
+                };
                 codec::encode(&mut state.pending, lsn, std::iter::empty())
                     .map_err(|_| Error::internal("an empty log record does not fit"))?;
                 state.undo.push_back(undo_of(lsn, &[], Vec::new()));
@@ -420,9 +429,37 @@ impl Wal {
         }
     }
 
-    /// The last LSN taken by a write.
-    pub fn issued(&self) -> u64 {
-        self.shared.issued.load(Ordering::SeqCst)
+    /// [`Wal::barrier`] for a thread outside the runtime: polls until
+    /// every change applied so far is settled, at most `timeout`.
+    pub fn barrier_blocking(&self, ticket: u64, timeout: std::time::Duration) -> Result<(), Error> {
+        let target = self.shared.issued.load(Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            {
+                let progress = self.shared.progress.borrow();
+                if let Some(failure) = progress
+                    .failures
+                    .iter()
+                    .find(|f| f.to >= ticket && f.from <= target)
+                {
+                    return Err(Error::Unavailable {
+                        message: format!(
+                            "the write-ahead log failed meanwhile: {}; retry",
+                            failure.reason
+                        ),
+                    });
+                }
+                if progress.settled >= target {
+                    return Ok(());
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Unavailable {
+                    message: "the log did not settle in time; retry".into(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 
     /// The last durable LSN.

@@ -67,6 +67,14 @@ pub fn recover(
     put_back_legacy_image(db, log_tree, &mut trees)?;
     let checkpointed = super::checkpointed(log_tree)?;
     let found = segments::list(dir).map_err(|e| io_error("list the log", &e))?;
+    // A process killed after writing records but before their sync left
+    // them in the page cache only: sync them before trusting them (images
+    // of the writes they carry are dropped below).
+    for (_, path) in &found {
+        std::fs::File::open(path)
+            .and_then(|file| file.sync_data())
+            .map_err(|e| io_error("sync the log before replaying it", &e))?;
+    }
     let mut reads = Vec::with_capacity(found.len());
     for (number, path) in &found {
         let bytes = std::fs::read(path).map_err(|e| io_error("read the log", &e))?;

@@ -127,6 +127,13 @@ impl Segment {
         })
     }
 
+    /// Makes the header durable now, not with the first group: the header
+    /// of a segment started after a failure voids records of the older
+    /// one, which must not come back if no group follows before a crash.
+    pub fn sync_header(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Whether `len` more bytes fit.
     pub fn fits(&self, len: usize) -> bool {
         self.offset + len as u64 <= self.bytes

@@ -256,7 +256,9 @@ impl Writer {
             let _ = handle.join();
         }
         let spare = segments::prepare(&self.shared.dir, segments::SEGMENT_BYTES)?;
-        Segment::install(&self.shared.dir, spare, self.segment.number + 1, durable)
+        let segment = Segment::install(&self.shared.dir, spare, self.segment.number + 1, durable)?;
+        segment.sync_header()?;
+        Ok(segment)
     }
 }
 
