@@ -1,5 +1,6 @@
-//! The embedded store: sled for metadata and small values, blob files for
-//! large ones. [`SledStore`] implements every trait of `trove-proto`.
+//! The embedded store: sled for metadata and the smallest values, value
+//! packs for values up to the inline limit, blob files for larger ones.
+//! [`SledStore`] implements every trait of `trove-proto`.
 //!
 //! This module never imports tonic: it speaks domain types and
 //! [`trove_proto::Error`] only. The gRPC adapters live in `crate::grpc`.
@@ -9,9 +10,10 @@
 //!   only after `fdatasync`/`fsync` returned for every file it depends on and
 //!   for the folder of every file it created: its record in the store's own
 //!   write-ahead log (`wal`: one `fdatasync` shared by every write waiting at
-//!   that moment, in a preallocated segment), and blob files with their
-//!   folder before the record that references them is written. sled is the
-//!   index, made durable by background checkpoints (`durable`); its own
+//!   that moment, in a preallocated segment; it carries packed values'
+//!   bytes too), and blob files with their folder before the record that
+//!   references them is written. sled is the index, made durable with the
+//!   packs by background checkpoints (`durable`); its own
 //!   flush (`sync_file_range`) and its 500 ms timer never count. Strict
 //!   reads never report a change whose record is not yet durable. In
 //!   [`Durability::Relaxed`] mode writes return before their record's
@@ -25,6 +27,7 @@
 //! - `schema`: every tree and every key (which parts make which key).
 //! - `keys`: the byte encoding of key parts (dependency-free, fuzzed).
 //! - `blob`: staging, publishing and reclaiming blob files.
+//! - `packs`: value packs (placing, reading, syncing, compaction).
 //! - `read`: opening a value's record and body, streaming it verified.
 //! - `wal`: the write-ahead log (group commit, undo on failure, replay).
 //! - `durable`: checkpoints (sled's flush, then real fsyncs).

@@ -41,6 +41,10 @@ pub const PACK_MIN_BYTES: usize = 128;
 /// compaction finer; each one costs an open file while it holds values.
 pub const PACK_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Pack files kept open at once: a terabyte of packs is 16,000 files, more
+/// than a process may open by default. Others are opened when read.
+const OPEN_PACKS: usize = 128;
+
 /// Where one value's bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PackLoc {
@@ -78,6 +82,9 @@ pub struct Packs {
     /// The size at which a pack is sealed.
     pack_bytes: u64,
     tail: Mutex<Tail>,
+    /// Every pack on disk.
+    numbers: Mutex<BTreeSet<u64>>,
+    /// The packs open now (at most [`OPEN_PACKS`]).
     files: RwLock<HashMap<u64, Arc<File>>>,
     /// Packs written since their last sync.
     dirty: Mutex<BTreeSet<u64>>,
@@ -122,6 +129,7 @@ impl Packs {
             dir: dir.to_path_buf(),
             pack_bytes: pack_bytes.max(1),
             tail: Mutex::new(Tail { pack: 1, len: 0 }),
+            numbers: Mutex::new(BTreeSet::new()),
             files: RwLock::new(HashMap::new()),
             dirty: Mutex::new(BTreeSet::new()),
             syncing: Mutex::new(None),
@@ -133,11 +141,7 @@ impl Packs {
             let Some(number) = entry.file_name().to_str().and_then(parse_name) else {
                 continue;
             };
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(entry.path())?;
-            packs.lock_files_mut().insert(number, Arc::new(file));
+            packs.lock_numbers().insert(number);
         }
         packs.find_tail()?;
         Ok(packs)
@@ -146,12 +150,12 @@ impl Packs {
     /// Puts the tail after the end of the highest-numbered pack (again
     /// after replay, which may have written past it).
     pub fn find_tail(&self) -> std::io::Result<()> {
-        let last = self
-            .lock_files()
-            .iter()
-            .max_by_key(|(number, _)| **number)
-            .map(|(number, file)| (*number, Arc::clone(file)));
-        let tail = match last {
+        let last = self.lock_numbers().last().copied();
+        let file = match last {
+            Some(number) => self.file(number)?.map(|file| (number, file)),
+            None => None,
+        };
+        let tail = match file {
             Some((pack, file)) => Tail {
                 pack,
                 len: file.metadata()?.len(),
@@ -164,6 +168,10 @@ impl Packs {
 
     fn lock_tail(&self) -> std::sync::MutexGuard<'_, Tail> {
         self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_numbers(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.numbers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_files(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Arc<File>>> {
@@ -198,7 +206,7 @@ impl Packs {
 
     /// Writes `bytes` at `loc`, creating the pack when it is new.
     pub fn write_at(&self, loc: PackLoc, bytes: &[u8]) -> std::io::Result<()> {
-        let file = match self.file(loc.pack) {
+        let file = match self.file(loc.pack)? {
             Some(file) => file,
             None => self.create(loc.pack)?,
         };
@@ -211,10 +219,7 @@ impl Packs {
     }
 
     fn create(&self, number: u64) -> std::io::Result<Arc<File>> {
-        let mut files = self.lock_files_mut();
-        if let Some(file) = files.get(&number) {
-            return Ok(Arc::clone(file));
-        }
+        let mut numbers = self.lock_numbers();
         let file = Arc::new(
             std::fs::OpenOptions::new()
                 .read(true)
@@ -223,20 +228,59 @@ impl Packs {
                 .truncate(false)
                 .open(self.dir.join(file_name(number)))?,
         );
-        files.insert(number, Arc::clone(&file));
-        self.names_changed.store(true, Ordering::SeqCst);
+        if numbers.insert(number) {
+            self.names_changed.store(true, Ordering::SeqCst);
+        }
+        self.keep_open(number, Arc::clone(&file));
         Ok(file)
     }
 
-    fn file(&self, number: u64) -> Option<Arc<File>> {
-        self.lock_files().get(&number).cloned()
+    /// Pack `number`, opened if it is not open; `None` when it is gone.
+    fn file(&self, number: u64) -> std::io::Result<Option<Arc<File>>> {
+        if let Some(file) = self.lock_files().get(&number) {
+            return Ok(Some(Arc::clone(file)));
+        }
+        if !self.lock_numbers().contains(&number) {
+            return Ok(None);
+        }
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.dir.join(file_name(number)));
+        match opened {
+            Ok(file) => {
+                let file = Arc::new(file);
+                self.keep_open(number, Arc::clone(&file));
+                Ok(Some(file))
+            }
+            // Removed by compaction meanwhile.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Keeps `file` open, closing another pack (never the active one) when
+    /// too many are.
+    fn keep_open(&self, number: u64, file: Arc<File>) {
+        let active = self.active();
+        let mut files = self.lock_files_mut();
+        if files.len() >= OPEN_PACKS {
+            let closed = files
+                .keys()
+                .copied()
+                .find(|other| *other != active && *other != number);
+            if let Some(closed) = closed {
+                files.remove(&closed);
+            }
+        }
+        files.insert(number, file);
     }
 
     /// Reads `len` bytes at `loc` and checks them against `crc`. `Ok(None)`
     /// when the pack is gone (compacted since the pointer was read: read
     /// the record again); an error names what is wrong.
     pub fn read(&self, loc: PackLoc, len: u64, crc: u32) -> Result<Option<Vec<u8>>, ReadError> {
-        let Some(file) = self.file(loc.pack) else {
+        let Some(file) = self.file(loc.pack).map_err(ReadError::Io)? else {
             return Ok(None);
         };
         let len = usize::try_from(len).map_err(|_| ReadError::Damaged {
@@ -283,8 +327,10 @@ impl Packs {
             Err(err)
         };
         for number in &dirty {
-            let Some(file) = self.file(*number) else {
-                continue;
+            let file = match self.file(*number) {
+                Ok(Some(file)) => file,
+                Ok(None) => continue,
+                Err(err) => return fail(err),
             };
             if let Err(err) = file.sync_data() {
                 return fail(err);
@@ -301,19 +347,17 @@ impl Packs {
     /// Every pack below the active one (no value goes there any more),
     /// with its size in bytes.
     pub fn sealed(&self) -> std::io::Result<Vec<(u64, u64)>> {
-        let files: Vec<(u64, Arc<File>)> = self
-            .lock_files()
-            .iter()
-            .map(|(number, file)| (*number, Arc::clone(file)))
-            .collect();
+        let numbers: Vec<u64> = self.lock_numbers().iter().copied().collect();
         // Read after listing: a pack created meanwhile is above it.
         let active = self.active();
-        let files = files.into_iter().filter(|(number, _)| *number < active);
         let mut sealed = Vec::new();
-        for (number, file) in files {
-            sealed.push((number, file.metadata()?.len()));
+        for number in numbers.into_iter().filter(|number| *number < active) {
+            match std::fs::metadata(self.dir.join(file_name(number))) {
+                Ok(meta) => sealed.push((number, meta.len())),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
         }
-        sealed.sort_unstable();
         Ok(sealed)
     }
 
@@ -325,6 +369,7 @@ impl Packs {
                 "pack {number} is the active pack; it is never deleted"
             )));
         }
+        self.lock_numbers().remove(&number);
         self.lock_files_mut().remove(&number);
         match std::fs::remove_file(self.dir.join(file_name(number))) {
             Ok(()) => {}

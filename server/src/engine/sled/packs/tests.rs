@@ -65,3 +65,33 @@ fn a_full_pack_is_sealed_and_the_tail_survives_a_restart() {
     assert!(packs.sealed().expect("sealed").is_empty());
     assert!(!dir.path().join(file_name(1)).exists());
 }
+
+#[test]
+fn only_so_many_packs_stay_open_and_the_others_are_opened_to_read() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let packs = Packs::open(dir.path(), 10).expect("open");
+    let count = OPEN_PACKS as u64 + 72;
+    let places: Vec<PackLoc> = (0..count)
+        .map(|i| {
+            let loc = packs.reserve(10);
+            packs
+                .write_at(loc, &[i.to_le_bytes()[0]; 10])
+                .expect("write");
+            loc
+        })
+        .collect();
+    assert_eq!(
+        places.last().map(|loc| loc.pack),
+        Some(count),
+        "one pack per value"
+    );
+    assert!(packs.lock_files().len() <= OPEN_PACKS);
+    for (i, loc) in places.iter().enumerate() {
+        let bytes = [i.to_le_bytes()[0]; 10];
+        let read = packs.read(*loc, 10, crc32fast::hash(&bytes)).expect("read");
+        assert_eq!(read, Some(bytes.to_vec()), "pack {}", loc.pack);
+    }
+    assert!(packs.lock_files().len() <= OPEN_PACKS);
+    packs.sync().expect("sync");
+    assert_eq!(packs.sealed().expect("sealed").len() as u64, count - 1);
+}
