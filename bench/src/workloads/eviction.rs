@@ -16,7 +16,7 @@ use trove_server::engine::quota::{NamespaceQuota, OnFull, Quotas};
 use trove_server::engine::sled::{Durability, SledStore, StoreOptions};
 use trove_tests::harness::ServerProcess;
 
-use super::{body, drain, filler, sha256_hex, Bench, KIB};
+use super::{body, disk_usage, drain, filler, sha256_hex, Bench, KIB};
 use crate::load::{closed_loop_while, op, Op};
 
 /// Values of the namespace whose gets are timed.
@@ -177,6 +177,33 @@ impl Bench {
             "evictions per second, 4 KiB values (goal >= 7000)",
             rate,
             "/s",
+        );
+        // Evicted values leave dead bytes in their packs until compaction.
+        let before = disk_usage(&dir);
+        let compacting = store.clone();
+        let (compaction, took) = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            compacting
+                .compact_packs()
+                .map(|pass| (pass, started.elapsed()))
+        })
+        .await??;
+        let after = disk_usage(&dir);
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        println!(
+            "  compaction: {} packs ({:.0} MiB) deleted, {} values moved, in {:.2} s; \
+             data folder {:.0} -> {:.0} MiB",
+            compaction.packs_removed,
+            mib(compaction.bytes_reclaimed),
+            compaction.values_moved,
+            took.as_secs_f64(),
+            mib(before),
+            mib(after)
+        );
+        self.report.fact(
+            "data folder after eviction and compaction / before compaction",
+            after as f64 / before.max(1) as f64,
+            "x",
         );
         drop(store);
         self.eviction_served(count).await
