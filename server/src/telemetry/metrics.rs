@@ -96,6 +96,18 @@ fn describe() {
         "trove_evicted_bytes_total",
         "Logical bytes of the values evicted."
     );
+    metrics::describe_counter!(
+        "trove_pack_compactions_total",
+        "Value packs deleted by compaction (their live values rewritten elsewhere first)."
+    );
+    metrics::describe_counter!(
+        "trove_pack_reclaimed_bytes_total",
+        "Bytes of value pack files deleted by compaction."
+    );
+    metrics::describe_counter!(
+        "trove_pack_moved_bytes_total",
+        "Bytes of live values compaction rewrote to free their packs."
+    );
     metrics::describe_gauge!("trove_store_items", "Items stored, by kind.");
     metrics::describe_gauge!(
         "trove_store_logical_bytes",

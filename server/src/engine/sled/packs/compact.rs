@@ -154,6 +154,9 @@ impl SledStore {
         packs
             .sync()
             .map_err(|e| io_error("sync the value packs' folder", &e))?;
+        metrics::counter!("trove_pack_compactions_total").increment(pass.packs_removed);
+        metrics::counter!("trove_pack_reclaimed_bytes_total").increment(pass.bytes_reclaimed);
+        metrics::counter!("trove_pack_moved_bytes_total").increment(pass.bytes_moved);
         if pass.packs_removed > 0 {
             tracing::info!(
                 packs = pass.packs_removed,
@@ -234,7 +237,7 @@ impl SledStore {
 
     /// Moves the values `batch` of `tree` in one logged write, each only if
     /// its record still points where it was read from.
-    fn move_batch(
+    pub(super) fn move_batch(
         &self,
         tree: &sled::Tree,
         batch: &[(IVec, PackLoc, Vec<u8>, u32)],

@@ -200,3 +200,32 @@ async fn compaction_moves_live_values_and_deletes_mostly_dead_packs() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_value_replaced_while_compaction_reads_it_keeps_the_new_value() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ns = Namespace::new("ns").expect("namespace");
+    let store = open(dir.path(), super::PACK_BYTES).await;
+    put(&store, &ns, &key(1), value(1, 1024)).await;
+    let Body::Packed { pack, offset, crc } = body_of(&store, &ns, &key(1)) else {
+        panic!("a 1 KiB value is packed");
+    };
+    let loc = super::PackLoc { pack, offset };
+    let old = store
+        .inner
+        .packs
+        .read(loc, 1024, crc)
+        .expect("read")
+        .expect("present");
+    // What compaction read, then a replace before its write.
+    let batch = vec![(sled::IVec::from(artifact_key(&ns, &key(1))), loc, old, crc)];
+    put(&store, &ns, &key(1), value(2, 700)).await;
+    let mover = store.clone();
+    let artifacts = store.inner.artifacts.clone();
+    let (moved, _) = tokio::task::spawn_blocking(move || mover.move_batch(&artifacts, &batch))
+        .await
+        .expect("task")
+        .expect("move");
+    assert_eq!(moved, 0, "a replaced value was moved");
+    assert_eq!(get(&store, &ns, &key(1)).await.expect("get"), value(2, 700));
+}

@@ -342,6 +342,16 @@ fn apply_without_marker(opened: &Opened, changes: &[(&str, Option<&str>, Option<
         .expect("put the marker back");
 }
 
+/// Writes `kept = 1` through the log, then changes `kept` to 2 and adds
+/// `new` in sled only (the write [`apply_without_marker`] leaves).
+fn put_then_change_unlogged(opened: &Opened) {
+    put(opened, "kept", "1").expect("put");
+    apply_without_marker(
+        opened,
+        &[("kept", Some("1"), Some("2")), ("new", None, Some("x"))],
+    );
+}
+
 /// A write that reached sled without its applied marker (the process died
 /// between them) and whose record never became durable is taken out at the
 /// next start, from its image of the values before.
@@ -350,11 +360,7 @@ fn a_write_cut_before_its_marker_is_taken_out_at_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     {
         let opened = open(dir.path(), None);
-        put(&opened, "kept", "1").expect("put");
-        apply_without_marker(
-            &opened,
-            &[("kept", Some("1"), Some("2")), ("new", None, Some("x"))],
-        );
+        put_then_change_unlogged(&opened);
         assert_eq!(value(&opened.db, "kept").as_deref(), Some("2"));
         opened.db.flush().expect("flush");
     }
@@ -429,11 +435,7 @@ fn a_write_sled_holds_beyond_the_durable_log_is_taken_out_at_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     {
         let opened = open(dir.path(), None);
-        put(&opened, "kept", "1").expect("put");
-        apply_without_marker(
-            &opened,
-            &[("kept", Some("1"), Some("2")), ("new", None, Some("x"))],
-        );
+        put_then_change_unlogged(&opened);
         let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
         let marker = applied(&log_tree).expect("marker");
         log_tree
