@@ -75,10 +75,19 @@ import datetime, hashlib, hmac, http.client, json, random, socket, sys, time
 import urllib.parse, urllib.request
 
 def free_ports(n):
-    # HTTP port P and gRPC port P+10000 (SeaweedFS's convention) both free.
+    # HTTP port P and gRPC port P+10000 (SeaweedFS's convention) both free,
+    # and both below the kernel's ephemeral range: a port in it can be taken
+    # by any outgoing connection between this check and the bind.
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    lo, hi = (10000, low - 10001) if low > 20001 else (20000, 55000)
     chosen, taken = [], set()
     for _ in range(10000):
-        p = random.randint(20000, 55000)
+        p = random.randint(lo, hi)
         if {p, p + 10000} & taken:
             continue
         ok = True

@@ -45,17 +45,29 @@ impl Cluster {
             crate::skip(why);
             return None;
         };
-        let dir = tempfile::tempdir().expect("temp dir");
-        let output = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(dir.path())
-            .env("WEED", &weed)
-            .output()
-            .expect("run seaweedfs.sh");
+        // A port checked free can still be taken before a server binds it
+        // (another test's cluster): such a start is tried again.
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 0;
+        let (dir, output) = loop {
+            attempt += 1;
+            let dir = tempfile::tempdir().expect("temp dir");
+            let output = Command::new("bash")
+                .arg(script())
+                .arg("start")
+                .arg(dir.path())
+                .env("WEED", &weed)
+                .output()
+                .expect("run seaweedfs.sh");
+            let port_taken =
+                String::from_utf8_lossy(&output.stderr).contains("address already in use");
+            if output.status.success() || !port_taken || attempt == ATTEMPTS {
+                break (dir, output);
+            }
+        };
         assert!(
             output.status.success(),
-            "seaweedfs.sh start failed:\n{}\n{}",
+            "seaweedfs.sh start failed (attempt {attempt}):\n{}\n{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );

@@ -160,7 +160,9 @@ impl ArtifactStore for SledStore {
                         break;
                     }
                     // A blob can be retired by a concurrent overwrite between
-                    // reading the record and the file: re-read the record.
+                    // reading the record and the file, and a pack compacted:
+                    // re-read the record.
+                    let mut missing: Option<Body> = None;
                     for _ in 0..5 {
                         if record.size > MAX_LISTED_VALUE_BYTES {
                             break;
@@ -169,6 +171,13 @@ impl ArtifactStore for SledStore {
                             inline_value = Some(data);
                             break;
                         }
+                        if let Body::Packed { pack, offset, .. } = record.body {
+                            if missing.as_ref() == Some(&record.body) {
+                                let loc = PackLoc { pack, offset };
+                                return Err(super::read::pack_gone("artifact", &key, loc));
+                            }
+                        }
+                        missing = Some(record.body.clone());
                         match tree.get(&raw_key).map_err(sled_error)? {
                             Some(bytes) => record = record::decode(&bytes)?,
                             None => break,

@@ -269,6 +269,10 @@ pub fn checkpoint(wal: &Wal, flush: &Mutex<DurableFlush>) -> Result<u64, String>
     // was written meanwhile, under the hold.
     flush.sync_packs()?;
     let held = wal.hold_writes().map_err(|e| e.to_string())?;
+    // Never past the applied marker: a write sled holds part of (its undo
+    // failed) keeps the marker below it, and its image must survive until
+    // a restart puts it back.
+    let lsn = lsn.min(wal.applied_marker().map_err(|e| e.to_string())?);
     flush.sync_packs()?;
     // After the packs' sync and before sled's: a start that finds this
     // marker finds every packed value through it in place.

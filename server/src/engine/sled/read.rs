@@ -15,11 +15,24 @@ pub(super) fn pack_error(kind: &str, display_key: &str, err: ReadError) -> Error
     match err {
         ReadError::Damaged { reason } => Error::DataLoss {
             message: format!(
-                "{kind} {}: {reason}",
+                "{kind} {}: {reason}; its bytes are damaged on disk: write the value again, \
+                 or restore the data folder from a backup",
                 trove_proto::error::shorten(display_key)
             ),
         },
         ReadError::Io(err) => io_error("read a value from its pack", &err),
+    }
+}
+
+/// The status of a record pointing into a pack that is not there.
+pub(super) fn pack_gone(kind: &str, display_key: &str, loc: PackLoc) -> Error {
+    Error::DataLoss {
+        message: format!(
+            "{kind} {}: its bytes were in value pack {}, which is missing from the data folder; \
+             write the value again, or restore the data folder from a backup",
+            trove_proto::error::shorten(display_key),
+            loc.pack
+        ),
     }
 }
 
@@ -48,6 +61,7 @@ impl SledStore {
         display_key: &str,
     ) -> Result<(ValueRecord, BodyReader), Error> {
         const ATTEMPTS: usize = 5;
+        let mut pack_missing: Option<PackLoc> = None;
         for _ in 0..ATTEMPTS {
             let Some(bytes) = tree.get(key).map_err(sled_error)? else {
                 return Err(Error::not_found(kind, display_key));
@@ -76,8 +90,15 @@ impl SledStore {
                             let reader = BodyReader::Memory(std::io::Cursor::new(bytes));
                             return Ok((record, reader));
                         }
-                        // Moved by compaction since the record was read.
-                        Ok(None) => continue,
+                        // Moved by compaction since the record was read;
+                        // gone for good if the record still points there.
+                        Ok(None) if pack_missing == Some(loc) => {
+                            return Err(pack_gone(kind, display_key, loc))
+                        }
+                        Ok(None) => {
+                            pack_missing = Some(loc);
+                            continue;
+                        }
                         Err(err) => return Err(pack_error(kind, display_key, err)),
                     }
                 }

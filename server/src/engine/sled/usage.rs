@@ -100,8 +100,10 @@ impl SledStore {
             .filter_map(|entry| entry.ok()?.metadata().ok())
             .map(|m| m.len())
             .sum();
-        usage.disk_bytes =
-            self.inner.db.size_on_disk().map_err(sled_error)? + blob_bytes + staged_bytes;
+        usage.disk_bytes = self.inner.db.size_on_disk().map_err(sled_error)?
+            + self.inner.packs.disk_bytes()
+            + blob_bytes
+            + staged_bytes;
         usage.logical_bytes = Some(logical_bytes);
         Ok(usage)
     }

@@ -231,6 +231,7 @@ impl Packs {
         if numbers.insert(number) {
             self.names_changed.store(true, Ordering::SeqCst);
         }
+        drop(numbers);
         self.keep_open(number, Arc::clone(&file));
         Ok(file)
     }
@@ -259,16 +260,24 @@ impl Packs {
         }
     }
 
-    /// Keeps `file` open, closing another pack (never the active one) when
-    /// too many are.
+    /// Keeps `file` open, closing another pack when too many are: never
+    /// the active one, nor one with writes not yet synced (a sync must not
+    /// have to open a file). Lock order: files, then numbers, then dirty.
     fn keep_open(&self, number: u64, file: Arc<File>) {
         let active = self.active();
         let mut files = self.lock_files_mut();
+        // Removed while it was being opened: the handle must not keep the
+        // deleted file's space.
+        if !self.lock_numbers().contains(&number) {
+            return;
+        }
         if files.len() >= OPEN_PACKS {
+            let dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
             let closed = files
                 .keys()
                 .copied()
-                .find(|other| *other != active && *other != number);
+                .find(|other| *other != active && *other != number && !dirty.contains(other));
+            drop(dirty);
             if let Some(closed) = closed {
                 files.remove(&closed);
             }
@@ -283,6 +292,16 @@ impl Packs {
         let Some(file) = self.file(loc.pack).map_err(ReadError::Io)? else {
             return Ok(None);
         };
+        // Checked before allocating: a damaged record may name any length.
+        let file_len = file.metadata().map_err(ReadError::Io)?.len();
+        if loc.offset.saturating_add(len) > file_len {
+            return Err(ReadError::Damaged {
+                reason: format!(
+                    "pack {} ends at byte {file_len}, before the {len} bytes at {}",
+                    loc.pack, loc.offset
+                ),
+            });
+        }
         let len = usize::try_from(len).map_err(|_| ReadError::Damaged {
             reason: format!("a length of {len} bytes does not fit in memory"),
         })?;
@@ -369,8 +388,11 @@ impl Packs {
                 "pack {number} is the active pack; it is never deleted"
             )));
         }
-        self.lock_numbers().remove(&number);
-        self.lock_files_mut().remove(&number);
+        {
+            let mut files = self.lock_files_mut();
+            self.lock_numbers().remove(&number);
+            files.remove(&number);
+        }
         match std::fs::remove_file(self.dir.join(file_name(number))) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -378,6 +400,16 @@ impl Packs {
         }
         self.names_changed.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Bytes of every pack file (dead values included, until compaction).
+    pub fn disk_bytes(&self) -> u64 {
+        let numbers: Vec<u64> = self.lock_numbers().iter().copied().collect();
+        numbers
+            .into_iter()
+            .filter_map(|number| std::fs::metadata(self.dir.join(file_name(number))).ok())
+            .map(|meta| meta.len())
+            .sum()
     }
 
     /// Notes that `bytes` of packed values lost their last reference.

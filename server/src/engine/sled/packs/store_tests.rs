@@ -229,3 +229,36 @@ async fn a_value_replaced_while_compaction_reads_it_keeps_the_new_value() {
     assert_eq!(moved, 0, "a replaced value was moved");
     assert_eq!(get(&store, &ns, &key(1)).await.expect("get"), value(2, 700));
 }
+
+#[tokio::test]
+async fn a_value_whose_pack_is_missing_is_data_loss_not_a_retry() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ns = Namespace::new("ns").expect("namespace");
+    {
+        let store = open(dir.path(), super::PACK_BYTES).await;
+        put(&store, &ns, &key(1), value(1, 2048)).await;
+        // Checkpointed, so that no replay writes the value back.
+        store.flush().await.expect("flush");
+    }
+    let (name, _) = pack_files(dir.path()).remove(0);
+    std::fs::remove_file(dir.path().join("packs").join(name)).expect("remove the pack");
+    let store = open(dir.path(), super::PACK_BYTES).await;
+    match get(&store, &ns, &key(1)).await {
+        Err(Error::DataLoss { message }) => {
+            assert!(message.contains("missing"), "{message}");
+            assert!(message.contains("backup"), "{message}");
+        }
+        other => panic!("a missing pack was not reported: {other:?}"),
+    }
+    let listed = store
+        .list_artifacts(
+            &ns,
+            &trove_proto::types::ListPage::new("", 100, "").expect("page"),
+            true,
+        )
+        .await;
+    assert!(
+        matches!(listed, Err(Error::DataLoss { .. })),
+        "a listing with values hid the loss: {listed:?}"
+    );
+}

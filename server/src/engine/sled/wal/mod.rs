@@ -492,6 +492,11 @@ impl Wal {
             .map_err(sled_error)
     }
 
+    /// The LSN of the last write sled holds whole (see [`applied`]).
+    pub fn applied_marker(&self) -> Result<u64, Error> {
+        applied(&self.shared.log_tree)
+    }
+
     /// Removes the images of writes at or below `lsn`, which a checkpoint
     /// covers: no start will need to put them back.
     pub fn forget_images_through(&self, lsn: u64) -> Result<(), Error> {
