@@ -26,20 +26,28 @@ fn key(i: usize) -> Name {
     Name::new("key", format!("k{i:04}")).expect("name")
 }
 
+/// Opens the store in `dir`. A store dropped just before may still be held
+/// for a moment by sled's I/O threads: the open is tried again for a few
+/// seconds.
 async fn open(dir: &std::path::Path, pack_bytes: u64) -> SledStore {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        SledStore::open(
-            &dir,
-            StoreOptions {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let options = StoreOptions {
                 pack_bytes,
                 ..StoreOptions::default()
-            },
-        )
+            };
+            match SledStore::open(&dir, options) {
+                Err(Error::Unavailable { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other.expect("open"),
+            }
+        }
     })
     .await
     .expect("open task")
-    .expect("open")
 }
 
 async fn put(store: &SledStore, ns: &Namespace, key: &Name, bytes: Vec<u8>) {

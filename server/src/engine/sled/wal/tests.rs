@@ -17,11 +17,27 @@ struct Opened {
     durable_flushes: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Opens sled in `dir`. A database dropped just before may still be held
+/// for a moment by sled's I/O threads finishing its last writes: the open
+/// is tried again for a few seconds.
+fn open_sled(dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::Config::new().path(dir.join("db")).open() {
+            Ok(db) => return db,
+            Err(err)
+                if err.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(err) => panic!("open sled: {err}"),
+        }
+    }
+}
+
 fn open(dir: &Path, faults: Option<Arc<Faults>>) -> Opened {
-    let db = sled::Config::new()
-        .path(dir.join("db"))
-        .open()
-        .expect("open sled");
+    let db = open_sled(dir);
     let data = db.open_tree("data").expect("tree");
     let log_tree = db.open_tree(LOG_TREE).expect("log tree");
     let packs = Arc::new(
