@@ -117,6 +117,31 @@ struct Progress {
     failures: Vec<Failure>,
 }
 
+impl Progress {
+    /// Whether every LSN through `target` is settled; an error when a
+    /// failure undid any LSN from `ticket` on (what the caller wrote or read
+    /// may be gone).
+    fn settled_for(&self, ticket: u64, target: u64) -> Result<bool, Error> {
+        if let Some(failure) = self
+            .failures
+            .iter()
+            .find(|f| f.to >= ticket && f.from <= target)
+        {
+            let message = format!(
+                "the write-ahead log failed while this call was running, so what it wrote or \
+                 read may have been undone: {}; retry",
+                failure.reason
+            );
+            return Err(if failure.disk_full {
+                Error::exhausted("disk space", message)
+            } else {
+                Error::Unavailable { message }
+            });
+        }
+        Ok(self.settled >= target)
+    }
+}
+
 /// A change not yet durable: how to undo it.
 struct Undo {
     lsn: u64,
@@ -401,27 +426,8 @@ impl Wal {
     async fn settle(&self, ticket: u64, target: u64) -> Result<(), Error> {
         let mut progress = self.shared.progress.subscribe();
         loop {
-            {
-                let state = progress.borrow_and_update();
-                if let Some(failure) = state
-                    .failures
-                    .iter()
-                    .find(|f| f.to >= ticket && f.from <= target)
-                {
-                    let message = format!(
-                        "the write-ahead log failed while this call was running, so what it \
-                         wrote or read may have been undone: {}; retry",
-                        failure.reason
-                    );
-                    return Err(if failure.disk_full {
-                        Error::exhausted("disk space", message)
-                    } else {
-                        Error::Unavailable { message }
-                    });
-                }
-                if state.settled >= target {
-                    return Ok(());
-                }
+            if progress.borrow_and_update().settled_for(ticket, target)? {
+                return Ok(());
             }
             progress.changed().await.map_err(|_| Error::Unavailable {
                 message: "the store is shutting down".into(),
@@ -434,25 +440,7 @@ impl Wal {
     pub fn barrier_blocking(&self, ticket: u64, timeout: std::time::Duration) -> Result<(), Error> {
         let target = self.shared.issued.load(Ordering::SeqCst);
         let deadline = std::time::Instant::now() + timeout;
-        loop {
-            {
-                let progress = self.shared.progress.borrow();
-                if let Some(failure) = progress
-                    .failures
-                    .iter()
-                    .find(|f| f.to >= ticket && f.from <= target)
-                {
-                    return Err(Error::Unavailable {
-                        message: format!(
-                            "the write-ahead log failed meanwhile: {}; retry",
-                            failure.reason
-                        ),
-                    });
-                }
-                if progress.settled >= target {
-                    return Ok(());
-                }
-            }
+        while !self.shared.progress.borrow().settled_for(ticket, target)? {
             if std::time::Instant::now() > deadline {
                 return Err(Error::Unavailable {
                     message: "the log did not settle in time; retry".into(),
@@ -460,6 +448,7 @@ impl Wal {
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
+        Ok(())
     }
 
     /// The last durable LSN.
