@@ -27,6 +27,7 @@ use trove_proto::cache::{
 use trove_proto::types::{now_micros, ByteStream, Name, Namespace, Page};
 use trove_proto::{CacheStore, Error};
 
+use super::packs::spill::{self, spill_len};
 use super::schema::{self, *};
 use super::{blocking, keys, sled_error, Committed, SledStore};
 use crate::engine::record::{self, ValueRecord};
@@ -229,12 +230,13 @@ impl SledStore {
         let swapped = self.write(&[&self.inner.cache.branch_refs], |tx| {
             let maps = tx.tree(0);
             if maps.get(map_key)?.as_ref() != Some(&seen) {
-                return Ok(false);
+                return Ok(None);
             }
-            maps.remove(map_key)?;
-            Ok(true)
+            Ok(Some(spill_len(maps.remove(map_key)?)))
         })?;
-        if !swapped {
+        if let Some(freed) = swapped {
+            self.inner.packs.note_freed(freed);
+        } else {
             tracing::debug!("a branch map changed while its branch was pruned; kept");
         }
         Ok(())
@@ -388,12 +390,12 @@ impl CacheStore for SledStore {
             &scope_prefix(&key.namespace, &key.prefix),
             &[branch.as_bytes()],
         );
-        let found = self
-            .inner
-            .cache
-            .branch_refs
-            .get(tree_key)
-            .map_err(sled_error)?;
+        let (store, name) = (self.clone(), format!("{}/{branch}", key.namespace.as_str()));
+        let found = blocking(move || {
+            let (packs, maps) = (&store.inner.packs, &store.inner.cache.branch_refs);
+            spill::get(packs, maps, &tree_key, "branch map", &name)
+        })
+        .await?;
         self.visible(ticket).await?;
         match found {
             Some(bytes) => parse_branch_refs(&bytes),
@@ -411,10 +413,11 @@ impl CacheStore for SledStore {
             &[branch.as_bytes()],
         );
         let map = branch_refs_to_json(refs)?;
-        self.write(&[&self.inner.cache.branch_refs], |tx| {
-            tx.tree(0).insert(tree_key.as_slice(), map.as_slice())?;
-            Ok(())
+        let freed = self.write(&[&self.inner.cache.branch_refs], |tx| {
+            let map = spill::store(tx, &map);
+            Ok(spill_len(tx.tree(0).insert(tree_key.as_slice(), map)?))
         })?;
+        self.inner.packs.note_freed(freed);
         self.durable(ticket).await?;
         Ok(true)
     }

@@ -168,11 +168,11 @@ impl DurableFlush {
 const CHECKPOINT_POLL: Duration = Duration::from_millis(5);
 /// Sealed log segments that wait before a checkpoint covers them. A
 /// checkpoint holds writes while sled is flushed and synced (a few
-/// milliseconds): doing it once per four segments rather than per segment
+/// milliseconds): doing it once per 32 MiB of log rather than per segment
 /// keeps that pause out of all but the slowest 0.1% of calls, for at most
 /// 32 MiB more log on disk under heavy writes and as much more to replay
 /// after a crash.
-const CHECKPOINT_AFTER_SEGMENTS: usize = 4;
+const CHECKPOINT_AFTER_SEGMENTS: usize = 8;
 /// The longest a durable record waits to be covered by a checkpoint.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
@@ -289,9 +289,15 @@ pub fn checkpoint(wal: &Wal, flush: &Mutex<DurableFlush>) -> Result<u64, String>
 /// sled's segment size for new databases. sled writes a log item larger
 /// than a quarter segment to a file of its own that it never syncs, and its
 /// recovery after a power cut can then find a pointer to an item file it has
-/// removed (seen under the power-cut test); 8 MiB segments keep every item
-/// the engine writes (values inline only up to `inline_limit`) in the log.
-pub const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// removed (seen under the power-cut test). No item the engine writes comes
+/// near 1 MiB: values of 128 B and more are in packs, JSON values of 8 KiB
+/// and more spill into them, undo images are stored in 8 KiB pieces, so a
+/// leaf (at most about 17 values) stays under 200 KiB, and an index page
+/// (at most about 257 keys of at most 2 KiB) under 600 KiB. Smaller
+/// segments are what keeps sled's own space down: it keeps a segment until
+/// at most half of it is live. Databases created with 8 MiB segments keep
+/// them (sled refuses to reopen with another size).
+pub const SLED_SEGMENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// The segment size to open the database in `sled_dir` with: the one it was
 /// created with (sled refuses another), else [`SLED_SEGMENT_BYTES`].

@@ -235,7 +235,7 @@ impl SledStore {
         .map_err(|e| io_error("start the log", &e))?;
         let checkpointer = Checkpointer::start(wal.clone(), Arc::clone(&checkpoints))
             .map_err(|e| io_error("start the checkpoint thread", &e))?;
-        entry_trees.collect_leftovers(&wal)?;
+        entry_trees.collect_leftovers(&wal, &packs)?;
         let usage = accounting::UsageTrees::open(&db, root, options.quotas.min_free_disk_bytes)?;
         usage.prepare(&accounting::Sources {
             objects: &objects,

@@ -29,6 +29,7 @@ use sled::IVec;
 use trove_proto::types::Namespace;
 use trove_proto::Error;
 
+use super::packs::spill;
 use super::wal::LoggedTx;
 use super::{keys, schema, sled_error};
 use crate::engine::quota::{OnFull, Quotas};
@@ -247,7 +248,8 @@ pub(super) fn account(
                 let Some((gen, _)) = keys::take_u64(key) else {
                     continue;
                 };
-                let len = |v: &Option<IVec>| v.as_ref().map_or(0, |v| i128::from(v.len() as u64));
+                let len =
+                    |v: &Option<IVec>| v.as_ref().map_or(0, |v| i128::from(spill::logical_len(v)));
                 let weight = |v: &Option<IVec>| Delta {
                     items: i128::from(v.is_some()),
                     logical: len(v),

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use trove_proto::Error;
 
+use super::spill;
 use super::{
     counter_key, encode, generation_of, generation_value, keys, record_weight, sled_error, Delta,
     UsageTrees, CASSETTES, ENTRIES, FORMAT, MARKER,
@@ -47,7 +48,7 @@ impl UsageTrees {
         for item in from.entries.iter() {
             let (key, value) = item.map_err(sled_error)?;
             if let Some((gen, _)) = keys::take_u64(&key) {
-                let len = i128::from(value.len() as u64);
+                let len = i128::from(spill::logical_len(&value));
                 generations.entry(gen).or_default().add(Delta {
                     items: 1,
                     logical: len,

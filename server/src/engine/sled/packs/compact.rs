@@ -22,6 +22,7 @@ use sled::IVec;
 use trove_proto::Error;
 
 use super::refs;
+use super::spill::{self, Spilled};
 use super::PackLoc;
 use crate::engine::record::{self, Body};
 use crate::engine::sled::{durable, io_error, sled_error, SledStore};
@@ -129,6 +130,11 @@ impl SledStore {
             pass.values_moved += values;
             pass.bytes_moved += bytes;
         }
+        for tree in self.spill_trees() {
+            let (values, bytes) = self.move_spilled_out(tree, &packs_chosen)?;
+            pass.values_moved += values;
+            pass.bytes_moved += bytes;
+        }
         // Durable and not undone: no start puts a pointer back into a
         // chosen pack, and after the checkpoint no replay writes into one.
         wal.barrier_blocking(moving, DURABLE_WAIT)?;
@@ -186,6 +192,17 @@ impl SledStore {
                     *live.entry(loc.pack).or_insert(0) += len;
                     if among.contains(&loc.pack) {
                         used.insert(loc.pack);
+                    }
+                }
+            }
+        }
+        for tree in self.spill_trees() {
+            for value in tree.iter().values() {
+                let value = value.map_err(sled_error)?;
+                if let Some(spilled) = Spilled::decode(&value) {
+                    *live.entry(spilled.loc.pack).or_insert(0) += spilled.len;
+                    if among.contains(&spilled.loc.pack) {
+                        used.insert(spilled.loc.pack);
                     }
                 }
             }
@@ -271,6 +288,69 @@ impl SledStore {
             }
             Ok((values, bytes))
         })
+    }
+
+    /// Rewrites at the tail every spilled JSON value of `tree` that lives
+    /// in one of `packs`; returns how many values and bytes moved.
+    fn move_spilled_out(
+        &self,
+        tree: &sled::Tree,
+        packs: &BTreeSet<u64>,
+    ) -> Result<(u64, u64), Error> {
+        let (mut values, mut bytes) = (0, 0);
+        let mut batch: Vec<(IVec, Spilled, Vec<u8>)> = Vec::new();
+        let mut items = tree.iter().peekable();
+        while let Some(item) = items.next() {
+            let (key, value) = item.map_err(sled_error)?;
+            if let Some(spilled) = Spilled::decode(&value).filter(|s| packs.contains(&s.loc.pack)) {
+                match self.inner.packs.read(spilled.loc, spilled.len, spilled.crc) {
+                    Ok(Some(data)) => batch.push((key, spilled, data)),
+                    Ok(None) => {}
+                    Err(err) => {
+                        let (pack, offset) = (spilled.loc.pack, spilled.loc.offset);
+                        tracing::warn!(error = ?err, pack, offset, "a spilled value cannot be read; compaction leaves it");
+                    }
+                }
+            }
+            if batch.len() == MOVE_BATCH || (items.peek().is_none() && !batch.is_empty()) {
+                let (moved, moved_bytes) = self.move_spilled_batch(tree, &batch)?;
+                values += moved;
+                bytes += moved_bytes;
+                batch.clear();
+            }
+        }
+        Ok((values, bytes))
+    }
+
+    /// Moves the spilled values `batch` of `tree` in one logged write, each
+    /// only if its key still holds the pointer read.
+    pub(super) fn move_spilled_batch(
+        &self,
+        tree: &sled::Tree,
+        batch: &[(IVec, Spilled, Vec<u8>)],
+    ) -> Result<(u64, u64), Error> {
+        self.write_quiet(&[tree], |tx| {
+            tx.set_relocating();
+            let values = tx.tree(0);
+            let (mut moved, mut bytes) = (0u64, 0u64);
+            for (key, spilled, data) in batch {
+                if values.get(key)?.as_deref() != Some(&spilled.encode()[..]) {
+                    continue;
+                }
+                values.insert(key, spill::store(tx, data))?;
+                moved += 1;
+                bytes += data.len() as u64;
+            }
+            Ok((moved, bytes))
+        })
+    }
+
+    /// The trees whose values are JSON that may have spilled into packs.
+    fn spill_trees(&self) -> [&sled::Tree; 2] {
+        [
+            &self.inner.entry_trees.entries,
+            &self.inner.cache.branch_refs,
+        ]
     }
 
     /// The trees whose records may point into packs.

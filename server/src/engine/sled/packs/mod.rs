@@ -23,6 +23,7 @@
 
 mod compact;
 pub(super) mod refs;
+pub(super) mod spill;
 
 pub use compact::CompactionPass;
 
@@ -435,6 +436,8 @@ pub enum ReadError {
     Io(std::io::Error),
 }
 
+#[cfg(test)]
+mod spill_tests;
 #[cfg(test)]
 mod store_tests;
 #[cfg(test)]

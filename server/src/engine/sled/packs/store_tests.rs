@@ -29,7 +29,7 @@ fn key(i: usize) -> Name {
 /// Opens the store in `dir`. A store dropped just before may still be held
 /// for a moment by sled's I/O threads: the open is tried again for a few
 /// seconds.
-async fn open(dir: &std::path::Path, pack_bytes: u64) -> SledStore {
+pub(super) async fn open(dir: &std::path::Path, pack_bytes: u64) -> SledStore {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -76,7 +76,7 @@ fn body_of(store: &SledStore, ns: &Namespace, key: &Name) -> Body {
     record::decode(&bytes).expect("decode").body
 }
 
-fn pack_files(dir: &std::path::Path) -> Vec<(String, u64)> {
+pub(super) fn pack_files(dir: &std::path::Path) -> Vec<(String, u64)> {
     let mut files: Vec<(String, u64)> = std::fs::read_dir(dir.join("packs"))
         .expect("packs folder")
         .map(|e| e.expect("entry"))

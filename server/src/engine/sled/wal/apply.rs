@@ -11,10 +11,11 @@ use super::{sled_error, Undo, APPLIED, IMAGES, UNDO_IMAGE};
 use crate::engine::sled::io_error;
 use crate::engine::sled::packs::{PackLoc, Packs};
 
-/// The largest piece of an undo image stored as one sled value: well under
-/// a quarter of the smallest sled segment in use (sled writes a larger item
-/// to a file of its own that it never syncs).
-const IMAGE_PIECE_BYTES: usize = 64 * 1024;
+/// The largest piece of an undo image stored as one sled value: small
+/// enough that a leaf of pieces stays far under a quarter of sled's segment
+/// (sled writes a larger item to a file of its own that it never syncs;
+/// see `durable::SLED_SEGMENT_BYTES`).
+const IMAGE_PIECE_BYTES: usize = 8 * 1024;
 
 /// The key of piece `index` of the undo image of write `lsn`. Images are
 /// kept per write until a checkpoint covers it: a start that finds sled

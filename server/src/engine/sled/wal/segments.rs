@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::codec;
 
 /// Bytes of a segment, unless one record group needs more.
-pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 const SUFFIX: &str = ".wal";
 const SPARE: &str = "spare.tmp";
 

@@ -17,6 +17,8 @@
 //!
 //! Never imports tonic; never awaits inside a logged write.
 
+mod gc;
+
 use std::collections::{HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex};
@@ -29,8 +31,8 @@ use trove_proto::entries::{
 use trove_proto::types::{encode_page_token, now_micros, ListPage, Name, Namespace, Page};
 use trove_proto::{EntryStore, Error};
 
+use super::packs::spill;
 use super::schema::{self, *};
-use super::wal::Wal;
 use super::{blocking, keys, scan_after, sled_error, SledStore};
 use crate::engine::values::check_append;
 
@@ -70,54 +72,11 @@ impl EntryTrees {
         Ok(trees)
     }
 
-    /// Removes every collectable generation a crash left. Blocking.
-    pub fn collect_leftovers(&self, wal: &Wal) -> Result<(), Error> {
-        let mut collected = 0u64;
-        for marker in self.gc.iter() {
-            let (gen, _) = marker.map_err(sled_error)?;
-            if let Some((gen, _)) = keys::take_u64(&gen) {
-                collected += self.collect(wal, gen)?;
-            }
-        }
-        if collected > 0 {
-            tracing::info!(
-                entries = collected,
-                "removed entries of replaced, deleted or unfinished cassette versions"
-            );
-        }
-        Ok(())
-    }
-
-    /// Deletes generation `gen` if it is garbage: no header points to it and
-    /// no reader holds it. Returns the number of entries removed. Blocking.
-    fn collect(&self, wal: &Wal, gen: u64) -> Result<u64, Error> {
-        let Some(cassette_key) = self.gc.get(gen.to_be_bytes()).map_err(sled_error)? else {
-            return Ok(0);
-        };
-        if self.leased(gen) {
-            return Ok(0);
-        }
-        if let Some(header) = self.cassettes.get(&cassette_key).map_err(sled_error)? {
-            if decode_header(&header).map(|h| h.0) == Some(gen) {
-                // Committed after all (the marker's removal was lost in a crash).
-                remove_key(wal, &self.gc, &gen.to_be_bytes())?;
-                return Ok(0);
-            }
-        }
-        let removed = remove_prefix(wal, &self.entries, &gen.to_be_bytes())?;
-        // The idempotency keys applied to this generation go with it.
-        remove_prefix(wal, &self.append_keys, &gen.to_be_bytes())?;
-        // A staged generation that never became current still has a counter.
-        remove_key(wal, &self.usage, &gen.to_be_bytes())?;
-        remove_key(wal, &self.gc, &gen.to_be_bytes())?;
-        Ok(removed)
-    }
-
     /// Cassettes, entries and entry bytes. Blocking.
     pub(super) fn usage(&self) -> Result<(u64, u64, u64), Error> {
         let (mut entries, mut bytes) = (0u64, 0u64);
         for value in self.entries.iter().values() {
-            bytes += value.map_err(sled_error)?.len() as u64;
+            bytes += spill::logical_len(&value.map_err(sled_error)?);
             entries += 1;
         }
         Ok((self.cassettes.len() as u64, entries, bytes))
@@ -134,38 +93,6 @@ impl EntryTrees {
 fn header_of(bytes: &[u8]) -> Result<(u64, i64), Error> {
     decode_header(bytes).ok_or_else(|| Error::DataLoss {
         message: "unreadable cassette header".into(),
-    })
-}
-
-/// Removes every key of `tree` under `prefix`, a batch at a time; returns
-/// how many. Blocking.
-fn remove_prefix(wal: &Wal, tree: &sled::Tree, prefix: &[u8]) -> Result<u64, Error> {
-    let mut removed = 0u64;
-    loop {
-        let doomed: Vec<sled::IVec> = tree
-            .scan_prefix(prefix)
-            .keys()
-            .take(DELETE_BATCH)
-            .collect::<Result<_, _>>()
-            .map_err(sled_error)?;
-        if doomed.is_empty() {
-            return Ok(removed);
-        }
-        wal.write(&[tree], |tx| {
-            for key in &doomed {
-                tx.tree(0).remove(key)?;
-            }
-            Ok(())
-        })?;
-        removed += doomed.len() as u64;
-    }
-}
-
-/// Removes one key of `tree` as a logged write. Blocking.
-fn remove_key(wal: &Wal, tree: &sled::Tree, key: &[u8]) -> Result<(), Error> {
-    wal.write(&[tree], |tx| {
-        tx.tree(0).remove(key)?;
-        Ok(())
     })
 }
 
@@ -241,8 +168,9 @@ impl SledStore {
     fn collect_later(&self, gen: u64) {
         let trees = Arc::clone(&self.inner.entry_trees);
         let wal = self.inner.wal.clone();
+        let packs = Arc::clone(&self.inner.packs);
         let work = move || {
-            if let Err(err) = trees.collect(&wal, gen) {
+            if let Err(err) = trees.collect(&wal, &packs, gen) {
                 tracing::warn!(generation = gen, error = %err, "could not remove an old cassette version; it will be retried at next start");
             }
         };
@@ -338,7 +266,10 @@ impl EntryStore for SledStore {
                     applied.insert(applied_key, &count.to_be_bytes()[..])?;
                 }
                 for (entry, seq) in entries.iter().zip(&seqs) {
-                    stored.insert(entry_key(gen, entry.recorded_at, *seq), entry.json.as_ref())?;
+                    stored.insert(
+                        entry_key(gen, entry.recorded_at, *seq),
+                        spill::store(tx, &entry.json),
+                    )?;
                 }
                 Ok(count)
             },
@@ -378,9 +309,12 @@ impl EntryStore for SledStore {
             remaining: u64,
             buffer: VecDeque<StoredEntry>,
             done: bool,
+            /// Names the cassette in errors.
+            cassette: String,
             _lease: Lease,
         }
         let state = State {
+            cassette: format!("{}/{}", ns.as_str(), cassette.as_str()),
             store: self.clone(),
             tree,
             start,
@@ -397,12 +331,25 @@ impl EntryStore for SledStore {
                 let ticket = state.store.ticket();
                 let want =
                     usize::try_from(state.remaining.min(READ_BATCH as u64)).unwrap_or(READ_BATCH);
+                let (store, cassette) = (state.store.clone(), state.cassette.clone());
                 let (batch, exhausted) = blocking(move || {
+                    let packs = &store.inner.packs;
                     let mut out = Vec::new();
                     let mut bytes = 0usize;
                     let mut range = tree.range((start, end));
                     for item in range.by_ref() {
                         let (key, value) = item.map_err(sled_error)?;
+                        let value = match spill::load(packs, value) {
+                            Ok(Some(json)) => json,
+                            // Moved by compaction since the range read it.
+                            Ok(None) => {
+                                match spill::get(packs, &tree, &key, "cassette", &cassette)? {
+                                    Some(json) => json,
+                                    None => continue,
+                                }
+                            }
+                            Err(err) => return Err(spill::load_error("cassette", &cassette, err)),
+                        };
                         bytes += value.len();
                         out.push((key.to_vec(), value));
                         if out.len() >= want || bytes >= 4 * 1024 * 1024 {
@@ -481,7 +428,7 @@ impl EntryStore for SledStore {
             let write = guard.in_flight.insert(tokio::task::spawn_blocking(move || {
                 store.write(&[&tree], |tx| {
                     for (key, json) in &staged {
-                        tx.tree(0).insert(key.as_slice(), json.as_ref())?;
+                        tx.tree(0).insert(key.as_slice(), spill::store(tx, json))?;
                     }
                     Ok(())
                 })
