@@ -194,9 +194,15 @@ async fn writer(
             // Two writers append to the same cassette.
             3 | 7 => {
                 let tag = format!("{tag}-w{kind}");
+                // About half the batches carry an entry long enough to be
+                // kept in a value pack rather than in the database.
+                let reps = rng.random_range(0..20_000 / tag.len());
                 let entries: Vec<NewEntry> = (0..5)
                     .map(|i| {
-                        let json = serde_json::json!({ "batch": tag, "i": i });
+                        let reps = if i == 0 { reps } else { 0 };
+                        let json = serde_json::json!({
+                            "batch": tag, "i": i, "reps": reps, "pad": tag.repeat(reps)
+                        });
                         NewEntry::parse(
                             "entry",
                             Bytes::from(json.to_string()),
@@ -232,7 +238,15 @@ async fn writer(
                 }
                 let version = tag.clone();
                 let body = futures::stream::iter((0..count).map(move |i| {
-                    let json = serde_json::json!({ "version": version, "i": i });
+                    // Every 64th entry is long enough for a value pack.
+                    let reps = if i % 64 == 0 {
+                        10_000 / version.len()
+                    } else {
+                        0
+                    };
+                    let json = serde_json::json!({
+                        "version": version, "i": i, "reps": reps, "pad": version.repeat(reps)
+                    });
                     NewEntry::parse(
                         "entry",
                         Bytes::from(json.to_string()),
@@ -307,6 +321,13 @@ async fn writer(
 /// Checks every acknowledged write against the restarted server, and every
 /// unacknowledged one for being absent or whole; returns (verified, lost,
 /// torn). What each artifact key holds now becomes its known state.
+/// Whether an entry's padding is its tag `reps` times, as written.
+fn padded_whole(entry: &serde_json::Value, tag: &str) -> bool {
+    let reps = entry["reps"].as_u64().unwrap_or(0);
+    let pad = entry["pad"].as_str().unwrap_or_default();
+    usize::try_from(reps).is_ok_and(|reps| pad == tag.repeat(reps))
+}
+
 async fn verify(client: &TroveClient, ledger: &mut Ledger) -> (u64, Vec<String>, Vec<String>) {
     let ns = Namespace::new("crash").expect("ns");
     let (mut verified, mut lost, mut torn) = (0u64, Vec::new(), Vec::new());
@@ -404,9 +425,13 @@ async fn verify(client: &TroveClient, ledger: &mut Ledger) -> (u64, Vec<String>,
         .await;
     let mut per_batch: HashMap<String, usize> = HashMap::new();
     for entry in &log {
-        *per_batch
-            .entry(entry["batch"].as_str().unwrap_or_default().to_owned())
-            .or_default() += 1;
+        let batch = entry["batch"].as_str().unwrap_or_default();
+        if !padded_whole(entry, batch) {
+            torn.push(format!(
+                "append batch {batch}: an entry's padding is damaged"
+            ));
+        }
+        *per_batch.entry(batch.to_owned()).or_default() += 1;
     }
     for (batch, acked) in &ledger.batches {
         match (per_batch.get(batch).copied().unwrap_or(0), acked) {
@@ -429,6 +454,15 @@ async fn verify(client: &TroveClient, ledger: &mut Ledger) -> (u64, Vec<String>,
         .iter()
         .map(|e| e["version"].as_str().unwrap_or_default().to_owned())
         .collect();
+    if let Some(entry) = swap
+        .iter()
+        .find(|e| !padded_whole(e, e["version"].as_str().unwrap_or_default()))
+    {
+        torn.push(format!(
+            "replaced cassette: damaged padding in entry {}",
+            entry["i"]
+        ));
+    }
     match (
         versions.iter().next(),
         versions.len(),

@@ -49,6 +49,9 @@ struct SegmentRead {
     torn: Option<(usize, &'static str)>,
 }
 
+/// Records replayed between two writes of sled's buffers.
+const REPLAY_WRITE_OUT_EVERY: u64 = 1024;
+
 /// Replays the log in `dir` into `db`, and packed values into `packs`.
 /// `make_durable` flushes and syncs sled; it runs before the replayed
 /// segments are deleted.
@@ -146,6 +149,12 @@ pub fn recover(
             apply(db, log_tree, &mut trees, packs, record)?;
             last = record.lsn;
             recovered.replayed += 1;
+            // Writes sled's buffers out now and then, as the checkpoint
+            // thread does while serving (see `durable::CHECKPOINT_POLL`):
+            // sled 0.34 can stall when many sealed buffers queue up.
+            if recovered.replayed % REPLAY_WRITE_OUT_EVERY == 0 {
+                db.flush().map_err(sled_error)?;
+            }
         }
         // Records sled already holds still put their packed values back:
         // only a checkpoint syncs packs.
