@@ -8,7 +8,8 @@
 //! - `cache_recency`: `tier, uploaded_at, seq, ref` -> empty: refs by recency, for
 //!   retention and listing without scanning archives.
 //! - `cache_trees`: `tier, tree_sha` -> ref.
-//! - `cache_branch_refs`: `namespace, prefix, branch` -> JSON map sha -> epoch seconds.
+//! - `cache_branch_refs`: `namespace, prefix, branch` -> JSON map sha -> epoch seconds
+//!   (from 8 KiB on, a pointer to it in a value pack; see `packs::spill`).
 //!
 //! Uploads commit all of this in one transaction. Retention removes one ref
 //! per transaction (never one lock over thousands), and skips a ref that was

@@ -8,14 +8,14 @@
 //! | `artifacts` | `namespace, key` | value record |
 //! | `blob_refs` | blob id (u64 BE) | empty: the blob is referenced |
 //! | `cassettes` | `namespace, cassette` | `[generation u64][created_at i64]` |
-//! | `entries` | `generation, recorded_at, seq` | value record of the entry |
+//! | `entries` | `generation, recorded_at, seq` | the entry's JSON, or from 8 KiB a pointer into a pack (`packs::spill`) |
 //! | `entry_gc` | generation | empty: the generation awaits collection |
 //! | `entry_append_keys` | `generation, idempotency key` | count first appended |
 //! | `cache_refs` | `tier, ref, suite` | value record of the archive |
 //! | `cache_ref_time` | `tier, ref` | `[uploaded_at i64][seq u64]` |
 //! | `cache_recency` | `tier, uploaded_at, seq, ref` | empty |
 //! | `cache_trees` | `tier, tree_sha` | ref |
-//! | `cache_branch_refs` | `namespace, prefix, branch` | JSON map sha -> epoch seconds |
+//! | `cache_branch_refs` | `namespace, prefix, branch` | JSON map sha -> epoch seconds, or from 8 KiB a pointer into a pack |
 //!
 //! A tier is `namespace, prefix` + `m` (main) or `p, branch` (a PR branch).
 

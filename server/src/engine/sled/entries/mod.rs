@@ -2,7 +2,8 @@
 //!
 //! Layout:
 //! - `cassettes`: `(namespace, cassette)` -> header `[generation u64][created_at i64]`.
-//! - `entries`: `[generation u64][recorded_at i64, order-preserving][seq u64]` -> JSON.
+//! - `entries`: `[generation u64][recorded_at i64, order-preserving][seq u64]` -> JSON
+//!   (from 8 KiB on, a pointer to it in a value pack; see `packs::spill`).
 //!   Generations are unique ids, so one generation's entries are one contiguous
 //!   range, read in `(recorded_at, arrival)` order by a plain range scan.
 //! - `entry_gc`: `[generation u64]` -> cassette key: generations that may be

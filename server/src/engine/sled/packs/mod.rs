@@ -17,6 +17,9 @@
 //! with the rest of its write (see `wal::replay`), so no pointer outlives
 //! its bytes.
 //!
+//! Cassette entries and branch maps of 8 KiB or more spill into packs as
+//! well (`spill`), so that sled never writes a page near its item limit.
+//!
 //! Space of values deleted or replaced is reclaimed by compaction
 //! (`compact`): a sealed pack that is mostly dead has its live values
 //! rewritten at the tail and is deleted once a checkpoint covers the moves.
