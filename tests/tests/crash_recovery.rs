@@ -318,9 +318,6 @@ async fn writer(
     }
 }
 
-/// Checks every acknowledged write against the restarted server, and every
-/// unacknowledged one for being absent or whole; returns (verified, lost,
-/// torn). What each artifact key holds now becomes its known state.
 /// Whether an entry's padding is its tag `reps` times, as written.
 fn padded_whole(entry: &serde_json::Value, tag: &str) -> bool {
     let reps = entry["reps"].as_u64().unwrap_or(0);
@@ -328,6 +325,9 @@ fn padded_whole(entry: &serde_json::Value, tag: &str) -> bool {
     usize::try_from(reps).is_ok_and(|reps| pad == tag.repeat(reps))
 }
 
+/// Checks every acknowledged write against the restarted server, and every
+/// unacknowledged one for being absent or whole; returns (verified, lost,
+/// torn). What each artifact key holds now becomes its known state.
 async fn verify(client: &TroveClient, ledger: &mut Ledger) -> (u64, Vec<String>, Vec<String>) {
     let ns = Namespace::new("crash").expect("ns");
     let (mut verified, mut lost, mut torn) = (0u64, Vec::new(), Vec::new());

@@ -229,8 +229,9 @@ impl SledStore {
             return Ok(());
         };
         let swapped = self.write(&[&self.inner.cache.branch_refs], |tx| {
-            let maps = tx.tree(0);
-            if maps.get(map_key)?.as_ref() != Some(&seen) {
+            let (maps, current) = (tx.tree(0), tx.tree(0).get(map_key)?);
+            // A map compaction moved meanwhile is still the one seen.
+            if !current.is_some_and(|m| spill::same_value(&m, &seen)) {
                 return Ok(None);
             }
             Ok(Some(spill_len(maps.remove(map_key)?)))

@@ -292,8 +292,10 @@ pub fn checkpoint(wal: &Wal, flush: &Mutex<DurableFlush>) -> Result<u64, String>
 /// removed (seen under the power-cut test). No item the engine writes comes
 /// near 1 MiB: values of 128 B and more are in packs, JSON values of 8 KiB
 /// and more spill into them, undo images are stored in 8 KiB pieces, so a
-/// leaf (at most about 17 values) stays under 200 KiB, and an index page
-/// (at most about 257 keys of at most 2 KiB) under 600 KiB. Smaller
+/// leaf (at most about 17 values and keys of a few KiB) stays under 250
+/// KiB. An index page holds up to about 257 separators, each cut where its
+/// neighbours differ: only keys that pairwise share kilobytes of prefix
+/// (not shared by the whole page) could bring one near 1 MiB. Smaller
 /// segments are what keeps sled's own space down: it keeps a segment until
 /// at most half of it is live. Databases created with 8 MiB segments keep
 /// them (sled refuses to reopen with another size).

@@ -235,6 +235,11 @@ pub(super) fn account(
     data_trees: usize,
     quotas: &Quotas,
 ) -> ConflictableTransactionResult<bool, Error> {
+    // A move between packs changes where bytes are, not how many; and a
+    // moved entry of a garbage generation must not bring its counter back.
+    if tx.relocating() {
+        return Ok(false);
+    }
     let usage = tx.tree(data_trees);
     let entry_usage = tx.tree(data_trees + 1);
     let mut counters: BTreeMap<Vec<u8>, Delta> = BTreeMap::new();

@@ -31,6 +31,9 @@ use crate::engine::sled::{durable, io_error, sled_error, SledStore};
 pub const DEAD_PERCENT: u64 = 50;
 /// Values moved per logged write.
 const MOVE_BATCH: usize = 256;
+/// Bytes moved per logged write, at most (and one value more): spilled
+/// JSON values can be as long as a message, and a write holds the log.
+const MOVE_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// How long a pass waits for its moves to become durable.
 const DURABLE_WAIT: Duration = Duration::from_secs(60);
 /// How often the compaction thread looks for work.
@@ -237,7 +240,13 @@ impl SledStore {
                     tracing::warn!(error = ?err, pack, offset, "a packed value cannot be read; compaction leaves it");
                 }
             }
-            if batch.len() == MOVE_BATCH {
+            let full = batch.len() == MOVE_BATCH
+                || batch
+                    .iter()
+                    .map(|(_, _, data, _)| data.len())
+                    .sum::<usize>()
+                    >= MOVE_BATCH_BYTES;
+            if full {
                 let (moved, moved_bytes) = self.move_batch(tree, &batch)?;
                 values += moved;
                 bytes += moved_bytes;
@@ -268,6 +277,8 @@ impl SledStore {
                     continue;
                 };
                 let old = record::decode(&current).map_err(ConflictableTransactionError::Abort)?;
+                // Only the moved value's own place counts: a record
+                // replaced meanwhile keeps its new value.
                 let unchanged = old.body
                     == Body::Packed {
                         pack: loc.pack,
@@ -312,7 +323,9 @@ impl SledStore {
                     }
                 }
             }
-            if batch.len() == MOVE_BATCH || (items.peek().is_none() && !batch.is_empty()) {
+            let full = batch.len() == MOVE_BATCH
+                || batch.iter().map(|(_, _, data)| data.len()).sum::<usize>() >= MOVE_BATCH_BYTES;
+            if full || (items.peek().is_none() && !batch.is_empty()) {
                 let (moved, moved_bytes) = self.move_spilled_batch(tree, &batch)?;
                 values += moved;
                 bytes += moved_bytes;
@@ -334,7 +347,8 @@ impl SledStore {
             let values = tx.tree(0);
             let (mut moved, mut bytes) = (0u64, 0u64);
             for (key, spilled, data) in batch {
-                if values.get(key)?.as_deref() != Some(&spilled.encode()[..]) {
+                let current = values.get(key)?;
+                if current.as_deref().and_then(Spilled::decode) != Some(*spilled) {
                     continue;
                 }
                 values.insert(key, spill::store(tx, data))?;

@@ -82,6 +82,18 @@ pub fn store(tx: &LoggedTx<'_>, json: &[u8]) -> IVec {
     }
 }
 
+/// Whether two stored values stand for the same bytes: equal, or pointers
+/// to bytes of the same length and checksum (a value compaction moved).
+pub fn same_value(a: &[u8], b: &[u8]) -> bool {
+    if a == b {
+        return true;
+    }
+    match (Spilled::decode(a), Spilled::decode(b)) {
+        (Some(a), Some(b)) => a.len == b.len && a.crc == b.crc,
+        _ => false,
+    }
+}
+
 /// The length of the value a stored value stands for.
 pub fn logical_len(value: &[u8]) -> u64 {
     Spilled::decode(value).map_or(value.len() as u64, |s| s.len)

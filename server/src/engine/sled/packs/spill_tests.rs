@@ -202,3 +202,41 @@ async fn a_damaged_spilled_entry_is_data_loss_naming_the_cassette() {
         other => panic!("expected DATA_LOSS, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn compaction_moves_a_branch_map_and_a_prune_that_read_it_before_still_removes_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ns = Namespace::new("ns").expect("namespace");
+    // Two maps per pack: the first pack holds `feature` and the first
+    // `other`, which three rewrites leave dead.
+    let store = open(dir.path(), 48 * 1024).await;
+    for branch in ["feature", "other", "other", "other", "other"] {
+        let write = BranchRefsWrite {
+            namespace: ns.clone(),
+            prefix: "app".to_owned(),
+            target: Some((branch.to_owned(), big_map())),
+        };
+        assert!(store.write_branch_refs(&write).await.expect("map"));
+    }
+    let maps = &store.inner.cache.branch_refs;
+    let seen: Vec<(sled::IVec, sled::IVec)> = maps.iter().map(|m| m.expect("map")).collect();
+    let compacting = store.clone();
+    let pass = tokio::task::spawn_blocking(move || compacting.compact_packs())
+        .await
+        .expect("task")
+        .expect("compaction pass");
+    assert!(pass.packs_removed >= 2, "{pass:?}");
+    assert_eq!(pass.values_moved, 1, "{pass:?}");
+    let key = BranchRefsKey::new(ns.clone(), "app", "feature").expect("key");
+    assert_eq!(store.branch_refs(&key).await.expect("map"), big_map());
+    // A prune read both maps before the move: both still go.
+    for (map_key, value) in seen {
+        store
+            .remove_map_if_unchanged(&map_key, Some(value))
+            .expect("remove");
+    }
+    assert!(
+        maps.is_empty(),
+        "a moved map is still the one the prune read"
+    );
+}
