@@ -10,7 +10,7 @@ use trove_proto::types::{Name, Namespace};
 use trove_proto::{CacheStore, EntryStore};
 
 use super::spill::{Spilled, SPILL_MIN_BYTES};
-use super::store_tests::{open, pack_files};
+use super::store_tests::{compact, damage_first_pack, open, pack_files};
 use crate::engine::sled::SledStore;
 
 /// A JSON object of about `len` bytes, different for each `seed`.
@@ -152,11 +152,7 @@ async fn compaction_moves_spilled_entries_and_reclaims_a_deleted_cassettes() {
         .expect("delete"));
     collected(&store).await;
     let before = pack_files(dir.path());
-    let compacting = store.clone();
-    let pass = tokio::task::spawn_blocking(move || compacting.compact_packs())
-        .await
-        .expect("task")
-        .expect("compaction pass");
+    let pass = compact(&store).await;
     let after = pack_files(dir.path());
     assert!(
         pass.packs_removed >= 10,
@@ -184,12 +180,7 @@ async fn a_damaged_spilled_entry_is_data_loss_naming_the_cassette() {
     let ns = Namespace::new("ns").expect("namespace");
     let store = open(dir.path(), super::PACK_BYTES).await;
     append(&store, &ns, "c", &[json(1, 20_000)]).await;
-    let (name, _) = pack_files(dir.path()).remove(0);
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.path().join("packs").join(name))
-        .expect("open pack");
-    std::os::unix::fs::FileExt::write_all_at(&file, b"garbage", 100).expect("damage");
+    damage_first_pack(dir.path());
     let mut stream = store
         .read_entries(&ns, &cassette("c"), ReadOptions::default())
         .await
@@ -220,11 +211,7 @@ async fn compaction_moves_a_branch_map_and_a_prune_that_read_it_before_still_rem
     }
     let maps = &store.inner.cache.branch_refs;
     let seen: Vec<(sled::IVec, sled::IVec)> = maps.iter().map(|m| m.expect("map")).collect();
-    let compacting = store.clone();
-    let pass = tokio::task::spawn_blocking(move || compacting.compact_packs())
-        .await
-        .expect("task")
-        .expect("compaction pass");
+    let pass = compact(&store).await;
     assert!(pass.packs_removed >= 2, "{pass:?}");
     assert_eq!(pass.values_moved, 1, "{pass:?}");
     let key = BranchRefsKey::new(ns.clone(), "app", "feature").expect("key");

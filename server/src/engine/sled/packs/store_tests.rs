@@ -89,6 +89,25 @@ pub(super) fn pack_files(dir: &std::path::Path) -> Vec<(String, u64)> {
     files
 }
 
+/// Overwrites bytes 100.. of the first pack with garbage.
+pub(super) fn damage_first_pack(dir: &std::path::Path) {
+    let (name, _) = pack_files(dir).remove(0);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("packs").join(name))
+        .expect("open pack");
+    std::os::unix::fs::FileExt::write_all_at(&file, b"garbage", 100).expect("damage");
+}
+
+/// Runs one compaction pass of `store`.
+pub(super) async fn compact(store: &SledStore) -> super::CompactionPass {
+    let compacting = store.clone();
+    tokio::task::spawn_blocking(move || compacting.compact_packs())
+        .await
+        .expect("task")
+        .expect("compaction pass")
+}
+
 #[tokio::test]
 async fn values_go_inline_packed_or_to_blobs_by_size_and_read_back_after_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -131,12 +150,7 @@ async fn a_packed_value_that_fails_its_checksum_is_data_loss() {
     let ns = Namespace::new("ns").expect("namespace");
     let store = open(dir.path(), super::PACK_BYTES).await;
     put(&store, &ns, &key(1), value(1, 2048)).await;
-    let (name, _) = pack_files(dir.path()).remove(0);
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.path().join("packs").join(name))
-        .expect("open pack");
-    std::os::unix::fs::FileExt::write_all_at(&file, b"garbage", 100).expect("damage");
+    damage_first_pack(dir.path());
     match get(&store, &ns, &key(1)).await {
         Err(Error::DataLoss { message }) => {
             assert!(message.contains("checksum"), "{message}");
@@ -168,11 +182,7 @@ async fn compaction_moves_live_values_and_deletes_mostly_dead_packs() {
         i => value(i, 1024),
     };
     let before = pack_files(dir.path());
-    let compacting = store.clone();
-    let pass = tokio::task::spawn_blocking(move || compacting.compact_packs())
-        .await
-        .expect("task")
-        .expect("compaction pass");
+    let pass = compact(&store).await;
     let after = pack_files(dir.path());
     assert!(pass.packs_removed >= 3, "{pass:?}: {before:?} -> {after:?}");
     assert!(pass.values_moved > 0 && pass.values_moved <= 16, "{pass:?}");
@@ -193,11 +203,7 @@ async fn compaction_moves_live_values_and_deletes_mostly_dead_packs() {
         }
     }
     // A second pass finds nothing more to do.
-    let compacting = store.clone();
-    let again = tokio::task::spawn_blocking(move || compacting.compact_packs())
-        .await
-        .expect("task")
-        .expect("second pass");
+    let again = compact(&store).await;
     assert_eq!(again.packs_removed, 0, "{again:?}");
     drop(store);
     let store = open(dir.path(), pack_bytes).await;
