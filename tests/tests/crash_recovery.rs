@@ -732,9 +732,21 @@ fn forget_lost(ledger: &mut Ledger, lost: &[String]) {
 }
 
 /// A driver run on sled with `--durability mode`; strict runs must lose nothing.
+/// Packs of 256 KiB and a compaction interval of 200 ms make compaction
+/// move values and delete packs within each cycle, so kills and power cuts
+/// land in the middle of it.
 fn on_sled(mode: &str, cycles: u64, power_cut: bool) -> Drive {
     Drive {
-        args: vec!["--durability".into(), mode.into()],
+        args: [
+            "--durability",
+            mode,
+            "--pack-bytes",
+            "262144",
+            "--compaction-interval-ms",
+            "200",
+        ]
+        .map(String::from)
+        .to_vec(),
         strict: mode == "strict",
         sled: true,
         cycles,

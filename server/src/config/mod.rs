@@ -210,6 +210,18 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=1024 * 1024))]
     pub inline_limit_bytes: u64,
 
+    /// Size at which a value pack is sealed; only sealed packs are
+    /// compacted, so smaller packs give space back sooner, for more files.
+    #[arg(long, env = "TROVE_PACK_BYTES", default_value_t = crate::engine::sled::PACK_BYTES,
+          value_parser = clap::value_parser!(u64).range(64 * 1024..=1 << 40))]
+    pub pack_bytes: u64,
+
+    /// How long after start compaction first looks at the value packs, and
+    /// how often it looks again once any space was freed, in milliseconds.
+    #[arg(long, env = "TROVE_COMPACTION_INTERVAL_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(10..))]
+    pub compaction_interval_ms: u64,
+
     /// When writes are acknowledged.
     #[arg(long, env = "TROVE_DURABILITY", value_enum, default_value = "strict")]
     pub durability: DurabilityMode,
@@ -504,7 +516,8 @@ impl Config {
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
             inline_limit: usize::try_from(self.inline_limit_bytes).unwrap_or(usize::MAX),
-            pack_bytes: crate::engine::sled::PACK_BYTES,
+            pack_bytes: self.pack_bytes,
+            compaction_interval: std::time::Duration::from_millis(self.compaction_interval_ms),
             read_chunk_bytes: usize::try_from(self.chunk_bytes).unwrap_or(usize::MAX),
             durability: match self.durability {
                 DurabilityMode::Strict => Durability::Strict,

@@ -97,6 +97,10 @@ pub struct StoreOptions {
     pub inline_limit: usize,
     /// The size at which a value pack is sealed (and may be compacted).
     pub pack_bytes: u64,
+    /// How long after start compaction first runs, and how long it waits
+    /// before a pass for any freed bytes (enough freed bytes start one at
+    /// once).
+    pub compaction_interval: std::time::Duration,
     /// Size of the chunks values are read back in.
     pub read_chunk_bytes: usize,
     /// When writes are acknowledged.
@@ -121,6 +125,7 @@ impl Default for StoreOptions {
         StoreOptions {
             inline_limit: 64 * 1024,
             pack_bytes: packs::PACK_BYTES,
+            compaction_interval: packs::COMPACTION_INTERVAL,
             read_chunk_bytes: 1024 * 1024,
             durability: Durability::Strict,
             cache_bytes: DEFAULT_CACHE_BYTES,

@@ -36,12 +36,13 @@ const MOVE_BATCH: usize = 256;
 const MOVE_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// How long a pass waits for its moves to become durable.
 const DURABLE_WAIT: Duration = Duration::from_secs(60);
-/// How often the compaction thread looks for work.
+/// How often the compaction thread looks for work (at most).
 const POLL: Duration = Duration::from_secs(2);
 /// Bytes freed that make a pass worth its scan of the references.
 const PASS_AFTER_FREED: u64 = super::PACK_BYTES / 4;
-/// Any freed bytes make a pass worth it after this long.
-const PASS_AT_LEAST_EVERY: Duration = Duration::from_secs(60);
+/// The default of `StoreOptions::compaction_interval`: any freed bytes
+/// make a pass worth it after this long.
+pub const COMPACTION_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What one compaction pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,6 +64,9 @@ impl SledStore {
     /// the store only while a pass runs.
     pub(in crate::engine::sled) fn start_compaction(&self) {
         let weak = std::sync::Arc::downgrade(&self.inner);
+        let interval = self.inner.options.compaction_interval;
+        let poll = POLL.min(interval);
+        let after_freed = PASS_AFTER_FREED.min(self.inner.options.pack_bytes / 4);
         let spawned = std::thread::Builder::new()
             .name("trove-compact".into())
             .spawn(move || {
@@ -80,10 +84,9 @@ impl SledStore {
                         };
                         freed += inner.packs.take_freed();
                         let due = match last_pass {
-                            None => started.elapsed() >= PASS_AT_LEAST_EVERY,
+                            None => started.elapsed() >= interval,
                             Some(at) => {
-                                freed >= PASS_AFTER_FREED
-                                    || (freed > 0 && at.elapsed() >= PASS_AT_LEAST_EVERY)
+                                freed >= after_freed || (freed > 0 && at.elapsed() >= interval)
                             }
                         };
                         if due {
@@ -95,7 +98,7 @@ impl SledStore {
                             last_pass = Some(Instant::now());
                         }
                     }
-                    std::thread::sleep(POLL);
+                    std::thread::sleep(poll);
                 }
             });
         if let Err(err) = spawned {
