@@ -45,11 +45,13 @@ fn gated<T: Send + 'static>(
 /// Feeds `source` to both copies. Stops feeding the local copy once the
 /// local write gave up (the write still goes upstream), and stops
 /// everything once the upstream write gave up. A source error reaches both
-/// copies, so neither is stored.
+/// copies, so neither is stored. `ended` says true only once `source`
+/// ended cleanly.
 async fn pump<T: Clone + Send + 'static>(
     mut source: BoxStream<'static, Result<T>>,
     upstream: mpsc::Sender<Result<T>>,
     local: mpsc::Sender<Result<T>>,
+    ended: oneshot::Sender<bool>,
 ) {
     let mut local = Some(local);
     while let Some(piece) = source.next().await {
@@ -71,6 +73,7 @@ async fn pump<T: Clone + Send + 'static>(
             return;
         }
     }
+    let _ = ended.send(true);
 }
 
 /// Writes `source` through both tiers at once: `upstream` and `local` are
@@ -93,7 +96,12 @@ where
     let (upstream_tx, upstream_rx) = mpsc::channel::<Result<T>>(BUFFERED_PIECES);
     let (local_tx, local_rx) = mpsc::channel::<Result<T>>(BUFFERED_PIECES);
     let (gate_tx, gate_rx) = oneshot::channel();
-    let upstream_write = upstream(ReceiverStream::new(upstream_rx).boxed());
+    let (ended_tx, ended_rx) = oneshot::channel();
+    // Gated too: if this call is dropped part way (its caller went away),
+    // the upstream body must not end cleanly. The upstream client's
+    // connection task may go on sending it after the call's future is gone,
+    // and a clean end would commit whatever was sent.
+    let upstream_write = upstream(gated(upstream_rx, ended_rx));
     let upstream_write = async move {
         let answer = upstream_write.await;
         let _ = gate_tx.send(answer.is_ok() && still_current());
@@ -101,7 +109,7 @@ where
     };
     let local_write = local(gated(local_rx, gate_rx));
     let ((), upstream_answer, local_answer) = futures::join!(
-        pump(source, upstream_tx, local_tx),
+        pump(source, upstream_tx, local_tx, ended_tx),
         upstream_write,
         local_write
     );
@@ -166,6 +174,39 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write-through whose caller went away part way: the upstream body,
+    /// which a client's connection task may go on sending, ends in an
+    /// error, never cleanly (a clean end would commit what was sent).
+    #[tokio::test]
+    async fn a_write_through_dropped_part_way_never_ends_the_upstream_body_cleanly() {
+        let (seen_tx, seen_rx) = oneshot::channel::<Vec<Result<u8>>>();
+        let source = stream::iter([Ok(1u8), Ok(2)])
+            .chain(stream::pending())
+            .boxed();
+        let call = write_through(
+            source,
+            |body| {
+                tokio::spawn(async move {
+                    let _ = seen_tx.send(body.collect().await);
+                });
+                std::future::pending::<Result<()>>()
+            },
+            |body| async move {
+                body.for_each(|_| async {}).await;
+                Ok::<(), Error>(())
+            },
+            || true,
+        );
+        // The source stalls after its two pieces; the call is then dropped.
+        let stalled = tokio::time::timeout(std::time::Duration::from_millis(50), call).await;
+        assert!(stalled.is_err(), "the write cannot finish without its end");
+        let seen = seen_rx.await.expect("the upstream body ended");
+        assert!(
+            matches!(seen.last(), Some(Err(_))),
+            "the upstream body ended cleanly: {seen:?}"
+        );
+    }
 
     fn source(pieces: Vec<Result<u32>>) -> BoxStream<'static, Result<u32>> {
         stream::iter(pieces).boxed()
