@@ -39,11 +39,8 @@ impl BlobDir {
         };
         std::fs::create_dir_all(&dir.blobs)?;
         std::fs::create_dir_all(&dir.staging)?;
-        // Every shard exists (and is durable) before the first publish, so a
-        // rename never depends on a directory entry that was not synced.
-        for shard in 0..=0xFFu64 {
-            std::fs::create_dir_all(dir.blobs.join(format!("{shard:02x}")))?;
-        }
+        // Shards are created by the first publish into them (see
+        // `link_into_shard`): 256 empty folders would take 1 MiB of disk.
         for path in [&dir.blobs, &dir.staging, root] {
             std::fs::File::open(path)?.sync_all()?;
         }
@@ -136,6 +133,31 @@ impl BlobDir {
                 tracing::warn!(blob = id, error = %err, "could not remove retired blob; it will be reclaimed at next start");
             }
         }
+    }
+}
+
+/// Hard-links `from` to `to`, first creating `to`'s shard folder if it is
+/// missing and syncing the folder above it, so that the link never depends
+/// on a folder entry that was not durable. Any publisher that found the
+/// shard missing syncs, so a shard created by another that has not synced
+/// yet is covered too.
+fn link_into_shard(from: &Path, to: &Path) -> io::Result<()> {
+    match std::fs::hard_link(from, to) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound && from.exists() => {
+            let shard = to
+                .parent()
+                .ok_or_else(|| io::Error::other("a blob path has no shard"))?;
+            match std::fs::create_dir(shard) {
+                Err(err) if err.kind() != io::ErrorKind::AlreadyExists => return Err(err),
+                _ => {}
+            }
+            let blobs = shard
+                .parent()
+                .ok_or_else(|| io::Error::other("a shard has no parent"))?;
+            std::fs::File::open(blobs)?.sync_all()?;
+            std::fs::hard_link(from, to)
+        }
+        other => other,
     }
 }
 
@@ -359,7 +381,7 @@ impl StagedBody {
                     // A link, unlike a rename, never replaces: a published
                     // blob (which a record may reference) is never
                     // overwritten, whatever the id generator did.
-                    std::fs::hard_link(&from, &to).map_err(|err| {
+                    link_into_shard(&from, &to).map_err(|err| {
                         if err.kind() == io::ErrorKind::AlreadyExists {
                             io::Error::other(format!(
                                 "blob {id:016x} is already published; refusing to replace it"
@@ -495,10 +517,17 @@ mod tests {
     use super::*;
 
     /// Publishing never replaces a blob already published under the same id.
+    /// The shard it goes to is created by the first publish.
     #[tokio::test]
     async fn publishing_never_overwrites() {
         let root = tempfile::tempdir().expect("temp dir");
         let dir = BlobDir::open(root.path()).expect("open");
+        let shards = || {
+            std::fs::read_dir(root.path().join("blobs"))
+                .expect("blobs")
+                .count()
+        };
+        assert_eq!(shards(), 0, "no shard before the first publish");
         let stage = |fill: u8| {
             let dir = &dir;
             async move {
@@ -514,6 +543,7 @@ mod tests {
             Published::Blob(blob) => blob.keep(),
             Published::Inline(_) => panic!("a 4 KiB body over a 0-byte inline limit is a blob"),
         }
+        assert_eq!(shards(), 1, "the first publish made its shard");
         let second = stage(2).await.publish().await;
         assert!(second.is_err(), "a second publish under id 7 must fail");
         let kept = std::fs::read(dir.blob_path(7)).expect("read");

@@ -166,13 +166,14 @@ impl DurableFlush {
 /// pool while a segment truncation waits behind them, and frequent flushes
 /// keep that queue short, as the old flush-per-write design did.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(5);
-/// Sealed log segments that wait before a checkpoint covers them. A
+/// Sealed log segments (2 MiB each) that wait before a checkpoint covers
+/// them. A
 /// checkpoint holds writes while sled is flushed and synced (a few
 /// milliseconds): doing it once per 32 MiB of log rather than per segment
 /// keeps that pause out of all but the slowest 0.1% of calls, for at most
 /// 32 MiB more log on disk under heavy writes and as much more to replay
 /// after a crash.
-const CHECKPOINT_AFTER_SEGMENTS: usize = 8;
+const CHECKPOINT_AFTER_SEGMENTS: usize = 16;
 /// The longest a durable record waits to be covered by a checkpoint.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 

@@ -60,7 +60,7 @@ use super::packs::Packs;
 use super::{body_error, sled_error, Faults};
 #[cfg(test)]
 use apply::image_key;
-use apply::{apply, encode_redo, undo_of};
+use apply::{apply, encode_redo, undo_of, IMAGE_RING_SLOTS};
 pub(super) use apply::{image_head, read_legacy_image};
 use segments::Segment;
 use writer::Writer;
@@ -72,6 +72,9 @@ const APPLIED: &[u8] = b"applied";
 /// until a checkpoint covers the write, so that a start can put back a
 /// write that was cut part way, or whose record never became durable.
 const IMAGES: &[u8] = b"img:";
+/// The prefix, in the log's own tree, of the ring of image slots (see
+/// `apply::IMAGE_RING_SLOTS`).
+const IMAGE_RING: &[u8] = b"ring:";
 /// The key older versions kept a single image under.
 const UNDO_IMAGE: &[u8] = b"undo";
 /// The key, in the log's own tree, of the last LSN a checkpoint covered:
@@ -336,6 +339,10 @@ impl Wal {
         let packs = self.shared.packs.as_deref();
         let tx = LoggedTx::new(&trees, packs);
         let outcome = body(&tx).map_err(body_error);
+        // The slot's last image belongs to a write this much older, which
+        // no start needs once it is settled.
+        let ring_slot_free =
+            self.shared.settled.load(Ordering::SeqCst) >= lsn.saturating_sub(IMAGE_RING_SLOTS);
         let (changes, packed) = tx.into_changes();
         let log_tree = &self.shared.log_tree;
         let mut partly_applied = false;
@@ -346,7 +353,15 @@ impl Wal {
                 let mut record = Vec::new();
                 match encode_redo(&mut record, lsn, &trees, &changes, &packed) {
                     Err(err) => Err(err),
-                    Ok(()) => match apply(&trees, &changes, &packed, packs, log_tree, lsn) {
+                    Ok(()) => match apply(
+                        &trees,
+                        &changes,
+                        &packed,
+                        packs,
+                        log_tree,
+                        lsn,
+                        ring_slot_free,
+                    ) {
                         Ok(()) => Ok((value, Some((record, changes)))),
                         Err(failed) => {
                             if !failed.undone {
@@ -526,7 +541,19 @@ impl Wal {
     }
 }
 
-/// Removes the images of writes at or below `lsn` from `log_tree`.
+/// Empties the ring of image slots: after recovery no image in it is
+/// needed, and LSNs above the durable end are issued again.
+fn forget_ring(log_tree: &sled::Tree) -> Result<(), Error> {
+    for key in log_tree.scan_prefix(IMAGE_RING).keys() {
+        log_tree
+            .remove(key.map_err(sled_error)?)
+            .map_err(sled_error)?;
+    }
+    Ok(())
+}
+
+/// Removes the images of writes at or below `lsn` from `log_tree` (the
+/// ring's slots are overwritten instead).
 fn forget_images(log_tree: &sled::Tree, lsn: u64) -> Result<(), Error> {
     let end = apply::image_key(lsn.saturating_add(1), 0);
     for key in log_tree.range(IMAGES.to_vec()..end).keys() {

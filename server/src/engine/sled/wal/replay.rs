@@ -22,9 +22,9 @@ use std::path::Path;
 use sled::IVec;
 use trove_proto::Error;
 
-use super::apply::{assemble_image, image_key, legacy_image_keys, parse_image_key};
+use super::apply::{assemble_image, image_key, image_lsn, legacy_image_keys, parse_image_key};
 use super::codec::{self, Read, Record, PACK_TREE};
-use super::{segments, APPLIED, IMAGES};
+use super::{segments, APPLIED, IMAGES, IMAGE_RING};
 use crate::engine::sled::packs::{PackLoc, Packs};
 use crate::engine::sled::{io_error, sled_error};
 
@@ -181,6 +181,7 @@ pub fn recover(
         );
     }
     super::forget_images(log_tree, u64::MAX)?;
+    super::forget_ring(log_tree)?;
     if let Some(packs) = packs {
         packs
             .find_tail()
@@ -276,16 +277,30 @@ fn put_back_undurable(
     let start = image_key(keep.saturating_add(1), 0);
     let mut end = IMAGES.to_vec();
     end.push(0xFF);
-    let mut writes: Vec<u64> = Vec::new();
+    // Each write beyond `keep` with its image: from a ring slot (whole), or
+    // `None` for one kept in pieces of its own.
+    let mut writes: Vec<(u64, Option<IVec>)> = Vec::new();
     for key in log_tree.range(start..end).keys() {
         let key = key.map_err(sled_error)?;
         if let Some((lsn, 0)) = parse_image_key(&key) {
-            writes.push(lsn);
+            writes.push((lsn, None));
         }
     }
-    for &lsn in writes.iter().rev() {
-        let image =
-            assemble_image(|index| log_tree.get(image_key(lsn, index)).map_err(sled_error))?;
+    for slot in log_tree.scan_prefix(IMAGE_RING).values() {
+        let slot = slot.map_err(sled_error)?;
+        match image_lsn(&slot) {
+            Some(lsn) if lsn > keep => writes.push((lsn, Some(slot))),
+            _ => {}
+        }
+    }
+    writes.sort_by_key(|(lsn, _)| *lsn);
+    for (lsn, slot) in writes.iter().rev() {
+        let image = match slot {
+            Some(slot) => assemble_image(|index| Ok((index == 0).then(|| slot.clone())))?,
+            None => {
+                assemble_image(|index| log_tree.get(image_key(*lsn, index)).map_err(sled_error))?
+            }
+        };
         // Without piece 0 the write never began changing sled.
         let Some(image) = image else { continue };
         put_values(db, trees, None, &parse_image(&image)?)?;

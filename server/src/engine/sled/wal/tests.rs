@@ -304,6 +304,17 @@ async fn a_failed_fdatasync_undoes_and_the_log_goes_on() {
     );
     assert_eq!(opened.data.get("new").expect("get"), None);
     assert!(opened.wal.refusal().is_some());
+    // An image left in its slot would be put back by the next start over
+    // whatever later writes leave.
+    let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
+    let durable = opened.wal.durable_lsn();
+    assert!(
+        log_tree
+            .scan_prefix(IMAGE_RING)
+            .values()
+            .all(|slot| apply::image_lsn(&slot.expect("slot")).is_some_and(|lsn| lsn <= durable)),
+        "an undone write's image stayed in its ring slot"
+    );
     assert!(
         opened.durable_flushes.load(Ordering::SeqCst) >= 1,
         "the undo was not made durable before writes resume"
@@ -331,7 +342,11 @@ async fn a_failed_fdatasync_undoes_and_the_log_goes_on() {
 /// Applies `changes` (key, before, after) to the data tree as the log would,
 /// then puts the applied marker back: what sled holds when the process died
 /// between a write's changes and its marker, its record never durable.
-fn apply_without_marker(opened: &Opened, changes: &[(&str, Option<&str>, Option<&str>)]) {
+fn apply_without_marker(
+    opened: &Opened,
+    changes: &[(&str, Option<&str>, Option<&str>)],
+    ring: bool,
+) {
     let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
     let marker = applied(&log_tree).expect("marker");
     let changes: TreeChanges = changes
@@ -351,6 +366,7 @@ fn apply_without_marker(opened: &Opened, changes: &[(&str, Option<&str>, Option<
         Some(&opened.packs),
         &log_tree,
         marker + 1,
+        ring,
     )
     .expect("apply");
     log_tree
@@ -359,13 +375,20 @@ fn apply_without_marker(opened: &Opened, changes: &[(&str, Option<&str>, Option<
 }
 
 /// Writes `kept = 1` through the log, then changes `kept` to 2 and adds
-/// `new` in sled only (the write [`apply_without_marker`] leaves).
-fn put_then_change_unlogged(opened: &Opened) {
+/// `new` in sled only (the write [`apply_without_marker`] leaves), its
+/// image in its ring slot when `ring`, else under keys of its own.
+fn put_then_change_unlogged(opened: &Opened, ring: bool) {
     put(opened, "kept", "1").expect("put");
     apply_without_marker(
         opened,
         &[("kept", Some("1"), Some("2")), ("new", None, Some("x"))],
+        ring,
     );
+    let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
+    let lsn = applied(&log_tree).expect("marker") + 1;
+    let in_ring = log_tree.get(apply::ring_key(lsn)).expect("get").is_some();
+    let own = log_tree.get(image_key(lsn, 0)).expect("get").is_some();
+    assert_eq!((in_ring, own), (ring, !ring), "where the image went");
 }
 
 /// A write that reached sled without its applied marker (the process died
@@ -373,18 +396,24 @@ fn put_then_change_unlogged(opened: &Opened) {
 /// next start, from its image of the values before.
 #[test]
 fn a_write_cut_before_its_marker_is_taken_out_at_start() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    {
+    for ring in [false, true] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let opened = open(dir.path(), None);
+            put_then_change_unlogged(&opened, ring);
+            assert_eq!(value(&opened.db, "kept").as_deref(), Some("2"));
+            opened.db.flush().expect("flush");
+        }
         let opened = open(dir.path(), None);
-        put_then_change_unlogged(&opened);
-        assert_eq!(value(&opened.db, "kept").as_deref(), Some("2"));
-        opened.db.flush().expect("flush");
+        assert_eq!(
+            value(&opened.db, "kept").as_deref(),
+            Some("1"),
+            "ring {ring}"
+        );
+        assert_eq!(value(&opened.db, "new"), None, "ring {ring}");
+        put(&opened, "after", "y").expect("writes go on");
+        assert_eq!(value(&opened.db, "after").as_deref(), Some("y"));
     }
-    let opened = open(dir.path(), None);
-    assert_eq!(value(&opened.db, "kept").as_deref(), Some("1"));
-    assert_eq!(value(&opened.db, "new"), None);
-    put(&opened, "after", "y").expect("writes go on");
-    assert_eq!(value(&opened.db, "after").as_deref(), Some("y"));
 }
 
 /// The image of a write whose values before are larger than one piece is
@@ -396,7 +425,9 @@ fn a_large_image_is_put_back_from_its_pieces() {
     {
         let opened = open(dir.path(), None);
         put(&opened, "big", &big).expect("put");
-        apply_without_marker(&opened, &[("big", Some(big.as_str()), None)]);
+        // Offered the ring, an image of several pieces still takes keys of
+        // its own.
+        apply_without_marker(&opened, &[("big", Some(big.as_str()), None)], true);
         let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
         assert!(
             log_tree
@@ -448,33 +479,74 @@ fn empty_writes_move_the_marker() {
 /// point at pack bytes that were never synced.
 #[test]
 fn a_write_sled_holds_beyond_the_durable_log_is_taken_out_at_start() {
+    for ring in [false, true] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let opened = open(dir.path(), None);
+            put_then_change_unlogged(&opened, ring);
+            let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
+            let marker = applied(&log_tree).expect("marker");
+            log_tree
+                .insert(APPLIED, &(marker + 1).to_be_bytes()[..])
+                .expect("the write's marker");
+            assert_eq!(value(&opened.db, "kept").as_deref(), Some("2"));
+            opened.db.flush().expect("flush");
+        }
+        let opened = open(dir.path(), None);
+        assert_eq!(
+            value(&opened.db, "kept").as_deref(),
+            Some("1"),
+            "ring {ring}"
+        );
+        assert_eq!(value(&opened.db, "new"), None, "ring {ring}");
+        let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
+        assert_eq!(
+            applied(&log_tree).expect("marker"),
+            1,
+            "the marker went back"
+        );
+        assert!(
+            log_tree.scan_prefix(IMAGES).next().is_none()
+                && log_tree.scan_prefix(IMAGE_RING).next().is_none(),
+            "images outlived recovery"
+        );
+        put(&opened, "after", "y").expect("writes go on");
+        assert_eq!(value(&opened.db, "after").as_deref(), Some("y"));
+    }
+}
+
+/// Ring slots are reused: writes far more than the ring holds leave at most
+/// one image per slot, none of them under a key of its own once settled,
+/// and a start puts none of them back (their writes are durable).
+#[tokio::test]
+async fn ring_slots_are_reused_and_settled_images_stay_put() {
     let dir = tempfile::tempdir().expect("temp dir");
+    let writes = IMAGE_RING_SLOTS * 2 + 10;
     {
         let opened = open(dir.path(), None);
-        put_then_change_unlogged(&opened);
+        for i in 0..writes {
+            put(&opened, &format!("k{}", i % 7), &i.to_string()).expect("put");
+            // Settled before the next write: every image can take its slot.
+            opened.wal.barrier(1).await.expect("durable");
+        }
         let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
-        let marker = applied(&log_tree).expect("marker");
-        log_tree
-            .insert(APPLIED, &(marker + 1).to_be_bytes()[..])
-            .expect("the write's marker");
-        assert_eq!(value(&opened.db, "kept").as_deref(), Some("2"));
+        let slots = log_tree.scan_prefix(IMAGE_RING).count() as u64;
+        assert_eq!(slots, IMAGE_RING_SLOTS, "one image per slot");
+        assert_eq!(
+            log_tree.scan_prefix(IMAGES).count(),
+            0,
+            "no image key of its own"
+        );
         opened.db.flush().expect("flush");
     }
     let opened = open(dir.path(), None);
-    assert_eq!(value(&opened.db, "kept").as_deref(), Some("1"));
-    assert_eq!(value(&opened.db, "new"), None);
-    let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
-    assert_eq!(
-        applied(&log_tree).expect("marker"),
-        1,
-        "the marker went back"
-    );
-    assert!(
-        log_tree.scan_prefix(IMAGES).next().is_none(),
-        "images outlived recovery"
-    );
-    put(&opened, "after", "y").expect("writes go on");
-    assert_eq!(value(&opened.db, "after").as_deref(), Some("y"));
+    for k in 0..7 {
+        let last = (0..writes).rev().find(|i| i % 7 == k).expect("a write");
+        assert_eq!(
+            value(&opened.db, &format!("k{k}")).as_deref(),
+            Some(last.to_string().as_str())
+        );
+    }
 }
 
 /// Packed values are synced only by checkpoints: a start puts every value

@@ -8,6 +8,7 @@ use std::time::Duration;
 use sled::transaction::Transactional;
 use trove_proto::Error;
 
+use super::apply::{image_lsn, ring_key};
 use super::segments::{self, Segment, Spare};
 use super::{image_head, Failure, Shared, Undo, APPLIED};
 use crate::engine::sled::{tx_error, Faults};
@@ -287,6 +288,10 @@ pub(super) fn undo_one(
         // The image of an undone write must not be put back at the next
         // start, over what later writes leave.
         view[count].remove(image_head(undo.lsn))?;
+        let slot = ring_key(undo.lsn);
+        if view[count].get(&slot)?.as_deref().and_then(image_lsn) == Some(undo.lsn) {
+            view[count].remove(slot)?;
+        }
         Ok::<(), sled::transaction::ConflictableTransactionError<Error>>(())
     });
     result.map_err(tx_error)
