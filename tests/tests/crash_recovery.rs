@@ -673,9 +673,14 @@ async fn drive(run: Drive) {
         total_verified = verified;
     }
     let acknowledged = ledger.lock().expect("ledger").acknowledged;
+    let kind = if power.is_some() {
+        "power-cut"
+    } else {
+        "kill -9"
+    };
     shut_down(server, power);
     println!(
-        "crash recovery [{label}]: seed {seed}, {cycles} kill -9 cycles, {acknowledged} writes \
+        "crash recovery [{label}]: seed {seed}, {cycles} {kind} cycles, {acknowledged} writes \
          acknowledged (at least one per cycle), {total_verified} items verified in the final \
          check, {total_lost} lost (allowed only when relaxed), 0 torn, slowest restart {} ms",
         slowest_start.as_millis()
