@@ -167,8 +167,7 @@ impl DurableFlush {
 /// keep that queue short, as the old flush-per-write design did.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(5);
 /// Sealed log segments (2 MiB each) that wait before a checkpoint covers
-/// them. A
-/// checkpoint holds writes while sled is flushed and synced (a few
+/// them. A checkpoint holds writes while sled is flushed and synced (a few
 /// milliseconds): doing it once per 32 MiB of log rather than per segment
 /// keeps that pause out of all but the slowest 0.1% of calls, for at most
 /// 32 MiB more log on disk under heavy writes and as much more to replay
