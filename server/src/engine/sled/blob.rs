@@ -18,6 +18,8 @@
 use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -28,6 +30,10 @@ use tokio::io::AsyncWriteExt;
 pub struct BlobDir {
     blobs: PathBuf,
     staging: PathBuf,
+    /// Per shard (`id & 0xFF`): its folder's entry in `blobs/` is known to
+    /// be durable (it existed when `blobs/` was synced at open, or a
+    /// publish synced `blobs/` after creating or finding it since).
+    durable_shards: Arc<[AtomicBool; 256]>,
 }
 
 impl BlobDir {
@@ -36,6 +42,7 @@ impl BlobDir {
         let dir = BlobDir {
             blobs: root.join("blobs"),
             staging: root.join("staging"),
+            durable_shards: Arc::new(std::array::from_fn(|_| AtomicBool::new(false))),
         };
         std::fs::create_dir_all(&dir.blobs)?;
         std::fs::create_dir_all(&dir.staging)?;
@@ -43,6 +50,18 @@ impl BlobDir {
         // `link_into_shard`): 256 empty folders would take 1 MiB of disk.
         for path in [&dir.blobs, &dir.staging, root] {
             std::fs::File::open(path)?.sync_all()?;
+        }
+        // Synced just above: every shard that exists now is durable.
+        for entry in std::fs::read_dir(&dir.blobs)? {
+            let shard = entry?.file_name();
+            if let Some(index) = shard
+                .to_str()
+                .and_then(|n| usize::from_str_radix(n, 16).ok())
+            {
+                if let Some(flag) = dir.durable_shards.get(index) {
+                    flag.store(true, Ordering::Release);
+                }
+            }
         }
         if let Some(parent) = root.parent() {
             // Best effort: the data folder itself may be new.
@@ -137,28 +156,32 @@ impl BlobDir {
 }
 
 /// Hard-links `from` to `to`, first creating `to`'s shard folder if it is
-/// missing and syncing the folder above it, so that the link never depends
-/// on a folder entry that was not durable. Any publisher that found the
-/// shard missing syncs, so a shard created by another that has not synced
-/// yet is covered too.
-fn link_into_shard(from: &Path, to: &Path) -> io::Result<()> {
+/// missing. Unless `shard_durable` says so already, `blobs/` is then
+/// synced, so that the link never depends on a folder entry that is not
+/// durable: a shard another publish created a moment ago may not be synced
+/// yet, and a sync that failed leaves the flag down for the next publish.
+fn link_into_shard(from: &Path, to: &Path, shard_durable: &AtomicBool) -> io::Result<()> {
+    let shard = to
+        .parent()
+        .ok_or_else(|| io::Error::other("a blob path has no shard"))?;
     match std::fs::hard_link(from, to) {
         Err(err) if err.kind() == io::ErrorKind::NotFound && from.exists() => {
-            let shard = to
-                .parent()
-                .ok_or_else(|| io::Error::other("a blob path has no shard"))?;
             match std::fs::create_dir(shard) {
                 Err(err) if err.kind() != io::ErrorKind::AlreadyExists => return Err(err),
                 _ => {}
             }
-            let blobs = shard
-                .parent()
-                .ok_or_else(|| io::Error::other("a shard has no parent"))?;
-            std::fs::File::open(blobs)?.sync_all()?;
-            std::fs::hard_link(from, to)
+            std::fs::hard_link(from, to)?;
         }
-        other => other,
+        other => other?,
     }
+    if !shard_durable.load(Ordering::Acquire) {
+        let blobs = shard
+            .parent()
+            .ok_or_else(|| io::Error::other("a shard has no parent"))?;
+        std::fs::File::open(blobs)?.sync_all()?;
+        shard_durable.store(true, Ordering::Release);
+    }
+    Ok(())
 }
 
 /// Removes a file when dropped, unless disarmed.
@@ -376,20 +399,23 @@ impl StagedBody {
             StagedContent::File { dir, id, mut guard } => {
                 let from = dir.staging_path(id);
                 let to = dir.blob_path(id);
+                let durable_shards = Arc::clone(&dir.durable_shards);
                 let published = tokio::task::spawn_blocking(move || -> io::Result<PathBuf> {
                     let parent = to.parent().map(Path::to_path_buf).unwrap_or_default();
                     // A link, unlike a rename, never replaces: a published
                     // blob (which a record may reference) is never
                     // overwritten, whatever the id generator did.
-                    link_into_shard(&from, &to).map_err(|err| {
-                        if err.kind() == io::ErrorKind::AlreadyExists {
-                            io::Error::other(format!(
-                                "blob {id:016x} is already published; refusing to replace it"
-                            ))
-                        } else {
-                            err
-                        }
-                    })?;
+                    link_into_shard(&from, &to, &durable_shards[(id & 0xFF) as usize]).map_err(
+                        |err| {
+                            if err.kind() == io::ErrorKind::AlreadyExists {
+                                io::Error::other(format!(
+                                    "blob {id:016x} is already published; refusing to replace it"
+                                ))
+                            } else {
+                                err
+                            }
+                        },
+                    )?;
                     std::fs::remove_file(&from)?;
                     std::fs::File::open(&parent)?.sync_all()?;
                     Ok(to)
@@ -544,6 +570,13 @@ mod tests {
             Published::Inline(_) => panic!("a 4 KiB body over a 0-byte inline limit is a blob"),
         }
         assert_eq!(shards(), 1, "the first publish made its shard");
+        assert!(
+            dir.durable_shards[7].load(Ordering::Acquire),
+            "and synced the folder holding it"
+        );
+        let reopened = BlobDir::open(root.path()).expect("reopen");
+        assert!(reopened.durable_shards[7].load(Ordering::Acquire));
+        assert!(!reopened.durable_shards[8].load(Ordering::Acquire));
         let second = stage(2).await.publish().await;
         assert!(second.is_err(), "a second publish under id 7 must fail");
         let kept = std::fs::read(dir.blob_path(7)).expect("read");

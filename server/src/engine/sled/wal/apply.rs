@@ -17,9 +17,10 @@ use crate::engine::sled::packs::{PackLoc, Packs};
 /// see `durable::SLED_SEGMENT_BYTES`).
 const IMAGE_PIECE_BYTES: usize = 8 * 1024;
 
-/// The key of piece `index` of the undo image of write `lsn`. Images are
-/// kept per write until a checkpoint covers it: a start that finds sled
-/// ahead of the durable log takes every write beyond it out again.
+/// The key of piece `index` of the undo image of write `lsn`, for an image
+/// that does not go to the ring (see [`IMAGE_RING_SLOTS`]): kept until a
+/// checkpoint covers the write. A start that finds sled ahead of the
+/// durable log takes every write beyond it out again from its image.
 pub(super) fn image_key(lsn: u64, index: u32) -> Vec<u8> {
     let mut key = IMAGES.to_vec();
     key.extend_from_slice(&lsn.to_be_bytes());
@@ -135,7 +136,8 @@ pub(super) struct ApplyFailed {
 /// Applies a write: first its packed values to their places, then its
 /// `changes` to sled between two writes of the log's own tree: first the
 /// values before (its image: in its ring slot when `ring_slot_free` and it
-/// fits one piece, else in pieces, piece 0 last), last the applied marker. sled recovers a prefix of its own log, so after a
+/// fits one piece, else in pieces, piece 0 last), last the applied marker.
+/// sled recovers a prefix of its own log, so after a
 /// crash either the marker says the whole write is in, or the image is
 /// there to take a partial write out again ([`replay`]); a write whose
 /// record is durable is then replayed whole. When sled fails part way,

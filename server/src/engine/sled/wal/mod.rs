@@ -501,8 +501,9 @@ impl Wal {
         applied(&self.shared.log_tree)
     }
 
-    /// Removes the images of writes at or below `lsn`, which a checkpoint
-    /// covers: no start will need to put them back.
+    /// Removes the images kept under keys of their own of writes at or
+    /// below `lsn`, which a checkpoint covers: no start will need to put
+    /// them back. (Ring slots stay until a later write takes them.)
     pub fn forget_images_through(&self, lsn: u64) -> Result<(), Error> {
         forget_images(&self.shared.log_tree, lsn)
     }
@@ -541,19 +542,42 @@ impl Wal {
     }
 }
 
-/// Empties the ring of image slots: after recovery no image in it is
-/// needed, and LSNs above the durable end are issued again.
-fn forget_ring(log_tree: &sled::Tree) -> Result<(), Error> {
-    for key in log_tree.scan_prefix(IMAGE_RING).keys() {
-        log_tree
-            .remove(key.map_err(sled_error)?)
-            .map_err(sled_error)?;
+/// Every image key in `log_tree` (ring slots and keys of their own), in
+/// the order [`forget_all_images`] removes them: newest write first, and
+/// of a write in pieces piece 0 first.
+fn image_keys_newest_first(log_tree: &sled::Tree) -> Result<Vec<IVec>, Error> {
+    let mut keys: Vec<(u64, u32, IVec)> = Vec::new();
+    for item in log_tree.scan_prefix(IMAGES) {
+        let (key, _) = item.map_err(sled_error)?;
+        // A key that does not parse names no write: removed first.
+        let (lsn, index) = apply::parse_image_key(&key).unwrap_or((u64::MAX, 0));
+        keys.push((lsn, index, key));
+    }
+    for item in log_tree.scan_prefix(IMAGE_RING) {
+        let (key, slot) = item.map_err(sled_error)?;
+        keys.push((apply::image_lsn(&slot).unwrap_or(u64::MAX), 0, key));
+    }
+    keys.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    Ok(keys.into_iter().map(|(_, _, key)| key).collect())
+}
+
+/// Removes every image at the end of recovery (none is needed any more,
+/// and LSNs above the durable end are issued again), newest write first:
+/// sled keeps a prefix of its operations, so a crash part way leaves the
+/// images of the oldest writes, and putting those back again yields the
+/// same state. Removed oldest first, a crash could leave only a newer
+/// write's image, and putting that back would restore a value an older
+/// undurable write had written.
+fn forget_all_images(log_tree: &sled::Tree) -> Result<(), Error> {
+    for key in image_keys_newest_first(log_tree)? {
+        log_tree.remove(key).map_err(sled_error)?;
     }
     Ok(())
 }
 
-/// Removes the images of writes at or below `lsn` from `log_tree` (the
-/// ring's slots are overwritten instead).
+/// Removes the images of writes at or below `lsn` (which a checkpoint
+/// covers: no start needs them) kept under keys of their own; ring slots
+/// are overwritten instead.
 fn forget_images(log_tree: &sled::Tree, lsn: u64) -> Result<(), Error> {
     let end = apply::image_key(lsn.saturating_add(1), 0);
     for key in log_tree.range(IMAGES.to_vec()..end).keys() {

@@ -180,8 +180,7 @@ pub fn recover(
             "replayed the log into the database"
         );
     }
-    super::forget_images(log_tree, u64::MAX)?;
-    super::forget_ring(log_tree)?;
+    super::forget_all_images(log_tree)?;
     if let Some(packs) = packs {
         packs
             .find_tail()

@@ -599,3 +599,82 @@ async fn replay_puts_packed_values_back_at_their_places() {
         Some(&loc.to_bytes()[..])
     );
 }
+
+/// Undoing the empty placeholder of a write sled holds part of (its undo
+/// failed, writes are refused until a restart) keeps that write's image:
+/// the restart needs it. A real undo removes the image.
+#[test]
+fn an_empty_undo_keeps_the_image_a_real_undo_removes_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = open(dir.path(), None);
+    put(&opened, "kept", "1").expect("put");
+    let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
+    let marker = applied(&log_tree).expect("marker");
+    for ring in [true, false] {
+        let lsn = marker + 1;
+        let head = if ring {
+            apply::ring_key(lsn)
+        } else {
+            image_key(lsn, 0)
+        };
+        apply_without_marker(&opened, &[("kept", Some("1"), Some("2"))], ring);
+        let placeholder = undo_of(lsn, &[], Vec::new());
+        writer::undo_one(&log_tree, Some(marker), &placeholder).expect("undo");
+        assert!(log_tree.get(&head).expect("get").is_some(), "ring {ring}");
+        let changes: TreeChanges = [(
+            IVec::from("kept"),
+            logged::Change {
+                before: Some(IVec::from("1")),
+                after: Some(IVec::from("2")),
+            },
+        )]
+        .into_iter()
+        .collect();
+        let real = undo_of(lsn, std::slice::from_ref(&opened.data), vec![changes]);
+        writer::undo_one(&log_tree, Some(marker), &real).expect("undo");
+        assert!(log_tree.get(&head).expect("get").is_none(), "ring {ring}");
+        assert_eq!(value(&opened.db, "kept").as_deref(), Some("1"));
+    }
+}
+
+/// Recovery forgets images newest write first (ring and keys of their own
+/// together, piece 0 before the other pieces), so that a crash part way
+/// leaves only the oldest ones, which put back the same state again.
+#[test]
+fn images_are_forgotten_newest_write_first() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = open(dir.path(), None);
+    let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
+    let slot = |lsn: u64| {
+        let mut value = 1u32.to_be_bytes().to_vec();
+        value.extend_from_slice(&lsn.to_be_bytes());
+        value
+    };
+    // Slot 3 holds write 1,027, slot 5 write 5; write 1,030 in two
+    // pieces, write 4 in one.
+    log_tree
+        .insert(apply::ring_key(1027), slot(1027))
+        .expect("slot");
+    log_tree.insert(apply::ring_key(5), slot(5)).expect("slot");
+    log_tree
+        .insert(image_key(1030, 1), &b"p"[..])
+        .expect("piece");
+    log_tree
+        .insert(image_key(1030, 0), &b"h"[..])
+        .expect("piece");
+    log_tree.insert(image_key(4, 0), &b"h"[..]).expect("piece");
+    let order = image_keys_newest_first(&log_tree).expect("keys");
+    let expected: Vec<IVec> = [
+        image_key(1030, 0),
+        image_key(1030, 1),
+        apply::ring_key(1027),
+        apply::ring_key(5),
+        image_key(4, 0),
+    ]
+    .into_iter()
+    .map(IVec::from)
+    .collect();
+    assert_eq!(order, expected);
+    forget_all_images(&log_tree).expect("forget");
+    assert!(image_keys_newest_first(&log_tree).expect("keys").is_empty());
+}

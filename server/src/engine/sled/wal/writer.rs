@@ -159,7 +159,10 @@ impl Writer {
                 }
             }
             state.pending.clear();
-            state.refusing = Some(reason.clone());
+            // A refusal until restart keeps its message.
+            if !state.refusing_for_good {
+                state.refusing = Some(reason.clone());
+            }
             state.issued
         };
         // The undo must be on disk before new records follow the durable
@@ -286,11 +289,16 @@ pub(super) fn undo_one(
             view[count].insert(APPLIED, &lsn.to_be_bytes()[..])?;
         }
         // The image of an undone write must not be put back at the next
-        // start, over what later writes leave.
-        view[count].remove(image_head(undo.lsn))?;
-        let slot = ring_key(undo.lsn);
-        if view[count].get(&slot)?.as_deref().and_then(image_lsn) == Some(undo.lsn) {
-            view[count].remove(slot)?;
+        // start, over what later writes leave. An undo with no trees stands
+        // for a write that changed nothing, whose failed apply already
+        // took its image out, or that sled holds part of: that one's image
+        // must stay for the restart that puts it back.
+        if count > 0 {
+            view[count].remove(image_head(undo.lsn))?;
+            let slot = ring_key(undo.lsn);
+            if view[count].get(&slot)?.as_deref().and_then(image_lsn) == Some(undo.lsn) {
+                view[count].remove(slot)?;
+            }
         }
         Ok::<(), sled::transaction::ConflictableTransactionError<Error>>(())
     });
