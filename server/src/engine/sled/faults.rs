@@ -13,6 +13,9 @@ pub struct Faults {
     pub fail_blob_write: std::sync::atomic::AtomicBool,
     /// Every write to a blob file fails as if the disk were full.
     pub disk_full: std::sync::atomic::AtomicBool,
+    /// The log's writer waits before writing each group while this is on,
+    /// so that applied writes pile up unsettled.
+    pub stall_log: std::sync::atomic::AtomicBool,
 }
 
 impl Faults {

@@ -678,3 +678,57 @@ fn images_are_forgotten_newest_write_first() {
     forget_all_images(&log_tree).expect("forget");
     assert!(image_keys_newest_first(&log_tree).expect("keys").is_empty());
 }
+
+/// Copies the folder `from` into `to`, recursively.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create copy");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy file");
+        }
+    }
+}
+
+/// While the log stalls, writes beyond the ring's reach (their slot still
+/// holds an unsettled write's image) keep images of their own. If the
+/// log then loses them all, a start puts every one back, ring and own
+/// images together, newest first.
+#[test]
+fn writes_beyond_the_ring_keep_images_of_their_own_and_all_are_put_back() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let faults = Arc::new(Faults::default());
+    let opened = open(dir.path(), Some(Arc::clone(&faults)));
+    put(&opened, "k0", "durable").expect("put");
+    while opened.wal.durable_lsn() < 1 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    faults.stall_log.store(true, Ordering::SeqCst);
+    let beyond = 76;
+    let writes = IMAGE_RING_SLOTS + beyond;
+    for i in 0..writes {
+        put(&opened, &format!("k{}", i % 300), &format!("v{i}")).expect("put");
+    }
+    let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
+    assert_eq!(
+        log_tree.scan_prefix(IMAGE_RING).count() as u64,
+        IMAGE_RING_SLOTS
+    );
+    // Write 1 is durable: the write 1,024 later may take its slot, the
+    // next `beyond` may not.
+    assert_eq!(log_tree.scan_prefix(IMAGES).count() as u64, beyond);
+    // What a power cut leaves when sled wrote its buffers out and the log
+    // never got the stalled records.
+    opened.db.flush().expect("flush");
+    let copy = tempfile::tempdir().expect("temp dir");
+    copy_tree(dir.path(), copy.path());
+    faults.stall_log.store(false, Ordering::SeqCst);
+    let restored = open(copy.path(), None);
+    assert_eq!(value(&restored.db, "k0").as_deref(), Some("durable"));
+    for i in 1..300 {
+        assert_eq!(value(&restored.db, &format!("k{i}")), None, "k{i}");
+    }
+}

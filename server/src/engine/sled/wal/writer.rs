@@ -83,6 +83,9 @@ impl Writer {
 
     fn append(&mut self, group: &[u8]) -> std::io::Result<()> {
         if let Some(faults) = &self.shared.faults {
+            while Faults::on(&faults.stall_log) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             if let Some(err) = faults.log_write_error() {
                 return Err(err);
             }
