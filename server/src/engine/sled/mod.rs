@@ -32,6 +32,7 @@
 //! - `wal`: the write-ahead log (group commit, undo on failure, replay).
 //! - `durable`: checkpoints (sled's flush, then real fsyncs).
 //! - `ids`: unique ids, reserved durably in blocks.
+//! - `format`: the data folder's format version (no downgrade misreads).
 //! - `usage`: the usage scan and the [`crate::engine::Engine`] lifecycle.
 //! - `objects`, `artifacts`, `entries`, `cache`: the trait implementations.
 //!
@@ -48,6 +49,7 @@ mod entries;
 mod errors;
 mod eviction;
 mod faults;
+mod format;
 mod ids;
 mod keys;
 mod objects;
@@ -180,6 +182,7 @@ impl SledStore {
     /// `spawn_blocking` when on an async runtime.
     pub fn open(root: &Path, options: StoreOptions) -> Result<Self, Error> {
         std::fs::create_dir_all(root).map_err(|e| io_error("create data directory", &e))?;
+        format::check_and_record(root)?;
         let db = sled::Config::new()
             .path(root.join("db"))
             .mode(sled::Mode::HighThroughput)
