@@ -31,7 +31,7 @@ use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use trove_client::TroveClient;
 use trove_proto::artifacts::PutOptions;
-use trove_proto::cache::{CacheScope, PruneOptions, UploadOptions};
+use trove_proto::cache::{BranchRefsKey, BranchRefsWrite, CacheScope, PruneOptions, UploadOptions};
 use trove_proto::entries::{AppendOptions, NewEntry, ReadOptions};
 use trove_proto::objects::StreamChunk;
 use trove_proto::types::{Name, Namespace};
@@ -81,7 +81,20 @@ struct Ledger {
     /// uploads to that branch attempted since the last acknowledged prune.
     prune_acked: bool,
     prunable_uploads_since: usize,
+    /// Branch ref maps written to the "maps" branch (from 8 KiB they
+    /// spill into the packs): tag -> map, the last acknowledged tag, and the
+    /// tags attempted since.
+    branch_maps: HashMap<String, BTreeMap<String, i64>>,
+    branch_map_acked: Option<String>,
+    branch_map_attempts_since: Vec<String>,
     acknowledged: u64,
+}
+
+/// A branch ref map of `entries` shas, each naming `tag`.
+fn branch_map(tag: &str, entries: i64) -> BTreeMap<String, i64> {
+    (0..entries)
+        .map(|i| (format!("{tag}-sha-{i:05}"), i))
+        .collect()
 }
 
 fn cache_scope(branch: &str) -> CacheScope {
@@ -295,6 +308,22 @@ async fn writer(
                     l.prunable_uploads_since = 0;
                 }
                 ledger.lock().expect("ledger").prunable_uploads_since += 1;
+                // Up to about 40 KB of JSON: most maps spill into the packs.
+                let map = branch_map(&tag, rng.random_range(1i64..1_500));
+                {
+                    let mut l = ledger.lock().expect("ledger");
+                    l.branch_maps.insert(tag.clone(), map.clone());
+                    l.branch_map_attempts_since.push(tag.clone());
+                }
+                let write = BranchRefsWrite::new(ns.clone(), "ci", "maps", "main", map)
+                    .expect("a valid map");
+                let mapped = client.write_branch_refs(&write).await;
+                if mapped.is_ok() {
+                    let mut l = ledger.lock().expect("ledger");
+                    l.branch_map_acked = Some(tag.clone());
+                    l.branch_map_attempts_since.clear();
+                    l.acknowledged += 1;
+                }
                 let other = client
                     .upload(
                         &cache_scope("prunable"),
@@ -309,7 +338,7 @@ async fn writer(
                     l.archives.insert(reference, sha);
                     l.acknowledged += 1;
                 }
-                uploaded.is_ok() && pruned.is_ok() && other.is_ok()
+                uploaded.is_ok() && pruned.is_ok() && other.is_ok() && mapped.is_ok()
             }
         };
         if !ok {
@@ -501,6 +530,36 @@ async fn verify(client: &TroveClient, ledger: &mut Ledger) -> (u64, Vec<String>,
             _ => lost.push(format!("archive {reference}")),
         }
     }
+    let key = BranchRefsKey::new(Namespace::new("crash").expect("ns"), "ci", "maps").expect("key");
+    match client.branch_refs(&key).await {
+        Ok(map) if map.is_empty() => {
+            if let Some(acked) = &ledger.branch_map_acked {
+                lost.push(format!("branch map (version {acked})"));
+            }
+        }
+        Ok(map) => {
+            let tag = map
+                .keys()
+                .next()
+                .and_then(|sha| sha.split_once("-sha-"))
+                .map(|(tag, _)| tag.to_owned())
+                .unwrap_or_default();
+            let whole = ledger.branch_maps.get(&tag) == Some(&map);
+            let allowed = ledger.branch_map_acked.as_ref() == Some(&tag)
+                || ledger.branch_map_attempts_since.contains(&tag);
+            match (whole, allowed) {
+                (true, true) => verified += 1,
+                (true, false) => {
+                    lost.push(format!("branch map (an older version, {tag}, is back)"))
+                }
+                (false, _) => torn.push(format!(
+                    "branch map: {} entries that match no version written whole",
+                    map.len()
+                )),
+            }
+        }
+        Err(e) => lost.push(format!("branch map unreadable: {e}")),
+    }
     // An acknowledged prune (keep the newest 2) stays done: at most 2 refs
     // plus the uploads attempted since can be on the pruned branch.
     if ledger.prune_acked {
@@ -672,7 +731,10 @@ async fn drive(run: Drive) {
         *ledger.lock().expect("ledger") = snapshot;
         total_verified = verified;
     }
-    let acknowledged = ledger.lock().expect("ledger").acknowledged;
+    let (acknowledged, branch_maps) = {
+        let l = ledger.lock().expect("ledger");
+        (l.acknowledged, l.branch_maps.len())
+    };
     let kind = if power.is_some() {
         "power-cut"
     } else {
@@ -682,7 +744,8 @@ async fn drive(run: Drive) {
     println!(
         "crash recovery [{label}]: seed {seed}, {cycles} {kind} cycles, {acknowledged} writes \
          acknowledged (at least one per cycle), {total_verified} items verified in the final \
-         check, {total_lost} lost (allowed only when relaxed), 0 torn, slowest restart {} ms",
+         check, {total_lost} lost (allowed only when relaxed), 0 torn, slowest restart {} ms, \
+         {branch_maps} branch maps attempted",
         slowest_start.as_millis()
     );
     // How long restarts take is a figure, not a property: it is printed
@@ -731,6 +794,7 @@ fn forget_lost(ledger: &mut Ledger, lost: &[String]) {
             }
             "replaced" => ledger.replace_acked = None,
             "prune" => ledger.prune_acked = false,
+            "branch" => ledger.branch_map_acked = None,
             _ => {}
         }
     }
