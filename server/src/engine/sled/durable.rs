@@ -35,6 +35,22 @@ use super::sled_error;
 use super::wal::Wal;
 use trove_proto::Error;
 
+/// Replaces the small file at `path` with `contents`, durably: a fresh
+/// file is synced before it is renamed over `path`, and the folder after.
+/// A crash leaves the old contents or the new, never a mix.
+pub(super) fn replace_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let fresh = path.with_extension("new");
+    {
+        let mut file = File::create(&fresh)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&fresh, path)?;
+    let folder = path.parent().unwrap_or_else(|| Path::new("."));
+    File::open(folder)?.sync_all()
+}
+
 /// Makes everything written to one sled database durable.
 #[derive(Debug)]
 pub struct DurableFlush {

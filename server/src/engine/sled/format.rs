@@ -10,7 +10,6 @@
 //! this version. Raise [`FORMAT_VERSION`] with every change that an older
 //! server would misread.
 
-use std::io::Write;
 use std::path::Path;
 
 use trove_proto::Error;
@@ -49,25 +48,13 @@ pub(super) fn check_and_record(root: &Path) -> Result<(), Error> {
             ),
         }),
         Some(version) if version == FORMAT_VERSION => Ok(()),
-        _ => write(root, &path).map_err(|e| io_error("record the data folder's format", &e)),
+        _ => super::durable::replace_file(&path, format!("{PREFIX}{FORMAT_VERSION}\n").as_bytes())
+            .map_err(|e| io_error("record the data folder's format", &e)),
     }
 }
 
 fn parse(text: &str) -> Option<u32> {
     text.trim().strip_prefix(PREFIX)?.parse().ok()
-}
-
-/// Replaces the file durably: a fresh file synced before the rename, the
-/// folder after it.
-fn write(root: &Path, path: &Path) -> std::io::Result<()> {
-    let fresh = path.with_extension("new");
-    {
-        let mut file = std::fs::File::create(&fresh)?;
-        file.write_all(format!("{PREFIX}{FORMAT_VERSION}\n").as_bytes())?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&fresh, path)?;
-    std::fs::File::open(root)?.sync_all()
 }
 
 #[cfg(test)]

@@ -14,7 +14,6 @@
 //! ceiling. Reserving happens once per [`BLOCK`] ids: a millisecond or two of
 //! blocking once per million writes.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -93,24 +92,11 @@ impl Ids {
         let ceiling = id
             .checked_add(BLOCK)
             .ok_or_else(|| Error::internal("ids exhausted"))?;
-        write_ceiling(&self.path, ceiling).map_err(|e| io_error("reserve ids", &e))?;
+        super::durable::replace_file(&self.path, format!("{ceiling}\n").as_bytes())
+            .map_err(|e| io_error("reserve ids", &e))?;
         self.ceiling.store(ceiling, Ordering::Release);
         Ok(())
     }
-}
-
-/// Replaces the file at `path` with `ceiling`, durably: a fresh file is
-/// synced before the rename, and the folder after it.
-fn write_ceiling(path: &Path, ceiling: u64) -> std::io::Result<()> {
-    let fresh = path.with_extension("new");
-    {
-        let mut file = std::fs::File::create(&fresh)?;
-        file.write_all(format!("{ceiling}\n").as_bytes())?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&fresh, path)?;
-    let folder = path.parent().unwrap_or_else(|| Path::new("."));
-    std::fs::File::open(folder)?.sync_all()
 }
 
 #[cfg(test)]

@@ -391,6 +391,17 @@ fn put_then_change_unlogged(opened: &Opened, ring: bool) {
     assert_eq!((in_ring, own), (ring, !ring), "where the image went");
 }
 
+/// What a start leaves of the write [`put_then_change_unlogged`] made:
+/// nothing.
+fn assert_taken_out(opened: &Opened, ring: bool) {
+    assert_eq!(
+        value(&opened.db, "kept").as_deref(),
+        Some("1"),
+        "ring {ring}"
+    );
+    assert_eq!(value(&opened.db, "new"), None, "ring {ring}");
+}
+
 /// A write that reached sled without its applied marker (the process died
 /// between them) and whose record never became durable is taken out at the
 /// next start, from its image of the values before.
@@ -405,12 +416,7 @@ fn a_write_cut_before_its_marker_is_taken_out_at_start() {
             opened.db.flush().expect("flush");
         }
         let opened = open(dir.path(), None);
-        assert_eq!(
-            value(&opened.db, "kept").as_deref(),
-            Some("1"),
-            "ring {ring}"
-        );
-        assert_eq!(value(&opened.db, "new"), None, "ring {ring}");
+        assert_taken_out(&opened, ring);
         put(&opened, "after", "y").expect("writes go on");
         assert_eq!(value(&opened.db, "after").as_deref(), Some("y"));
     }
@@ -493,12 +499,7 @@ fn a_write_sled_holds_beyond_the_durable_log_is_taken_out_at_start() {
             opened.db.flush().expect("flush");
         }
         let opened = open(dir.path(), None);
-        assert_eq!(
-            value(&opened.db, "kept").as_deref(),
-            Some("1"),
-            "ring {ring}"
-        );
-        assert_eq!(value(&opened.db, "new"), None, "ring {ring}");
+        assert_taken_out(&opened, ring);
         let log_tree = opened.db.open_tree(LOG_TREE).expect("log tree");
         assert_eq!(
             applied(&log_tree).expect("marker"),
