@@ -218,7 +218,7 @@ pub struct Config {
 
     /// How long after start compaction first looks at the value packs, and
     /// how often it looks again once any space was freed, in milliseconds.
-    #[arg(long, env = "TROVE_COMPACTION_INTERVAL_MS", default_value_t = 60_000,
+    #[arg(long, env = "TROVE_COMPACTION_INTERVAL_MS", default_value_t = crate::engine::sled::COMPACTION_INTERVAL_MS,
           value_parser = clap::value_parser!(u64).range(10..))]
     pub compaction_interval_ms: u64,
 

@@ -61,7 +61,7 @@ mod wal;
 
 pub use eviction::EvictionPass;
 pub use faults::Faults;
-pub use packs::{CompactionPass, PACK_BYTES};
+pub use packs::{CompactionPass, COMPACTION_INTERVAL_MS, PACK_BYTES};
 pub use read::BodyReader;
 pub use usage::StoreStats;
 

@@ -40,9 +40,12 @@ const DURABLE_WAIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_secs(2);
 /// Bytes freed that make a pass worth its scan of the references.
 const PASS_AFTER_FREED: u64 = super::PACK_BYTES / 4;
+/// The default of `StoreOptions::compaction_interval`, in milliseconds
+/// (the server's `--compaction-interval-ms`).
+pub const COMPACTION_INTERVAL_MS: u64 = 60_000;
 /// The default of `StoreOptions::compaction_interval`: any freed bytes
 /// make a pass worth it after this long.
-pub const COMPACTION_INTERVAL: Duration = Duration::from_secs(60);
+pub const COMPACTION_INTERVAL: Duration = Duration::from_millis(COMPACTION_INTERVAL_MS);
 
 /// What one compaction pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -221,6 +224,7 @@ impl SledStore {
     fn move_out(&self, tree: &sled::Tree, packs: &BTreeSet<u64>) -> Result<(u64, u64), Error> {
         let (mut values, mut bytes) = (0, 0);
         let mut batch: Vec<(IVec, PackLoc, Vec<u8>, u32)> = Vec::new();
+        let mut batch_bytes = 0;
         for entry in tree.iter() {
             let (key, value) = entry.map_err(sled_error)?;
             let Ok(found) = record::decode(&value) else {
@@ -235,7 +239,10 @@ impl SledStore {
             let loc = PackLoc { pack, offset };
             // Read outside the write: bytes at a place never change.
             match self.inner.packs.read(loc, found.body_len, crc) {
-                Ok(Some(data)) => batch.push((key, loc, data, crc)),
+                Ok(Some(data)) => {
+                    batch_bytes += data.len();
+                    batch.push((key, loc, data, crc));
+                }
                 Ok(None) => {}
                 Err(err) => {
                     // Left where it is (and its pack with it) for an
@@ -243,17 +250,12 @@ impl SledStore {
                     tracing::warn!(error = ?err, pack, offset, "a packed value cannot be read; compaction leaves it");
                 }
             }
-            let full = batch.len() == MOVE_BATCH
-                || batch
-                    .iter()
-                    .map(|(_, _, data, _)| data.len())
-                    .sum::<usize>()
-                    >= MOVE_BATCH_BYTES;
-            if full {
+            if batch.len() == MOVE_BATCH || batch_bytes >= MOVE_BATCH_BYTES {
                 let (moved, moved_bytes) = self.move_batch(tree, &batch)?;
                 values += moved;
                 bytes += moved_bytes;
                 batch.clear();
+                batch_bytes = 0;
             }
         }
         if !batch.is_empty() {
@@ -313,12 +315,16 @@ impl SledStore {
     ) -> Result<(u64, u64), Error> {
         let (mut values, mut bytes) = (0, 0);
         let mut batch: Vec<(IVec, Spilled, Vec<u8>)> = Vec::new();
+        let mut batch_bytes = 0;
         let mut items = tree.iter().peekable();
         while let Some(item) = items.next() {
             let (key, value) = item.map_err(sled_error)?;
             if let Some(spilled) = Spilled::decode(&value).filter(|s| packs.contains(&s.loc.pack)) {
                 match self.inner.packs.read(spilled.loc, spilled.len, spilled.crc) {
-                    Ok(Some(data)) => batch.push((key, spilled, data)),
+                    Ok(Some(data)) => {
+                        batch_bytes += data.len();
+                        batch.push((key, spilled, data));
+                    }
                     Ok(None) => {}
                     Err(err) => {
                         let (pack, offset) = (spilled.loc.pack, spilled.loc.offset);
@@ -326,13 +332,13 @@ impl SledStore {
                     }
                 }
             }
-            let full = batch.len() == MOVE_BATCH
-                || batch.iter().map(|(_, _, data)| data.len()).sum::<usize>() >= MOVE_BATCH_BYTES;
+            let full = batch.len() == MOVE_BATCH || batch_bytes >= MOVE_BATCH_BYTES;
             if full || (items.peek().is_none() && !batch.is_empty()) {
                 let (moved, moved_bytes) = self.move_spilled_batch(tree, &batch)?;
                 values += moved;
                 bytes += moved_bytes;
                 batch.clear();
+                batch_bytes = 0;
             }
         }
         Ok((values, bytes))

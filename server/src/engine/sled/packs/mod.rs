@@ -28,7 +28,7 @@ mod compact;
 pub(super) mod refs;
 pub(super) mod spill;
 
-pub use compact::{CompactionPass, COMPACTION_INTERVAL};
+pub use compact::{CompactionPass, COMPACTION_INTERVAL, COMPACTION_INTERVAL_MS};
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
