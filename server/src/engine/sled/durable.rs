@@ -317,6 +317,17 @@ pub fn checkpoint(wal: &Wal, flush: &Mutex<DurableFlush>) -> Result<u64, String>
 /// them (sled refuses to reopen with another size).
 pub const SLED_SEGMENT_BYTES: usize = 4 * 1024 * 1024;
 
+/// How often sled's own thread wakes (default 500 ms). Each wake writes
+/// out sled's buffers, then moves live pages out of segments at most half
+/// live until none is left to clean, which is the only way sled frees a
+/// segment for reuse. At 500 ms, writes at full speed filled segments
+/// faster than the wakes freed them: 10^5 puts of 1 KiB left sled's file at
+/// 38 to 46 MB; at 30 ms or less it is 29 MB every time (at 50 ms, 29 to
+/// 34 MB), and a store's whole folder went from about 1.45x to 1.33x its
+/// logical size. The cost is one `fsync` of an unchanged file per wake when
+/// idle (about 50 µs each, under 2% of one core).
+pub const SLED_FLUSH_EVERY_MS: u64 = 20;
+
 /// The segment size to open the database in `sled_dir` with: the one it was
 /// created with (sled refuses another), else [`SLED_SEGMENT_BYTES`].
 pub(super) fn sled_segment_size(sled_dir: &Path) -> usize {

@@ -188,9 +188,11 @@ impl SledStore {
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(options.cache_bytes)
             .segment_size(durable::sled_segment_size(&root.join("db")))
+            .flush_every_ms(Some(durable::SLED_FLUSH_EVERY_MS))
             // sled's own timer stays on: without it sled can stall waiting
-            // for a free log segment that only a flush releases. Its flushes
-            // never count as durability (the log does).
+            // for a free log segment that only a flush releases, and its
+            // segment cleaning runs only on that timer. Its flushes never
+            // count as durability (the log does).
             .open()
             .map_err(sled_error)?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_error);
