@@ -217,6 +217,16 @@ impl Bench {
             );
         }
         let logical = filled * (value_bytes as u64) + 1000 * value_bytes as u64;
+        // Which part of the folder holds what, for reading the figure.
+        let parts: Vec<String> = ["db", "packs", "log"]
+            .iter()
+            .map(|part| format!("{part} {:.1} MB", disk_usage(&dir.join(part)) as f64 / 1e6))
+            .collect();
+        println!(
+            "  data folder with {filled} values of 1 KiB: {:.1} MB ({})",
+            disk_usage(&dir) as f64 / 1e6,
+            parts.join(", ")
+        );
         self.report.fact(
             &format!("space amplification, {filled} values of 1 KiB (disk / logical)"),
             disk_usage(&dir) as f64 / logical as f64,
