@@ -67,11 +67,8 @@ const BUSY_BATCH: usize = 64;
 /// While calls are being served and no write waits for room, a pass rests
 /// this many times as long as its last batch took, so that eviction takes
 /// about `1 / (1 + BUSY_REST_FACTOR)` of the time it would alone (less
-/// when batches take longer than `MAX_REST / BUSY_REST_FACTOR`). At 2 the
-/// p99 of small gets beside a pass was 1.3x to 1.8x that of a twin server
-/// on two cores (median 1.6x over twelve runs); at 8 it was 1.1x to 1.5x
-/// (median 1.36x over nine runs), for a pass about half as fast under full
-/// read load.
+/// when batches take longer than `MAX_REST / BUSY_REST_FACTOR`). 8 keeps
+/// the p99 of small gets within 1.5x (at 2: up to 1.8x; BENCHMARKS.md).
 const BUSY_REST_FACTOR: u32 = 8;
 /// The longest single rest: a slow batch must not stall the pass for long.
 const MAX_REST: std::time::Duration = std::time::Duration::from_millis(50);
