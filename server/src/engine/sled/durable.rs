@@ -182,6 +182,21 @@ impl DurableFlush {
 /// pool while a segment truncation waits behind them, and frequent flushes
 /// keep that queue short, as the old flush-per-write design did.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(5);
+/// The longest the checkpoint thread waits while no write comes in: its
+/// wait doubles from [`CHECKPOINT_POLL`] up to this after every look that
+/// found nothing new, and falls back at the first write. An idle server
+/// then wakes ten times a second instead of two hundred.
+const CHECKPOINT_IDLE_POLL: Duration = Duration::from_millis(100);
+/// The checkpoint thread's next wait after one of `pause`: short again
+/// once writes came in, else twice as long, up to [`CHECKPOINT_IDLE_POLL`].
+fn next_pause(pause: Duration, writes_came_in: bool) -> Duration {
+    if writes_came_in {
+        CHECKPOINT_POLL
+    } else {
+        (pause * 2).min(CHECKPOINT_IDLE_POLL)
+    }
+}
+
 /// Sealed log segments (2 MiB each) that wait before a checkpoint covers
 /// them. A checkpoint holds writes while sled is flushed and synced (a few
 /// milliseconds): doing it once per 32 MiB of log rather than per segment
@@ -223,6 +238,7 @@ impl Checkpointer {
                 let mut written_out = covered;
                 let mut since = Instant::now();
                 let mut last_error = String::new();
+                let mut pause = CHECKPOINT_POLL;
                 loop {
                     let Ok(stopped) = thread_stop.0.lock() else {
                         return;
@@ -230,7 +246,7 @@ impl Checkpointer {
                     if *stopped {
                         return;
                     }
-                    let Ok((stopped, _)) = thread_stop.1.wait_timeout(stopped, CHECKPOINT_POLL)
+                    let Ok((stopped, _)) = thread_stop.1.wait_timeout(stopped, pause)
                     else {
                         return;
                     };
@@ -239,6 +255,7 @@ impl Checkpointer {
                     }
                     drop(stopped);
                     let durable = wal.durable_lsn();
+                    pause = next_pause(pause, durable > written_out);
                     let due = wal.sealed_segments() >= CHECKPOINT_AFTER_SEGMENTS
                         || (durable > covered && since.elapsed() >= CHECKPOINT_EVERY);
                     if !due {
@@ -370,6 +387,20 @@ pub(super) fn legacy_id_floor(db: &sled::Db, blob_refs: &sled::Tree) -> Result<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An idle checkpoint thread backs off to ten wakes a second; the first
+    /// write brings it back to its short poll.
+    #[test]
+    fn the_checkpoint_poll_backs_off_while_idle() {
+        let mut pause = CHECKPOINT_POLL;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            pause = next_pause(pause, false);
+            waits.push(pause.as_millis());
+        }
+        assert_eq!(waits, [10, 20, 40, 80, 100, 100, 100, 100]);
+        assert_eq!(next_pause(pause, true), CHECKPOINT_POLL);
+    }
 
     /// A flush syncs sled's large log items too: after one, every item file
     /// present is known as synced.
