@@ -342,7 +342,7 @@ pub const SLED_SEGMENT_BYTES: usize = 4 * 1024 * 1024;
 /// 38 to 46 MB; at 30 ms or less it is 29 MB every time (at 50 ms, 29 to
 /// 34 MB), and a store's whole folder went from about 1.45x to 1.33x its
 /// logical size. The cost is one `fsync` of an unchanged file per wake when
-/// idle (about 50 µs each, under 2% of one core).
+/// idle (about 50 µs each, about 0.4% of one core).
 pub const SLED_FLUSH_EVERY_MS: u64 = 20;
 
 /// The segment size to open the database in `sled_dir` with: the one it was
