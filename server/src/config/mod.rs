@@ -21,7 +21,8 @@ use crate::engine::sled::{Durability, StoreOptions};
 pub enum DurabilityMode {
     /// After the write is on disk (fsync shared between concurrent writers).
     Strict,
-    /// Before the write is on disk; a crash may lose about the last 500 ms.
+    /// Before the write is on disk; a crash may lose the last group commit
+    /// in flight (milliseconds of writes, never a torn one).
     Relaxed,
 }
 

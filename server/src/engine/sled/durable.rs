@@ -336,10 +336,10 @@ pub const SLED_SEGMENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// How often sled's own thread wakes (default 500 ms). Each wake writes
 /// out sled's buffers, then moves live pages out of segments at most half
-/// live until none is left to clean, which is the only way sled frees a
+/// live, for up to half the interval, which is the only way sled frees a
 /// segment for reuse. At 500 ms, writes at full speed filled segments
 /// faster than the wakes freed them: 10^5 puts of 1 KiB left sled's file at
-/// 38 to 46 MB; at 30 ms or less it is 29 MB every time (at 50 ms, 29 to
+/// 38 to 44 MB; at 30 ms or less it is 29 MB every time (at 50 ms, 29 to
 /// 34 MB), and a store's whole folder went from about 1.45x to 1.33x its
 /// logical size. The cost is one `fsync` of an unchanged file per wake when
 /// idle (about 50 µs each, about 0.4% of one core).

@@ -14,7 +14,7 @@
 //!   bytes too), and blob files with their folder before the record that
 //!   references them is written. sled is the index, made durable with the
 //!   packs by background checkpoints (`durable`); its own
-//!   flush (`sync_file_range`) and its 500 ms timer never count. Strict
+//!   flush (`sync_file_range`) and its timer's `fsync` never count. Strict
 //!   reads never report a change whose record is not yet durable. In
 //!   [`Durability::Relaxed`] mode writes return before their record's
 //!   `fdatasync`; the log writes continuously, so a crash can lose the writes
@@ -84,7 +84,8 @@ pub enum Durability {
     /// After it is on disk (group-committed fsync).
     #[default]
     Strict,
-    /// Before it is on disk; sled flushes in the background within about 500 ms.
+    /// Before its log record is on disk; a crash can lose the last group
+    /// commit in flight (milliseconds of writes, never a torn one).
     Relaxed,
 }
 

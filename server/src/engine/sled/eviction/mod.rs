@@ -66,7 +66,7 @@ const BATCH: usize = 512;
 const BUSY_BATCH: usize = 64;
 /// While calls are being served and no write waits for room, a pass rests
 /// this many times as long as its last batch took, so that eviction takes
-/// about `1 / (1 + BUSY_REST_FACTOR)` of the time it would alone (less
+/// about `1 / (1 + BUSY_REST_FACTOR)` of the time it would alone (more
 /// when batches take longer than `MAX_REST / BUSY_REST_FACTOR`). 8 keeps
 /// the p99 of small gets within 1.5x (at 2: up to 1.8x; BENCHMARKS.md).
 const BUSY_REST_FACTOR: u32 = 8;
@@ -155,7 +155,7 @@ impl Eviction {
     /// call count when the batch started: eviction is background work, so
     /// while callers are being served it takes a bounded share of the
     /// machine (on two cores a full-speed pass raised the p99 of small
-    /// gets 1.5x to 2.3x), unless a write waits for the room it makes. An
+    /// gets 1.4x to 2.3x), unless a write waits for the room it makes. An
     /// idle store, or one whose writers wait, is evicted at full speed.
     fn rest_after(&self, calls_before: u64, took: std::time::Duration) -> std::time::Duration {
         let busy = self.calls.load(Ordering::Relaxed) != calls_before;
