@@ -47,6 +47,47 @@ pub const COMPACTION_INTERVAL_MS: u64 = 60_000;
 /// make a pass worth it after this long.
 pub const COMPACTION_INTERVAL: Duration = Duration::from_millis(COMPACTION_INTERVAL_MS);
 
+/// Values read for moving, gathered into batches of at most [`MOVE_BATCH`]
+/// values or about [`MOVE_BATCH_BYTES`] bytes, each moved in one logged
+/// write.
+struct MoveBatches<T> {
+    batch: Vec<T>,
+    bytes: usize,
+}
+
+impl<T> Default for MoveBatches<T> {
+    fn default() -> Self {
+        MoveBatches {
+            batch: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<T> MoveBatches<T> {
+    /// Adds a value of `len` bytes; returns the batch once it is full.
+    fn push(&mut self, item: T, len: usize) -> Option<Vec<T>> {
+        self.batch.push(item);
+        self.bytes += len;
+        if self.batch.len() < MOVE_BATCH && self.bytes < MOVE_BATCH_BYTES {
+            return None;
+        }
+        self.bytes = 0;
+        Some(std::mem::take(&mut self.batch))
+    }
+
+    /// What is left once every value was added, if anything.
+    fn rest(self) -> Option<Vec<T>> {
+        (!self.batch.is_empty()).then_some(self.batch)
+    }
+}
+
+/// Adds the values and bytes one batch moved to `total`.
+fn add(total: &mut (u64, u64), batch: (u64, u64)) {
+    total.0 += batch.0;
+    total.1 += batch.1;
+}
+
 /// What one compaction pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CompactionPass {
@@ -222,9 +263,8 @@ impl SledStore {
     /// Rewrites at the tail every value of `tree` that lives in one of
     /// `packs`; returns how many values and bytes moved.
     fn move_out(&self, tree: &sled::Tree, packs: &BTreeSet<u64>) -> Result<(u64, u64), Error> {
-        let (mut values, mut bytes) = (0, 0);
-        let mut batch: Vec<(IVec, PackLoc, Vec<u8>, u32)> = Vec::new();
-        let mut batch_bytes = 0;
+        let mut moved = (0, 0);
+        let mut batches = MoveBatches::default();
         for entry in tree.iter() {
             let (key, value) = entry.map_err(sled_error)?;
             let Ok(found) = record::decode(&value) else {
@@ -240,8 +280,10 @@ impl SledStore {
             // Read outside the write: bytes at a place never change.
             match self.inner.packs.read(loc, found.body_len, crc) {
                 Ok(Some(data)) => {
-                    batch_bytes += data.len();
-                    batch.push((key, loc, data, crc));
+                    let len = data.len();
+                    if let Some(full) = batches.push((key, loc, data, crc), len) {
+                        add(&mut moved, self.move_batch(tree, &full)?);
+                    }
                 }
                 Ok(None) => {}
                 Err(err) => {
@@ -250,20 +292,11 @@ impl SledStore {
                     tracing::warn!(error = ?err, pack, offset, "a packed value cannot be read; compaction leaves it");
                 }
             }
-            if batch.len() == MOVE_BATCH || batch_bytes >= MOVE_BATCH_BYTES {
-                let (moved, moved_bytes) = self.move_batch(tree, &batch)?;
-                values += moved;
-                bytes += moved_bytes;
-                batch.clear();
-                batch_bytes = 0;
-            }
         }
-        if !batch.is_empty() {
-            let (moved, moved_bytes) = self.move_batch(tree, &batch)?;
-            values += moved;
-            bytes += moved_bytes;
+        if let Some(rest) = batches.rest() {
+            add(&mut moved, self.move_batch(tree, &rest)?);
         }
-        Ok((values, bytes))
+        Ok(moved)
     }
 
     /// Moves the values `batch` of `tree` in one logged write, each only if
@@ -313,17 +346,17 @@ impl SledStore {
         tree: &sled::Tree,
         packs: &BTreeSet<u64>,
     ) -> Result<(u64, u64), Error> {
-        let (mut values, mut bytes) = (0, 0);
-        let mut batch: Vec<(IVec, Spilled, Vec<u8>)> = Vec::new();
-        let mut batch_bytes = 0;
-        let mut items = tree.iter().peekable();
-        while let Some(item) = items.next() {
+        let mut moved = (0, 0);
+        let mut batches = MoveBatches::default();
+        for item in tree.iter() {
             let (key, value) = item.map_err(sled_error)?;
             if let Some(spilled) = Spilled::decode(&value).filter(|s| packs.contains(&s.loc.pack)) {
                 match self.inner.packs.read(spilled.loc, spilled.len, spilled.crc) {
                     Ok(Some(data)) => {
-                        batch_bytes += data.len();
-                        batch.push((key, spilled, data));
+                        let len = data.len();
+                        if let Some(full) = batches.push((key, spilled, data), len) {
+                            add(&mut moved, self.move_spilled_batch(tree, &full)?);
+                        }
                     }
                     Ok(None) => {}
                     Err(err) => {
@@ -332,16 +365,11 @@ impl SledStore {
                     }
                 }
             }
-            let full = batch.len() == MOVE_BATCH || batch_bytes >= MOVE_BATCH_BYTES;
-            if full || (items.peek().is_none() && !batch.is_empty()) {
-                let (moved, moved_bytes) = self.move_spilled_batch(tree, &batch)?;
-                values += moved;
-                bytes += moved_bytes;
-                batch.clear();
-                batch_bytes = 0;
-            }
         }
-        Ok((values, bytes))
+        if let Some(rest) = batches.rest() {
+            add(&mut moved, self.move_spilled_batch(tree, &rest)?);
+        }
+        Ok(moved)
     }
 
     /// Moves the spilled values `batch` of `tree` in one logged write, each
@@ -383,5 +411,32 @@ impl SledStore {
             &self.inner.artifacts,
             &self.inner.cache.refs,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch is full at `MOVE_BATCH` values or `MOVE_BATCH_BYTES` bytes,
+    /// whichever comes first; what is left comes out at the end.
+    #[test]
+    fn batches_fill_by_count_or_by_bytes() {
+        let mut batches = MoveBatches::default();
+        for i in 0..MOVE_BATCH - 1 {
+            assert!(batches.push(i, 1).is_none());
+        }
+        assert_eq!(
+            batches.push(MOVE_BATCH, 1).map(|b| b.len()),
+            Some(MOVE_BATCH)
+        );
+        assert!(batches.push(0, MOVE_BATCH_BYTES / 2).is_none());
+        assert_eq!(
+            batches.push(1, MOVE_BATCH_BYTES / 2).map(|b| b.len()),
+            Some(2)
+        );
+        assert!(batches.push(2, 10).is_none());
+        assert_eq!(batches.rest(), Some(vec![2]));
+        assert_eq!(MoveBatches::<u8>::default().rest(), None);
     }
 }
